@@ -1,0 +1,388 @@
+"""Experiment configuration: frozen dataclasses parsed once from YAML.
+
+One YAML file describes one experiment (plan, sites, preprocessing, models,
+training, federation, evaluation). It is parsed and validated once, at the
+edge (CLI or Flower run config), into immutable dataclasses that every layer
+receives explicitly: there is no module-level configuration state.
+
+Unknown keys and wrongly typed values are rejected with the dotted path of the
+offending key, so a typo in a hospital's YAML fails loudly instead of silently
+running the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PRESETS = ("quick", "study", "tiny")
+
+Plan = Literal["federated", "study", "loco"]
+Role = Literal["train", "external"]
+Norm = Literal["batch", "group", "instance"]
+Strategy = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "fedmedian", "fedtrimmedavg"]
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """One hospital: its name, data folder and role in the plan."""
+
+    name: str
+    data_dir: str = ""
+    role: Role = "train"
+
+
+@dataclass(frozen=True)
+class CohortConfig:
+    """The built-in synthetic cohort, generated on first use when enabled."""
+
+    synthetic: bool = True
+    dir: str = "data/synthetic"
+    scale: float = 1.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Preprocess3DConfig:
+    """3D input: a fixed physical field of view around the ROI, resampled to a cube.
+
+    ``fov_mm`` is the edge of the cube in millimetres; lesions keep their
+    absolute size (a 40 mm lesion fills the same fraction of every input),
+    which a bounding-box-to-cube resize would throw away.  ``crop="bbox"``
+    gives the study's tight crop instead, with ``log_volume`` exposed to the
+    ensemble through the radiomics features.
+    """
+
+    size: int = 32
+    fov_mm: float = 128.0
+    crop: Literal["fov", "bbox"] = "fov"
+    margin_mm: float = 8.0
+    hu_min: float = -200.0
+    hu_max: float = 1500.0
+
+
+@dataclass(frozen=True)
+class Preprocess2DConfig:
+    """2D input: the ``n_slices`` axial slices with the largest tumour area.
+
+    Each slice's ROI bounding box (plus margin) is resized to ``size``x``size``;
+    the three channels are three HU windows (bone, soft tissue, wide).
+    """
+
+    size: int = 64
+    n_slices: int = 3
+    margin_mm: float = 8.0
+    slice_weights: tuple[float, ...] = (0.4, 0.3, 0.3)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-only augmentation (rotation, translation, scaling, flipping)."""
+
+    enabled: bool = True
+    prob: float = 0.5
+    rotate_deg: float = 15.0
+    translate_frac: float = 0.1
+    scale_frac: float = 0.1
+    flip: bool = True
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    d3: Preprocess3DConfig = field(default_factory=Preprocess3DConfig)
+    d2: Preprocess2DConfig = field(default_factory=Preprocess2DConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A DenseNet: ``densenet121`` is the study's; ``small`` is for tests."""
+
+    enabled: bool = True
+    arch: Literal["densenet121", "small"] = "densenet121"
+    norm: Norm = "batch"
+    group_norm_groups: int = 8
+    pretrained: bool = False
+    pretrained_path: str = ""
+    allow_random_init: bool = True
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    densenet3d: ModelConfig = field(default_factory=ModelConfig)
+    densenet2d: ModelConfig = field(default_factory=ModelConfig)
+    radiomics: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The study's defaults: batch 20, Adam 1e-4, cross-entropy, 50 epochs.
+
+    In a federation ``rounds * local_epochs`` plays the role of the study's
+    epochs.  ``schedule="cosine"`` decays the rate over the whole budget.
+    """
+
+    batch_size: int = 20
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    epochs: int = 50
+    rounds: int = 50
+    local_epochs: int = 1
+    schedule: Literal["constant", "cosine"] = "cosine"
+    class_weighting: bool = False
+    bn_recalibration: bool = True
+    threads: int = 1
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Differential privacy with Opacus (DP-SGD at each site)."""
+
+    enabled: bool = False
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    strategy: Strategy = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    min_sites: int = 1
+    round_timeout_s: float = 600.0
+    transport_dtype: Literal["float32", "float16"] = "float32"
+    norm_bound_factor: float = 10.0
+    trim_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    threshold: float = 0.5
+    grid_bins: int = 10000
+    calibration_bins: int = 10
+    ensemble_grid_step: float = 0.05
+    score_mapping: tuple[float, ...] = (0.05, 0.15, 0.25, 0.40, 0.50, 0.60, 0.75, 0.85, 0.95)
+    min_cell_count: int = 0
+    stats_noise: float = 0.0
+
+
+@dataclass(frozen=True)
+class BaselinesConfig:
+    pooled: bool = False
+    local: bool = False
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one run needs; parsed once, passed everywhere."""
+
+    name: str = "custom"
+    seed: int = 0
+    plan: Plan = "federated"
+    folds: int = 5
+    val_fraction: float = 0.2
+    cohort: CohortConfig = field(default_factory=CohortConfig)
+    sites: tuple[SiteConfig, ...] = ()
+    external_sites: tuple[str, ...] = ()
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.folds >= 2, "folds", "must be at least 2")
+        _check(0.0 < self.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")
+        _check(self.preprocess.d3.size >= 8, "preprocess.d3.size", "must be at least 8")
+        _check(self.preprocess.d2.size >= 16, "preprocess.d2.size", "must be at least 16")
+        _check(self.preprocess.d3.hu_max > self.preprocess.d3.hu_min, "preprocess.d3.hu_max", "must exceed hu_min")
+        w = self.preprocess.d2.slice_weights
+        _check(len(w) == self.preprocess.d2.n_slices, "preprocess.d2.slice_weights", "needs one weight per slice")
+        _check(all(x >= 0 for x in w) and sum(w) > 0, "preprocess.d2.slice_weights", "must be >= 0 with a positive sum")
+        _check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.train.lr > 0, "train.lr", "must be > 0")
+        _check(self.train.rounds >= 1 and self.train.local_epochs >= 1, "train.rounds", "rounds and local_epochs must be >= 1")
+        m = self.evaluation.score_mapping
+        _check(len(m) == 9, "evaluation.score_mapping", "needs 9 probabilities, one per score 1-9")
+        _check(all(0.0 <= p <= 1.0 for p in m), "evaluation.score_mapping", "values must be probabilities")
+        _check(all(a < b for a, b in zip(m, m[1:], strict=False)), "evaluation.score_mapping", "must increase with the score")
+        _check(0 < self.evaluation.threshold < 1, "evaluation.threshold", "must be in (0, 1)")
+        _check(self.evaluation.grid_bins >= 100, "evaluation.grid_bins", "must be >= 100")
+        names = [s.name for s in self.sites]
+        _check(len(names) == len(set(names)), "sites", f"duplicate site names in {names}")
+        unknown = set(self.external_sites) - set(names) if names else set()
+        _check(not unknown, "external_sites", f"names unknown sites {sorted(unknown)}")
+        if self.dp.enabled:
+            for key in ("densenet3d", "densenet2d"):
+                model = getattr(self.models, key)
+                _check(
+                    not model.enabled or model.norm != "batch",
+                    f"models.{key}.norm",
+                    "BatchNorm is not compatible with DP-SGD: use 'group'",
+                )
+
+    def digest(self) -> str:
+        """Stable short hash of the whole config, stored with checkpoints."""
+        blob = json.dumps(to_dict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def site(self, name: str) -> SiteConfig:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise ConfigError(f"sites: no site named {name!r} (known: {[s.name for s in self.sites]})")
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _parse(tp: Any, value: Any, path: str) -> Any:
+    """Convert plain YAML data into ``tp``, naming ``path`` on any mismatch."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path or '<root>'}: expected a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name for f in dataclasses.fields(tp)}
+        extra = set(value) - fields
+        if extra:
+            raise ConfigError(f"{path + '.' if path else ''}{sorted(extra)[0]}: unknown key (allowed: {sorted(fields)})")
+        kwargs = {k: _parse(hints[k], v, f"{path}.{k}" if path else k) for k, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except ConfigError:
+            raise
+        except TypeError as exc:
+            raise ConfigError(f"{path or '<root>'}: {exc}") from exc
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {type(value).__name__}")
+        inner = args[0]
+        return tuple(_parse(inner, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Build a validated config from plain data (YAML, JSON or a Flower run config)."""
+    return typing.cast(ExperimentConfig, _parse(ExperimentConfig, data, ""))
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain-data form of a config (for JSON, YAML and Flower's ConfigRecord)."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple | list):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def preset_text(name: str) -> str:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (known: {list(PRESETS)})")
+    return resources.files("common").joinpath("presets", f"{name}.yaml").read_text()
+
+
+def load_config(source: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Load a preset name (``quick``, ``study``, ``tiny``) or a YAML file.
+
+    A YAML file may say ``base: quick`` to start from a preset and change only
+    what it lists.  ``overrides`` (nested dict) are merged last.
+    """
+    text = preset_text(str(source)) if str(source) in PRESETS else _read(Path(source))
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    base = data.pop("base", None)
+    if base is not None:
+        parent = yaml.safe_load(preset_text(str(base))) or {}
+        data = _deep_merge(parent, data)
+    if overrides:
+        data = _deep_merge(data, overrides)
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from exc
+
+
+def with_sites(cfg: ExperimentConfig, sites: tuple[SiteConfig, ...]) -> ExperimentConfig:
+    """Return ``cfg`` with ``sites`` set and roles resolved from the plan.
+
+    ``study``: the first site trains, the others are external (the paper's
+    design).  ``federated``: every site trains.  Sites named in
+    ``external_sites`` are external under any plan.  ``loco`` keeps the roles
+    given; the server runs one leave-one-centre-out pass per site.
+    """
+    resolved = []
+    for i, s in enumerate(sites):
+        role: Role = s.role
+        if cfg.plan == "study":
+            role = "train" if i == 0 else "external"
+        elif cfg.plan == "federated":
+            role = "train"
+        if s.name in cfg.external_sites:
+            role = "external"
+        resolved.append(dataclasses.replace(s, role=role))
+    return dataclasses.replace(cfg, sites=tuple(resolved))

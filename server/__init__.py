@@ -1,0 +1,1 @@
+"""The coordinating site: the Flower ServerApp, the experiment plan and ``flower-server``."""

@@ -1,0 +1,1 @@
+"""Single-machine simulation: the synthetic cohort and ``flower-simulation``."""

@@ -1,0 +1,19 @@
+"""Shared fixtures: the real CT files under ../shared and a tiny synthetic cohort."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_ct() -> Path:
+    """Folder of real public CT files; tests needing them skip, saying why, outside this workplace."""
+    path = SHARED / "data" / "ct"
+    if not path.is_dir():
+        pytest.skip(f"real CT files not found at {path} (a clone outside the workplace has no ../shared)")
+    return path
