@@ -1,0 +1,164 @@
+"""The Flower ClientApp: messages in, engine calls, aggregate records out.
+
+Which hospital this is comes from the node config: ``site``, ``data-dir``,
+``out-dir`` (and optionally ``threads``) in a deployment; in simulation the
+partition id picks one of the sites the run config lists.  Every reply holds
+a model vector or aggregate statistics and a ``status`` ConfigRecord; a
+failure at the site becomes ``state=unavailable`` with a reason free of
+patient details, so one bad site never crashes the federation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common.config import ExperimentConfig, from_dict
+from common.models import ModelKind
+from common.records import arrays_record, config_json, metric_record, weights_from_record, weights_record
+from common.sitedata import SiteDataError
+
+from .site import SiteContext, SiteRunner
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+
+def site_context(context: Context) -> SiteContext:
+    """Resolve this node's site from its node config (deployment) or partition id (simulation)."""
+    node = context.node_config
+    if "site" in node:
+        return SiteContext(
+            name=str(node["site"]),
+            data_dir=Path(str(node["data-dir"])),
+            out_dir=Path(str(node.get("out-dir", "site-output"))),
+            threads=int(cast(int, node.get("threads", 1))),
+        )
+    sites = json.loads(str(context.run_config.get("sim-sites", "[]")))
+    pid = int(cast(int, node["partition-id"]))
+    if pid >= len(sites):
+        raise SiteDataError(f"simulation partition {pid} has no site (run config lists {len(sites)})")
+    s = sites[pid]
+    return SiteContext(name=s["name"], data_dir=Path(s["data_dir"]), out_dir=Path(s["out_dir"]), threads=int(s.get("threads", 1)))
+
+
+def _runner(msg: Message, context: Context) -> tuple[SiteRunner, ConfigRecord]:
+    config = msg.content.config_records["config"]
+    cfg: ExperimentConfig = from_dict(config_json(config, "experiment"))
+    return SiteRunner(site_context(context), cfg, str(config["run-id"])), config
+
+
+def _reply(msg: Message, site: str, records: dict[str, Any]) -> Message:
+    content = RecordDict({"status": ConfigRecord({"state": "ok", "site": site}), **records})
+    return Message(content, reply_to=msg)
+
+
+def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Turn a site-side failure into an 'unavailable' reply instead of an error reply.
+
+    The reason sent names the kind of problem only; the details (files,
+    patients) are logged at the site.
+    """
+
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            site = "?"
+            try:
+                site = site_context(context).name
+            except Exception:  # the node config itself is broken
+                pass
+            log.error("site %s failed on %s:\n%s", site, msg.metadata.message_type, traceback.format_exc())
+            reason = f"{type(exc).__name__} at the site while handling {msg.metadata.message_type}"
+            if isinstance(exc, SiteDataError):
+                reason = "site data failed validation (details in the site's log)"
+            status = ConfigRecord({"state": "unavailable", "site": site, "reason": reason})
+            return Message(RecordDict({"status": status, "metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+@app.query("siteinfo")
+@_safe
+def siteinfo(msg: Message, context: Context) -> Message:
+    """Validate and preprocess the site's data; reply with patient counts only."""
+    runner, _ = _runner(msg, context)
+    return _reply(msg, runner.ctx.name, {"metrics": metric_record(runner.info())})
+
+
+@app.train()
+@_safe
+def train(msg: Message, context: Context) -> Message:
+    """Local epochs from the global model; ``num-examples`` is the number of training patients."""
+    runner, config = _runner(msg, context)
+    kind = cast(ModelKind, str(config["model"]))
+    flat, metrics = runner.train_round(
+        kind,
+        int(cast(int, config["fold"])),
+        weights_from_record(msg.content.array_records["arrays"]),
+        int(cast(int, config["global-round"])),
+        int(cast(int, config["total-rounds"])),
+        float(cast(float, config.get("proximal-mu", 0.0))),
+    )
+    dtype = str(runner.cfg.federation.transport_dtype)
+    return _reply(msg, runner.ctx.name, {"arrays": weights_record(flat, dtype), "metrics": metric_record(metrics)})
+
+
+@app.evaluate()
+@_safe
+def evaluate(msg: Message, context: Context) -> Message:
+    """Validation-split grid statistics of the global model (no per-patient value)."""
+    runner, config = _runner(msg, context)
+    kind = cast(ModelKind, str(config["model"]))
+    fold, rnd = int(cast(int, config["fold"])), int(cast(int, config["global-round"]))
+    h = runner.validate_round(kind, fold, weights_from_record(msg.content.array_records["arrays"]), rnd)
+    n = int(h.neg.sum() + h.pos.sum())
+    return _reply(msg, runner.ctx.name, {"stats": arrays_record(h.to_arrays()), "metrics": metric_record({"num-examples": n})})
+
+
+@app.evaluate("predict")
+@_safe
+def predict_fold(msg: Message, context: Context) -> Message:
+    """Predict with a selected fold model; per-patient rows are written at the site only."""
+    runner, config = _runner(msg, context)
+    counts = runner.predict_fold(
+        cast(ModelKind, str(config["model"])),
+        int(cast(int, config["fold"])),
+        weights_from_record(msg.content.array_records["arrays"]),
+        int(cast(int, config["round"])),
+        str(config["role"]),
+    )
+    return _reply(msg, runner.ctx.name, {"metrics": metric_record(counts)})
+
+
+@app.evaluate("ensemble")
+@_safe
+def ensemble_search(msg: Message, context: Context) -> Message:
+    """Validation histograms for every candidate ensemble weight vector."""
+    runner, config = _runner(msg, context)
+    stats = runner.ensemble_search_stats(
+        str(config["role"]), config_json(config, "candidates"), int(cast(int, config["bins"]))
+    )
+    return _reply(msg, runner.ctx.name, {"stats": arrays_record(stats), "metrics": metric_record({"n-arrays": len(stats)})})
+
+
+@app.evaluate("final")
+@_safe
+def final(msg: Message, context: Context) -> Message:
+    """Internal-test or external histograms of every score with the fitted ensemble weights."""
+    runner, config = _runner(msg, context)
+    stats = runner.final_stats(str(config["role"]), config_json(config, "ensembles"))
+    return _reply(msg, runner.ctx.name, {"stats": arrays_record(stats), "metrics": metric_record({"n-arrays": len(stats)})})
+
+
+__all__ = ["ArrayRecord", "app"]

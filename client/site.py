@@ -1,0 +1,274 @@
+"""What a hospital does in a run, callable with or without Flower.
+
+The ClientApp turns messages into calls on :class:`SiteRunner`; tests and the
+benchmark call it directly.  Everything per patient (splits, predictions)
+is written under the site's own output folder and never returned: the
+methods return model vectors and aggregate statistics only.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.config import ExperimentConfig
+from common.dataset import SiteArrays, preprocess_site
+from common.engine import Schedule, diagnose, predict, set_threads, train
+from common.ensemble import combine
+from common.gridstats import ClassHistogram, ScoreGrid
+from common.models import ModelKind, build_model
+from common.records import ModelCodec
+from common.sitedata import score_to_probability
+from common.splits import Fold, fivefold, save_splits
+
+log = logging.getLogger(__name__)
+
+SCORES_IMAGE: tuple[ModelKind, ...] = ("densenet3d", "densenet2d")
+
+
+@dataclass(frozen=True)
+class SiteContext:
+    """Where a site's data and outputs live (from Flower's node config or the CLI)."""
+
+    name: str
+    data_dir: Path
+    out_dir: Path
+    threads: int = 1
+
+
+class SiteRunner:
+    """One site's side of one run: training, validation, prediction, statistics."""
+
+    def __init__(self, ctx: SiteContext, cfg: ExperimentConfig, run_id: str) -> None:
+        self.ctx = ctx
+        self.cfg = cfg
+        self.run_dir = ctx.out_dir / run_id
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        set_threads(ctx.threads)
+
+    # -- data -----------------------------------------------------------------
+    @functools.cached_property
+    def arrays(self) -> SiteArrays:
+        """The site's preprocessed cases (cached on disk once per preprocessing config)."""
+        return preprocess_site(self.ctx.data_dir, self.cfg.preprocess, self.ctx.out_dir / "cache", site=self.ctx.name)
+
+    @functools.cached_property
+    def folds(self) -> tuple[Fold, ...]:
+        """Patient-level stratified folds; saved with the run for audit."""
+        a = self.arrays
+        folds = fivefold(
+            list(a.patient_ids),
+            list(a.labels),
+            folds=self.cfg.folds,
+            val_fraction=self.cfg.val_fraction,
+            seed=self.cfg.seed,
+        )
+        save_splits(self.run_dir / "splits.json", self.ctx.name, folds)
+        return folds
+
+    def _index(self, ids: tuple[str, ...]) -> list[int]:
+        pos = {pid: i for i, pid in enumerate(self.arrays.patient_ids)}
+        return [pos[p] for p in ids]
+
+    def info(self) -> dict[str, int]:
+        """Patient counts (aggregate only) for the server's plan."""
+        a = self.arrays
+        return {
+            "patients": len(a),
+            "benign": int((a.labels == 0).sum()),
+            "malignant": int((a.labels == 1).sum()),
+            "refused": len(a.refused),
+        }
+
+    # -- models ------------------------------------------------------------------
+    def _model_cfg(self, kind: ModelKind) -> Any:
+        return getattr(self.cfg.models, kind)
+
+    def codec(self, kind: ModelKind) -> ModelCodec:
+        state = build_model(kind, self._model_cfg(kind)).state_dict()
+        return ModelCodec.for_state_dict(state, exclude_norm=self.cfg.federation.strategy == "fedbn")
+
+    def _local_state_path(self, kind: ModelKind, fold: int, rnd: int) -> Path:
+        return self.run_dir / "state" / f"{kind}_fold{fold}_round{rnd}.pt"
+
+    def load_model(self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int | None = None) -> torch.nn.Module:
+        """Global weights plus, under FedBN, this site's own normalisation layers of round ``rnd``."""
+        model = build_model(kind, self._model_cfg(kind))
+        state = model.state_dict()
+        state.update(self.codec(kind).unpack(flat))
+        if rnd is not None and self.cfg.federation.strategy == "fedbn":
+            path = self._local_state_path(kind, fold, rnd)
+            if path.is_file():
+                state.update(torch.load(path, map_location="cpu", weights_only=True))
+        model.load_state_dict(state)
+        return model
+
+    def _save_local(self, model: torch.nn.Module, kind: ModelKind, fold: int, rnd: int) -> None:
+        if self.cfg.federation.strategy != "fedbn":
+            return
+        keep = set(self.codec(kind).keys)
+        local = {k: v for k, v in model.state_dict().items() if k not in keep}
+        path = self._local_state_path(kind, fold, rnd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(local, path)
+
+    # -- federated steps -------------------------------------------------------------
+    def train_round(
+        self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int, total_rounds: int, proximal_mu: float = 0.0
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        """Local epochs on fold ``fold``'s training patients from the global weights."""
+        model = self.load_model(kind, fold, flat, rnd - 1)
+        idx = self._index(self.folds[fold].train)
+        le = self.cfg.train.local_epochs
+        res = train(
+            model,
+            self.arrays,
+            idx,
+            kind,
+            self.cfg,
+            epochs=le,
+            schedule=Schedule(start_epoch=(rnd - 1) * le, total_epochs=total_rounds * le),
+            seed=self.cfg.seed * 1000 + fold * 100 + rnd,
+            proximal_mu=proximal_mu,
+            desc=f"{self.ctx.name} {kind} f{fold} r{rnd}",
+        )
+        self._save_local(model, kind, fold, rnd)
+        metrics = {
+            "num-examples": res.n_patients,
+            "loss": res.loss,
+            "seconds": res.seconds,
+            "steps": res.steps,
+            "lr": res.lr_last,
+        }
+        return self.codec(kind).pack(model.state_dict()), metrics
+
+    def validate_round(self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int) -> ClassHistogram:
+        """Validation-split statistics of the global model (for model selection across sites)."""
+        model = self.load_model(kind, fold, flat, rnd)
+        idx = self._index(self.folds[fold].val)
+        probs = predict(model, self.arrays, idx, kind, self.cfg)
+        labels = self.arrays.labels[idx]
+        for problem in diagnose(probs, labels):
+            log.warning("%s %s fold %d round %d validation: %s", self.ctx.name, kind, fold, rnd, problem)
+        return ClassHistogram.from_scores(labels, probs, self._grid())
+
+    def _grid(self) -> ScoreGrid:
+        return ScoreGrid(self.cfg.evaluation.grid_bins)
+
+    def predict_fold(self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int, role: str) -> dict[str, int]:
+        """Predict with the selected fold model; per-patient rows are written here, locally.
+
+        A training site predicts its fold-``fold`` validation and test
+        patients (internal test); an external site predicts all patients.
+        """
+        model = self.load_model(kind, fold, flat, rnd)
+        if role == "external":
+            parts = {"external": tuple(self.arrays.patient_ids)}
+        else:
+            parts = {"val": self.folds[fold].val, "test": self.folds[fold].test}
+        rows = []
+        for split, ids in parts.items():
+            idx = self._index(ids)
+            probs = predict(model, self.arrays, idx, kind, self.cfg)
+            rows += [(pid, split, int(self.arrays.labels[i]), float(p)) for pid, i, p in zip(ids, idx, probs, strict=True)]
+        path = self.run_dir / "predictions" / f"{kind}_fold{fold}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["patient_id", "split", "label", "probability"])
+            w.writerows(rows)
+        return {"predicted": len(rows)}
+
+    # -- statistics over stored predictions -----------------------------------------------
+    def _stored(self, kind: str, fold: int) -> dict[str, tuple[list[str], np.ndarray]]:
+        path = self.run_dir / "predictions" / f"{kind}_fold{fold}.csv"
+        out: dict[str, tuple[list[str], list[float]]] = {}
+        with path.open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                ids, ps = out.setdefault(row["split"], ([], []))
+                ids.append(row["patient_id"])
+                ps.append(float(row["probability"]))
+        return {k: (ids, np.asarray(ps)) for k, (ids, ps) in out.items()}
+
+    def radiologist_prob(self, ids: list[str] | tuple[str, ...]) -> np.ndarray:
+        mapping = self.cfg.evaluation.score_mapping
+        pos = {pid: i for i, pid in enumerate(self.arrays.patient_ids)}
+        return np.asarray([score_to_probability(int(self.arrays.radiologist_scores[pos[p]]), mapping) for p in ids])
+
+    def score_table(self, split: str, fold: int | None, kinds: tuple[str, ...]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Labels and per-score probabilities for one split (``external``: mean over fold models)."""
+        if split == "external":
+            ids = list(self.arrays.patient_ids)
+            scores: dict[str, np.ndarray] = {}
+            for kind in kinds:
+                if kind == "radiologist":
+                    continue
+                per_fold = [self._stored(kind, k)["external"][1] for k in range(self.cfg.folds)]
+                scores[kind] = np.mean(per_fold, axis=0)
+        else:
+            assert fold is not None
+            ids = []
+            scores = {}
+            for kind in kinds:
+                if kind == "radiologist":
+                    continue
+                ids_k, p = self._stored(kind, fold)[split]
+                ids = ids_k
+                scores[kind] = p
+        if "radiologist" in kinds:
+            scores["radiologist"] = self.radiologist_prob(ids)
+        labels = self.arrays.labels[self._index(tuple(ids))]
+        return labels, scores
+
+    def ensemble_search_stats(self, role: str, candidates: dict[str, list[list[float]]], bins: int) -> dict[str, np.ndarray]:
+        """Validation histograms of every candidate weight vector of every ensemble.
+
+        Only training sites have validation patients; an external site returns nothing.
+        """
+        if role == "external":
+            return {}
+        grid = ScoreGrid(bins)
+        out: dict[str, np.ndarray] = {}
+        for name, weights in candidates.items():
+            members = tuple(name.split("+"))
+            total: list[ClassHistogram | None] = [None] * len(weights)
+            for k in range(self.cfg.folds):
+                y, scores = self.score_table("val", k, members)
+                probs = np.stack([scores[m] for m in members], axis=1)
+                for i, w in enumerate(weights):
+                    h = ClassHistogram.from_scores(y, combine(probs, np.asarray(w)), grid)
+                    total[i] = h if total[i] is None else total[i] + h  # type: ignore[operator]
+            for i, h in enumerate(total):
+                assert h is not None
+                for key, arr in h.to_arrays().items():
+                    out[f"{name}/{i}/{key}"] = arr
+        return out
+
+    def final_stats(self, role: str, ensembles: dict[str, list[float]]) -> dict[str, np.ndarray]:
+        """Histograms of every score on internal-test folds (training site) or external patients."""
+        kinds = ("densenet3d", "densenet2d", "radiologist")
+        enabled = tuple(k for k in kinds if k == "radiologist" or getattr(self.cfg.models, k).enabled)
+        subsets = ["external"] if role == "external" else [f"fold{k}" for k in range(self.cfg.folds)]
+        out: dict[str, np.ndarray] = {}
+        for subset in subsets:
+            split, fold = ("external", None) if subset == "external" else ("test", int(subset[4:]))
+            y, scores = self.score_table(split, fold, enabled)
+            for name, w in ensembles.items():
+                members = name.split("+")
+                scores[name] = combine(np.stack([scores[m] for m in members], axis=1), np.asarray(w))
+            for score, p in scores.items():
+                for key, arr in ClassHistogram.from_scores(y, p, self._grid()).to_arrays().items():
+                    out[f"{score}/{subset}/{key}"] = arr
+        self._write_final(role, ensembles)
+        return out
+
+    def _write_final(self, role: str, ensembles: dict[str, list[float]]) -> None:
+        (self.run_dir / "ensemble_weights.json").write_text(json.dumps({"role": role, "weights": ensembles}, indent=2))

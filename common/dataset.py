@@ -1,0 +1,546 @@
+"""One dataset API for a site and for the pooled baseline (FLamby style).
+
+``preprocess_site`` reads a site folder once: every case is validated (with
+``common.validation``, so a refused case gets the same message as
+``flower-client validate``), preprocessed by the deterministic transforms of
+``common.transforms`` and summarised by a few handcrafted radiomics features,
+all from the same RAS+ volume and largest-component mask.  The result,
+``SiteArrays``, is cached as one compressed ``.npz`` keyed by the
+preprocessing config, the manifest and the sizes/mtimes of the files it
+names, so later runs (and other processes) skip the work.  ``SiteArrays.concat``
+pools sites for the centralised baseline; ``PatientDataset`` serves the
+arrays to the training engine, with augmentation in training mode only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+from common.config import AugmentConfig, PreprocessConfig, to_dict
+from common.sitedata import (
+    MANIFEST,
+    Case,
+    SiteDataError,
+    Volume,
+    case_from_row,
+    load_case,
+    read_manifest_rows,
+)
+from common.transforms import (
+    deterministic_2d,
+    deterministic_3d,
+    largest_component,
+    random_2d,
+    random_3d,
+    volume_dict,
+)
+from common.validation import SEX_VALUES, validate_case, validate_site
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+"""Bump when preprocessing code changes its output: old cache files are then ignored."""
+FEATURE_NAMES = ("log_volume_ml", "mean_hu", "sd_hu", "shell_mean_hu", "sphericity", "max_extent_mm")
+SHELL_VOXELS = 2
+_FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
+Kind = Literal["3d", "2d"]
+Mode = Literal["train", "eval"]
+
+
+# ---------------------------------------------------------------- arrays
+
+
+@dataclass(frozen=True)
+class SiteArrays:
+    """Everything the models need from one site (or a pool of sites), one row per patient.
+
+    ``sites`` names each row's site (differs from ``site`` only after
+    ``concat``).  ``slice_indices`` are the RAS z indices of the 2D slices,
+    largest tumour area first.  ``refused`` holds one message per refused
+    case; ``digest`` identifies the preprocessing (cache key) for audit.
+    """
+
+    site: str
+    patient_ids: tuple[str, ...]
+    labels: np.ndarray  # int64 (N,)
+    radiologist_scores: np.ndarray  # int64 (N,)
+    vol3d: np.ndarray  # float16 (N, 1, S, S, S) in [0, 1]
+    slices2d: np.ndarray  # float16 (N, n, 3, s, s) in [0, 1]
+    slice_indices: np.ndarray  # int64 (N, n)
+    features: np.ndarray  # float64 (N, F)
+    feature_names: tuple[str, ...]
+    ages: np.ndarray  # float64 (N,), NaN when unknown
+    sexes: tuple[str, ...]  # "M", "F" or "" (unknown)
+    sites: tuple[str, ...]
+    refused: tuple[str, ...] = ()
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        n = len(self.patient_ids)
+        per_row = {
+            "labels": len(self.labels),
+            "radiologist_scores": len(self.radiologist_scores),
+            "vol3d": len(self.vol3d),
+            "slices2d": len(self.slices2d),
+            "slice_indices": len(self.slice_indices),
+            "features": len(self.features),
+            "ages": len(self.ages),
+            "sexes": len(self.sexes),
+            "sites": len(self.sites),
+        }
+        bad = {k: v for k, v in per_row.items() if v != n}
+        if bad:
+            raise ValueError(f"SiteArrays {self.site!r}: {n} patient ids but row counts {bad}")
+        if len(set(self.patient_ids)) != n:
+            raise ValueError(f"SiteArrays {self.site!r}: patient ids are not unique")
+        if self.features.shape[1:] != (len(self.feature_names),):
+            raise ValueError(
+                f"SiteArrays {self.site!r}: features {self.features.shape} vs names {self.feature_names}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.patient_ids)
+
+    def indices_of(self, patient_ids: Iterable[str]) -> np.ndarray:
+        """Row indices of ``patient_ids`` (e.g. a ``Fold``'s train ids); raises naming unknown ids."""
+        where = {pid: i for i, pid in enumerate(self.patient_ids)}
+        ids = list(patient_ids)
+        unknown = [p for p in ids if p not in where]
+        if unknown:
+            raise KeyError(f"site {self.site!r}: unknown patient id(s) {unknown[:5]}")
+        return np.asarray([where[p] for p in ids], dtype=np.int64)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> SiteArrays:
+        """The rows ``indices`` (in that order); ``refused`` is kept."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return dataclasses.replace(
+            self,
+            patient_ids=tuple(self.patient_ids[i] for i in idx),
+            labels=self.labels[idx],
+            radiologist_scores=self.radiologist_scores[idx],
+            vol3d=self.vol3d[idx],
+            slices2d=self.slices2d[idx],
+            slice_indices=self.slice_indices[idx],
+            features=self.features[idx],
+            ages=self.ages[idx],
+            sexes=tuple(self.sexes[i] for i in idx),
+            sites=tuple(self.sites[i] for i in idx),
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[SiteArrays], *, site: str = "pooled") -> SiteArrays:
+        """Pool sites (the centralised baseline).
+
+        With more than one distinct site, patient ids become ``"<site>/<id>"``
+        so that equal ids at two hospitals stay two patients.  All parts must
+        come from the same preprocessing config (same array shapes).
+        """
+        if not parts:
+            raise ValueError("concat needs at least one SiteArrays")
+        first = parts[0]
+        for p in parts[1:]:
+            if p.vol3d.shape[1:] != first.vol3d.shape[1:] or p.slices2d.shape[1:] != first.slices2d.shape[1:]:
+                raise ValueError(
+                    f"cannot pool site {p.site!r} ({p.vol3d.shape[1:]}, {p.slices2d.shape[1:]}) with "
+                    f"{first.site!r} ({first.vol3d.shape[1:]}, {first.slices2d.shape[1:]}): different preprocessing"
+                )
+            if p.feature_names != first.feature_names:
+                raise ValueError(f"cannot pool site {p.site!r}: different radiomics features")
+        qualify = len({s for p in parts for s in p.sites}) > 1
+        ids = tuple(
+            f"{s}/{pid}" if qualify else pid
+            for p in parts
+            for pid, s in zip(p.patient_ids, p.sites, strict=True)
+        )
+        digests = sorted({p.digest for p in parts})
+        return SiteArrays(
+            site=site,
+            patient_ids=ids,
+            labels=np.concatenate([p.labels for p in parts]),
+            radiologist_scores=np.concatenate([p.radiologist_scores for p in parts]),
+            vol3d=np.concatenate([p.vol3d for p in parts]),
+            slices2d=np.concatenate([p.slices2d for p in parts]),
+            slice_indices=np.concatenate([p.slice_indices for p in parts]),
+            features=np.concatenate([p.features for p in parts]),
+            feature_names=first.feature_names,
+            ages=np.concatenate([p.ages for p in parts]),
+            sexes=tuple(s for p in parts for s in p.sexes),
+            sites=tuple(s for p in parts for s in p.sites),
+            refused=tuple(r for p in parts for r in p.refused),
+            digest="+".join(digests),
+        )
+
+
+# ---------------------------------------------------------------- features
+
+
+def radiomic_features(volume: Volume) -> np.ndarray:
+    """The ``FEATURE_NAMES`` of a RAS+ volume's ROI (its largest connected component).
+
+    * ``log_volume_ml``: natural log of the ROI volume in millilitres;
+    * ``mean_hu``, ``sd_hu``: HU inside the ROI;
+    * ``shell_mean_hu``: mean HU of the 2-voxel shell around the ROI (26-
+      neighbourhood dilation), i.e. the tissue the lesion sits in;
+    * ``sphericity``: pi^(1/3) (6V)^(2/3) / A, with A the voxel-face area
+      times 2/3 (a staircase surface over-counts a smooth one by 3/2 on
+      average over orientations), so a sphere scores about 1;
+    * ``max_extent_mm``: longest edge of the ROI's bounding box.
+    """
+    roi = largest_component(volume.mask).astype(bool)
+    sx, sy, sz = volume.spacing
+    pad = SHELL_VOXELS + 1
+    box = tuple(
+        slice(max(s.start - pad, 0), min(s.stop + pad, n))
+        for s, n in zip(ndimage.find_objects(roi.astype(np.uint8))[0], roi.shape, strict=True)
+    )
+    r, img = roi[box], volume.image[box].astype(np.float64)
+    n_vox = int(r.sum())
+    volume_mm3 = n_vox * sx * sy * sz
+    inside = img[r]
+    shell = ndimage.binary_dilation(r, structure=_FULL_CONNECTIVITY, iterations=SHELL_VOXELS) & ~r
+    shell_mean = float(img[shell].mean()) if shell.any() else float(inside.mean())
+    padded = np.pad(r, 1)
+    faces = [int(np.count_nonzero(np.diff(padded, axis=a))) for a in range(3)]
+    area = (faces[0] * sy * sz + faces[1] * sx * sz + faces[2] * sx * sy) * 2.0 / 3.0
+    sphericity = math.pi ** (1 / 3) * (6 * volume_mm3) ** (2 / 3) / area
+    extent = [
+        (s.stop - s.start) * sp
+        for s, sp in zip(ndimage.find_objects(r.astype(np.uint8))[0], (sx, sy, sz), strict=True)
+    ]
+    return np.array(
+        [math.log(volume_mm3 / 1000.0), inside.mean(), inside.std(), shell_mean, sphericity, max(extent)],
+        dtype=np.float64,
+    )
+
+
+# ---------------------------------------------------------------- one case
+
+
+@dataclass(frozen=True)
+class _CaseOutput:
+    vol3d: np.ndarray
+    slices2d: np.ndarray
+    slice_indices: np.ndarray
+    features: np.ndarray
+
+
+def _process_case(case: Case, cfg: PreprocessConfig) -> _CaseOutput | list[str]:
+    """Validate and preprocess one case; a list of messages when it is refused (never raises)."""
+    try:
+        problems = validate_case(case)
+        errors = [str(p) for p in problems if p.severity == "error"]
+        if errors:
+            return errors
+        volume = load_case(case)
+        data = volume_dict(volume)
+        out3 = deterministic_3d(cfg.d3)(dict(data))
+        out2 = deterministic_2d(cfg.d2, (cfg.d3.hu_min, cfg.d3.hu_max))(dict(data))
+        features = radiomic_features(volume)
+        arrays = (out3["image"], out2["image"], features)
+        if not all(np.all(np.isfinite(a)) for a in arrays):
+            return [f"ERROR  {case.image}  patient {case.patient_id}: preprocessing gave non-finite values"]
+        return _CaseOutput(
+            vol3d=out3["image"].astype(np.float16),
+            slices2d=out2["image"].astype(np.float16),
+            slice_indices=np.asarray(out2["slice_indices"], dtype=np.int64),
+            features=features,
+        )
+    except Exception as exc:  # one broken case must not stop the site
+        cause = exc.__cause__ or exc  # MONAI wraps transform errors in RuntimeError
+        return [
+            f"ERROR  {case.image}  patient {case.patient_id}: preprocessing failed: {type(cause).__name__}: {cause}"
+        ]
+
+
+def _process_case_star(args: tuple[Case, PreprocessConfig]) -> _CaseOutput | list[str]:
+    return _process_case(*args)
+
+
+# ---------------------------------------------------------------- cache
+
+
+def cache_key(site_dir: Path, cfg: PreprocessConfig) -> str:
+    """Hash of what the cached arrays depend on: preprocessing config, manifest, file sizes and mtimes.
+
+    Augmentation is not part of it (it is applied later, at training time).
+    """
+    site_dir = Path(site_dir)
+    _, rows = read_manifest_rows(site_dir)
+    files: list[Any] = []
+    for row in rows:
+        for col in ("image", "mask"):
+            rel = row.get(col, "")
+            try:
+                st = (site_dir / rel).stat() if rel else None
+            except OSError:
+                st = None
+            files.append([rel, st.st_size if st else None, st.st_mtime_ns if st else None])
+    blob = json.dumps(
+        {
+            "version": CACHE_VERSION,
+            "d3": to_dict(cfg.d3),
+            "d2": to_dict(cfg.d2),
+            "manifest": hashlib.sha256((site_dir / MANIFEST).read_bytes()).hexdigest(),
+            "files": files,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def cache_path(cache_dir: Path, site: str, key: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", site) or "site"
+    return Path(cache_dir) / f"{safe}-{key}.npz"
+
+
+_STR_FIELDS = ("patient_ids", "feature_names", "sexes", "sites", "refused")
+_ARRAY_FIELDS = ("labels", "radiologist_scores", "vol3d", "slices2d", "slice_indices", "features", "ages")
+
+
+def save_arrays(arrays: SiteArrays, path: Path) -> None:
+    """Write ``arrays`` as one compressed npz, atomically (temp file + ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, np.ndarray] = {k: getattr(arrays, k) for k in _ARRAY_FIELDS}
+    payload.update({k: np.asarray(getattr(arrays, k), dtype=str) for k in _STR_FIELDS})
+    payload["site"] = np.asarray(arrays.site)
+    payload["digest"] = np.asarray(arrays.digest)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, **payload)  # type: ignore[arg-type]
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_arrays(path: Path) -> SiteArrays:
+    """Read what ``save_arrays`` wrote (no pickle)."""
+    with np.load(path, allow_pickle=False) as z:
+        strs = {k: tuple(str(s) for s in z[k].tolist()) for k in _STR_FIELDS}
+        arrs = {k: z[k] for k in _ARRAY_FIELDS}
+        return SiteArrays(site=str(z["site"]), digest=str(z["digest"]), **strs, **arrs)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- the site
+
+
+def preprocess_site(
+    site_dir: Path, cfg: PreprocessConfig, cache_dir: Path, *, site: str = "", workers: int = 1
+) -> SiteArrays:
+    """Validate, preprocess and cache one site folder; invalid cases are refused, never fatal.
+
+    Refused cases are logged at WARNING with the validation module's
+    messages and listed in ``SiteArrays.refused``.  Raises ``SiteDataError``
+    only if the manifest is unusable or no case is valid.  ``workers > 1``
+    preprocesses cases in that many processes.
+    """
+    site_dir = Path(site_dir)
+    site = site or site_dir.name
+    key = cache_key(site_dir, cfg)  # raises SiteDataError for an unusable manifest
+    path = cache_path(cache_dir, site, key)
+    if path.is_file():
+        try:
+            t0 = time.perf_counter()
+            arrays = dataclasses.replace(load_arrays(path), site=site)
+            logger.info(
+                "%s: %d patients from cache %s (%.2f s)", site, len(arrays), path, time.perf_counter() - t0
+            )
+            return arrays
+        except Exception as exc:
+            logger.warning("%s: unreadable cache %s (%s); preprocessing again", site, path, exc)
+
+    t0 = time.perf_counter()
+    refused: list[str] = []
+    cases = _valid_rows(site_dir, refused)
+    jobs = [(c, cfg) for c in cases]
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            results = list(pool.map(_process_case_star, jobs))
+    else:
+        results = [_process_case(*j) for j in jobs]
+    kept: list[tuple[Case, _CaseOutput]] = []
+    for case, res in zip(cases, results, strict=True):
+        if isinstance(res, _CaseOutput):
+            kept.append((case, res))
+        else:
+            refused.extend(res)
+    for msg in refused:
+        logger.warning("%s: refused: %s", site, msg)
+    if not kept:
+        shown = "; ".join(refused[:3]) + (" ..." if len(refused) > 3 else "")
+        raise SiteDataError(f"{site_dir}: no valid case among {len(refused)} refused ({shown})")
+    arrays = _assemble(site, kept, tuple(refused), key)
+    save_arrays(arrays, path)
+    dt = time.perf_counter() - t0
+    logger.info(
+        "%s: preprocessed %d patients (%d refused) in %.1f s (%.2f s/patient), cached at %s",
+        site,
+        len(kept),
+        len(refused),
+        dt,
+        dt / max(len(jobs), 1),
+        path,
+    )
+    return arrays
+
+
+def _valid_rows(site_dir: Path, refused: list[str]) -> list[Case]:
+    """Manifest rows whose fields pass the site-level checks (duplicate ids, bad values).
+
+    File contents are checked per case later; here only the CSV is read.
+    """
+    report = validate_site(site_dir, check_images=False)
+    _, rows = read_manifest_rows(site_dir)
+    bad: dict[str | None, list[str]] = {}
+    for p in report.errors:
+        bad.setdefault(p.patient_id, []).append(str(p))
+    refused.extend(bad.pop(None, []))  # manifest-level (e.g. a row with no patient id)
+    cases: list[Case] = []
+    for row in rows:
+        pid = row.get("patient_id", "")
+        if not pid:
+            continue
+        if pid in bad:  # every row of a duplicated id is refused; its messages are listed once
+            refused.extend(bad[pid])
+            bad[pid] = []
+            continue
+        try:
+            cases.append(case_from_row(site_dir, row))
+        except SiteDataError as exc:
+            refused.append(str(exc))
+    return cases
+
+
+def _assemble(
+    site: str, kept: list[tuple[Case, _CaseOutput]], refused: tuple[str, ...], key: str
+) -> SiteArrays:
+    cases = [c for c, _ in kept]
+    outs = [o for _, o in kept]
+    return SiteArrays(
+        site=site,
+        patient_ids=tuple(c.patient_id for c in cases),
+        labels=np.asarray([c.label for c in cases], dtype=np.int64),
+        radiologist_scores=np.asarray([c.radiologist_score for c in cases], dtype=np.int64),
+        vol3d=np.stack([o.vol3d for o in outs]),
+        slices2d=np.stack([o.slices2d for o in outs]),
+        slice_indices=np.stack([o.slice_indices for o in outs]),
+        features=np.stack([o.features for o in outs]),
+        feature_names=FEATURE_NAMES,
+        ages=np.asarray([math.nan if c.age is None else c.age for c in cases], dtype=np.float64),
+        sexes=tuple(SEX_VALUES.get((c.sex or "").strip().lower(), "") for c in cases),
+        sites=(site,) * len(cases),
+        refused=refused,
+        digest=key,
+    )
+
+
+# ---------------------------------------------------------------- torch dataset
+
+
+class PatientDataset(Dataset[dict[str, Any]]):
+    """Model inputs of the patients ``indices`` (rows of ``arrays``).
+
+    * ``kind="3d"``: one item per patient, ``image`` (1, S, S, S).
+    * ``kind="2d"``, ``mode="train"``: one item per (patient, slice), each
+      slice (3, s, s) a training image with its patient's label (``slice``
+      gives its rank, 0 = largest).
+    * ``kind="2d"``, ``mode="eval"``: one item per patient, ``image``
+      (n, 3, s, s), so the engine can average the slice probabilities.
+
+    Items also carry ``label`` (int64) and ``index`` (the row in ``arrays``).
+    Augmentation runs in ``train`` mode only; its randomness is drawn per
+    item from (seed, epoch, index, draw), so results do not depend on the
+    number of DataLoader workers.  Call ``set_epoch`` at each epoch (as with
+    ``DistributedSampler``); without it, repeated draws of one item still
+    differ within a process.
+    """
+
+    def __init__(
+        self,
+        arrays: SiteArrays,
+        indices: Sequence[int] | np.ndarray,
+        kind: Kind,
+        mode: Mode,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
+    ) -> None:
+        if kind not in ("3d", "2d") or mode not in ("train", "eval"):
+            raise ValueError(f"kind must be '3d' or '2d' and mode 'train' or 'eval', got {kind!r}, {mode!r}")
+        self.arrays = arrays
+        self.rows = np.asarray(indices, dtype=np.int64)
+        if self.rows.size and (self.rows.min() < 0 or self.rows.max() >= len(arrays)):
+            raise IndexError(f"site {arrays.site!r}: indices outside 0..{len(arrays) - 1}")
+        self.kind, self.mode, self.seed = kind, mode, seed
+        self.n_slices = int(arrays.slices2d.shape[1])
+        self.per_slice = kind == "2d" and mode == "train"
+        self._augment = None
+        if mode == "train" and augment is not None and augment.enabled:
+            size = int(arrays.vol3d.shape[-1] if kind == "3d" else arrays.slices2d.shape[-1])
+            self._augment = random_3d(augment, size) if kind == "3d" else random_2d(augment, size)
+        self.epoch = 0
+        self._draws: dict[int, int] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start a new stream of augmentations (deterministic given seed and epoch)."""
+        self.epoch = int(epoch)
+        self._draws.clear()
+
+    def __len__(self) -> int:
+        return len(self.rows) * (self.n_slices if self.per_slice else 1)
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Label of each item (repeated per slice for 2D training)."""
+        labels = self.arrays.labels[self.rows]
+        return np.repeat(labels, self.n_slices) if self.per_slice else labels
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        row = int(self.rows[i // self.n_slices if self.per_slice else i])
+        item: dict[str, Any] = {
+            "label": torch.tensor(self.arrays.labels[row], dtype=torch.int64),
+            "index": row,
+        }
+        if self.kind == "3d":
+            image = self.arrays.vol3d[row]
+        elif self.per_slice:
+            item["slice"] = i % self.n_slices
+            image = self.arrays.slices2d[row, i % self.n_slices]
+        else:
+            image = self.arrays.slices2d[row]
+        tensor = torch.from_numpy(np.asarray(image, dtype=np.float32))
+        if self._augment is not None:
+            draw = self._draws.get(i, 0)
+            self._draws[i] = draw + 1
+            seed = int(np.random.SeedSequence([self.seed, self.epoch, i, draw]).generate_state(1)[0])
+            self._augment.set_random_state(seed=seed)
+            tensor = self._augment({"image": tensor})["image"]
+        item["image"] = tensor
+        return item

@@ -1,0 +1,316 @@
+"""The one training and evaluation engine.
+
+The federated client, the pooled and local-only baselines and the benchmark
+all call these functions, so "federated vs pooled vs local" compares like
+with like: same loss, optimiser, schedule, augmentation and prediction rule.
+
+Two choices here come from measurements on this task (stack notes):
+
+* cosine learning-rate decay over the *whole* budget (all rounds of a
+  federation, or all epochs centrally), because a constant rate made the AUC
+  swing between epochs and sometimes collapse;
+* BatchNorm recalibration after local training: with few optimiser steps per
+  epoch, the running statistics lag the weights and eval-mode outputs became
+  nearly constant (AUC inverted).  Recomputing the statistics with the final
+  weights (a no-grad pass over the training data) fixes that cheaply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .config import ExperimentConfig
+from .dataset import PatientDataset, SiteArrays
+from .metrics import binary_metrics
+from .models import ModelKind
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one call to :func:`train` did (aggregate numbers only)."""
+
+    n_patients: int
+    epochs: int
+    steps: int
+    loss: float
+    seconds: float
+    lr_last: float
+    epsilon: float | None = None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Where this local training sits in the global budget (for the cosine decay).
+
+    ``start_epoch`` counts epochs already done globally (e.g. ``(round-1) *
+    local_epochs`` in a federation); ``total_epochs`` is the whole budget.
+    """
+
+    start_epoch: int
+    total_epochs: int
+
+    def lr(self, base: float, progress_epochs: float, kind: str) -> float:
+        if kind == "constant" or self.total_epochs <= 0:
+            return base
+        t = min(max((self.start_epoch + progress_epochs) / self.total_epochs, 0.0), 1.0)
+        return base * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def set_threads(n: int) -> None:
+    """Limit torch's intra-op threads so sites sharing a CPU do not oversubscribe it.
+
+    ``n <= 0`` leaves torch's default (all cores).
+    """
+    if n > 0:
+        torch.set_num_threads(n)
+        with contextlib.suppress(RuntimeError):  # only settable before the first parallel op
+            torch.set_num_interop_threads(1)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _progress(it: Sequence[object] | DataLoader[dict[str, torch.Tensor]], desc: str) -> Iterator[object]:
+    return iter(tqdm(it, desc=desc, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True))
+
+
+def make_loader(
+    arrays: SiteArrays,
+    indices: Sequence[int],
+    kind: ModelKind,
+    mode: str,
+    cfg: ExperimentConfig,
+    seed: int,
+) -> DataLoader[dict[str, torch.Tensor]]:
+    """A loader over ``indices`` of ``arrays``: shuffled with augmentation in train mode."""
+    ds = PatientDataset(
+        arrays,
+        indices,
+        kind="3d" if kind == "densenet3d" else "2d",
+        mode=mode,
+        augment=cfg.preprocess.augment,
+        seed=seed,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        ds,
+        batch_size=cfg.train.batch_size if mode == "train" else max(cfg.train.batch_size, 16),
+        shuffle=mode == "train",
+        generator=gen,
+        num_workers=cfg.train.num_workers,
+        drop_last=False,
+    )
+
+
+def class_weights(labels: np.ndarray) -> torch.Tensor:
+    """Inverse-frequency class weights (normalised to mean 1) for an imbalanced site."""
+    counts = np.bincount(labels.astype(int), minlength=2).astype(np.float64)
+    counts[counts == 0] = 1.0
+    w = counts.sum() / (2.0 * counts)
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def train(
+    model: nn.Module,
+    arrays: SiteArrays,
+    indices: Sequence[int],
+    kind: ModelKind,
+    cfg: ExperimentConfig,
+    *,
+    epochs: int,
+    schedule: Schedule,
+    seed: int,
+    proximal_mu: float = 0.0,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` in place on the patients ``indices`` for ``epochs`` epochs.
+
+    Adam with cross-entropy (optionally class-weighted), learning rate from
+    ``schedule``; with ``proximal_mu > 0`` the FedProx term ``mu/2 ||w - w0||^2``
+    keeps local weights near the round's global weights ``w0``.
+    """
+    seed_everything(seed)
+    t0 = time.perf_counter()
+    loader = make_loader(arrays, indices, kind, "train", cfg, seed)
+    labels = arrays.labels[np.asarray(indices, dtype=int)]
+    weight = class_weights(labels) if cfg.train.class_weighting else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    steps_per_epoch = max(len(loader), 1)
+    steps, loss_sum, n_seen, lr = 0, 0.0, 0, cfg.train.lr
+    model.train()
+    dataset = loader.dataset
+    for epoch in range(epochs):
+        if isinstance(dataset, PatientDataset):
+            dataset.set_epoch(schedule.start_epoch + epoch)
+        for i, batch in enumerate(_progress(loader, f"{desc} e{epoch + 1}/{epochs}")):
+            assert isinstance(batch, dict)
+            lr = schedule.lr(cfg.train.lr, epoch + i / steps_per_epoch, cfg.train.schedule)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x, y = batch["image"].float(), batch["label"].long()
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            if anchor:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+                loss = loss + 0.5 * proximal_mu * prox
+            loss.backward()
+            opt.step()
+            steps += 1
+            loss_sum += float(loss.detach()) * len(y)
+            n_seen += len(y)
+    if cfg.train.bn_recalibration:
+        recalibrate_batchnorm(model, arrays, indices, kind, cfg, seed)
+    return TrainResult(
+        n_patients=len(indices),
+        epochs=epochs,
+        steps=steps,
+        loss=loss_sum / max(n_seen, 1),
+        seconds=time.perf_counter() - t0,
+        lr_last=lr,
+    )
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module,
+    arrays: SiteArrays,
+    indices: Sequence[int],
+    kind: ModelKind,
+    cfg: ExperimentConfig,
+    seed: int,
+) -> None:
+    """Recompute BatchNorm running statistics with the current weights.
+
+    A cumulative average (``momentum=None``) over one pass of the training
+    patients, without augmentation, so eval-mode normalisation matches the
+    weights that will be evaluated.  No-op for GroupNorm/InstanceNorm models.
+    """
+    bns = _batchnorms(model)
+    if not bns or not indices:
+        return
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    for batch in make_loader(arrays, indices, kind, "eval", cfg, seed):
+        x = batch["image"].float()
+        model(x.flatten(0, 1) if kind == "densenet2d" else x)
+    for bn, m in zip(bns, saved, strict=True):
+        bn.momentum = m
+    model.eval()
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    arrays: SiteArrays,
+    indices: Sequence[int],
+    kind: ModelKind,
+    cfg: ExperimentConfig,
+) -> np.ndarray:
+    """Probability of malignancy per patient, under ``model.eval()``.
+
+    2D: each patient's slices are scored and their probabilities averaged
+    with ``preprocess.d2.slice_weights`` (slices ordered by tumour area, largest
+    first), the study's patient-level rule.
+    """
+    if len(indices) == 0:
+        return np.zeros(0, dtype=np.float64)
+    model.eval()
+    w = np.asarray(cfg.preprocess.d2.slice_weights, dtype=np.float64)
+    w = torch.tensor(w / w.sum(), dtype=torch.float32)
+    out: list[np.ndarray] = []
+    for batch in make_loader(arrays, indices, kind, "eval", cfg, seed=0):
+        x = batch["image"].float()
+        if kind == "densenet2d":
+            b, n = x.shape[:2]
+            p = torch.softmax(model(x.flatten(0, 1)), dim=1)[:, 1].reshape(b, n)
+            out.append((p * w[:n] / w[:n].sum()).sum(dim=1).numpy())
+        else:
+            out.append(torch.softmax(model(x), dim=1)[:, 1].numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def diagnose(probs: np.ndarray, labels: np.ndarray, *, min_std: float = 1e-3) -> list[str]:
+    """Flag a model whose outputs are constant or whose ranking is inverted.
+
+    Both failure modes were seen on this task with BatchNorm and few steps
+    per epoch; they pass silently through a loss curve but not through this.
+    """
+    problems = []
+    if probs.size and float(np.std(probs)) < min_std:
+        problems.append(f"constant output: probability SD {np.std(probs):.2e} < {min_std:g}")
+    if np.unique(labels).size == 2:
+        auc = binary_metrics(labels, probs).auc
+        if auc < 0.5:
+            problems.append(f"inverted ranking: AUC {auc:.3f} < 0.5")
+    return problems
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Best-validation-AUC checkpoint of a centralised training run (the study's rule)."""
+
+    best_epoch: int
+    val_aucs: tuple[float, ...]
+    state: dict[str, torch.Tensor]
+    seconds: float
+
+
+def fit_select(
+    model: nn.Module,
+    arrays: SiteArrays,
+    train_idx: Sequence[int],
+    val_idx: Sequence[int],
+    kind: ModelKind,
+    cfg: ExperimentConfig,
+    *,
+    epochs: int,
+    seed: int,
+    desc: str = "fit",
+) -> Selection:
+    """Train ``epochs`` epochs, validating after each; keep the best-validation-AUC weights.
+
+    One epoch here is one round with one local epoch in a federation: the
+    same schedule, the same selection rule, so pooled and federated runs
+    spend the same budget.
+    """
+    t0 = time.perf_counter()
+    labels = arrays.labels[np.asarray(val_idx, dtype=int)]
+    aucs: list[float] = []
+    best_state: dict[str, torch.Tensor] = {}
+    best_auc, best_epoch = -np.inf, 0
+    for e in range(epochs):
+        train(model, arrays, train_idx, kind, cfg, epochs=1, schedule=Schedule(e, epochs), seed=seed * 1000 + e, desc=f"{desc} e{e + 1}")
+        auc = binary_metrics(labels, predict(model, arrays, val_idx, kind, cfg)).auc
+        auc = -1.0 if np.isnan(auc) else float(auc)
+        aucs.append(auc)
+        if auc > best_auc:
+            best_auc, best_epoch = auc, e + 1
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return Selection(best_epoch=best_epoch, val_aucs=tuple(aucs), state=best_state, seconds=time.perf_counter() - t0)

@@ -1,0 +1,376 @@
+"""Preprocessing of one CT volume and its ROI into the 3D and 2D model inputs.
+
+Everything is a MONAI *dictionary* transform, composed once per config.  The
+deterministic part (``deterministic_3d``, ``deterministic_2d``) runs once per
+patient and is cached by ``common.dataset``; evaluation sees exactly that
+output.  The random part (``random_3d``, ``random_2d``) is training-only
+augmentation applied to the cached tensors.
+
+Input dictionaries come from ``volume_dict(volume)``: ``image`` (HU, float32)
+and ``mask`` in RAS+ voxel order (as ``sitedata.load_case`` returns them) plus
+their ``affine``.  Geometry is done in world millimetres, so a volume stored
+LPS, or with anisotropic voxels, gives the same input as its RAS, isotropic
+twin.
+
+Conventions (documented because results depend on them):
+
+* **Largest connected component.**  A mask in several pieces is reduced to its
+  largest piece (``scipy.ndimage.label``, full 26-connectivity; equal sizes:
+  the first in scan order).  A stray island would otherwise stretch the ROI
+  box and move the crop centre.
+* **3D crop ``fov``** (default): a cube of edge ``fov_mm`` along the world
+  R, A, S axes, centred on the centre of the ROI's bounding box, sampled on a
+  ``size``^3 grid (voxel edge ``fov_mm / size`` everywhere).  Lesions keep
+  their absolute size.  Where the cube leaves the scan it is air (-1000 HU).
+  **``bbox``**: the ROI's bounding box plus ``margin_mm`` on each side,
+  stretched to ``size``^3 (the study's crop; absolute size is lost).
+* **Resampling** is trilinear after a Gaussian anti-aliasing filter when the
+  output grid is coarser than the input (sigma = (factor - 1) / 2 voxels, the
+  usual rule), on a sub-block around the output grid only, so a 512x512x400
+  scan costs little more than a small one.  The output mask is the resampled
+  mask thresholded at 0.5, which keeps its volume.
+* **HU windows** clip and scale linearly to [0, 1]; air and the padding are 0.
+* **2D slices**: the ``n_slices`` axial (RAS z) slices with the largest
+  tumour area, largest first (so ``slice_weights[0]`` weighs the largest);
+  equal areas: the slice closer to the mask's centroid first, then the lower
+  one.  A tumour on fewer slices repeats its largest slice.  Each slice's ROI
+  bounding box plus ``margin_mm`` in-plane is stretched to ``size``^2, with
+  three channels: bone window, soft tissue [-160, 240], wide [-1000, 2000].
+* **Augmentation**: with probability ``prob`` an affine (rotation about every
+  axis in 3D, in-plane in 2D, translation ``translate_frac * size`` voxels,
+  per-axis scaling) and, independently with ``prob``, a left-right flip
+  (the first axis is R in both the 3D cube and the 2D slices: the mirror image
+  of a sacrum is anatomically plausible, a head-to-foot flip is not).
+  Padding is 0, i.e. air.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import Compose, MapTransform, RandAffined, RandFlipd, ToTensord
+from scipy import ndimage
+
+from common.config import AugmentConfig, Preprocess2DConfig, Preprocess3DConfig
+from common.sitedata import Volume
+
+AIR_HU = -1000.0
+BONE_WINDOW = (-200.0, 1500.0)
+SOFT_TISSUE_WINDOW = (-160.0, 240.0)
+WIDE_WINDOW = (-1000.0, 2000.0)
+_FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+_TRUNCATE = 4.0  # Gaussian kernel half-width in sigmas (scipy's default)
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def volume_dict(volume: Volume) -> dict[str, Any]:
+    """The dictionary the deterministic transforms act on."""
+    return {"image": volume.image, "mask": volume.mask, "affine": volume.affine}
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of ``mask > 0`` as uint8; raises on an empty mask."""
+    roi = np.asarray(mask) > 0
+    if not roi.any():
+        raise ValueError("mask is empty: no ROI voxel")
+    box = bounding_box(roi)
+    labels, n = ndimage.label(roi[box], structure=_FULL_CONNECTIVITY[(slice(None),) * roi.ndim])
+    out = np.zeros(roi.shape, dtype=np.uint8)
+    if n == 1:
+        out[box] = labels > 0
+        return out
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    out[box] = labels == int(np.argmax(sizes))  # argmax: the first of equal sizes
+    return out
+
+
+def bounding_box(roi: np.ndarray) -> tuple[slice, ...]:
+    """Index slices of the smallest box holding every nonzero voxel of ``roi``."""
+    idx = np.nonzero(roi)
+    return tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
+
+
+def roi_box_mm(
+    mask: np.ndarray, affine: np.ndarray, crop: Literal["fov", "bbox"], fov_mm: float, margin_mm: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """World-space (RAS mm) box to sample: low and high corners, each of shape (3,).
+
+    The ROI's physical extent runs from the outer faces of its edge voxels
+    (index -0.5 to +0.5), mapped through the affine (all 8 corners, so an
+    oblique affine is handled).
+    """
+    box = bounding_box(mask)
+    lo_v = np.array([s.start - 0.5 for s in box])
+    hi_v = np.array([s.stop - 0.5 for s in box])
+    corners = np.array([[(hi_v if (c >> a) & 1 else lo_v)[a] for a in range(3)] for c in range(8)])
+    world = corners @ affine[:3, :3].T + affine[:3, 3]
+    lo_w, hi_w = world.min(axis=0), world.max(axis=0)
+    if crop == "fov":
+        centre = (lo_w + hi_w) / 2.0
+        return centre - fov_mm / 2.0, centre + fov_mm / 2.0
+    if crop == "bbox":
+        return lo_w - margin_mm, hi_w + margin_mm
+    raise ValueError(f"crop must be 'fov' or 'bbox', got {crop!r}")
+
+
+def box_coordinates(affine: np.ndarray, lo_mm: np.ndarray, hi_mm: np.ndarray, size: int) -> np.ndarray:
+    """Voxel coordinates (3, size, size, size) of a ``size``^3 grid filling a world box.
+
+    Output axes follow the world R, A, S axes; grid points are voxel centres
+    (``lo + (i + 0.5) * step``).
+    """
+    step = (np.asarray(hi_mm, dtype=np.float64) - lo_mm) / size
+    axes = [lo_mm[a] + (np.arange(size) + 0.5) * step[a] for a in range(3)]
+    inv = np.linalg.inv(affine)
+    coords = np.empty((3, size, size, size), dtype=np.float64)
+    for c in range(3):
+        coords[c] = (
+            inv[c, 0] * axes[0][:, None, None]
+            + inv[c, 1] * axes[1][None, :, None]
+            + inv[c, 2] * axes[2][None, None, :]
+            + inv[c, 3]
+        )
+    return coords
+
+
+def antialias_sigma(inv_linear: np.ndarray, step: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Gaussian sigma (input voxels) per input axis for an output grid of ``step`` (mm or voxels).
+
+    ``inv_linear`` maps output-grid units to input voxels; the downsampling
+    factor along input axis c is the largest ``|inv[c, j]| * step[j]``.
+    """
+    factor = np.max(np.abs(inv_linear) * np.asarray(step, dtype=np.float64)[None, :], axis=1)
+    return np.maximum(0.0, (factor - 1.0) / 2.0)
+
+
+def sample(array: np.ndarray, coords: np.ndarray, sigma: np.ndarray, cval: float) -> np.ndarray:
+    """Linear interpolation of ``array`` at voxel ``coords`` (ndim, *out), anti-aliased by ``sigma``.
+
+    Only the block of ``array`` the coordinates touch (plus the filter's
+    reach) is filtered and read.  Points outside ``array`` get ``cval``.
+    """
+    ndim = array.ndim
+    flat = coords.reshape(ndim, -1)
+    reach = np.ceil(_TRUNCATE * sigma).astype(int) + 2
+    lo = np.maximum(np.floor(flat.min(axis=1)).astype(int) - reach, 0)
+    hi = np.minimum(np.ceil(flat.max(axis=1)).astype(int) + reach + 1, array.shape)
+    out_shape = coords.shape[1:]
+    if np.any(hi <= lo):
+        return np.full(out_shape, cval, dtype=np.float32)
+    block = np.asarray(array[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))], dtype=np.float32)
+    if np.any(sigma > 0):
+        block = ndimage.gaussian_filter(block, sigma=tuple(sigma), mode="nearest", truncate=_TRUNCATE)
+    local = coords - lo.reshape((ndim,) + (1,) * (coords.ndim - 1))
+    out = ndimage.map_coordinates(block, local, order=1, mode="constant", cval=cval, output=np.float32)
+    return np.asarray(out, dtype=np.float32)
+
+
+def hu_window(image: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Clip to [lo, hi] HU and scale linearly to [0, 1] (float32)."""
+    return ((np.clip(image, lo, hi) - lo) / (hi - lo)).astype(np.float32)
+
+
+def select_slices(mask: np.ndarray, n_slices: int) -> np.ndarray:
+    """Axial (last-axis) indices of the ``n_slices`` largest tumour cross-sections, largest first.
+
+    Ties go to the slice closer to the mask's centroid, then the lower one; a
+    tumour on fewer slices repeats its largest.
+    """
+    areas = mask.reshape(-1, mask.shape[-1]).sum(axis=0)
+    zs = np.nonzero(areas)[0]
+    if zs.size == 0:
+        raise ValueError("mask is empty: no ROI voxel")
+    centroid = float(np.average(zs, weights=areas[zs]))
+    order = sorted(zs.tolist(), key=lambda z: (-int(areas[z]), abs(z - centroid), z))
+    chosen = order[:n_slices]
+    chosen += [chosen[0]] * (n_slices - len(chosen))
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def slice_coordinates(
+    roi: np.ndarray, spacing_xy: tuple[float, float], margin_mm: float, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel coordinates (2, size, size) of a 2D slice's ROI box plus margin, and the grid step (voxels)."""
+    box = bounding_box(roi)
+    lo = np.array([box[a].start - 0.5 - margin_mm / spacing_xy[a] for a in range(2)])
+    hi = np.array([box[a].stop - 0.5 + margin_mm / spacing_xy[a] for a in range(2)])
+    step = (hi - lo) / size
+    grid = [lo[a] + (np.arange(size) + 0.5) * step[a] for a in range(2)]
+    gx, gy = np.meshgrid(grid[0], grid[1], indexing="ij")
+    return np.stack([gx, gy]), step
+
+
+# ---------------------------------------------------------------- dictionary transforms
+
+
+class LargestComponentd(MapTransform):
+    """Reduce each mask key to its largest 26-connected component (see the module docstring)."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = largest_component(d[key])
+        return d
+
+
+class CropResampled(MapTransform):
+    """Sample ``keys`` on a ``size``^3 world-aligned grid around the ROI (``fov`` or ``bbox`` crop).
+
+    Outputs are channel-first (1, S, S, S) float32; the mask key is
+    thresholded at 0.5.  The world box is stored under ``box_mm`` (2, 3).
+    """
+
+    def __init__(self, keys: KeysCollection, cfg: Preprocess3DConfig, *, mask_key: str = "mask") -> None:
+        super().__init__(keys)
+        self.cfg = cfg
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        affine = np.asarray(d["affine"], dtype=np.float64)
+        lo, hi = roi_box_mm(d[self.mask_key], affine, self.cfg.crop, self.cfg.fov_mm, self.cfg.margin_mm)
+        size = self.cfg.size
+        coords = box_coordinates(affine, lo, hi, size)
+        sigma = antialias_sigma(np.linalg.inv(affine)[:3, :3], (hi - lo) / size)
+        for key in self.key_iterator(d):
+            is_mask = key == self.mask_key
+            out = sample(np.asarray(d[key]), coords, sigma, 0.0 if is_mask else AIR_HU)
+            d[key] = ((out >= 0.5).astype(np.float32) if is_mask else out)[None]
+        d["box_mm"] = np.stack([lo, hi])
+        return d
+
+
+class AxialSlicesd(MapTransform):
+    """Pick the largest axial ROI slices and stretch each ROI box to ``size``^2.
+
+    ``image`` becomes (n, 1, s, s) HU, the mask (n, 1, s, s) in {0, 1};
+    the chosen slice indices (RAS z) are stored under ``slice_indices``.
+    """
+
+    def __init__(self, keys: KeysCollection, cfg: Preprocess2DConfig, *, mask_key: str = "mask") -> None:
+        super().__init__(keys)
+        self.cfg = cfg
+        self.mask_key = mask_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        mask = np.asarray(d[self.mask_key])
+        spacing = np.sqrt((np.asarray(d["affine"], dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+        chosen = select_slices(mask, self.cfg.n_slices)
+        grids = [
+            slice_coordinates(
+                mask[:, :, z], (float(spacing[0]), float(spacing[1])), self.cfg.margin_mm, self.cfg.size
+            )
+            for z in chosen
+        ]
+        for key in self.key_iterator(d):
+            is_mask = key == self.mask_key
+            volume = np.asarray(d[key])
+            planes = []
+            for z, (coords, step) in zip(chosen, grids, strict=True):
+                out = sample(
+                    volume[:, :, z], coords, antialias_sigma(np.eye(2), step), 0.0 if is_mask else AIR_HU
+                )
+                planes.append((out >= 0.5).astype(np.float32) if is_mask else out)
+            d[key] = np.stack(planes)[:, None]
+        d["slice_indices"] = chosen
+        return d
+
+
+class HUWindowsd(MapTransform):
+    """Replace the single HU channel (at ``channel_axis``) by one [0, 1] channel per window."""
+
+    def __init__(
+        self, keys: KeysCollection, windows: Sequence[tuple[float, float]], *, channel_axis: int = 0
+    ) -> None:
+        super().__init__(keys)
+        if not windows or any(hi <= lo for lo, hi in windows):
+            raise ValueError(f"HU windows must be non-empty (lo, hi) pairs with hi > lo, got {windows}")
+        self.windows = tuple(windows)
+        self.channel_axis = channel_axis
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            hu = np.asarray(d[key])
+            if hu.shape[self.channel_axis] != 1:
+                raise ValueError(
+                    f"{key}: expected one HU channel at axis {self.channel_axis}, got {hu.shape}"
+                )
+            d[key] = np.concatenate(
+                [hu_window(hu, lo, hi) for lo, hi in self.windows], axis=self.channel_axis
+            )
+        return d
+
+
+# ---------------------------------------------------------------- composed pipelines
+
+
+def deterministic_3d(cfg: Preprocess3DConfig) -> Compose:
+    """Volume dict -> ``image`` (1, S, S, S) float32 in [0, 1] and ``mask`` (1, S, S, S) in {0, 1}."""
+    return Compose(
+        [
+            LargestComponentd("mask"),
+            CropResampled(("image", "mask"), cfg),
+            HUWindowsd("image", [(cfg.hu_min, cfg.hu_max)]),
+        ]
+    )
+
+
+def deterministic_2d(cfg: Preprocess2DConfig, bone_window: tuple[float, float] = BONE_WINDOW) -> Compose:
+    """Volume dict -> ``image`` (n, 3, s, s) float32 in [0, 1] and ``slice_indices`` (n,).
+
+    Channels: ``bone_window`` (pass the 3D window to keep both models on the
+    same bone contrast), soft tissue, wide.
+    """
+    return Compose(
+        [
+            LargestComponentd("mask"),
+            AxialSlicesd(("image", "mask"), cfg),
+            HUWindowsd("image", [bone_window, SOFT_TISSUE_WINDOW, WIDE_WINDOW], channel_axis=1),
+        ]
+    )
+
+
+def _random(cfg: AugmentConfig, ndim: int, size: int) -> Compose:
+    """Augmentation of ``{"image": (C, *spatial) tensor}``; returns a plain ``torch.Tensor``."""
+    steps: list[Any] = []
+    if cfg.enabled and cfg.prob > 0:
+        angle = math.radians(cfg.rotate_deg)
+        shift = cfg.translate_frac * size  # MONAI translates in voxels
+        steps.append(
+            RandAffined(
+                "image",
+                prob=cfg.prob,
+                rotate_range=(angle,) * (3 if ndim == 3 else 1),
+                translate_range=(shift,) * ndim,
+                scale_range=(cfg.scale_frac,) * ndim,
+                mode="bilinear",
+                padding_mode="zeros",
+            )
+        )
+        if cfg.flip:
+            steps.append(RandFlipd("image", prob=cfg.prob, spatial_axis=0))
+    steps.append(ToTensord("image", dtype=torch.float32, track_meta=False))
+    return Compose(steps)
+
+
+def random_3d(cfg: AugmentConfig, size: int) -> Compose:
+    """Training augmentation of a (1, S, S, S) cube; ``size`` (S) turns ``translate_frac`` into voxels.
+
+    Seed with ``.set_random_state(seed)``.  Disabled config: only the tensor conversion.
+    """
+    return _random(cfg, 3, size)
+
+
+def random_2d(cfg: AugmentConfig, size: int) -> Compose:
+    """Training augmentation of one (3, s, s) slice image; ``size`` (s) scales the translation."""
+    return _random(cfg, 2, size)

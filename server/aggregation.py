@@ -1,0 +1,85 @@
+"""Aggregation maths on packed model vectors (pure numpy, tested against numpy).
+
+The strategies call these; keeping them free of Flower makes the guard rules
+and the averages easy to test and to read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Screening:
+    """Which site updates are kept, and why the others were dropped."""
+
+    kept: tuple[int, ...]
+    dropped: dict[int, str]
+
+
+def weighted_mean(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np.ndarray:
+    """Weighted average accumulated in float64 (float16 transport loses nothing more here)."""
+    if not vectors:
+        raise ValueError("no vectors to average")
+    w = np.asarray(weights, dtype=np.float64)
+    if np.any(w < 0) or w.sum() <= 0:
+        raise ValueError(f"weights must be >= 0 with a positive sum, got {w.tolist()}")
+    acc = np.zeros(vectors[0].shape, dtype=np.float64)
+    for v, wi in zip(vectors, w / w.sum(), strict=True):
+        acc += wi * np.asarray(v, dtype=np.float64)
+    return acc.astype(np.float32)
+
+
+def coordinate_median(vectors: Sequence[np.ndarray]) -> np.ndarray:
+    """Coordinate-wise median (robust to a minority of bad sites)."""
+    return np.median(np.stack([np.asarray(v, np.float64) for v in vectors]), axis=0).astype(np.float32)
+
+
+def trimmed_mean(vectors: Sequence[np.ndarray], fraction: float) -> np.ndarray:
+    """Coordinate-wise mean after dropping ``fraction`` of values at each end."""
+    stack = np.sort(np.stack([np.asarray(v, np.float64) for v in vectors]), axis=0)
+    k = int(np.floor(fraction * len(vectors)))
+    if 2 * k >= len(vectors):
+        k = (len(vectors) - 1) // 2
+    return stack[k : len(vectors) - k].mean(axis=0).astype(np.float32)
+
+
+def screen_updates(
+    vectors: Sequence[np.ndarray],
+    reference: np.ndarray,
+    *,
+    norm_bound_factor: float,
+    names: Sequence[str] | None = None,
+) -> Screening:
+    """Drop updates with the wrong shape or dtype, non-finite values or an outsized norm.
+
+    The norm rule compares each update's distance to the round's global
+    model with the median distance of the round: an update more than
+    ``norm_bound_factor`` times the median is dropped.  With fewer than three
+    updates the median is not a meaningful reference, so only the absolute
+    checks apply.
+    """
+    names = list(names) if names is not None else [str(i) for i in range(len(vectors))]
+    dropped: dict[int, str] = {}
+    norms: dict[int, float] = {}
+    for i, v in enumerate(vectors):
+        v = np.asarray(v)
+        if v.shape != reference.shape:
+            dropped[i] = f"shape {v.shape} != expected {reference.shape}"
+        elif not np.issubdtype(v.dtype, np.floating):
+            dropped[i] = f"dtype {v.dtype} is not floating point"
+        elif not np.all(np.isfinite(v)):
+            dropped[i] = f"{int(np.size(v) - np.isfinite(v).sum())} non-finite values"
+        else:
+            norms[i] = float(np.linalg.norm(v.astype(np.float64) - reference.astype(np.float64)))
+    if len(norms) >= 3 and norm_bound_factor > 0:
+        med = float(np.median(list(norms.values())))
+        bound = norm_bound_factor * max(med, 1e-12)
+        for i, n in norms.items():
+            if n > bound:
+                dropped[i] = f"update norm {n:.3g} > {norm_bound_factor:g} x round median {med:.3g}"
+    kept = tuple(i for i in range(len(vectors)) if i not in dropped)
+    return Screening(kept=kept, dropped={i: f"{names[i]}: {r}" for i, r in dropped.items()})

@@ -1,0 +1,320 @@
+"""The experiment plan run by the server: folds x models x rounds, then evaluation.
+
+For each model and fold, Flower's ``Strategy.start()`` runs the rounds among
+the training sites; after every round the sites' validation statistics are
+pooled, the round's global model is checkpointed, and the round with the
+best pooled validation AUC is kept (the study's model selection, done across
+sites).  Then every site predicts with the selected fold model (training
+sites: their fold's test patients; external sites: everyone, averaged over
+the five fold models), the ensemble weights are fitted on pooled validation
+statistics, and the final pooled metrics are computed from grid statistics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from common.config import ExperimentConfig, SiteConfig, to_dict, with_sites
+from common.ensemble import best_weights, simplex_grid
+from common.gridstats import ClassHistogram, pooled_metrics
+from common.models import ModelKind, build_model
+from common.records import ModelCodec, arrays_from_record, config_record, weights_record
+
+from .checkpoints import CheckpointStore
+from .meteredgrid import MeteredGrid
+from .session import FoldSession
+from .strategies import make_strategy
+from .strategy import FederationError
+
+log = logging.getLogger(__name__)
+
+ENSEMBLES: dict[str, tuple[str, ...]] = {
+    "ensemble_2d3d": ("densenet2d", "densenet3d"),
+    "ensemble_3d_radiologist": ("densenet3d", "radiologist"),
+    "ensemble_2d3d_radiologist": ("densenet2d", "densenet3d", "radiologist"),
+}
+
+
+@dataclass(frozen=True)
+class SiteNode:
+    node_id: int
+    site: str
+    role: str
+    patients: int
+    benign: int
+    malignant: int
+
+
+class PlanRunner:
+    """Runs one experiment against the nodes connected to ``grid``."""
+
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, run_dir: Path, run_id: str) -> None:
+        self.grid = MeteredGrid(grid)
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.run_id = run_id
+        self.timeout = cfg.federation.round_timeout_s
+        self.ckpt = CheckpointStore(run_dir / "checkpoints", cfg.digest())
+        self.sites: dict[int, SiteNode] = {}
+        self.unavailable: dict[str, str] = {}
+        self.participation: dict[str, list[dict[str, Any]]] = {}
+        self.selected: dict[str, dict[int, dict[str, Any]]] = {}
+
+    # -- messaging helpers ---------------------------------------------------------------
+    def _base(self) -> dict[str, Any]:
+        return {"experiment": to_dict(self.cfg), "run-id": self.run_id}
+
+    def _send(self, nodes: Iterable[int], mtype: str, extra: dict[str, Any], arrays: ArrayRecord | None = None) -> list[Message]:
+        values = self._base()
+        values.update(extra)
+        records: dict[str, Any] = {"config": config_record(values)}
+        if arrays is not None:
+            records["arrays"] = arrays
+        msgs = [Message(RecordDict(records), message_type=mtype, dst_node_id=n) for n in nodes]
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+        good = []
+        answered = set()
+        for r in replies:
+            node = r.metadata.src_node_id
+            answered.add(node)
+            site = self.sites[node].site if node in self.sites else f"node-{node}"
+            if r.has_error():
+                log.warning("%s: %s failed: %s", site, mtype, r.error.reason)
+                continue
+            status = r.content.config_records.get("status")
+            if status is not None and status.get("state") != "ok":
+                log.warning("%s: %s unavailable: %s", site, mtype, status.get("reason"))
+                self.unavailable.setdefault(site, str(status.get("reason")))
+                continue
+            good.append(r)
+        for n in set(msgs_n.metadata.dst_node_id for msgs_n in msgs) - answered:
+            site = self.sites[n].site if n in self.sites else f"node-{n}"
+            log.warning("%s: no reply to %s within %.0f s", site, mtype, self.timeout)
+        return good
+
+    # -- discovery -------------------------------------------------------------------
+    def discover(self, expected: int, wait_s: float) -> dict[int, SiteNode]:
+        """Ask every connected node who it is; wait up to ``wait_s`` for ``expected`` nodes."""
+        deadline = time.monotonic() + wait_s
+        while len(list(self.grid.get_node_ids())) < expected and time.monotonic() < deadline:
+            time.sleep(1.0)
+        nodes = sorted(self.grid.get_node_ids())
+        log.info("%d node(s) connected: asking for site information", len(nodes))
+        replies = self._send(nodes, f"{MessageType.QUERY}.siteinfo", {})
+        found: list[tuple[int, str, MetricRecord]] = []
+        for r in replies:
+            status = r.content.config_records["status"]
+            found.append((r.metadata.src_node_id, str(status["site"]), r.content.metric_records["metrics"]))
+        found.sort(key=lambda t: t[1])
+        declared = {s.name: s for s in self.cfg.sites}
+        ordered = [declared.get(name, SiteConfig(name=name)) for _, name, _ in found]
+        if declared:
+            ordered.sort(key=lambda s: list(declared).index(s.name) if s.name in declared else len(declared))
+        cfg = with_sites(self.cfg, tuple(ordered))
+        roles = {s.name: s.role for s in cfg.sites}
+        for node, name, m in found:
+            self.sites[node] = SiteNode(
+                node_id=node,
+                site=name,
+                role=roles[name],
+                patients=int(cast(int, m["patients"])),
+                benign=int(cast(int, m["benign"])),
+                malignant=int(cast(int, m["malignant"])),
+            )
+        for node in nodes:
+            if node not in self.sites:
+                log.warning("node %d did not answer site discovery: left out of this run", node)
+        for s in sorted(self.sites.values(), key=lambda s: s.site):
+            log.info("site %-10s role %-8s patients %4d (benign %d, malignant %d)", s.site, s.role, s.patients, s.benign, s.malignant)
+        return self.sites
+
+    def _nodes(self, role: str) -> dict[int, str]:
+        return {n: s.site for n, s in sorted(self.sites.items(), key=lambda t: t[1].site) if s.role == role}
+
+    # -- training --------------------------------------------------------------------------
+    def initial_vector(self, kind: ModelKind) -> np.ndarray:
+        from common.engine import seed_everything
+
+        seed_everything(self.cfg.seed)
+        model = build_model(kind, getattr(self.cfg.models, kind))
+        codec = ModelCodec.for_state_dict(model.state_dict(), exclude_norm=self.cfg.federation.strategy == "fedbn")
+        return codec.pack(model.state_dict())
+
+    def train_fold(self, kind: ModelKind, fold: int) -> dict[str, Any]:
+        """Federated rounds for one fold; returns the selected round and its pooled validation AUC."""
+        train_nodes = self._nodes("train")
+        if not train_nodes:
+            raise FederationError("no training site is available")
+        total = self.cfg.train.rounds
+        done = self.ckpt.finished(kind, fold)
+        if done is not None:
+            log.info("%s fold %d already finished (round %d selected): skipping", kind, fold, done["round"])
+            return done
+        last = self.ckpt.last_round(kind, fold)
+        start_vec = self.ckpt.load(kind, fold, last) if last else self.initial_vector(kind)
+        if last:
+            log.info("%s fold %d: resuming after round %d of %d", kind, fold, last, total)
+        session = FoldSession(
+            model=kind,
+            fold=fold,
+            train_nodes=train_nodes,
+            total_rounds=total,
+            round_offset=last,
+            base_config=self._base(),
+            transport_dtype=self.cfg.federation.transport_dtype,
+            min_sites=self.cfg.federation.min_sites,
+            norm_bound_factor=self.cfg.federation.norm_bound_factor,
+            threshold=self.cfg.evaluation.threshold,
+        )
+        strategy = make_strategy(self.cfg.federation, session)
+
+        def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0:
+                return None
+            from common.records import weights_from_record
+
+            rlog = session.log_for(server_round)
+            self.ckpt.save(kind, fold, rlog.round, weights_from_record(arrays), asdict(rlog))
+            self.participation.setdefault(f"{kind}/fold{fold}", []).append(asdict(rlog))
+            return None
+
+        if last < total:
+            strategy.start(
+                grid=self.grid,
+                initial_arrays=weights_record(start_vec),
+                num_rounds=total - last,
+                timeout=self.timeout,
+                train_config=ConfigRecord(),
+                evaluate_config=ConfigRecord(),
+                evaluate_fn=after_round,
+            )
+        best = self.ckpt.select_best(kind, fold)
+        log.info("%s fold %d: selected round %d (pooled validation AUC %s)", kind, fold, best["round"], best["val_auc"])
+        return best
+
+    def predict_fold(self, kind: ModelKind, fold: int, best: dict[str, Any]) -> None:
+        vec = self.ckpt.load(kind, fold, int(best["round"]))
+        arrays = weights_record(vec, self.cfg.federation.transport_dtype)
+        for role in ("train", "external"):
+            nodes = list(self._nodes(role))
+            if nodes:
+                self._send(nodes, f"{MessageType.EVALUATE}.predict", {"model": kind, "fold": fold, "round": int(best["round"]), "role": role}, arrays)
+
+    # -- ensembles and final statistics -------------------------------------------------------
+    def _ensembles(self) -> dict[str, tuple[str, ...]]:
+        on = {"densenet3d": self.cfg.models.densenet3d.enabled, "densenet2d": self.cfg.models.densenet2d.enabled, "radiologist": True}
+        return {name: members for name, members in ENSEMBLES.items() if all(on[m] for m in members)}
+
+    def fit_ensembles(self) -> dict[str, dict[str, Any]]:
+        """Weights maximising the pooled validation AUC, searched on a simplex grid across sites."""
+        ensembles = self._ensembles()
+        step = self.cfg.evaluation.ensemble_grid_step
+        candidates = {"+".join(m): simplex_grid(len(m), step).tolist() for m in ensembles.values()}
+        bins = min(self.cfg.evaluation.grid_bins, 1000)
+        replies = self._send(list(self._nodes("train")), f"{MessageType.EVALUATE}.ensemble", {"candidates": candidates, "bins": bins, "role": "train"})
+        sums: dict[str, np.ndarray] = {}
+        for r in replies:
+            for k, v in arrays_from_record(r.content.array_records["stats"]).items():
+                sums[k] = sums[k] + v if k in sums else v.copy()
+        fitted: dict[str, dict[str, Any]] = {}
+        for name, members in ensembles.items():
+            key = "+".join(members)
+            hists = [ClassHistogram.from_arrays(_sub(sums, f"{key}/{i}/")) for i in range(len(candidates[key]))]
+            idx, auc = best_weights(hists, np.asarray(candidates[key]))
+            w = candidates[key][idx]
+            fitted[name] = {"members": list(members), "weights": [round(x, 6) for x in w], "val_auc": float(auc)}
+            log.info("%s: weights %s (pooled validation AUC %.4f)", name, dict(zip(members, w, strict=True)), auc)
+        return fitted
+
+    def final_statistics(self, fitted: dict[str, dict[str, Any]]) -> dict[str, dict[str, ClassHistogram]]:
+        """Pooled histograms per score and subset: ``fold<k>`` (internal test), ``external``."""
+        weights = {"+".join(v["members"]): v["weights"] for v in fitted.values()}
+        names = {"+".join(v["members"]): k for k, v in fitted.items()}
+        out: dict[str, dict[str, ClassHistogram]] = {}
+        for role in ("train", "external"):
+            nodes = list(self._nodes(role))
+            if not nodes:
+                continue
+            for r in self._send(nodes, f"{MessageType.EVALUATE}.final", {"ensembles": weights, "role": role}):
+                arrs = arrays_from_record(r.content.array_records["stats"])
+                groups: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+                for k, v in arrs.items():
+                    score, subset, field = k.split("/")
+                    groups.setdefault((names.get(score, score), subset), {})[field] = v
+                for (score, subset), d in groups.items():
+                    h = ClassHistogram.from_arrays(d)
+                    per = out.setdefault(score, {})
+                    per[subset] = per[subset] + h if subset in per else h
+        return out
+
+    # -- the whole plan ---------------------------------------------------------------------------
+    def run(self, expected_sites: int, wait_s: float = 120.0) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.discover(expected_sites, wait_s)
+        if not self._nodes("train"):
+            raise FederationError(f"no training site available (unavailable: {self.unavailable})")
+        kinds: list[ModelKind] = [k for k in ("densenet3d", "densenet2d") if getattr(self.cfg.models, k).enabled]  # type: ignore[misc]
+        for kind in kinds:
+            for fold in range(self.cfg.folds):
+                best = self.train_fold(kind, fold)
+                self.selected.setdefault(kind, {})[fold] = best
+                self.predict_fold(kind, fold, best)
+        fitted = self.fit_ensembles()
+        final = self.final_statistics(fitted)
+        summary = self.summary(final, fitted, time.perf_counter() - t0)
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("summary written to %s", self.run_dir / "summary.json")
+        return summary
+
+    def summary(self, final: dict[str, dict[str, ClassHistogram]], fitted: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
+        thr = self.cfg.evaluation.threshold
+        models: dict[str, Any] = {}
+        for score, subsets in final.items():
+            folds = sorted((s for s in subsets if s.startswith("fold")), key=lambda s: int(s[4:]))
+            entry: dict[str, Any] = {}
+            if folds:
+                pooled = subsets[folds[0]]
+                for s in folds[1:]:
+                    pooled = pooled + subsets[s]
+                fold_m = [pooled_metrics(subsets[s], thr).to_dict() for s in folds]
+                aucs = [m["auc"] for m in fold_m if m["auc"] is not None]
+                entry["internal"] = {
+                    "pooled": pooled_metrics(pooled, thr).to_dict(),
+                    "folds": fold_m,
+                    "fold_mean_auc": float(np.mean(aucs)) if aucs else None,
+                }
+            if "external" in subsets:
+                entry["external"] = {"pooled": pooled_metrics(subsets["external"], thr).to_dict()}
+            if score in fitted:
+                entry["weights"] = dict(zip(fitted[score]["members"], fitted[score]["weights"], strict=True))
+                entry["val_auc"] = fitted[score]["val_auc"]
+            models[score] = entry
+        return {
+            "plan": self.cfg.plan,
+            "config": self.cfg.name,
+            "config_digest": self.cfg.digest(),
+            "sites": {s.site: {"role": s.role, "patients": s.patients, "benign": s.benign, "malignant": s.malignant} for s in self.sites.values()},
+            "unavailable_sites": self.unavailable,
+            "models": models,
+            "selection": {k: {str(f): v for f, v in d.items()} for k, d in self.selected.items()},
+            "rounds": self.participation,
+            "communication": {
+                s.site: {"bytes_sent": int(self.grid.received.get(n, 0)), "bytes_received": int(self.grid.sent.get(n, 0))}
+                for n, s in self.sites.items()
+            },
+            "wall_seconds": round(seconds, 1),
+        }
+
+
+def _sub(d: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    return {k[len(prefix) :]: v for k, v in d.items() if k.startswith(prefix)}

@@ -1,0 +1,55 @@
+"""Per-fold federated training state shared by the strategy and the plan runner."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RoundLog:
+    """What happened in one round, for the summary and the operators' log."""
+
+    round: int
+    trained: list[str] = field(default_factory=list)
+    evaluated: list[str] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    val_auc: float | None = None
+    val_n: int = 0
+    train_loss: float | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class FoldSession:
+    """Everything the strategy must know about the fold it is training.
+
+    Mutable on purpose: the strategy fills in the round logs and the latest
+    pooled validation statistics; the plan runner reads them in its
+    ``evaluate_fn`` to checkpoint and to select the best round.
+    """
+
+    model: str
+    fold: int
+    train_nodes: dict[int, str]  # node id -> site name
+    total_rounds: int
+    round_offset: int
+    base_config: dict[str, Any]
+    transport_dtype: str = "float32"
+    min_sites: int = 1
+    norm_bound_factor: float = 10.0
+    robust: str = "mean"
+    trim_fraction: float = 0.2
+    threshold: float = 0.5
+    rounds: dict[int, RoundLog] = field(default_factory=dict)
+    last_val_stats: dict[str, Any] | None = None
+
+    def log_for(self, server_round: int) -> RoundLog:
+        r = server_round + self.round_offset
+        if r not in self.rounds:
+            self.rounds[r] = RoundLog(round=r)
+        return self.rounds[r]
+
+    def site_of(self, node_id: int) -> str:
+        return self.train_nodes.get(node_id, f"node-{node_id}")

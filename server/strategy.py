@@ -1,0 +1,206 @@
+"""FedAvg for the sacral plan: site-aware sampling, guarded aggregation, pooled validation.
+
+Overrides only the four hooks Flower's ``Strategy.start()`` calls; the loop
+itself is Flower's.  FedProx, FedAdam and FedYogi reuse these hooks by
+cooperative inheritance (``class X(FedAdam, GuardedFedAvg)``): FedOpt's
+``aggregate_train`` calls ``super()``, which lands here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from common.gridstats import ClassHistogram, pooled_metrics
+from common.records import (
+    arrays_from_record,
+    config_record,
+    metric_record,
+    weights_from_record,
+    weights_record,
+)
+
+from .aggregation import coordinate_median, screen_updates, trimmed_mean, weighted_mean
+from .session import FoldSession
+
+log = logging.getLogger(__name__)
+
+
+class FederationError(RuntimeError):
+    """The federation cannot continue (e.g. fewer sites than the configured minimum)."""
+
+
+class GuardedFedAvg(FedAvg):
+    """FedAvg over the plan's training sites only, never crashing on one bad reply."""
+
+    session: FoldSession
+    _round_started: float = 0.0
+    _global: np.ndarray | None = None  # the round's global vector: reference for the norm bound
+
+    def bind(self, session: FoldSession) -> GuardedFedAvg:
+        self.session = session
+        return self
+
+    # -- which nodes take part ------------------------------------------------
+    def _live_train_nodes(self, grid: Grid) -> list[int]:
+        connected = set(grid.get_node_ids())
+        nodes = [n for n in self.session.train_nodes if n in connected]
+        if len(nodes) < self.session.min_sites:
+            raise FederationError(
+                f"only {len(nodes)} training site(s) connected "
+                f"({[self.session.site_of(n) for n in nodes]}), minimum is {self.session.min_sites}"
+            )
+        return nodes
+
+    def _messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], mtype: str) -> list[Message]:
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        return [Message(content=record, message_type=mtype, dst_node_id=n) for n in nodes]
+
+    def _config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+        s = self.session
+        values = dict(s.base_config)
+        values.update(dict(config))
+        values.update(
+            {
+                "server-round": server_round,
+                "global-round": server_round + s.round_offset,
+                "total-rounds": s.total_rounds,
+                "model": s.model,
+                "fold": s.fold,
+            }
+        )
+        return config_record(values)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._round_started = time.perf_counter()
+        nodes = self._live_train_nodes(grid)
+        self._global = weights_from_record(arrays)
+        wire = weights_record(self._global, self.session.transport_dtype)
+        log.info(
+            "[%s fold %d round %d/%d] training at %s",
+            self.session.model,
+            self.session.fold,
+            server_round + self.session.round_offset,
+            self.session.total_rounds,
+            ", ".join(self.session.site_of(n) for n in nodes),
+        )
+        return self._messages(wire, self._config(server_round, config), nodes, MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        nodes = self._live_train_nodes(grid)
+        wire = weights_record(weights_from_record(arrays), self.session.transport_dtype)
+        return self._messages(wire, self._config(server_round, config), nodes, MessageType.EVALUATE)
+
+    # -- aggregation ------------------------------------------------------------
+    def _split_replies(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
+        rlog = self.session.log_for(server_round)
+        ok: list[Message] = []
+        for msg in replies:
+            site = self.session.site_of(msg.metadata.src_node_id)
+            if msg.has_error():
+                rlog.dropped[site] = f"{phase}: error reply: {msg.error.reason}"
+                log.warning("[round %d] %s dropped (%s error: %s)", rlog.round, site, phase, msg.error.reason)
+                continue
+            status = msg.content.config_records.get("status")
+            if status is not None and status.get("state", "ok") != "ok":
+                rlog.dropped[site] = f"{phase}: site unavailable: {status.get('reason', '')}"
+                log.warning("[round %d] %s unavailable: %s", rlog.round, site, status.get("reason", ""))
+                continue
+            ok.append(msg)
+        return ok
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        rlog = self.session.log_for(server_round)
+        answered = {self.session.site_of(m.metadata.src_node_id) for m in replies}
+        rlog.missing = sorted(set(self.session.train_nodes.values()) - answered)
+        for site in rlog.missing:
+            log.warning("[round %d] no reply from %s within the round timeout: left out", rlog.round, site)
+        good = self._split_replies(server_round, replies, "train")
+        vectors, weights, names, losses = [], [], [], []
+        for msg in good:
+            site = self.session.site_of(msg.metadata.src_node_id)
+            try:
+                vec = weights_from_record(msg.content.array_records[self.arrayrecord_key])
+                metrics = msg.content.metric_records["metrics"]
+                n = float(metrics["num-examples"])  # type: ignore[arg-type]
+            except (KeyError, ValueError, TypeError) as exc:
+                rlog.dropped[site] = f"train: malformed reply ({exc})"
+                log.warning("[round %d] %s dropped: malformed reply (%s)", rlog.round, site, exc)
+                continue
+            vectors.append(vec)
+            weights.append(n)
+            names.append(site)
+            losses.append(float(metrics.get("loss", float("nan"))))  # type: ignore[arg-type]
+        if not vectors:
+            log.error("[round %d] no usable training update: the global model is unchanged", rlog.round)
+            return None, None
+        reference = self._reference(vectors[0].shape)
+        screen = screen_updates(vectors, reference, norm_bound_factor=self.session.norm_bound_factor, names=names)
+        for i, reason in screen.dropped.items():
+            rlog.dropped[names[i]] = f"train: {reason}"
+            log.warning("[round %d] update dropped: %s", rlog.round, reason)
+        if not screen.kept:
+            log.error("[round %d] every update was dropped: the global model is unchanged", rlog.round)
+            return None, None
+        kept_v = [vectors[i] for i in screen.kept]
+        kept_w = [weights[i] for i in screen.kept]
+        if self.session.robust == "median":
+            agg = coordinate_median(kept_v)
+        elif self.session.robust == "trimmed":
+            agg = trimmed_mean(kept_v, self.session.trim_fraction)
+        else:
+            agg = weighted_mean(kept_v, kept_w)
+        rlog.trained = [names[i] for i in screen.kept]
+        rlog.train_loss = float(np.average([losses[i] for i in screen.kept], weights=kept_w))
+        n_total = int(sum(kept_w))
+        return weights_record(agg), MetricRecord({"num-examples": n_total, "loss": rlog.train_loss})
+
+    def _reference(self, shape: tuple[int, ...]) -> np.ndarray:
+        ref = getattr(self, "_global", None)
+        if ref is None or ref.shape != shape:
+            return np.zeros(shape, np.float32)
+        return np.asarray(ref)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        rlog = self.session.log_for(server_round)
+        total: ClassHistogram | None = None
+        for msg in self._split_replies(server_round, replies, "evaluate"):
+            site = self.session.site_of(msg.metadata.src_node_id)
+            try:
+                h = ClassHistogram.from_arrays(arrays_from_record(msg.content.array_records["stats"]))
+            except (KeyError, ValueError) as exc:
+                rlog.dropped[site] = f"evaluate: malformed statistics ({exc})"
+                continue
+            total = h if total is None else total + h
+            rlog.evaluated.append(site)
+        rlog.seconds = time.perf_counter() - self._round_started
+        if total is None:
+            return None
+        m = pooled_metrics(total, self.session.threshold)
+        rlog.val_auc = None if np.isnan(m.auc) else float(m.auc)
+        rlog.val_n = int(m.n)
+        self.session.last_val_stats = total.to_arrays()
+        log.info(
+            "[%s fold %d round %d] pooled validation AUC %.4f (n=%d, sites %s) in %.1f s",
+            self.session.model,
+            self.session.fold,
+            rlog.round,
+            m.auc,
+            m.n,
+            ",".join(rlog.evaluated),
+            rlog.seconds,
+        )
+        return metric_record({"val-auc": m.auc if not np.isnan(m.auc) else -1.0, "num-examples": m.n})

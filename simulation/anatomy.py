@@ -1,0 +1,454 @@
+"""Voxel rendering of a pelvis-like CT slab with one sacral lesion.
+
+Everything here is a pure function of its parameters and a ``numpy`` random
+generator: the planner (``simulation.synth``) draws the parameters, this module
+turns them into a true-HU volume and a tumour mask on a RAS+ voxel grid, and
+``acquire`` applies one centre's scanner (calibration, reconstruction blur,
+slice profile, noise).
+
+Geometry is written in a *patient frame* (mm; x to the patient's right,
+y anterior, z superior; the sacrum's mid-line at x = 0) and mapped onto the
+scanner grid by a per-patient shift and a small rotation about z.  The sacrum
+is a curved, boxy plate that is wide and thick cranially (S1) and narrow and
+thin caudally, with a central canal, paired foramina and, cranially, the iliac
+wings beyond the sacro-iliac joints.  The cortex is the outermost voxel layer
+of the bone (one erosion), so its apparent thickness follows the voxel size, as
+partial-volume averaging does on a real scanner.
+
+The lesion is a lobulated ellipsoid described by an approximate signed
+distance ``sd`` (mm, negative inside) so that shells around it (sclerotic rim,
+expanded neo-cortex, permeative zone) are bands of ``sd`` and are drawn with
+partial-volume occupancy rather than aliased binary layers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from scipy.special import ndtri
+
+# Sacral levels: the plate is described for z in [Z_LO, Z_HI] (patient frame, mm).
+Z_LO, Z_HI = -65.0, 65.0
+AIR_HU = -1000.0
+CSF_HU = 12.0
+SOFT_HU = 38.0  # soft-tissue tumour component, bowel
+FLUID_HU = 8.0  # necrosis / cyst content
+HU_LIMITS = (-1024.0, 3071.0)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A RAS+ voxel grid: voxel (0, 0, 0) sits at ``origin`` (scanner mm)."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+
+    def axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """1-D scanner coordinates (mm) of the voxel centres along x, y, z."""
+        return tuple(  # type: ignore[return-value]
+            (self.origin[i] + self.spacing[i] * np.arange(self.shape[i])).astype(np.float32) for i in range(3)
+        )
+
+    def affine(self) -> np.ndarray:
+        """The RAS+ voxel-to-scanner affine."""
+        aff = np.diag([*self.spacing, 1.0])
+        aff[:3, 3] = self.origin
+        return aff
+
+
+@dataclass(frozen=True)
+class AnatomyParams:
+    """Per-patient body habitus and tissue densities (patient-to-scanner pose included)."""
+
+    shift_mm: tuple[float, float, float]
+    rotation_rad: float
+    body_axes_mm: tuple[float, float]
+    body_centre_y_mm: float
+    fat_mm: float
+    sacrum_width_scale: float
+    sacrum_thickness_scale: float
+    cortex_mm: float
+    cancellous_hu: float
+    cortex_hu: float
+    fat_hu: float
+    muscle_hu: float
+
+
+@dataclass(frozen=True)
+class LesionParams:
+    """One sacral lesion; every visual feature is an explicit parameter.
+
+    ``lobulation``/``ragged``: relative radial amplitude of low/high-frequency
+    margin irregularity.  ``rim_hu``/``rim_mm``: sclerotic margin inside bone.
+    ``breach``: fraction of the extra-osseous surface left without neo-cortex.
+    ``extension``: radius of the soft-tissue mass outside bone relative to the
+    lesion's mean radius (0: none).  ``permeative_mm``/``hole_fraction``:
+    moth-eaten zone of transition in the surrounding bone.  ``mineral_fraction``
+    of the matrix is mineralised, as calcified foci (``foci_vs_septa`` = 1) or
+    thin septa (0).  ``necrosis_fraction`` of the matrix is fluid density.
+    """
+
+    centre_mm: tuple[float, float, float]
+    radii_mm: tuple[float, float, float]
+    angle_rad: float
+    lobulation: float
+    ragged: float
+    rim_hu: float
+    rim_mm: float
+    breach: float
+    extension: float
+    extension_dir: tuple[float, float, float]
+    permeative_mm: float
+    hole_fraction: float
+    mineral_fraction: float
+    foci_vs_septa: float
+    necrosis_fraction: float
+    matrix_hu: float
+
+    @property
+    def mean_radius_mm(self) -> float:
+        r = self.radii_mm
+        return float((r[0] * r[1] * r[2]) ** (1.0 / 3.0))
+
+
+# ---------------------------------------------------------------- sacral geometry
+def sacral_level(z: np.ndarray | float) -> np.ndarray:
+    """Relative level u in [0, 1]: 0 caudal (S4-5), 1 cranial (S1)."""
+    return np.clip((np.asarray(z, dtype=np.float32) - Z_LO) / (Z_HI - Z_LO), 0.0, 1.0)
+
+
+def sacrum_half_width(u: np.ndarray | float, anat: AnatomyParams) -> np.ndarray:
+    """Half-width (mm) of the sacrum at level u: ~24 mm caudally, ~56 mm at S1."""
+    return anat.sacrum_width_scale * (24.0 + 32.0 * np.asarray(u, dtype=np.float32))
+
+
+def sacrum_centre_y(x: np.ndarray | float, u: np.ndarray | float) -> np.ndarray:
+    """Antero-posterior centre (mm) of the plate: posterior caudally, wings swept back."""
+    x = np.asarray(x, dtype=np.float32)
+    return -42.0 + 20.0 * np.asarray(u, dtype=np.float32) - 0.0045 * x * x
+
+
+def sacrum_half_thickness(x: np.ndarray | float, u: np.ndarray | float, anat: AnatomyParams) -> np.ndarray:
+    """Half-thickness (mm): thick vertebral bodies in the mid-line, thin alae laterally."""
+    u = np.asarray(u, dtype=np.float32)
+    w = sacrum_half_width(u, anat)
+    rel = np.clip(np.asarray(x, dtype=np.float32) / w, -1.0, 1.0)
+    return anat.sacrum_thickness_scale * (8.0 + 9.0 * u) * (1.0 - 0.5 * rel * rel)
+
+
+def lesion_site(anat: AnatomyParams, x_frac: float, level: float, y_frac: float) -> tuple[float, float, float]:
+    """Patient-frame point inside the sacrum from relative coordinates.
+
+    ``x_frac`` in [-1, 1] of the half-width, ``level`` u in [0, 1], ``y_frac`` in
+    [-1, 1] of the half-thickness; used by the planner to seat the lesion.
+    """
+    w = float(sacrum_half_width(level, anat))
+    x = x_frac * w
+    y = float(sacrum_centre_y(x, level)) + y_frac * float(sacrum_half_thickness(x, level, anat))
+    z = Z_LO + level * (Z_HI - Z_LO)
+    return (float(x), y, float(z))
+
+
+# ---------------------------------------------------------------- random fields
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...], cell_mm: float) -> np.ndarray:
+    """Unit-variance smooth random field, linearly interpolated from a ``cell_mm`` lattice.
+
+    Separable interpolation matrices keep it cheap on a whole volume (no
+    per-voxel filtering at full resolution).
+    """
+    coarse_shape = tuple(int(math.ceil(n * s / cell_mm)) + 2 for n, s in zip(shape, spacing, strict=True))
+    coarse = ndi.gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32), 0.7, mode="wrap")
+    coarse /= max(float(coarse.std()), 1e-6)
+    out = coarse
+    for axis, (n, s) in enumerate(zip(shape, spacing, strict=True)):
+        pos = np.arange(n, dtype=np.float32) * s / cell_mm + 0.5
+        lo = np.floor(pos).astype(np.int64)
+        frac = pos - lo
+        weights = np.zeros((n, coarse_shape[axis]), dtype=np.float32)
+        weights[np.arange(n), lo] = 1.0 - frac
+        weights[np.arange(n), lo + 1] = frac
+        out = np.moveaxis(np.tensordot(weights, np.moveaxis(out, axis, 0), axes=(1, 0)), 0, axis)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _fine_field(rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...], sigma_mm: float) -> np.ndarray:
+    """Unit-variance Gaussian-filtered white noise with correlation length ``sigma_mm``."""
+    field = ndi.gaussian_filter(
+        rng.standard_normal(shape, dtype=np.float32), [sigma_mm / s for s in spacing], mode="reflect"
+    )
+    field /= max(float(field.std()), 1e-6)
+    return field
+
+
+def _harmonics(rng: np.random.Generator, n_terms: int, freq: tuple[float, float]) -> tuple[np.ndarray, ...]:
+    """Random directions, frequencies and phases of a smooth function on the unit sphere."""
+    v = rng.standard_normal((n_terms, 3))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    return v.astype(np.float32), rng.uniform(*freq, n_terms).astype(np.float32), rng.uniform(0, 2 * np.pi, n_terms)
+
+
+def _sphere_function(ux: np.ndarray, uy: np.ndarray, uz: np.ndarray, terms: tuple[np.ndarray, ...]) -> np.ndarray:
+    """Evaluate a harmonic sum (unit variance) at unit directions (ux, uy, uz)."""
+    v, f, phi = terms
+    acc = np.zeros(np.broadcast_shapes(ux.shape, uy.shape, uz.shape), dtype=np.float32)
+    for k in range(len(f)):
+        acc += np.cos(f[k] * (v[k, 0] * ux + v[k, 1] * uy + v[k, 2] * uz) + np.float32(phi[k]))
+    return acc * np.float32(math.sqrt(2.0 / len(f)))
+
+
+def _band(sd: np.ndarray, lo: float, hi: float, h: float) -> np.ndarray:
+    """Partial-volume occupancy of the band lo < sd < hi for a voxel of size h (mm)."""
+    return np.clip((np.minimum(sd + h / 2, hi) - np.maximum(sd - h / 2, lo)) / h, 0.0, 1.0)
+
+
+def _inside(sd: np.ndarray, h: float) -> np.ndarray:
+    """Partial-volume occupancy of sd < 0."""
+    return np.clip(0.5 - sd / h, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------- rendering
+@dataclass(frozen=True)
+class Rendered:
+    """True-HU volume, tumour mask and original-bone mask on a RAS+ grid."""
+
+    hu: np.ndarray  # float32
+    mask: np.ndarray  # uint8
+    bone: np.ndarray  # bool, bone before the lesion (for checks)
+
+
+def _patient_coords(grid: Grid, anat: AnatomyParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Patient-frame coordinates as broadcastable arrays (x, y: (nx, ny, 1); z: (1, 1, nz))."""
+    x, y, z = grid.axes()
+    dx = x[:, None] - np.float32(anat.shift_mm[0])
+    dy = y[None, :] - np.float32(anat.shift_mm[1])
+    c, s = np.float32(math.cos(anat.rotation_rad)), np.float32(math.sin(anat.rotation_rad))
+    xp = (c * dx + s * dy)[:, :, None]
+    yp = (-s * dx + c * dy)[:, :, None]
+    zp = (z - np.float32(anat.shift_mm[2]))[None, None, :]
+    return xp, yp, zp
+
+
+def _bone_masks(
+    xp: np.ndarray, yp: np.ndarray, zp: np.ndarray, anat: AnatomyParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(bone, canal, foramina) boolean volumes of the intact pelvis."""
+    u = sacral_level(zp)
+    w = sacrum_half_width(u, anat)
+    yc = sacrum_centre_y(xp, u)
+    t = sacrum_half_thickness(xp, u, anat)
+    rx = np.abs(xp) / w
+    sacrum = rx**4 + ((yp - yc) / t) ** 2 < 1.0
+    # Iliac wings: plates sloping antero-laterally beyond a 3 mm sacro-iliac joint, cranial levels only.
+    lateral = np.abs(xp) - w
+    y_il = sacrum_centre_y(w, u) + 0.45 * lateral - 2.0
+    ilium = (lateral > 3.0) & (lateral < 80.0) & (np.abs(yp - y_il) < 5.0 + 5.0 * u) & (u > 0.4)
+    t0 = sacrum_half_thickness(np.float32(0.0), u, anat)
+    yc0 = sacrum_centre_y(np.float32(0.0), u)
+    canal = (xp / (9.0 + 5.0 * u)) ** 2 + ((yp - yc0 + 0.45 * t0) / (3.5 + 3.0 * u)) ** 2 < 1.0
+    foramina = np.zeros(np.broadcast_shapes(xp.shape, zp.shape), dtype=bool)
+    for zf in (-42.0, -17.0, 8.0, 33.0):
+        uf = float(sacral_level(zf))
+        xf = 0.5 * float(sacrum_half_width(uf, anat))
+        for sign in (-1.0, 1.0):
+            foramina |= (xp - sign * xf) ** 2 + (zp - zf) ** 2 < 4.5**2
+    bone = (sacrum | ilium) & ~canal & ~(foramina & sacrum)
+    return bone, canal & sacrum, foramina & sacrum
+
+
+def _lesion_box(grid: Grid, anat: AnatomyParams, lesion: LesionParams) -> tuple[slice, slice, slice]:
+    """Index box of the grid that contains the lesion, its extension and its shells."""
+    reach = max(lesion.radii_mm) * (1.0 + 2.5 * (lesion.lobulation + lesion.ragged))
+    reach = reach * (1.0 + 1.6 * lesion.extension) + max(lesion.permeative_mm, lesion.rim_mm, 4.0) + 6.0
+    c, s = math.cos(anat.rotation_rad), math.sin(anat.rotation_rad)
+    px, py, pz = lesion.centre_mm
+    world = (c * px - s * py + anat.shift_mm[0], s * px + c * py + anat.shift_mm[1], pz + anat.shift_mm[2])
+    box = []
+    for i in range(3):
+        lo = int(math.floor((world[i] - reach - grid.origin[i]) / grid.spacing[i]))
+        hi = int(math.ceil((world[i] + reach - grid.origin[i]) / grid.spacing[i])) + 1
+        box.append(slice(max(lo, 0), min(max(hi, 0), grid.shape[i])))
+    return box[0], box[1], box[2]
+
+
+def render(grid: Grid, anat: AnatomyParams, lesion: LesionParams, rng: np.random.Generator) -> Rendered:
+    """True HU and tumour mask of one patient on ``grid`` (RAS+ voxel order)."""
+    xp, yp, zp = _patient_coords(grid, anat)
+    shape = grid.shape
+    h = float(np.prod(grid.spacing) ** (1.0 / 3.0))
+
+    # --- soft tissues (2-D body outline, 3-D pelvic content)
+    bx, by = anat.body_axes_mm
+    r_body = (xp / bx) ** 2 + ((yp - anat.body_centre_y_mm) / by) ** 2
+    r_inner = (xp / (bx - anat.fat_mm)) ** 2 + ((yp - anat.body_centre_y_mm) / (by - anat.fat_mm)) ** 2
+    hu = np.full(shape, AIR_HU, dtype=np.float32)
+    body2d = np.broadcast_to(r_body < 1.0, shape)
+    inner2d = np.broadcast_to(r_inner < 1.0, shape)
+    hu[body2d] = anat.fat_hu
+    hu[inner2d] = anat.muscle_hu
+    coarse = _smooth_field(rng, shape, grid.spacing, 12.0)
+    u = sacral_level(zp)
+    anterior = sacrum_centre_y(xp, u) + sacrum_half_thickness(xp, u, anat)
+    pelvis = inner2d & (yp > anterior + 2.0) & (np.abs(xp) < 62.0 + 0.25 * (yp - anterior))
+    hu[pelvis] = anat.fat_hu
+    bowel = pelvis & ((xp / 55.0) ** 2 + ((yp - 45.0) / 38.0) ** 2 < 1.0) & (coarse > -0.2)
+    hu[bowel] = SOFT_HU - 8.0 + 6.0 * coarse[bowel]
+
+    # --- bone
+    bone, canal, foramina = _bone_masks(xp, yp, zp, anat)
+    k = max(1, round(anat.cortex_mm / min(grid.spacing[:2])))
+    cortex = bone & ~ndi.binary_erosion(bone, iterations=k, border_value=1)
+    density = _smooth_field(rng, shape, grid.spacing, 9.0)
+    hu[bone] = anat.cancellous_hu * (1.0 + 0.12 * density[bone])
+    hu[cortex] = anat.cortex_hu
+    hu[canal] = CSF_HU
+    hu[foramina] = anat.muscle_hu - 15.0
+
+    mask = np.zeros(shape, dtype=np.uint8)
+    box = _lesion_box(grid, anat, lesion)
+    if any(b.stop - b.start < 2 for b in box):
+        raise ValueError(f"lesion at {lesion.centre_mm} mm lies outside the field of view")
+    _paint_lesion(hu, mask, box, (xp, yp, zp), bone, cortex, inner2d, grid, lesion, h, rng)
+    return Rendered(hu=hu, mask=mask, bone=bone)
+
+
+def _paint_lesion(
+    hu: np.ndarray,
+    mask: np.ndarray,
+    box: tuple[slice, slice, slice],
+    coords: tuple[np.ndarray, np.ndarray, np.ndarray],
+    bone: np.ndarray,
+    cortex: np.ndarray,
+    inner2d: np.ndarray,
+    grid: Grid,
+    lesion: LesionParams,
+    h: float,
+    rng: np.random.Generator,
+) -> None:
+    """Draw the lesion, its shells and its soft-tissue extension into ``hu``/``mask`` (in place, box only)."""
+    bxs, bys, bzs = box
+    xp, yp, zp = coords
+    bshape = (bxs.stop - bxs.start, bys.stop - bys.start, bzs.stop - bzs.start)
+    dx = xp[bxs, bys, :] - np.float32(lesion.centre_mm[0])
+    dy = yp[bxs, bys, :] - np.float32(lesion.centre_mm[1])
+    dz = zp[:, :, bzs] - np.float32(lesion.centre_mm[2])
+    dx, dy, dz = np.broadcast_arrays(dx, dy, dz)
+    ca, sa = np.float32(math.cos(lesion.angle_rad)), np.float32(math.sin(lesion.angle_rad))
+    rx, ry, rz = (np.float32(r) for r in lesion.radii_mm)
+    qx, qy, qz = (ca * dx + sa * dy) / rx, (-sa * dx + ca * dy) / ry, dz / rz
+    rho = np.sqrt(qx * qx + qy * qy + qz * qz) + np.float32(1e-6)
+    ux, uy, uz = qx / rho, qy / rho, qz / rho
+    margin = (
+        1.0
+        + lesion.lobulation * _sphere_function(ux, uy, uz, _harmonics(rng, 7, (2.0, 4.5)))
+        + lesion.ragged * _sphere_function(ux, uy, uz, _harmonics(rng, 12, (8.0, 16.0)))
+    )
+    r_mean = np.float32(lesion.mean_radius_mm)
+    sd = (rho - np.maximum(margin, 0.35)) * r_mean  # approximate signed distance, mm
+
+    b_bone = bone[box]
+    b_cortex = cortex[box]
+    b_body = inner2d[box]
+    occ_les = _inside(sd, h) * b_body
+
+    # Soft-tissue extension: a lobulated mass outside bone, seated on the lesion surface.
+    occ_ext = np.zeros(bshape, dtype=np.float32)
+    d = np.asarray(lesion.extension_dir, dtype=np.float32)
+    d /= np.linalg.norm(d)
+    if lesion.extension > 0.0:
+        # Lesion radius along d (ellipsoid), then the mass centre a little beyond it.
+        dl = np.array([ca * d[0] + sa * d[1], -sa * d[0] + ca * d[1], d[2]]) / np.array([rx, ry, rz])
+        r_dir = float(1.0 / np.linalg.norm(dl))
+        r_ext = lesion.extension * float(r_mean)
+        ex, ey, ez = (dx - d[0] * (r_dir + 0.2 * r_ext), dy - d[1] * (r_dir + 0.2 * r_ext), dz - d[2] * (r_dir + 0.2 * r_ext))
+        erad = np.float32(r_ext)
+        erho = np.sqrt((ex / erad) ** 2 + (ey / (0.8 * erad)) ** 2 + (ez / (1.2 * erad)) ** 2) + np.float32(1e-6)
+        emargin = 1.0 + 0.25 * _sphere_function(ex / erho, ey / erho, ez / erho, _harmonics(rng, 6, (2.5, 5.0)))
+        esd = (erho - np.maximum(emargin, 0.35)) * erad
+        occ_ext = _inside(esd, h) * (~b_bone) * b_body * (1.0 - occ_les)
+
+    # Breach: patches of the outer surface without neo-cortex, always where the mass leaves.
+    outside = sd > 0
+    integrity = np.ones(bshape, dtype=np.float32)
+    if lesion.breach > 0.0:
+        wx, wy, wz = np.broadcast_arrays(dx / (rho * r_mean), dy / (rho * r_mean), dz / (rho * r_mean))
+        bfield = _sphere_function(ux, uy, uz, _harmonics(rng, 5, (1.5, 3.5)))
+        toward = np.clip((wx * d[0] + wy * d[1] + wz * d[2] - 0.4) / 0.4, 0.0, 1.0)
+        bfield = bfield - 3.0 * toward * np.float32(lesion.extension > 0.0)
+        thr = np.float32(ndtri(min(max(lesion.breach, 1e-3), 0.999)))
+        integrity = np.clip((bfield - thr) / 0.3 + 0.5, 0.0, 1.0)
+
+    # Shell texture fields (shared white noise, two correlation lengths).
+    fine = _fine_field(rng, bshape, grid.spacing, 1.3)
+    smooth = _fine_field(rng, bshape, grid.spacing, 3.5)
+    out = hu[box]
+
+    # Permeative zone of transition: moth-eaten holes in the surrounding bone.
+    if lesion.permeative_mm > 0.0 and lesion.hole_fraction > 0.0:
+        depth = np.clip(1.0 - sd / lesion.permeative_mm, 0.0, 1.0) * outside
+        holes = (fine < ndtri(lesion.hole_fraction)) & (depth > 0) & b_bone
+        out = np.where(holes, out + depth * (SOFT_HU - out), out)
+    # Sclerotic rim inside the bone.
+    if lesion.rim_hu > 0.0:
+        out = out + lesion.rim_hu * _band(sd, 0.0, lesion.rim_mm, h) * (b_bone & ~b_cortex)
+    # Expanded neo-cortex where the lesion leaves the bone (or crosses its cortex).
+    nc = _band(sd, 0.0, 1.6, h) * integrity * ((~b_bone) | b_cortex) * b_body * (1.0 - occ_ext)
+    out = out + nc * (0.8 * 1150.0 - out)
+    # Extension: soft tissue.
+    out = out + occ_ext * (SOFT_HU + 6.0 * smooth - out)
+    # Matrix: base density, necrosis, mineralisation as foci (blobs) or septa (sheets).
+    matrix = np.full(bshape, lesion.matrix_hu, dtype=np.float32) + 5.0 * smooth
+    if lesion.necrosis_fraction > 0.0:
+        nec = np.clip((ndtri(lesion.necrosis_fraction) - smooth) / 0.4 + 0.5, 0.0, 1.0)
+        matrix += nec * (FLUID_HU - matrix)
+    foci_f = lesion.mineral_fraction * lesion.foci_vs_septa
+    septa_f = lesion.mineral_fraction * (1.0 - lesion.foci_vs_septa)
+    if foci_f > 0.0:
+        matrix += 600.0 * np.clip((fine - ndtri(1.0 - foci_f)) / 0.35 + 0.5, 0.0, 1.0)
+    if septa_f > 0.0:
+        matrix += 380.0 * np.clip((ndtri(0.5 + septa_f / 2.0) - np.abs(smooth)) / 0.1 + 0.5, 0.0, 1.0)
+    out = out + occ_les * (matrix - out)
+    hu[box] = out
+
+    roi = (occ_les >= 0.5) | (occ_ext >= 0.5)
+    labels, n = ndi.label(roi, structure=np.ones((3, 3, 3), dtype=bool))
+    if n == 0:
+        raise ValueError(f"lesion at {lesion.centre_mm} mm has an empty mask on this grid")
+    if n > 1:
+        sizes = np.bincount(labels.ravel())[1:]
+        roi = labels == (int(np.argmax(sizes)) + 1)
+    mask[box] = roi.astype(np.uint8)
+
+
+# ---------------------------------------------------------------- scanner
+def acquire(
+    hu: np.ndarray,
+    spacing: tuple[float, float, float],
+    blur_sigma_mm: float,
+    noise_sd: float,
+    hu_scale: float,
+    hu_offset: float,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """One centre's scanner: reconstruction blur + slice profile, correlated noise, calibration -> int16.
+
+    Noise is added *before* the blur so that it is correlated the way the
+    reconstruction kernel correlates it; its amplitude is pre-scaled by the
+    kernel's L2 norm so the stored noise SD equals ``noise_sd`` (in HU, before
+    the calibration ``hu_scale``).
+    """
+    sig_xy = [blur_sigma_mm / s for s in spacing[:2]]
+    sig_z = math.sqrt(blur_sigma_mm**2 + (0.42 * spacing[2]) ** 2) / spacing[2]
+    sigma = [*sig_xy, sig_z]
+    norm = 1.0
+    for s in sigma:
+        impulse = np.zeros(2 * int(4 * s + 1) + 1, dtype=np.float64)
+        impulse[len(impulse) // 2] = 1.0
+        norm *= float(np.sqrt((ndi.gaussian_filter1d(impulse, s, mode="constant") ** 2).sum()))
+    noisy = hu + rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(noise_sd / norm)
+    out = ndi.gaussian_filter(noisy, sigma, mode="nearest")
+    out = out * np.float32(hu_scale) + np.float32(hu_offset)
+    return np.clip(np.rint(out), *HU_LIMITS).astype(np.int16)

@@ -1,0 +1,134 @@
+"""Pooled and local-only baselines, through the same engine, folds and metrics.
+
+*Pooled* trains on all training sites' patients centrally (the ceiling a
+federation tries to reach); *local-only* trains each site alone.  Both use
+each site's own patient-level folds (the same function and seed as the
+federated client), so fold ``k`` of the pool is the union of the sites'
+folds ``k``, and the epoch budget equals the federation's
+``rounds x local_epochs``.  The radiomics baseline runs beside them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import radiomics
+from common.config import ExperimentConfig
+from common.dataset import SiteArrays, preprocess_site
+from common.engine import fit_select, predict, seed_everything, set_threads
+from common.metrics import binary_metrics
+from common.models import ModelKind, build_model
+from common.splits import Fold, fivefold
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SiteData:
+    name: str
+    role: str
+    arrays: SiteArrays
+    folds: tuple[Fold, ...]
+
+
+def load_sites(cfg: ExperimentConfig, cache_dir: Path) -> list[SiteData]:
+    """Preprocess (cached) every configured site and build its folds exactly as a client does."""
+    out = []
+    for s in cfg.sites:
+        arrays = preprocess_site(Path(s.data_dir), cfg.preprocess, cache_dir, site=s.name)
+        folds = fivefold(list(arrays.patient_ids), list(arrays.labels), folds=cfg.folds, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        out.append(SiteData(s.name, s.role, arrays, folds))
+    return out
+
+
+def _fold_indices(sites: Sequence[SiteData], pooled: SiteArrays, k: int) -> dict[str, list[int]]:
+    parts: dict[str, list[int]] = {"train": [], "val": [], "test": []}
+    for sd in sites:
+        fold = sd.folds[k]
+        for split in parts:
+            ids = [f"{sd.name}/{p}" for p in getattr(fold, split)]
+            parts[split] += [int(i) for i in pooled.indices_of(ids)]
+    return parts
+
+
+def _prefixed(sd: SiteData) -> SiteArrays:
+    """Site arrays with ``site/patient`` ids, so pools never collide on patient ids."""
+    import dataclasses
+
+    return dataclasses.replace(sd.arrays, patient_ids=tuple(f"{sd.name}/{p}" for p in sd.arrays.patient_ids))
+
+
+def evaluate_setting(cfg: ExperimentConfig, train_sites: Sequence[SiteData], external: Sequence[SiteData], models: Sequence[str]) -> dict[str, Any]:
+    """Fivefold training on ``train_sites`` pooled; internal test per fold and pooled; external averaged."""
+    pool = SiteArrays.concat([_prefixed(s) for s in train_sites], site="+".join(s.name for s in train_sites))
+    ext = SiteArrays.concat([_prefixed(s) for s in external], site="external") if external else None
+    thr = cfg.evaluation.threshold
+    epochs = cfg.train.rounds * cfg.train.local_epochs
+    result: dict[str, Any] = {}
+    for name in models:
+        y_all, p_all, fold_metrics, selection = [], [], [], []
+        ext_probs = []
+        for k in range(cfg.folds):
+            idx = _fold_indices(train_sites, pool, k)
+            if name == "radiomics":
+                lr = radiomics.fit(pool, idx["train"], seed=cfg.seed)
+                p_test = radiomics.predict(lr, pool, idx["test"])
+                if ext is not None:
+                    ext_probs.append(radiomics.predict(lr, ext, range(len(ext))))
+            else:
+                kind: ModelKind = name  # type: ignore[assignment]
+                seed_everything(cfg.seed)
+                model = build_model(kind, getattr(cfg.models, kind))
+                sel = fit_select(model, pool, idx["train"], idx["val"], kind, cfg, epochs=epochs, seed=cfg.seed + k, desc=f"{pool.site} {kind} f{k}")
+                model.load_state_dict(sel.state)
+                selection.append({"fold": k, "best_epoch": sel.best_epoch, "val_aucs": [round(a, 4) for a in sel.val_aucs], "seconds": round(sel.seconds, 1)})
+                log.info("%s %s fold %d: best epoch %d, val AUCs %s", pool.site, kind, k, sel.best_epoch, [round(a, 3) for a in sel.val_aucs])
+                p_test = predict(model, pool, idx["test"], kind, cfg)
+                if ext is not None:
+                    ext_probs.append(predict(model, ext, range(len(ext)), kind, cfg))
+            y_test = pool.labels[idx["test"]]
+            fold_metrics.append(binary_metrics(y_test, p_test, thr).to_dict())
+            y_all.append(y_test)
+            p_all.append(p_test)
+        aucs = [m["auc"] for m in fold_metrics if m["auc"] is not None]
+        entry: dict[str, Any] = {
+            "internal": {
+                "pooled": binary_metrics(np.concatenate(y_all), np.concatenate(p_all), thr).to_dict(),
+                "folds": fold_metrics,
+                "fold_mean_auc": float(np.mean(aucs)) if aucs else None,
+            }
+        }
+        if ext is not None and ext_probs:
+            entry["external"] = {"pooled": binary_metrics(ext.labels, np.mean(ext_probs, axis=0), thr).to_dict()}
+        if selection:
+            entry["selection"] = selection
+        result[name] = entry
+    return result
+
+
+def run_baselines(cfg: ExperimentConfig, cache_dir: Path, *, pooled: bool = True, local: bool = True, models: Sequence[str] | None = None) -> dict[str, Any]:
+    """The pooled and/or local-only baselines of ``cfg`` (sites and roles already resolved)."""
+    set_threads(max(cfg.train.threads, 1) if cfg.train.threads > 0 else 0)
+    sites = load_sites(cfg, cache_dir)
+    train_sites = [s for s in sites if s.role == "train"]
+    external = [s for s in sites if s.role == "external"]
+    if models is None:
+        models = [k for k in ("densenet3d", "densenet2d") if getattr(cfg.models, k).enabled]
+        if cfg.models.radiomics:
+            models = [*models, "radiomics"]
+    out: dict[str, Any] = {}
+    if pooled:
+        out["pooled"] = evaluate_setting(cfg, train_sites, external, models)
+    if local:
+        out["local"] = {s.name: evaluate_setting(cfg, [s], external, models) for s in train_sites}
+        for name in models:
+            aucs = [out["local"][s.name][name]["internal"]["pooled"]["auc"] for s in train_sites]
+            aucs = [a for a in aucs if a is not None]
+            out.setdefault("local_mean", {})[name] = {"internal_auc": float(np.mean(aucs)) if aucs else None}
+    return out

@@ -1,0 +1,178 @@
+"""``flower-simulation``: the synthetic cohort and a single-machine federated run.
+
+``flower-simulation run`` with no argument is the project's first run: it
+generates the built-in synthetic cohort on first use, validates every site,
+and runs the default plan with Flower's simulation engine (a local
+SuperLink in simulation mode, started and stopped here), writing a new
+folder under ``runs/`` whose path it prints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from common.config import ConfigError, ExperimentConfig, SiteConfig, load_config, to_dict, with_sites
+from common.validation import validate_site
+
+log = logging.getLogger("flower-simulation")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ensure_cohort(cfg: ExperimentConfig, root: Path) -> Path:
+    """The configured synthetic cohort folder, generated when it has no ``cohort.json``."""
+    from .synth import generate_cohort
+
+    cohort_dir = Path(cfg.cohort.dir)
+    if not cohort_dir.is_absolute():
+        cohort_dir = root / cohort_dir
+    if not (cohort_dir / "cohort.json").is_file():
+        print(f"Generating the synthetic cohort (scale {cfg.cohort.scale}, seed {cfg.cohort.seed}) in {cohort_dir} ...", flush=True)
+        t0 = time.perf_counter()
+        info = generate_cohort(cohort_dir, scale=cfg.cohort.scale, seed=cfg.cohort.seed)
+        print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+        _print_cohort(info)
+    return cohort_dir
+
+
+def _print_cohort(info: dict) -> None:  # type: ignore[type-arg]
+    for name, c in info.get("centres", {}).items():
+        print(f"  {name}: {c.get('patients')} patients ({c.get('benign')} benign / {c.get('malignant')} malignant)")
+    for key in ("oracle_auc", "radiologist_auc", "handcrafted_lr_auc", "size_only_auc"):
+        if key in info:
+            val = info[key]
+            print(f"  {key}: {val if not isinstance(val, dict) else json.dumps(val)}")
+
+
+def cohort_sites(cohort_dir: Path) -> tuple[SiteConfig, ...]:
+    info = json.loads((cohort_dir / "cohort.json").read_text())
+    return tuple(SiteConfig(name=name, data_dir=str(cohort_dir / name)) for name in info["centres"])
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from .synth import generate_cohort
+
+    t0 = time.perf_counter()
+    info = generate_cohort(Path(args.out), scale=args.scale, seed=args.seed, workers=args.workers)
+    print(f"Synthetic cohort written to {args.out} in {time.perf_counter() - t0:.0f} s")
+    _print_cohort(info)
+    return 0
+
+
+def new_run_dir(base: Path, name: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = base / f"{stamp}-{name}"
+    i = 1
+    while run_dir.exists():
+        run_dir = base / f"{stamp}-{name}-{i}"
+        i += 1
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from server.superlink import flwr_run, local_spec, superlink, write_connection
+
+    try:
+        cfg = load_config(args.config or "quick")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    root = Path.cwd()
+    cohort_dir = ensure_cohort(cfg, root)
+    sites = cfg.sites or cohort_sites(cohort_dir)
+    cfg = with_sites(cfg, sites)
+    for s in cfg.sites:
+        report = validate_site(Path(s.data_dir))
+        print(f"  validate {report.summary()}")
+    run_dir = Path(args.out).resolve() if args.out else new_run_dir(root / "runs", cfg.name).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    sim_sites = [
+        {"name": s.name, "data_dir": str(Path(s.data_dir).resolve()), "out_dir": str(run_dir / "sites" / s.name), "threads": cfg.train.threads}
+        for s in cfg.sites
+    ]
+    run_config = {
+        "config-path": str(run_dir / "config.yaml"),
+        "run-dir": str(run_dir),
+        "run-id": run_dir.name,
+        "sites": json.dumps([{"name": s.name, "role": s.role} for s in cfg.sites]),
+        "sim-sites": json.dumps(sim_sites),
+        "expected-sites": len(cfg.sites),
+    }
+    federation = {
+        "num-supernodes": len(cfg.sites),
+        "client-resources-num-cpus": max(cfg.train.threads, 1),
+        "init-args-num-cpus": args.cpus,
+    }
+    print(f"Run folder: {run_dir}", flush=True)
+    print(f"Plan {cfg.plan}: " + ", ".join(f"{s.name} ({s.role})" for s in cfg.sites), flush=True)
+    flwr_home = run_dir / "flower"
+    spec = local_spec(simulation=True)
+    t0 = time.perf_counter()
+    with superlink(spec, flwr_home):
+        write_connection(flwr_home, "sim", spec)
+        rc = flwr_run(REPO, flwr_home, "sim", run_config, run_dir / "flower.log", federation)
+    seconds = time.perf_counter() - t0
+    summary = run_dir / "summary.json"
+    if rc != 0 or not summary.is_file():
+        print(f"error: the federated run failed (flwr exit code {rc}); see {run_dir / 'flower.log'}", file=sys.stderr)
+        return 1
+    data = json.loads(summary.read_text())
+    data["wall_seconds_total"] = round(seconds, 1)
+    summary.write_text(json.dumps(data, indent=2))
+    _print_summary(data)
+    print(run_dir)
+    return 0
+
+
+def _print_summary(data: dict) -> None:  # type: ignore[type-arg]
+    print(f"\nFinished in {data.get('wall_seconds_total', data.get('wall_seconds'))} s")
+    print(f"{'score':32s} {'internal AUC (pooled)':>22s} {'fold mean':>10s} {'external AUC':>13s}")
+    for name, m in data.get("models", {}).items():
+        internal = m.get("internal", {})
+        ext = m.get("external", {}).get("pooled", {})
+        auc_i = internal.get("pooled", {}).get("auc")
+        fm = internal.get("fold_mean_auc")
+        auc_e = ext.get("auc")
+        print(f"{name:32s} {_f(auc_i):>22s} {_f(fm):>10s} {_f(auc_e):>13s}")
+
+
+def _f(v: object) -> str:
+    return "-" if v is None else f"{float(v):.4f}"  # type: ignore[arg-type]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flower-simulation", description=__doc__.split("\n")[0] if __doc__ else None)
+    p.add_argument("--log-level", default="WARNING")
+    sub = p.add_subparsers(dest="command")
+    s = sub.add_parser("synth", help="write the synthetic multicentre cohort")
+    s.add_argument("--out", required=True)
+    s.add_argument("--scale", type=float, default=1.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--workers", type=int, default=1)
+    s.set_defaults(handler=cmd_synth)
+    r = sub.add_parser("run", help="run the federated plan on one machine (default: quick preset)")
+    r.add_argument("--config", help="YAML file or preset name (quick, study, tiny)")
+    r.add_argument("--out", help="run folder (default: a new folder under runs/)")
+    r.add_argument("--cpus", type=int, default=2, help="CPUs the simulation may use")
+    r.set_defaults(handler=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "command", None):
+        args = build_parser().parse_args(["run", *(argv or [])])
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
