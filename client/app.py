@@ -10,6 +10,7 @@ patient details, so one bad site never crashes the federation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import traceback
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.config import ExperimentConfig, from_dict
@@ -41,7 +42,10 @@ def site_context(context: Context) -> SiteContext:
             out_dir=Path(str(node.get("out-dir", "site-output"))),
             threads=int(cast(int, node.get("threads", 1))),
         )
-    sites = json.loads(str(context.run_config.get("sim-sites", "[]")))
+    sites_file = str(context.run_config.get("sim-sites-file", ""))
+    if not sites_file:
+        raise SiteDataError("node config has no 'site' and the run config no 'sim-sites-file'")
+    sites = json.loads(Path(sites_file).read_text())
     pid = int(cast(int, node["partition-id"]))
     if pid >= len(sites):
         raise SiteDataError(f"simulation partition {pid} has no site (run config lists {len(sites)})")
@@ -72,10 +76,8 @@ def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, 
             return handler(msg, context)
         except Exception as exc:
             site = "?"
-            try:
+            with contextlib.suppress(Exception):  # the node config itself may be broken
                 site = site_context(context).name
-            except Exception:  # the node config itself is broken
-                pass
             log.error("site %s failed on %s:\n%s", site, msg.metadata.message_type, traceback.format_exc())
             reason = f"{type(exc).__name__} at the site while handling {msg.metadata.message_type}"
             if isinstance(exc, SiteDataError):
@@ -160,5 +162,3 @@ def final(msg: Message, context: Context) -> Message:
     stats = runner.final_stats(str(config["role"]), config_json(config, "ensembles"))
     return _reply(msg, runner.ctx.name, {"stats": arrays_record(stats), "metrics": metric_record({"n-arrays": len(stats)})})
 
-
-__all__ = ["ArrayRecord", "app"]

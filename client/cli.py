@@ -76,7 +76,14 @@ def add_validate(sub: Subparsers) -> None:
     p.set_defaults(handler=_validate)
 
 
-COMMANDS: tuple[Registrar, ...] = (add_validate,)
+def add_run(sub: Subparsers) -> None:
+    """Register ``run SITE_DIR --site NAME --server HOST:PORT [--root-cert CA | --insecure]``."""
+    from .node import add_run as register
+
+    register(sub)
+
+
+COMMANDS: tuple[Registrar, ...] = (add_validate, add_run)
 
 
 def build_parser(commands: Sequence[Registrar] = COMMANDS) -> argparse.ArgumentParser:

@@ -246,9 +246,9 @@ class SiteRunner:
                 for i, w in enumerate(weights):
                     h = ClassHistogram.from_scores(y, combine(probs, np.asarray(w)), grid)
                     total[i] = h if total[i] is None else total[i] + h  # type: ignore[operator]
-            for i, h in enumerate(total):
-                assert h is not None
-                for key, arr in h.to_arrays().items():
+            for i, hi in enumerate(total):
+                assert hi is not None
+                for key, arr in hi.to_arrays(include_sums=False).items():
                     out[f"{name}/{i}/{key}"] = arr
         return out
 

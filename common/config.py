@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import types
 import typing
@@ -225,7 +226,7 @@ class ExperimentConfig:
         m = self.evaluation.score_mapping
         _check(len(m) == 9, "evaluation.score_mapping", "needs 9 probabilities, one per score 1-9")
         _check(all(0.0 <= p <= 1.0 for p in m), "evaluation.score_mapping", "values must be probabilities")
-        _check(all(a < b for a, b in zip(m, m[1:], strict=False)), "evaluation.score_mapping", "must increase with the score")
+        _check(all(a < b for a, b in itertools.pairwise(m)), "evaluation.score_mapping", "must increase with the score")
         _check(0 < self.evaluation.threshold < 1, "evaluation.threshold", "must be in (0, 1)")
         _check(self.evaluation.grid_bins >= 100, "evaluation.grid_bins", "must be >= 100")
         names = [s.name for s in self.sites]
@@ -271,7 +272,7 @@ def _parse(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path + '.' if path else ''}{sorted(extra)[0]}: unknown key (allowed: {sorted(fields)})")
         kwargs = {k: _parse(hints[k], v, f"{path}.{k}" if path else k) for k, v in value.items()}
         try:
-            return tp(**kwargs)
+            return tp(**kwargs)  # type: ignore[operator]
         except ConfigError:
             raise
         except TypeError as exc:

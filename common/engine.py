@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -96,7 +97,7 @@ def make_loader(
     arrays: SiteArrays,
     indices: Sequence[int],
     kind: ModelKind,
-    mode: str,
+    mode: Literal["train", "eval"],
     cfg: ExperimentConfig,
     seed: int,
 ) -> DataLoader[dict[str, torch.Tensor]]:
@@ -242,8 +243,8 @@ def predict(
     if len(indices) == 0:
         return np.zeros(0, dtype=np.float64)
     model.eval()
-    w = np.asarray(cfg.preprocess.d2.slice_weights, dtype=np.float64)
-    w = torch.tensor(w / w.sum(), dtype=torch.float32)
+    sw = np.asarray(cfg.preprocess.d2.slice_weights, dtype=np.float64)
+    w = torch.tensor(sw / sw.sum(), dtype=torch.float32)
     out: list[np.ndarray] = []
     for batch in make_loader(arrays, indices, kind, "eval", cfg, seed=0):
         x = batch["image"].float()

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 ModelKind = Literal["densenet3d", "densenet2d"]
 IMAGENET_FILE = "densenet121-a639ec97.pth"
-SMALL = {"init_features": 16, "growth_rate": 8, "block_config": (2, 2, 2, 2)}
+SMALL: dict[str, Any] = {"init_features": 16, "growth_rate": 8, "block_config": (2, 2, 2, 2)}
 # torchvision names a dense layer's parts "norm1"/"conv1"; MONAI nests them as "layers.norm1".
 _TV_LAYER_KEY = re.compile(r"^(.*denselayer\d+)\.((?:norm|relu|conv)[12]\.(?:weight|bias|running_mean|running_var))$")
 

@@ -116,9 +116,7 @@ def metric_record(values: Mapping[str, float | int]) -> MetricRecord:
     """Scalars only: a MetricRecord is never used for per-patient lists here."""
     clean: dict[str, Any] = {}
     for k, v in values.items():
-        if isinstance(v, bool):
-            clean[k] = int(v)
-        elif isinstance(v, int | np.integer):
+        if isinstance(v, bool | int | np.integer):
             clean[k] = int(v)
         else:
             clean[k] = float(v)

@@ -4,11 +4,12 @@ Run config keys (``[tool.flwr.app.config]``, overridable with
 ``flwr run --run-config``): ``config-path`` (YAML file or preset name),
 ``run-dir`` (where checkpoints and results go), ``expected-sites`` and
 ``discovery-timeout`` (how long to wait for the hospitals to connect).
+Sites and their roles come from the config's ``sites`` list; sites not
+listed there join as training sites unless the plan says otherwise.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import cast
@@ -16,7 +17,7 @@ from typing import cast
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import SiteConfig, load_config, with_sites
+from common.config import load_config
 
 from .runner import PlanRunner
 
@@ -29,12 +30,9 @@ def main(grid: Grid, context: Context) -> None:
     """Run the configured plan; any failure propagates so the run is marked failed."""
     rc = context.run_config
     cfg = load_config(str(rc.get("config-path") or "quick"))
-    sites = json.loads(str(rc.get("sites", "[]")))
-    if sites:
-        cfg = with_sites(cfg, tuple(SiteConfig(name=s["name"], role=s.get("role", "train")) for s in sites))
     run_dir = Path(str(rc.get("run-dir") or "runs/server"))
     run_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     runner = PlanRunner(grid, cfg, run_dir, run_id=str(rc.get("run-id") or run_dir.name))
-    expected = int(cast(int, rc.get("expected-sites", len(cfg.sites) or 1)))
+    expected = int(cast(int, rc.get("expected-sites", 0))) or len(cfg.sites) or 1
     runner.run(expected_sites=expected, wait_s=float(cast(float, rc.get("discovery-timeout", 120.0))))

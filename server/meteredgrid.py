@@ -11,7 +11,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from flwr.app import Message, RecordDict
-from flwr.common.typing import Run
+from flwr.supercore.run import Run
 from flwr.serverapp import Grid
 
 
@@ -21,8 +21,8 @@ def payload_bytes(content: RecordDict) -> int:
     for rec in content.array_records.values():
         total += sum(len(arr.data) for arr in rec.values())
     for mrec in content.metric_records.values():
-        for v in mrec.values():
-            total += 8 * (len(v) if isinstance(v, list) else 1)
+        for mv in mrec.values():
+            total += 8 * (len(mv) if isinstance(mv, list) else 1)
     for crec in content.config_records.values():
         for v in crec.values():
             total += len(v) if isinstance(v, str | bytes) else 8

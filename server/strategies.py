@@ -7,6 +7,8 @@ FedMedian and FedTrimmedAvg are FedAvg with a robust aggregate.
 
 from __future__ import annotations
 
+from typing import Any
+
 from flwr.serverapp.strategy import FedAdam, FedProx, FedYogi
 
 from common.config import FederationConfig
@@ -29,7 +31,7 @@ class GuardedFedYogi(FedYogi, GuardedFedAvg):
 
 def make_strategy(cfg: FederationConfig, session: FoldSession) -> GuardedFedAvg:
     """A fresh strategy for one fold (server-optimiser state never leaks across folds)."""
-    common = {"fraction_evaluate": 1.0, "min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1}
+    common: dict[str, Any] = {"fraction_evaluate": 1.0, "min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1}
     strategy: GuardedFedAvg
     if cfg.strategy == "fedprox":
         strategy = GuardedFedProx(proximal_mu=cfg.proximal_mu, **common)

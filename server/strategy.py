@@ -113,8 +113,9 @@ class GuardedFedAvg(FedAvg):
                 continue
             status = msg.content.config_records.get("status")
             if status is not None and status.get("state", "ok") != "ok":
-                rlog.dropped[site] = f"{phase}: site unavailable: {status.get('reason', '')}"
-                log.warning("[round %d] %s unavailable: %s", rlog.round, site, status.get("reason", ""))
+                reason = str(status.get("reason", ""))
+                rlog.dropped[site] = f"{phase}: site unavailable: {reason}"
+                log.warning("[round %d] %s unavailable: %s", rlog.round, site, reason)
                 continue
             ok.append(msg)
         return ok

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,35 +20,15 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.processes import flower_env, free_port, port_open, terminate_group
+
 log = logging.getLogger(__name__)
+
+__all__ = ["SuperLinkError", "SuperLinkSpec", "TLSFiles", "flower_env", "flwr_run", "free_port", "local_spec", "superlink", "terminate_group", "write_connection"]
 
 
 class SuperLinkError(RuntimeError):
     """The SuperLink could not start or a run could not be launched."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _port_open(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex((host, port)) == 0
-
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower processes: own FLWR_HOME, no update check, no runtime installs."""
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(flwr_home)
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env.setdefault("RAY_DEDUP_LOGS", "0")
-    # the venv's console scripts first, so child processes find flwr-serverapp & co
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
 
 
 def _bin(name: str) -> str:
@@ -73,34 +50,26 @@ class TLSFiles:
 
 @dataclass(frozen=True)
 class SuperLinkSpec:
+    """One SuperLink. Flower 1.42 serves the Fleet, Control and Runtime APIs on one HTTP port."""
+
     host: str = "127.0.0.1"
-    fleet_port: int = 9092
-    control_port: int = 9093
-    runtime_port: int = 9091
+    port: int = 9092
     simulation: bool = False
     tls: TLSFiles | None = None
     auth_keys_csv: Path | None = None
     database: str = ":flwr-in-memory:"
 
     @property
-    def control_address(self) -> str:
-        return f"{self.host}:{self.control_port}"
-
-    @property
-    def fleet_address(self) -> str:
-        return f"{self.host}:{self.fleet_port}"
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
 
     def command(self, log_file: Path) -> list[str]:
         cmd = [
             _bin("flower-superlink"),
-            "--fleet-api-address",
-            self.fleet_address,
-            "--control-api-address",
-            self.control_address,
             "--host",
             self.host,
             "--port",
-            str(self.runtime_port),
+            str(self.port),
             "--disable-runtime-dependency-installation",
             "--isolation",
             "subprocess",
@@ -129,31 +98,7 @@ class SuperLinkSpec:
 
 def local_spec(simulation: bool, tls: TLSFiles | None = None) -> SuperLinkSpec:
     """A loopback SuperLink on free ports (simulation, tests)."""
-    return SuperLinkSpec(
-        fleet_port=free_port(),
-        control_port=free_port(),
-        runtime_port=free_port(),
-        simulation=simulation,
-        tls=tls,
-    )
-
-
-def terminate_group(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left."""
-    if proc.poll() is not None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
+    return SuperLinkSpec(port=free_port(), simulation=simulation, tls=tls)
 
 
 @contextlib.contextmanager
@@ -167,13 +112,13 @@ def superlink(spec: SuperLinkSpec, flwr_home: Path, start_timeout_s: float = 60.
     )
     try:
         deadline = time.monotonic() + start_timeout_s
-        while not _port_open(spec.host, spec.control_port):
+        while not port_open(spec.host, spec.port):
             if proc.poll() is not None:
                 raise SuperLinkError(f"flower-superlink exited with code {proc.returncode}; see {flwr_home / 'superlink.stdout'}")
             if time.monotonic() > deadline:
-                raise SuperLinkError(f"flower-superlink did not open {spec.control_address} within {start_timeout_s:.0f} s")
+                raise SuperLinkError(f"flower-superlink did not open {spec.address} within {start_timeout_s:.0f} s")
             time.sleep(0.3)
-        log.info("SuperLink up: fleet %s, control %s", spec.fleet_address, spec.control_address)
+        log.info("SuperLink up on %s", spec.address)
         yield proc
     finally:
         terminate_group(proc)
@@ -182,7 +127,7 @@ def superlink(spec: SuperLinkSpec, flwr_home: Path, start_timeout_s: float = 60.
 
 def write_connection(flwr_home: Path, name: str, spec: SuperLinkSpec) -> None:
     """The ``flwr`` CLI's connection to this SuperLink, in ``$FLWR_HOME/config.toml``."""
-    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{spec.control_address}"']
+    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{spec.address}"']
     if spec.tls is None:
         lines.append("insecure = true")
     else:

@@ -85,6 +85,11 @@ class LesionParams:
     ``lobulation``/``ragged``: relative radial amplitude of low/high-frequency
     margin irregularity.  ``rim_hu``/``rim_mm``: sclerotic margin inside bone.
     ``breach``: fraction of the extra-osseous surface left without neo-cortex.
+    ``neocortex_hu``: density of that expanded shell (thin shells read lower).
+    ``spiculation`` in [0, 1]: extent of a spiculated ("sunburst") periosteal
+    reaction over the breached surface, of density ``spicule_hu``; like the
+    neo-cortex it is bright bone at the margin, so shell statistics cannot
+    tell them apart, but the pattern (smooth shell vs radiating rays) differs.
     ``extension``: radius of the soft-tissue mass outside bone relative to the
     lesion's mean radius (0: none).  ``permeative_mm``/``hole_fraction``:
     moth-eaten zone of transition in the surrounding bone.  ``mineral_fraction``
@@ -104,6 +109,9 @@ class LesionParams:
     extension_dir: tuple[float, float, float]
     permeative_mm: float
     hole_fraction: float
+    neocortex_hu: float
+    spiculation: float
+    spicule_hu: float
     mineral_fraction: float
     foci_vs_septa: float
     necrosis_fraction: float
@@ -245,7 +253,7 @@ def _bone_masks(
     # Iliac wings: plates sloping antero-laterally beyond a 3 mm sacro-iliac joint, cranial levels only.
     lateral = np.abs(xp) - w
     y_il = sacrum_centre_y(w, u) + 0.45 * lateral - 2.0
-    ilium = (lateral > 3.0) & (lateral < 80.0) & (np.abs(yp - y_il) < 5.0 + 5.0 * u) & (u > 0.4)
+    ilium = (lateral > 3.0) & (lateral < 80.0) & (np.abs(yp - y_il) < 9.0 + 6.0 * u - 0.06 * lateral) & (u > 0.4)
     t0 = sacrum_half_thickness(np.float32(0.0), u, anat)
     yc0 = sacrum_centre_y(np.float32(0.0), u)
     canal = (xp / (9.0 + 5.0 * u)) ** 2 + ((yp - yc0 + 0.45 * t0) / (3.5 + 3.0 * u)) ** 2 < 1.0
@@ -259,19 +267,82 @@ def _bone_masks(
     return bone, canal & sacrum, foramina & sacrum
 
 
-def _lesion_box(grid: Grid, anat: AnatomyParams, lesion: LesionParams) -> tuple[slice, slice, slice]:
-    """Index box of the grid that contains the lesion, its extension and its shells."""
-    reach = max(lesion.radii_mm) * (1.0 + 2.5 * (lesion.lobulation + lesion.ragged))
-    reach = reach * (1.0 + 1.6 * lesion.extension) + max(lesion.permeative_mm, lesion.rim_mm, 4.0) + 6.0
+@dataclass(frozen=True)
+class _Blob:
+    """A lobulated ellipsoid: radius ``radii`` (rotated by ``angle`` about z) times 1 + sum of harmonics."""
+
+    centre: np.ndarray  # (3,) patient frame, mm
+    radii: np.ndarray  # (3,)
+    angle: float
+    terms: tuple[tuple[float, tuple[np.ndarray, ...]], ...]  # (amplitude, harmonics)
+
+    def _margin(self, ux: np.ndarray, uy: np.ndarray, uz: np.ndarray) -> np.ndarray:
+        g = np.ones(np.broadcast_shapes(ux.shape, uy.shape, uz.shape), dtype=np.float32)
+        for amp, terms in self.terms:
+            if amp > 0.0:
+                g += np.float32(amp) * _sphere_function(ux, uy, uz, terms)
+        return np.maximum(g, np.float32(0.35))
+
+    def extent(self) -> tuple[np.ndarray, np.ndarray]:
+        """Patient-frame bounding box (lo, hi), from the margin on 2000 directions (+3 %)."""
+        n = 2000
+        k = np.arange(n) + 0.5
+        polar = np.arccos(1.0 - 2.0 * k / n)
+        azim = np.pi * (1.0 + 5.0**0.5) * k
+        u = np.stack([np.sin(polar) * np.cos(azim), np.sin(polar) * np.sin(azim), np.cos(polar)]).astype(np.float32)
+        g = self._margin(u[0], u[1], u[2]) * np.float32(1.03)
+        ca, sa = math.cos(self.angle), math.sin(self.angle)
+        px, py, pz = u[0] * self.radii[0] * g, u[1] * self.radii[1] * g, u[2] * self.radii[2] * g
+        pts = np.stack([ca * px - sa * py, sa * px + ca * py, pz]) + self.centre[:, None]
+        return pts.min(axis=1), pts.max(axis=1)
+
+    def signed_distance(self, dx: np.ndarray, dy: np.ndarray, dz: np.ndarray) -> np.ndarray:
+        """Approximate signed distance (mm) for offsets (dx, dy, dz) from ``centre``."""
+        ca, sa = np.float32(math.cos(self.angle)), np.float32(math.sin(self.angle))
+        rx, ry, rz = (np.float32(r) for r in self.radii)
+        qx, qy, qz = (ca * dx + sa * dy) / rx, (-sa * dx + ca * dy) / ry, dz / rz
+        rho = np.sqrt(qx * qx + qy * qy + qz * qz) + np.float32(1e-6)
+        r_mean = np.float32(float(np.prod(self.radii)) ** (1.0 / 3.0))
+        return (rho - self._margin(qx / rho, qy / rho, qz / rho)) * r_mean
+
+    def radius_along(self, d: np.ndarray) -> float:
+        """Ellipsoid radius (no harmonics) along unit direction ``d``."""
+        ca, sa = math.cos(self.angle), math.sin(self.angle)
+        q = np.array([ca * d[0] + sa * d[1], -sa * d[0] + ca * d[1], d[2]]) / self.radii
+        return float(1.0 / np.linalg.norm(q))
+
+
+def _blobs(lesion: LesionParams, rng: np.random.Generator) -> tuple[_Blob, _Blob | None]:
+    """The lesion and its soft-tissue extension (if any) as blobs."""
+    main = _Blob(
+        centre=np.asarray(lesion.centre_mm, dtype=np.float64),
+        radii=np.asarray(lesion.radii_mm, dtype=np.float64),
+        angle=lesion.angle_rad,
+        terms=((lesion.lobulation, _harmonics(rng, 6, (2.0, 4.5))), (lesion.ragged, _harmonics(rng, 8, (8.0, 16.0)))),
+    )
+    ext_terms = _harmonics(rng, 5, (2.5, 5.0))
+    if lesion.extension <= 0.0:
+        return main, None
+    d = np.asarray(lesion.extension_dir, dtype=np.float64)
+    d /= np.linalg.norm(d)
+    r_ext = lesion.extension * lesion.mean_radius_mm
+    centre = main.centre + d * (main.radius_along(d) + 0.2 * r_ext)
+    return main, _Blob(centre=centre, radii=np.array([r_ext, 0.8 * r_ext, 1.2 * r_ext]), angle=0.0, terms=((0.25, ext_terms),))
+
+
+def _box(grid: Grid, anat: AnatomyParams, lo: np.ndarray, hi: np.ndarray) -> tuple[slice, slice, slice]:
+    """Grid index box covering the patient-frame box [lo, hi] (all 8 corners, after the patient pose)."""
     c, s = math.cos(anat.rotation_rad), math.sin(anat.rotation_rad)
-    px, py, pz = lesion.centre_mm
-    world = (c * px - s * py + anat.shift_mm[0], s * px + c * py + anat.shift_mm[1], pz + anat.shift_mm[2])
-    box = []
+    corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
+    world = np.stack(
+        [c * corners[:, 0] - s * corners[:, 1], s * corners[:, 0] + c * corners[:, 1], corners[:, 2]], axis=1
+    ) + np.asarray(anat.shift_mm)
+    out = []
     for i in range(3):
-        lo = int(math.floor((world[i] - reach - grid.origin[i]) / grid.spacing[i]))
-        hi = int(math.ceil((world[i] + reach - grid.origin[i]) / grid.spacing[i])) + 1
-        box.append(slice(max(lo, 0), min(max(hi, 0), grid.shape[i])))
-    return box[0], box[1], box[2]
+        a = int(math.floor((world[:, i].min() - grid.origin[i]) / grid.spacing[i])) - 1
+        b = int(math.ceil((world[:, i].max() - grid.origin[i]) / grid.spacing[i])) + 2
+        out.append(slice(min(max(a, 0), grid.shape[i]), min(max(b, 0), grid.shape[i])))
+    return out[0], out[1], out[2]
 
 
 def render(grid: Grid, anat: AnatomyParams, lesion: LesionParams, rng: np.random.Generator) -> Rendered:
@@ -299,19 +370,26 @@ def render(grid: Grid, anat: AnatomyParams, lesion: LesionParams, rng: np.random
 
     # --- bone
     bone, canal, foramina = _bone_masks(xp, yp, zp, anat)
-    k = max(1, round(anat.cortex_mm / min(grid.spacing[:2])))
-    cortex = bone & ~ndi.binary_erosion(bone, iterations=k, border_value=1)
+    cortex = bone & ~ndi.binary_erosion(bone, border_value=1)
     density = _smooth_field(rng, shape, grid.spacing, 9.0)
     hu[bone] = anat.cancellous_hu * (1.0 + 0.12 * density[bone])
     hu[cortex] = anat.cortex_hu
     hu[canal] = CSF_HU
     hu[foramina] = anat.muscle_hu - 15.0
 
-    mask = np.zeros(shape, dtype=np.uint8)
-    box = _lesion_box(grid, anat, lesion)
+    # --- lesion
+    main, ext = _blobs(lesion, rng)
+    lo, hi = main.extent()
+    shell = max(lesion.permeative_mm, lesion.rim_mm, 1.6) + h
+    lo, hi = lo - shell, hi + shell
+    if ext is not None:
+        elo, ehi = ext.extent()
+        lo, hi = np.minimum(lo, elo - h), np.maximum(hi, ehi + h)
+    box = _box(grid, anat, lo, hi)
     if any(b.stop - b.start < 2 for b in box):
         raise ValueError(f"lesion at {lesion.centre_mm} mm lies outside the field of view")
-    _paint_lesion(hu, mask, box, (xp, yp, zp), bone, cortex, inner2d, grid, lesion, h, rng)
+    mask = np.zeros(shape, dtype=np.uint8)
+    _paint_lesion(hu, mask, box, (xp, yp, zp), (bone, cortex, inner2d), grid, lesion, (main, ext), rng)
     return Rendered(hu=hu, mask=mask, bone=bone)
 
 
@@ -320,64 +398,44 @@ def _paint_lesion(
     mask: np.ndarray,
     box: tuple[slice, slice, slice],
     coords: tuple[np.ndarray, np.ndarray, np.ndarray],
-    bone: np.ndarray,
-    cortex: np.ndarray,
-    inner2d: np.ndarray,
+    tissue: tuple[np.ndarray, np.ndarray, np.ndarray],
     grid: Grid,
     lesion: LesionParams,
-    h: float,
+    blobs: tuple[_Blob, _Blob | None],
     rng: np.random.Generator,
 ) -> None:
     """Draw the lesion, its shells and its soft-tissue extension into ``hu``/``mask`` (in place, box only)."""
     bxs, bys, bzs = box
     xp, yp, zp = coords
+    main, ext = blobs
+    h = float(np.prod(grid.spacing) ** (1.0 / 3.0))
     bshape = (bxs.stop - bxs.start, bys.stop - bys.start, bzs.stop - bzs.start)
-    dx = xp[bxs, bys, :] - np.float32(lesion.centre_mm[0])
-    dy = yp[bxs, bys, :] - np.float32(lesion.centre_mm[1])
-    dz = zp[:, :, bzs] - np.float32(lesion.centre_mm[2])
-    dx, dy, dz = np.broadcast_arrays(dx, dy, dz)
-    ca, sa = np.float32(math.cos(lesion.angle_rad)), np.float32(math.sin(lesion.angle_rad))
-    rx, ry, rz = (np.float32(r) for r in lesion.radii_mm)
-    qx, qy, qz = (ca * dx + sa * dy) / rx, (-sa * dx + ca * dy) / ry, dz / rz
-    rho = np.sqrt(qx * qx + qy * qy + qz * qz) + np.float32(1e-6)
-    ux, uy, uz = qx / rho, qy / rho, qz / rho
-    margin = (
-        1.0
-        + lesion.lobulation * _sphere_function(ux, uy, uz, _harmonics(rng, 7, (2.0, 4.5)))
-        + lesion.ragged * _sphere_function(ux, uy, uz, _harmonics(rng, 12, (8.0, 16.0)))
-    )
-    r_mean = np.float32(lesion.mean_radius_mm)
-    sd = (rho - np.maximum(margin, 0.35)) * r_mean  # approximate signed distance, mm
+    px, py, pz = np.broadcast_arrays(xp[bxs, bys, :], yp[bxs, bys, :], zp[:, :, bzs])
+    c0 = main.centre.astype(np.float32)
+    dx, dy, dz = px - c0[0], py - c0[1], pz - c0[2]
+    sd = main.signed_distance(dx, dy, dz)
 
-    b_bone = bone[box]
-    b_cortex = cortex[box]
-    b_body = inner2d[box]
+    b_bone, b_cortex, b_body = (t[box] for t in tissue)
     occ_les = _inside(sd, h) * b_body
 
     # Soft-tissue extension: a lobulated mass outside bone, seated on the lesion surface.
     occ_ext = np.zeros(bshape, dtype=np.float32)
-    d = np.asarray(lesion.extension_dir, dtype=np.float32)
-    d /= np.linalg.norm(d)
-    if lesion.extension > 0.0:
-        # Lesion radius along d (ellipsoid), then the mass centre a little beyond it.
-        dl = np.array([ca * d[0] + sa * d[1], -sa * d[0] + ca * d[1], d[2]]) / np.array([rx, ry, rz])
-        r_dir = float(1.0 / np.linalg.norm(dl))
-        r_ext = lesion.extension * float(r_mean)
-        ex, ey, ez = (dx - d[0] * (r_dir + 0.2 * r_ext), dy - d[1] * (r_dir + 0.2 * r_ext), dz - d[2] * (r_dir + 0.2 * r_ext))
-        erad = np.float32(r_ext)
-        erho = np.sqrt((ex / erad) ** 2 + (ey / (0.8 * erad)) ** 2 + (ez / (1.2 * erad)) ** 2) + np.float32(1e-6)
-        emargin = 1.0 + 0.25 * _sphere_function(ex / erho, ey / erho, ez / erho, _harmonics(rng, 6, (2.5, 5.0)))
-        esd = (erho - np.maximum(emargin, 0.35)) * erad
+    if ext is not None:
+        ce = ext.centre.astype(np.float32)
+        esd = ext.signed_distance(px - ce[0], py - ce[1], pz - ce[2])
         occ_ext = _inside(esd, h) * (~b_bone) * b_body * (1.0 - occ_les)
 
     # Breach: patches of the outer surface without neo-cortex, always where the mass leaves.
     outside = sd > 0
     integrity = np.ones(bshape, dtype=np.float32)
     if lesion.breach > 0.0:
-        wx, wy, wz = np.broadcast_arrays(dx / (rho * r_mean), dy / (rho * r_mean), dz / (rho * r_mean))
-        bfield = _sphere_function(ux, uy, uz, _harmonics(rng, 5, (1.5, 3.5)))
-        toward = np.clip((wx * d[0] + wy * d[1] + wz * d[2] - 0.4) / 0.4, 0.0, 1.0)
-        bfield = bfield - 3.0 * toward * np.float32(lesion.extension > 0.0)
+        dist = np.sqrt(dx * dx + dy * dy + dz * dz) + np.float32(1e-6)
+        wx, wy, wz = dx / dist, dy / dist, dz / dist
+        bfield = _sphere_function(wx, wy, wz, _harmonics(rng, 4, (1.5, 3.5)))
+        if ext is not None:
+            d = np.asarray(lesion.extension_dir, dtype=np.float32)
+            d /= np.linalg.norm(d)
+            bfield = bfield - 3.0 * np.clip((wx * d[0] + wy * d[1] + wz * d[2] - 0.4) / 0.4, 0.0, 1.0)
         thr = np.float32(ndtri(min(max(lesion.breach, 1e-3), 0.999)))
         integrity = np.clip((bfield - thr) / 0.3 + 0.5, 0.0, 1.0)
 
@@ -395,8 +453,17 @@ def _paint_lesion(
     if lesion.rim_hu > 0.0:
         out = out + lesion.rim_hu * _band(sd, 0.0, lesion.rim_mm, h) * (b_bone & ~b_cortex)
     # Expanded neo-cortex where the lesion leaves the bone (or crosses its cortex).
-    nc = _band(sd, 0.0, 1.6, h) * integrity * ((~b_bone) | b_cortex) * b_body * (1.0 - occ_ext)
-    out = out + nc * (0.8 * 1150.0 - out)
+    extra_osseous = ((~b_bone) | b_cortex) & b_body
+    nc = _band(sd, 0.0, 1.6, h) * integrity * extra_osseous * (1.0 - occ_ext)
+    out = out + nc * (lesion.neocortex_hu - out)
+    # Spiculated periosteal reaction: rays (a direction-only field) over the breached surface.
+    if lesion.spiculation > 0.0:
+        dist = np.sqrt(dx * dx + dy * dy + dz * dz) + np.float32(1e-6)
+        rays = _sphere_function(dx / dist, dy / dist, dz / dist, _harmonics(rng, 10, (18.0, 30.0)))
+        length = 2.0 + 6.0 * lesion.spiculation
+        ray_occ = np.clip((rays - 1.0) / 0.3, 0.0, 1.0) * _band(sd, 0.0, length, h) * (1.0 - integrity)
+        ray_occ = ray_occ * extra_osseous * np.float32(min(1.0, 1.5 * lesion.spiculation))
+        out = out + ray_occ * (lesion.spicule_hu - out)
     # Extension: soft tissue.
     out = out + occ_ext * (SOFT_HU + 6.0 * smooth - out)
     # Matrix: base density, necrosis, mineralisation as foci (blobs) or septa (sheets).

@@ -40,17 +40,16 @@ def ensure_cohort(cfg: ExperimentConfig, root: Path) -> Path:
 
 
 def _print_cohort(info: dict) -> None:  # type: ignore[type-arg]
-    for name, c in info.get("centres", {}).items():
+    for name, c in info.get("demographics", {}).items():
         print(f"  {name}: {c.get('patients')} patients ({c.get('benign')} benign / {c.get('malignant')} malignant)")
     for key in ("oracle_auc", "radiologist_auc", "handcrafted_lr_auc", "size_only_auc"):
         if key in info:
-            val = info[key]
-            print(f"  {key}: {val if not isinstance(val, dict) else json.dumps(val)}")
+            print(f"  {key}: {json.dumps(info[key])}")
 
 
 def cohort_sites(cohort_dir: Path) -> tuple[SiteConfig, ...]:
     info = json.loads((cohort_dir / "cohort.json").read_text())
-    return tuple(SiteConfig(name=name, data_dir=str(cohort_dir / name)) for name in info["centres"])
+    return tuple(SiteConfig(name=name, data_dir=str(cohort_dir / folder)) for name, folder in info["sites"].items())
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -98,12 +97,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         {"name": s.name, "data_dir": str(Path(s.data_dir).resolve()), "out_dir": str(run_dir / "sites" / s.name), "threads": cfg.train.threads}
         for s in cfg.sites
     ]
+    (run_dir / "simulation-sites.json").write_text(json.dumps(sim_sites, indent=2))
     run_config = {
         "config-path": str(run_dir / "config.yaml"),
         "run-dir": str(run_dir),
         "run-id": run_dir.name,
-        "sites": json.dumps([{"name": s.name, "role": s.role} for s in cfg.sites]),
-        "sim-sites": json.dumps(sim_sites),
+        "sim-sites-file": str(run_dir / "simulation-sites.json"),
         "expected-sites": len(cfg.sites),
     }
     federation = {

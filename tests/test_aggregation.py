@@ -1,0 +1,49 @@
+"""Aggregation maths against numpy, and the update guard."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.aggregation import coordinate_median, screen_updates, trimmed_mean, weighted_mean
+
+
+def test_weighted_mean_matches_numpy_average() -> None:
+    rng = np.random.default_rng(0)
+    vs = [rng.normal(size=50).astype(np.float32) for _ in range(4)]
+    w = [10, 30, 5, 55]
+    np.testing.assert_allclose(weighted_mean(vs, w), np.average(np.stack(vs), axis=0, weights=w), rtol=1e-6)
+
+
+def test_weighted_mean_of_float16_accumulates_in_float64() -> None:
+    vs = [np.full(3, 1.0009765625, np.float16), np.full(3, 1.0, np.float16)]
+    out = weighted_mean(vs, [1, 1])
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, 1.00048828125)
+
+
+def test_median_and_trimmed_mean_match_numpy() -> None:
+    rng = np.random.default_rng(1)
+    vs = [rng.normal(size=20) for _ in range(5)]
+    np.testing.assert_allclose(coordinate_median(vs), np.median(np.stack(vs), axis=0), rtol=1e-6)
+    s = np.sort(np.stack(vs), axis=0)
+    np.testing.assert_allclose(trimmed_mean(vs, 0.2), s[1:4].mean(axis=0), rtol=1e-6)
+
+
+def test_screen_drops_nan_wrong_shape_and_outsized_updates_with_reasons() -> None:
+    ref = np.zeros(10, np.float32)
+    good = [np.full(10, 0.1, np.float32), np.full(10, 0.12, np.float32), np.full(10, 0.09, np.float32)]
+    nan = np.full(10, 0.1, np.float32)
+    nan[3] = np.nan
+    big = np.full(10, 100.0, np.float32)
+    short = np.zeros(9, np.float32)
+    screen = screen_updates([*good, nan, big, short], ref, norm_bound_factor=10.0, names=["a", "b", "c", "nan", "big", "short"])
+    assert screen.kept == (0, 1, 2)
+    assert "non-finite" in screen.dropped[3] and screen.dropped[3].startswith("nan:")
+    assert "norm" in screen.dropped[4] and screen.dropped[4].startswith("big:")
+    assert "shape" in screen.dropped[5]
+
+
+def test_screen_keeps_everything_normal() -> None:
+    ref = np.ones(5, np.float32)
+    vs = [ref + d for d in (0.1, 0.2, 0.15, 0.12)]
+    assert screen_updates(vs, ref, norm_bound_factor=10.0).kept == (0, 1, 2, 3)

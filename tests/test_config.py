@@ -1,0 +1,62 @@
+"""Config parsing: presets load, bad keys and values are named, roles follow the plan."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, SiteConfig, from_dict, load_config, to_dict, with_sites
+
+
+@pytest.mark.parametrize("name", ["quick", "study", "tiny"])
+def test_presets_load_and_round_trip(name: str) -> None:
+    cfg = load_config(name)
+    assert cfg.name == name
+    assert from_dict(to_dict(cfg)) == cfg
+    assert len(cfg.digest()) == 16
+
+
+def test_study_preset_has_the_papers_hyperparameters() -> None:
+    cfg = load_config("study")
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.epochs) == (20, 1e-4, 50)
+    assert cfg.preprocess.d2.size == 224 and cfg.folds == 5 and cfg.plan == "study"
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("base: quick\ntrain:\n  batchsize: 4\n")
+    with pytest.raises(ConfigError, match=r"train\.batchsize: unknown key"):
+        load_config(f)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "pattern"),
+    [
+        ("train: {lr: fast}", r"train\.lr: expected a number"),
+        ("plan: everything", r"plan: 'everything' is not one of"),
+        ("folds: 1", r"folds: must be at least 2"),
+        ("evaluation: {score_mapping: [0.1, 0.2]}", r"score_mapping: needs 9"),
+        ("dp: {enabled: true}", r"BatchNorm is not compatible with DP-SGD"),
+    ],
+)
+def test_bad_values_are_named(tmp_path: Path, yaml_text: str, pattern: str) -> None:
+    f = tmp_path / "bad.yaml"
+    f.write_text("base: quick\n" + yaml_text + "\n")
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(f)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_roles_follow_the_plan() -> None:
+    sites = (SiteConfig("centre1"), SiteConfig("centre2"), SiteConfig("centre3"))
+    study = with_sites(load_config("study"), sites)
+    assert [s.role for s in study.sites] == ["train", "external", "external"]
+    fed = with_sites(load_config("quick"), sites)
+    assert [s.role for s in fed.sites] == ["train", "train", "train"]
+    marked = with_sites(load_config("quick", {"external_sites": ["centre3"]}), sites)
+    assert [s.role for s in marked.sites] == ["train", "train", "external"]
