@@ -211,7 +211,7 @@ class SiteRunner:
             for kind in kinds:
                 if kind == "radiologist":
                     continue
-                per_fold = [self._stored(kind, k)["external"][1] for k in range(self.cfg.folds)]
+                per_fold = [self._stored(kind, k)["external"][1] for k in self.cfg.active_folds]
                 scores[kind] = np.mean(per_fold, axis=0)
         else:
             assert fold is not None
@@ -240,7 +240,7 @@ class SiteRunner:
         for name, weights in candidates.items():
             members = tuple(name.split("+"))
             total: list[ClassHistogram | None] = [None] * len(weights)
-            for k in range(self.cfg.folds):
+            for k in self.cfg.active_folds:
                 y, scores = self.score_table("val", k, members)
                 probs = np.stack([scores[m] for m in members], axis=1)
                 for i, w in enumerate(weights):
@@ -256,7 +256,7 @@ class SiteRunner:
         """Histograms of every score on internal-test folds (training site) or external patients."""
         kinds = ("densenet3d", "densenet2d", "radiologist")
         enabled = tuple(k for k in kinds if k == "radiologist" or getattr(self.cfg.models, k).enabled)
-        subsets = ["external"] if role == "external" else [f"fold{k}" for k in range(self.cfg.folds)]
+        subsets = ["external"] if role == "external" else [f"fold{k}" for k in self.cfg.active_folds]
         out: dict[str, np.ndarray] = {}
         for subset in subsets:
             split, fold = ("external", None) if subset == "external" else ("test", int(subset[4:]))

@@ -199,6 +199,7 @@ class ExperimentConfig:
     seed: int = 0
     plan: Plan = "federated"
     folds: int = 5
+    run_folds: tuple[int, ...] = ()
     val_fraction: float = 0.2
     cohort: CohortConfig = field(default_factory=CohortConfig)
     sites: tuple[SiteConfig, ...] = ()
@@ -213,6 +214,7 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         _check(self.folds >= 2, "folds", "must be at least 2")
+        _check(all(0 <= k < self.folds for k in self.run_folds), "run_folds", f"fold numbers must be in 0..{self.folds - 1}")
         _check(0.0 < self.val_fraction < 1.0, "val_fraction", "must be in (0, 1)")
         _check(self.preprocess.d3.size >= 8, "preprocess.d3.size", "must be at least 8")
         _check(self.preprocess.d2.size >= 16, "preprocess.d2.size", "must be at least 16")
@@ -241,6 +243,11 @@ class ExperimentConfig:
                     f"models.{key}.norm",
                     "BatchNorm is not compatible with DP-SGD: use 'group'",
                 )
+
+    @property
+    def active_folds(self) -> tuple[int, ...]:
+        """The folds this run trains (``run_folds``, or all of them): e.g. one fold for a smoke test."""
+        return self.run_folds or tuple(range(self.folds))
 
     def digest(self) -> str:
         """Stable short hash of the whole config, stored with checkpoints."""

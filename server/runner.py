@@ -265,7 +265,7 @@ class PlanRunner:
             raise FederationError(f"no training site available (unavailable: {self.unavailable})")
         kinds: list[ModelKind] = [k for k in ("densenet3d", "densenet2d") if getattr(self.cfg.models, k).enabled]  # type: ignore[misc]
         for kind in kinds:
-            for fold in range(self.cfg.folds):
+            for fold in self.cfg.active_folds:
                 best = self.train_fold(kind, fold)
                 self.selected.setdefault(kind, {})[fold] = best
                 self.predict_fold(kind, fold, best)

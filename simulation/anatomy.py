@@ -448,21 +448,24 @@ def _paint_lesion(
     if lesion.permeative_mm > 0.0 and lesion.hole_fraction > 0.0:
         depth = np.clip(1.0 - sd / lesion.permeative_mm, 0.0, 1.0) * outside
         holes = (fine < ndtri(lesion.hole_fraction)) & (depth > 0) & b_bone
-        out = np.where(holes, out + depth * (SOFT_HU - out), out)
+        # Reactive sclerosis between the holes keeps the zone's mean density (mixed lytic-sclerotic).
+        sclerosis = lesion.hole_fraction / (1.0 - lesion.hole_fraction) * np.maximum(out - SOFT_HU, 0.0)
+        out = np.where(holes, out + depth * (SOFT_HU - out), out + depth * sclerosis * b_bone)
     # Sclerotic rim inside the bone.
     if lesion.rim_hu > 0.0:
         out = out + lesion.rim_hu * _band(sd, 0.0, lesion.rim_mm, h) * (b_bone & ~b_cortex)
     # Expanded neo-cortex where the lesion leaves the bone (or crosses its cortex).
     extra_osseous = ((~b_bone) | b_cortex) & b_body
-    nc = _band(sd, 0.0, 1.6, h) * integrity * extra_osseous * (1.0 - occ_ext)
+    nc = _band(sd, 0.0, 1.2, h) * integrity * extra_osseous * (1.0 - occ_ext)
     out = out + nc * (lesion.neocortex_hu - out)
     # Spiculated periosteal reaction: rays (a direction-only field) over the breached surface.
     if lesion.spiculation > 0.0:
         dist = np.sqrt(dx * dx + dy * dy + dz * dz) + np.float32(1e-6)
         rays = _sphere_function(dx / dist, dy / dist, dz / dist, _harmonics(rng, 10, (18.0, 30.0)))
         length = 2.0 + 6.0 * lesion.spiculation
-        ray_occ = np.clip((rays - 1.0) / 0.3, 0.0, 1.0) * _band(sd, 0.0, length, h) * (1.0 - integrity)
-        ray_occ = ray_occ * extra_osseous * np.float32(min(1.0, 1.5 * lesion.spiculation))
+        thr = np.float32(1.2 - 1.2 * lesion.spiculation)
+        ray_occ = np.clip((rays - thr) / 0.3, 0.0, 1.0) * _band(sd, 0.0, length, h) * (1.0 - integrity)
+        ray_occ = ray_occ * extra_osseous
         out = out + ray_occ * (lesion.spicule_hu - out)
     # Extension: soft tissue.
     out = out + occ_ext * (SOFT_HU + 6.0 * smooth - out)

@@ -74,7 +74,7 @@ def evaluate_setting(cfg: ExperimentConfig, train_sites: Sequence[SiteData], ext
     for name in models:
         y_all, p_all, fold_metrics, selection = [], [], [], []
         ext_probs = []
-        for k in range(cfg.folds):
+        for k in cfg.active_folds:
             idx = _fold_indices(train_sites, pool, k)
             if name == "radiomics":
                 lr = radiomics.fit(pool, idx["train"], seed=cfg.seed)

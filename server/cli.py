@@ -1,0 +1,122 @@
+"""``flower-server``: the coordinating site's command.
+
+``run`` starts a Flower SuperLink (TLS unless ``--insecure``), launches the
+experiment plan on it with ``flwr run``, waits for the hospitals' SuperNodes,
+and stops the SuperLink when the run ends.  It exits non-zero when the run
+did not produce its ``summary.json`` (``flwr run --stream`` itself can exit
+0 on a failed run).  ``certs`` makes the federation's CA and server
+certificate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("flower-server")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from .certs import make_certificates
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    paths = make_certificates(Path(args.out), hosts=hosts, days=args.days)
+    print(f"CA certificate (give to every hospital): {paths.ca_cert}")
+    print(f"server certificate for {', '.join(hosts)}: {paths.server_cert}")
+    print(f"private keys (keep at the coordinating site, mode 0600): {paths.ca_key}, {paths.server_key}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from common.config import ConfigError, load_config, to_dict
+
+    from .certs import existing
+    from .superlink import SuperLinkSpec, TLSFiles, flwr_run, superlink, write_connection
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    tls = None
+    if not args.insecure:
+        if not args.certs:
+            print("error: TLS is on by default: give --certs DIR (see `flower-server certs`) or --insecure", file=sys.stderr)
+            return 2
+        try:
+            c = existing(Path(args.certs))
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        tls = TLSFiles(ca_cert=c.ca_cert.resolve(), cert=c.server_cert.resolve(), key=c.server_key.resolve())
+    run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}-server").resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    spec = SuperLinkSpec(host=args.host, port=args.port, tls=tls)
+    flwr_home = run_dir / "flower"
+    expected = args.expected_sites or len(cfg.sites) or 1
+    run_config = {
+        "config-path": str(run_dir / "config.yaml"),
+        "run-dir": str(run_dir),
+        "run-id": run_dir.name,
+        "expected-sites": expected,
+        "discovery-timeout": float(args.discovery_timeout),
+    }
+    print(f"flower-server: SuperLink on {spec.address} ({'TLS' if tls else 'INSECURE'}); waiting for {expected} site(s); run folder {run_dir}", flush=True)
+    t0 = time.perf_counter()
+    with superlink(spec, flwr_home):
+        connect = SuperLinkSpec(host="127.0.0.1" if args.host in ("0.0.0.0", "") else args.host, port=args.port, tls=tls)
+        write_connection(flwr_home, "federation", connect)
+        rc = flwr_run(REPO, flwr_home, "federation", run_config, run_dir / "flower.log", timeout_s=args.run_timeout or None)
+    summary = run_dir / "summary.json"
+    if rc != 0 or not summary.is_file():
+        print(f"error: the run failed (flwr exit code {rc}, summary {'present' if summary.is_file() else 'missing'}); see {run_dir / 'flower.log'}", file=sys.stderr)
+        return 1
+    data = json.loads(summary.read_text())
+    print(f"flower-server: run finished in {time.perf_counter() - t0:.0f} s; sites: {', '.join(data.get('sites', {}))}")
+    print(summary)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flower-server", description="Coordinating site of the federated sacral tumour study.")
+    p.add_argument("--log-level", default="WARNING")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    r = sub.add_parser("run", help="start the SuperLink and run the experiment plan")
+    r.add_argument("--config", required=True, help="experiment YAML or preset name")
+    r.add_argument("--run-dir", help="results folder (default: a new folder under runs/)")
+    r.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on")
+    r.add_argument("--port", type=int, default=9092, help="the SuperLink's port (hospitals connect here)")
+    r.add_argument("--certs", help="folder with ca.crt, server.crt, server.key (TLS, the default)")
+    r.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
+    r.add_argument("--expected-sites", type=int, default=0, help="wait for this many sites (default: the config's sites)")
+    r.add_argument("--discovery-timeout", type=float, default=300.0, help="seconds to wait for the sites to connect")
+    r.add_argument("--run-timeout", type=float, default=0.0, help="give up on the whole run after this many seconds")
+    r.set_defaults(handler=cmd_run)
+    c = sub.add_parser("certs", help="make the federation's CA and the server certificate")
+    c.add_argument("--out", required=True)
+    c.add_argument("--hosts", default="localhost,127.0.0.1", help="names/addresses hospitals use to reach the server")
+    c.add_argument("--days", type=int, default=365)
+    c.set_defaults(handler=cmd_certs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "handler", None):
+        parser.print_help(sys.stderr)
+        return 2
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
