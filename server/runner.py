@@ -271,10 +271,19 @@ class PlanRunner:
                 self.predict_fold(kind, fold, best)
         fitted = self.fit_ensembles()
         final = self.final_statistics(fitted)
+        self.save_statistics(final)
         summary = self.summary(final, fitted, time.perf_counter() - t0)
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("summary written to %s", self.run_dir / "summary.json")
         return summary
+
+    def save_statistics(self, final: dict[str, dict[str, ClassHistogram]]) -> Path:
+        """Pooled grid statistics (never per patient) for the report: ``stats/final.npz``."""
+        path = self.run_dir / "stats" / "final.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        flat = {f"{score}/{subset}/{k}": v for score, subsets in final.items() for subset, h in subsets.items() for k, v in h.to_arrays().items()}
+        np.savez_compressed(path, **flat)  # type: ignore[arg-type]
+        return path
 
     def summary(self, final: dict[str, dict[str, ClassHistogram]], fitted: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
         thr = self.cfg.evaluation.threshold

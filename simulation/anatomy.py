@@ -148,7 +148,9 @@ def sacrum_half_thickness(x: np.ndarray | float, u: np.ndarray | float, anat: An
     return anat.sacrum_thickness_scale * (8.0 + 9.0 * u) * (1.0 - 0.5 * rel * rel)
 
 
-def lesion_site(anat: AnatomyParams, x_frac: float, level: float, y_frac: float) -> tuple[float, float, float]:
+def lesion_site(
+    anat: AnatomyParams, x_frac: float, level: float, y_frac: float
+) -> tuple[float, float, float]:
     """Patient-frame point inside the sacrum from relative coordinates.
 
     ``x_frac`` in [-1, 1] of the half-width, ``level`` u in [0, 1], ``y_frac`` in
@@ -162,28 +164,38 @@ def lesion_site(anat: AnatomyParams, x_frac: float, level: float, y_frac: float)
 
 
 # ---------------------------------------------------------------- random fields
-def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...], cell_mm: float) -> np.ndarray:
+def _smooth_field(
+    rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...], cell_mm: float
+) -> np.ndarray:
     """Unit-variance smooth random field, linearly interpolated from a ``cell_mm`` lattice.
 
     Separable interpolation matrices keep it cheap on a whole volume (no
     per-voxel filtering at full resolution).
     """
-    coarse_shape = tuple(int(math.ceil(n * s / cell_mm)) + 2 for n, s in zip(shape, spacing, strict=True))
+    coarse_shape = tuple(math.ceil(n * s / cell_mm) + 2 for n, s in zip(shape, spacing, strict=True))
     coarse = ndi.gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32), 0.7, mode="wrap")
     coarse /= max(float(coarse.std()), 1e-6)
-    out = coarse
-    for axis, (n, s) in enumerate(zip(shape, spacing, strict=True)):
+
+    def weights(axis: int) -> np.ndarray:
+        n, s = shape[axis], spacing[axis]
         pos = np.arange(n, dtype=np.float32) * s / cell_mm + 0.5
         lo = np.floor(pos).astype(np.int64)
         frac = pos - lo
-        weights = np.zeros((n, coarse_shape[axis]), dtype=np.float32)
-        weights[np.arange(n), lo] = 1.0 - frac
-        weights[np.arange(n), lo + 1] = frac
-        out = np.moveaxis(np.tensordot(weights, np.moveaxis(out, axis, 0), axes=(1, 0)), 0, axis)
-    return np.ascontiguousarray(out, dtype=np.float32)
+        w = np.zeros((n, coarse_shape[axis]), dtype=np.float32)
+        w[np.arange(n), lo] = 1.0 - frac
+        w[np.arange(n), lo + 1] = frac
+        return w
+
+    # x and y on the small coarse array, then z as one contiguous matrix product at full size.
+    out = np.einsum("ia,abc->ibc", weights(0), coarse)
+    out = np.matmul(weights(1)[None], out)
+    full = out.reshape(-1, coarse_shape[2]) @ weights(2).T
+    return full.reshape(shape).astype(np.float32, copy=False)
 
 
-def _fine_field(rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...], sigma_mm: float) -> np.ndarray:
+def _fine_field(
+    rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...], sigma_mm: float
+) -> np.ndarray:
     """Unit-variance Gaussian-filtered white noise with correlation length ``sigma_mm``."""
     field = ndi.gaussian_filter(
         rng.standard_normal(shape, dtype=np.float32), [sigma_mm / s for s in spacing], mode="reflect"
@@ -196,10 +208,16 @@ def _harmonics(rng: np.random.Generator, n_terms: int, freq: tuple[float, float]
     """Random directions, frequencies and phases of a smooth function on the unit sphere."""
     v = rng.standard_normal((n_terms, 3))
     v /= np.linalg.norm(v, axis=1, keepdims=True)
-    return v.astype(np.float32), rng.uniform(*freq, n_terms).astype(np.float32), rng.uniform(0, 2 * np.pi, n_terms)
+    return (
+        v.astype(np.float32),
+        rng.uniform(*freq, n_terms).astype(np.float32),
+        rng.uniform(0, 2 * np.pi, n_terms),
+    )
 
 
-def _sphere_function(ux: np.ndarray, uy: np.ndarray, uz: np.ndarray, terms: tuple[np.ndarray, ...]) -> np.ndarray:
+def _sphere_function(
+    ux: np.ndarray, uy: np.ndarray, uz: np.ndarray, terms: tuple[np.ndarray, ...]
+) -> np.ndarray:
     """Evaluate a harmonic sum (unit variance) at unit directions (ux, uy, uz)."""
     v, f, phi = terms
     acc = np.zeros(np.broadcast_shapes(ux.shape, uy.shape, uz.shape), dtype=np.float32)
@@ -253,16 +271,20 @@ def _bone_masks(
     # Iliac wings: plates sloping antero-laterally beyond a 3 mm sacro-iliac joint, cranial levels only.
     lateral = np.abs(xp) - w
     y_il = sacrum_centre_y(w, u) + 0.45 * lateral - 2.0
-    ilium = (lateral > 3.0) & (lateral < 80.0) & (np.abs(yp - y_il) < 9.0 + 6.0 * u - 0.06 * lateral) & (u > 0.4)
-    t0 = sacrum_half_thickness(np.float32(0.0), u, anat)
-    yc0 = sacrum_centre_y(np.float32(0.0), u)
+    ilium = (
+        (lateral > 3.0) & (lateral < 80.0) & (np.abs(yp - y_il) < 9.0 + 6.0 * u - 0.06 * lateral) & (u > 0.4)
+    )
+    t0 = sacrum_half_thickness(0.0, u, anat)
+    yc0 = sacrum_centre_y(0.0, u)
     canal = (xp / (9.0 + 5.0 * u)) ** 2 + ((yp - yc0 + 0.45 * t0) / (3.5 + 3.0 * u)) ** 2 < 1.0
+    # Paired anterior foramina: cylinders along y at four levels (only the slices they cross).
     foramina = np.zeros(np.broadcast_shapes(xp.shape, zp.shape), dtype=bool)
     for zf in (-42.0, -17.0, 8.0, 33.0):
-        uf = float(sacral_level(zf))
-        xf = 0.5 * float(sacrum_half_width(uf, anat))
-        for sign in (-1.0, 1.0):
-            foramina |= (xp - sign * xf) ** 2 + (zp - zf) ** 2 < 4.5**2
+        xf = 0.5 * float(sacrum_half_width(sacral_level(zf), anat))
+        k = np.nonzero(np.abs(zp[0, 0] - zf) < 4.5)[0]
+        if k.size:
+            dz2 = (zp[:, :, k] - zf) ** 2
+            foramina[:, :, k] = (np.abs(xp) - xf) ** 2 + dz2 < 4.5**2
     bone = (sacrum | ilium) & ~canal & ~(foramina & sacrum)
     return bone, canal & sacrum, foramina & sacrum
 
@@ -289,7 +311,9 @@ class _Blob:
         k = np.arange(n) + 0.5
         polar = np.arccos(1.0 - 2.0 * k / n)
         azim = np.pi * (1.0 + 5.0**0.5) * k
-        u = np.stack([np.sin(polar) * np.cos(azim), np.sin(polar) * np.sin(azim), np.cos(polar)]).astype(np.float32)
+        u = np.stack([np.sin(polar) * np.cos(azim), np.sin(polar) * np.sin(azim), np.cos(polar)]).astype(
+            np.float32
+        )
         g = self._margin(u[0], u[1], u[2]) * np.float32(1.03)
         ca, sa = math.cos(self.angle), math.sin(self.angle)
         px, py, pz = u[0] * self.radii[0] * g, u[1] * self.radii[1] * g, u[2] * self.radii[2] * g
@@ -318,7 +342,10 @@ def _blobs(lesion: LesionParams, rng: np.random.Generator) -> tuple[_Blob, _Blob
         centre=np.asarray(lesion.centre_mm, dtype=np.float64),
         radii=np.asarray(lesion.radii_mm, dtype=np.float64),
         angle=lesion.angle_rad,
-        terms=((lesion.lobulation, _harmonics(rng, 6, (2.0, 4.5))), (lesion.ragged, _harmonics(rng, 8, (8.0, 16.0)))),
+        terms=(
+            (lesion.lobulation, _harmonics(rng, 6, (2.0, 4.5))),
+            (lesion.ragged, _harmonics(rng, 8, (8.0, 16.0))),
+        ),
     )
     ext_terms = _harmonics(rng, 5, (2.5, 5.0))
     if lesion.extension <= 0.0:
@@ -327,7 +354,12 @@ def _blobs(lesion: LesionParams, rng: np.random.Generator) -> tuple[_Blob, _Blob
     d /= np.linalg.norm(d)
     r_ext = lesion.extension * lesion.mean_radius_mm
     centre = main.centre + d * (main.radius_along(d) + 0.2 * r_ext)
-    return main, _Blob(centre=centre, radii=np.array([r_ext, 0.8 * r_ext, 1.2 * r_ext]), angle=0.0, terms=((0.25, ext_terms),))
+    return main, _Blob(
+        centre=centre,
+        radii=np.array([r_ext, 0.8 * r_ext, 1.2 * r_ext]),
+        angle=0.0,
+        terms=((0.25, ext_terms),),
+    )
 
 
 def _box(grid: Grid, anat: AnatomyParams, lo: np.ndarray, hi: np.ndarray) -> tuple[slice, slice, slice]:
@@ -339,8 +371,8 @@ def _box(grid: Grid, anat: AnatomyParams, lo: np.ndarray, hi: np.ndarray) -> tup
     ) + np.asarray(anat.shift_mm)
     out = []
     for i in range(3):
-        a = int(math.floor((world[:, i].min() - grid.origin[i]) / grid.spacing[i])) - 1
-        b = int(math.ceil((world[:, i].max() - grid.origin[i]) / grid.spacing[i])) + 2
+        a = math.floor((world[:, i].min() - grid.origin[i]) / grid.spacing[i]) - 1
+        b = math.ceil((world[:, i].max() - grid.origin[i]) / grid.spacing[i]) + 2
         out.append(slice(min(max(a, 0), grid.shape[i]), min(max(b, 0), grid.shape[i])))
     return out[0], out[1], out[2]
 

@@ -100,7 +100,9 @@ def read(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Continuous standardised readings of one reader: (session 1 without AI, session 2 with AI)."""
     n1 = rng.standard_normal(evidence.shape)
-    n2 = SESSION_CORRELATION * n1 + math.sqrt(1 - SESSION_CORRELATION**2) * rng.standard_normal(evidence.shape)
+    n2 = SESSION_CORRELATION * n1 + math.sqrt(1 - SESSION_CORRELATION**2) * rng.standard_normal(
+        evidence.shape
+    )
     s_r = profile.within_sd()
     own1 = (evidence + profile.image_noise * n1 + profile.clinical_weight * clinical) / s_r
     own2 = (evidence + profile.image_noise * n2 + profile.clinical_weight * clinical) / s_r

@@ -47,7 +47,7 @@ import os
 import shutil
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +122,9 @@ class CentreSpec:
         if not self.name or "/" in self.name or self.name.startswith("."):
             raise CohortError(f"{where}: the name must be a plain folder name")
         if self.benign < 0 or self.malignant < 0 or self.benign + self.malignant == 0:
-            raise CohortError(f"{where}: needs a positive number of patients (benign={self.benign}, malignant={self.malignant})")
+            raise CohortError(
+                f"{where}: needs a positive number of patients (benign={self.benign}, malignant={self.malignant})"
+            )
         if len(self.shape) != 3 or min(self.shape) < 16:
             raise CohortError(f"{where}: shape {self.shape} must be three sizes >= 16")
         if len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0:
@@ -130,7 +132,9 @@ class CentreSpec:
         code = self.orientation.upper()
         axes = sorted(i for c in code for i, letters in enumerate(AXIS_LETTERS) if c in letters)
         if len(code) != 3 or axes != [0, 1, 2]:
-            raise CohortError(f"{where}: orientation {self.orientation!r} is not an axis code like 'RAS' or 'LPS'")
+            raise CohortError(
+                f"{where}: orientation {self.orientation!r} is not an axis code like 'RAS' or 'LPS'"
+            )
         if not self.age_min <= self.age_mean <= self.age_max or self.age_sd <= 0:
             raise CohortError(f"{where}: ages need min <= mean <= max and sd > 0")
         if not 0.0 <= self.male_fraction <= 1.0:
@@ -154,24 +158,33 @@ class CentreSpec:
     def fov_bounds(self) -> tuple[tuple[float, float], ...]:
         """Patient-frame extent (mm) of the field of view along x, y, z."""
         return tuple(
-            (self.fov_centre_mm[i] - self.shape[i] * self.spacing_mm[i] / 2.0,
-             self.fov_centre_mm[i] + self.shape[i] * self.spacing_mm[i] / 2.0)
+            (
+                self.fov_centre_mm[i] - self.shape[i] * self.spacing_mm[i] / 2.0,
+                self.fov_centre_mm[i] + self.shape[i] * self.spacing_mm[i] / 2.0,
+            )
             for i in range(3)
         )
 
     def scaled(self, scale: float) -> CentreSpec:
-        """This centre with both classes shrunk by ``scale``, floored at ``MIN_PER_CLASS`` each."""
+        """This centre with both classes multiplied by ``scale``.
+
+        A shrunk cohort (``scale`` < 1) keeps at least ``MIN_PER_CLASS`` per
+        class, enough for fivefold CV with an 8:2 train/validation split;
+        ``scale`` >= 1 keeps the exact multiple (so the study's centre 3, with
+        9 benign patients, stays at 9 at ``scale`` 1).
+        """
         if not math.isfinite(scale) or scale < 0:
             raise CohortError(f"scale must be a finite number >= 0, got {scale!r}")
+        floor = MIN_PER_CLASS if scale < 1.0 else 0
         return dataclasses.replace(
             self,
-            benign=max(MIN_PER_CLASS, _round_half_up(scale * self.benign)),
-            malignant=max(MIN_PER_CLASS, _round_half_up(scale * self.malignant)),
+            benign=max(floor, _round_half_up(scale * self.benign)),
+            malignant=max(floor, _round_half_up(scale * self.malignant)),
         )
 
 
 def _round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
+    return math.floor(x + 0.5)
 
 
 def default_centres(scale: float = 1.0) -> tuple[CentreSpec, ...]:
@@ -184,22 +197,60 @@ def default_centres(scale: float = 1.0) -> tuple[CentreSpec, ...]:
     """
     full = (
         CentreSpec(
-            "centre1", 129, 385, hu_offset=0.0, hu_scale=1.0, noise_sd=16.0, blur_sigma_mm=0.8,
-            spacing_mm=(1.5, 1.5, 2.5), shape=(136, 112, 48), orientation="LAS",
+            "centre1",
+            129,
+            385,
+            hu_offset=0.0,
+            hu_scale=1.0,
+            noise_sd=16.0,
+            blur_sigma_mm=0.8,
+            spacing_mm=(1.5, 1.5, 2.5),
+            shape=(136, 112, 48),
+            orientation="LAS",
             table_mm=(2.0, -148.0, -812.5),
-            age_mean=42.0, age_sd=16.0, age_min=6.0, age_max=81.0, male_fraction=276 / 514,
+            age_mean=42.0,
+            age_sd=16.0,
+            age_min=6.0,
+            age_max=81.0,
+            male_fraction=276 / 514,
         ),
         CentreSpec(
-            "centre2", 10, 18, hu_offset=28.0, hu_scale=1.03, noise_sd=26.0, blur_sigma_mm=0.5,
-            spacing_mm=(1.2, 1.2, 3.0), shape=(150, 128, 40), orientation="LPS",
+            "centre2",
+            10,
+            18,
+            hu_offset=28.0,
+            hu_scale=1.03,
+            noise_sd=26.0,
+            blur_sigma_mm=0.5,
+            spacing_mm=(1.2, 1.2, 3.0),
+            shape=(150, 128, 40),
+            orientation="LPS",
             table_mm=(-3.0, -171.0, -1130.0),
-            age_mean=47.8, age_sd=17.0, age_min=13.0, age_max=82.0, male_fraction=14 / 28, external=True,
+            age_mean=47.8,
+            age_sd=17.0,
+            age_min=13.0,
+            age_max=82.0,
+            male_fraction=14 / 28,
+            external=True,
         ),
         CentreSpec(
-            "centre3", 9, 18, hu_offset=-22.0, hu_scale=0.96, noise_sd=10.0, blur_sigma_mm=1.2,
-            spacing_mm=(2.0, 2.0, 1.5), shape=(100, 84, 80), orientation="RAI",
+            "centre3",
+            9,
+            18,
+            hu_offset=-22.0,
+            hu_scale=0.96,
+            noise_sd=10.0,
+            blur_sigma_mm=1.2,
+            spacing_mm=(2.0, 2.0, 1.5),
+            shape=(100, 84, 80),
+            orientation="RAI",
             table_mm=(0.0, 95.0, 410.0),
-            age_mean=47.8, age_sd=17.0, age_min=13.0, age_max=82.0, male_fraction=13 / 27, external=True,
+            age_mean=47.8,
+            age_sd=17.0,
+            age_min=13.0,
+            age_max=82.0,
+            male_fraction=13 / 27,
+            external=True,
         ),
     )
     return tuple(c.scaled(scale) for c in full)
@@ -276,7 +327,9 @@ def _anatomy(rng: np.random.Generator, spec: CentreSpec, age: int, sex: str) -> 
         body_axes_mm=(float(160.0 * habitus * (1.03 if male else 1.0)), float(115.0 * habitus)),
         body_centre_y_mm=float(22.0 + rng.normal(0.0, 4.0)),
         fat_mm=float(rng.uniform(12.0, 24.0) + (0.0 if male else 6.0)),
-        sacrum_width_scale=float(np.clip(1.0 + 0.06 * rng.standard_normal() + (0.0 if male else 0.04), 0.85, 1.2)),
+        sacrum_width_scale=float(
+            np.clip(1.0 + 0.06 * rng.standard_normal() + (0.0 if male else 0.04), 0.85, 1.2)
+        ),
         sacrum_thickness_scale=float(np.clip(1.0 + 0.07 * rng.standard_normal(), 0.85, 1.2)),
         cortex_mm=float(rng.uniform(1.5, 2.5)),
         cancellous_hu=float(np.clip(300.0 - 2.0 * (age - 30.0) + rng.normal(0.0, 25.0), 130.0, 420.0)),
@@ -291,9 +344,15 @@ def _lesion(
 ) -> LesionParams:
     """Map feature malignancies (0-1) plus nuisance draws to lesion parameters that fit the FOV."""
     # Size: follows the evidence only weakly (size-only AUC ~0.6-0.7 with the extension included).
-    diameter = float(np.clip(math.exp(math.log(46.0) + 0.04 * evidence + 0.28 * rng.standard_normal()), 22.0, 92.0))
+    diameter = float(
+        np.clip(math.exp(math.log(46.0) + 0.04 * evidence + 0.28 * rng.standard_normal()), 22.0, 92.0)
+    )
     r = diameter / 2.0
-    radii = [r * (1.0 + 0.10 * rng.standard_normal()), r * (0.88 + 0.08 * rng.standard_normal()), r * (1.08 + 0.10 * rng.standard_normal())]
+    radii = [
+        r * (1.0 + 0.10 * rng.standard_normal()),
+        r * (0.88 + 0.08 * rng.standard_normal()),
+        r * (1.08 + 0.10 * rng.standard_normal()),
+    ]
     radii = [float(np.clip(v, 0.6 * r, 1.4 * r)) for v in radii]
     lobulation = 0.03 + 0.22 * s["margin"] + 0.02 * abs(rng.standard_normal())
     ragged = 0.01 + 0.07 * s["margin"] ** 2
@@ -310,7 +369,12 @@ def _lesion(
     radii[2] = float(min(radii[2], (min(zhi - z0, z0 - zlo) - 6.0) / grow))
     x_room = max((xhi - xlo) / 2.0 - 8.0 - radii[0] * grow, 0.0)
     x_frac_max = min(0.5, x_room / float(anatomy.sacrum_half_width(level, anat)))
-    site = anatomy.lesion_site(anat, float(rng.uniform(-x_frac_max, x_frac_max)), level, float(np.clip(rng.normal(0, 0.25), -0.5, 0.5)))
+    site = anatomy.lesion_site(
+        anat,
+        float(rng.uniform(-x_frac_max, x_frac_max)),
+        level,
+        float(np.clip(rng.normal(0, 0.25), -0.5, 0.5)),
+    )
     centre = (site[0], site[1], z0)
 
     extension = float(np.clip(1.4 * s["extension"] - 0.55, 0.0, 0.75))
@@ -325,7 +389,9 @@ def _lesion(
             r_e = extension * r_mean
             c_e = [centre[i] + ext_dir[i] * (max(radii) + 0.2 * r_e) for i in range(3)]
             reach = 1.9 * r_e  # blob radii up to 1.2 r_e, lobulated margin up to ~1.6x
-            if all(bounds[i][0] + 8.0 < c_e[i] - reach and c_e[i] + reach < bounds[i][1] - 8.0 for i in range(3)):
+            if all(
+                bounds[i][0] + 8.0 < c_e[i] - reach and c_e[i] + reach < bounds[i][1] - 8.0 for i in range(3)
+            ):
                 break
             extension *= 0.85
         else:
@@ -359,7 +425,9 @@ def plan_centre(spec: CentreSpec, seed: int) -> CentrePlan:
     key = _centre_key(spec.name)
     rng = np.random.default_rng([seed, key, 0])
     n = spec.n_patients
-    labels = rng.permutation(np.r_[np.zeros(spec.benign, dtype=np.int64), np.ones(spec.malignant, dtype=np.int64)])
+    labels = rng.permutation(
+        np.r_[np.zeros(spec.benign, dtype=np.int64), np.ones(spec.malignant, dtype=np.int64)]
+    )
     ages = rng.permutation(_ages(spec))
     sexes = rng.permutation(np.array(["M"] * spec.n_male + ["F"] * (n - spec.n_male)))
     d_e, d_c = readers.EVIDENCE_SEPARATION, readers.CLINICAL_SEPARATION
@@ -369,13 +437,20 @@ def plan_centre(spec: CentreSpec, seed: int) -> CentrePlan:
     rad_z, _ = readers.read(readers.RADIOLOGIST, evidence, clinical, model, rng)
     rad_scores = readers.to_score(rad_z)
     width = max(4, len(str(n)))
-    prefix = "c" + "".join(ch for ch in spec.name if ch.isdigit()) if any(ch.isdigit() for ch in spec.name) else spec.name
+    prefix = (
+        "c" + "".join(ch for ch in spec.name if ch.isdigit())
+        if any(ch.isdigit() for ch in spec.name)
+        else spec.name
+    )
     pids = [f"{prefix}-{i + 1:0{width}d}" for i in range(n)]
     patients = []
     for i in range(n):
         prng = np.random.default_rng([seed, key, 1, i])
         noise = prng.standard_normal(len(FEATURES))
-        feats = {f: _sigmoid(FEATURE_GAIN * (evidence[i] + FEATURE_NOISE * noise[k])) for k, f in enumerate(FEATURES)}
+        feats = {
+            f: _sigmoid(FEATURE_GAIN * (evidence[i] + FEATURE_NOISE * noise[k]))
+            for k, f in enumerate(FEATURES)
+        }
         anat = _anatomy(prng, spec, int(ages[i]), str(sexes[i]))
         patients.append(
             PatientPlan(
@@ -395,7 +470,7 @@ def plan_centre(spec: CentreSpec, seed: int) -> CentrePlan:
                 render_seed=(seed, key, 2, i),
             )
         )
-    rows = []
+    rows: list[ReaderRow] = []
     for profile in readers.READERS:
         without, with_ai = readers.read(profile, evidence, clinical, model, rng)
         s0, s1 = readers.to_score(without), readers.to_score(with_ai)
@@ -460,7 +535,9 @@ def render_patient(spec: CentreSpec, plan: PatientPlan) -> tuple[np.ndarray, np.
         scene = anatomy.render(grid, plan.anatomy, plan.lesion, rng)
     except ValueError as exc:
         raise CohortError(f"{spec.name}: patient {plan.patient_id}: {exc}") from exc
-    image = anatomy.acquire(scene.hu, spec.spacing_mm, spec.blur_sigma_mm, spec.noise_sd, spec.hu_scale, spec.hu_offset, rng)
+    image = anatomy.acquire(
+        scene.hu, spec.spacing_mm, spec.blur_sigma_mm, spec.noise_sd, spec.hu_scale, spec.hu_offset, rng
+    )
     return image, scene.mask, grid.affine()
 
 
@@ -478,7 +555,7 @@ def _make_patient(task: tuple[CentreSpec, PatientPlan, str]) -> dict[str, float]
 
 
 # ---------------------------------------------------------------- statistics
-def _auc(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+def _auc(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
     y = np.asarray(labels)
     if len(np.unique(y)) < 2:
         return None
@@ -496,7 +573,11 @@ def _cv_lr_scores(x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray | None:
 
 
 def _summarise(plans: Sequence[CentrePlan], feats: dict[str, dict[str, float]], seed: int) -> dict[str, Any]:
-    """AUCs of every simulated reading per centre, external pool and overall."""
+    """AUCs of every simulated reading per centre, the external pool and overall.
+
+    Single-feature AUCs are raw (the feature used as the score): below 0.5
+    means benign lesions score higher.
+    """
     groups: dict[str, list[PatientPlan]] = {cp.spec.name: list(cp.patients) for cp in plans}
     external = [p for cp in plans if cp.spec.external for p in cp.patients]
     if external and len(plans) > 1:
@@ -504,61 +585,66 @@ def _summarise(plans: Sequence[CentrePlan], feats: dict[str, dict[str, float]], 
     groups["all"] = [p for cp in plans for p in cp.patients]
     d_e, d_c = readers.EVIDENCE_SEPARATION, readers.CLINICAL_SEPARATION
 
-    def per_group(fn: Any) -> dict[str, float | None]:
-        return {g: _auc([p.label for p in ps], [fn(p) for p in ps]) for g, ps in groups.items()}
+    def per_group(score: Callable[[PatientPlan], float]) -> dict[str, float | None]:
+        return {g: _auc([p.label for p in ps], [score(p) for p in ps]) for g, ps in groups.items()}
 
-    x_of = {p.patient_id: np.array([feats[p.patient_id][f] for f in HANDCRAFTED]) for ps in groups.values() for p in ps}
+    def design(ps: Sequence[PatientPlan]) -> tuple[np.ndarray, np.ndarray]:
+        x = np.array([[feats[p.patient_id][f] for f in HANDCRAFTED] for p in ps], dtype=np.float64)
+        return x, np.array([p.label for p in ps], dtype=np.int64)
+
     lr: dict[str, float | None] = {}
     for g, ps in groups.items():
-        y = np.array([p.label for p in ps])
-        oof = _cv_lr_scores(np.stack([x_of[p.patient_id] for p in ps]), y, seed)
+        x, y = design(ps)
+        oof = _cv_lr_scores(x, y, seed)
         lr[g if g != "external" else "external_cv"] = None if oof is None else _auc(y, oof)
-    dev = [cp for cp in plans if not cp.spec.external]
-    if external and dev:
-        train = [p for cp in dev for p in cp.patients]
-        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
-        model.fit(np.stack([x_of[p.patient_id] for p in train]), [p.label for p in train])
-        proba = model.predict_proba(np.stack([x_of[p.patient_id] for p in external]))[:, 1]
-        lr["external_from_development"] = _auc([p.label for p in external], proba)
+    development = [p for cp in plans if not cp.spec.external for p in cp.patients]
+    if external and development:
+        x_dev, y_dev = design(development)
+        x_ext, y_ext = design(external)
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x_dev, y_dev)
+        lr["external_from_development"] = _auc(y_ext, model.predict_proba(x_ext)[:, 1])
 
     oracle = per_group(lambda p: p.evidence)
-    reader_study: dict[str, Any] = {}
-    rows_by_group = {cp.spec.name: cp.reader_rows for cp in plans}
-    rows_by_group["external"] = tuple(r for cp in plans if cp.spec.external for r in cp.reader_rows)
-    rows_by_group["all"] = tuple(r for cp in plans for r in cp.reader_rows)
+    gap: dict[str, float | None] = {}
+    for g, value in lr.items():
+        ref = oracle.get("external" if g.startswith("external") else g)
+        gap[g] = None if ref is None or value is None else round(ref - value, 4)
+
     label_of = {p.patient_id: p.label for p in groups["all"]}
+    rows_by_group: dict[str, list[ReaderRow]] = {cp.spec.name: list(cp.reader_rows) for cp in plans}
+    if "external" in groups:
+        rows_by_group["external"] = [r for cp in plans if cp.spec.external for r in cp.reader_rows]
+    rows_by_group["all"] = [r for cp in plans for r in cp.reader_rows]
+    reader_study: dict[str, dict[str, dict[str, float | None]]] = {}
     for g, rows in rows_by_group.items():
-        if not rows:
-            continue
-        tiers: dict[str, dict[str, float | None]] = {}
+        reader_study[g] = {}
         for tier in ("junior", "mid", "senior"):
             sel = [r for r in rows if r.tier == tier]
-            y = [label_of[r.patient_id] for r in sel]
-            tiers[tier] = {
-                "without_ai": _auc(y, [r.score_without_ai for r in sel]),
-                "with_ai": _auc(y, [r.score_with_ai for r in sel]),
+            y_t = [label_of[r.patient_id] for r in sel]
+            reader_study[g][tier] = {
+                "without_ai": _auc(y_t, [r.score_without_ai for r in sel]),
+                "with_ai": _auc(y_t, [r.score_with_ai for r in sel]),
             }
-        reader_study[g] = tiers
     return {
         "oracle_auc": oracle,
         "oracle_full_auc": per_group(lambda p: d_e * p.evidence + d_c * p.clinical),
         "radiologist_auc": per_group(lambda p: p.radiologist_score),
         "model_proxy_auc": per_group(lambda p: p.model_reading),
         "handcrafted_lr_auc": lr,
-        "oracle_minus_handcrafted": {
-            g: (round(oracle[g] - lr[g], 4) if oracle.get(g) is not None and lr.get(g) is not None else None)
-            for g in lr
-            if g in oracle
-        },
+        "oracle_minus_handcrafted": gap,
         "size_only_auc": per_group(lambda p: feats[p.patient_id]["log_roi_ml"]),
         "mean_hu_only_auc": per_group(lambda p: feats[p.patient_id]["roi_mean_hu"]),
         "sd_hu_only_auc": per_group(lambda p: feats[p.patient_id]["roi_sd_hu"]),
         "shell_hu_only_auc": per_group(lambda p: feats[p.patient_id]["shell_mean_hu"]),
         "reader_study_auc": reader_study,
         "reader_study_expected_auc": {
-            pr.reader: {"without_ai": round(readers.expected_auc(pr), 4), "with_ai": round(readers.expected_auc(pr, True), 4)}
+            pr.reader: {
+                "without_ai": round(readers.expected_auc(pr), 4),
+                "with_ai": round(readers.expected_auc(pr, True), 4),
+            }
             for pr in readers.READERS
         },
+        "radiologist_expected_auc": round(readers.expected_auc(readers.RADIOLOGIST), 4),
     }
 
 
@@ -581,7 +667,9 @@ def _demographics(cps: Sequence[CentrePlan]) -> dict[str, Any]:
 def _prepare_site_dir(site: Path) -> None:
     """Empty a previous generation's site folder; refuse to touch a folder that is not one."""
     if site.exists():
-        if not site.is_dir() or (any(site.iterdir()) and not (site / MANIFEST).exists() and not (site / "images").is_dir()):
+        if not site.is_dir() or (
+            any(site.iterdir()) and not (site / MANIFEST).exists() and not (site / "images").is_dir()
+        ):
             raise CohortError(f"{site}: exists and is not a synthetic site folder; refusing to overwrite it")
         shutil.rmtree(site)
     (site / "images").mkdir(parents=True)
@@ -599,7 +687,15 @@ def _csv_bytes(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> bytes:
 def _write_tables(out_dir: Path, cp: CentrePlan) -> None:
     site = out_dir / cp.spec.name
     manifest = [
-        (p.patient_id, p.label, f"images/{p.patient_id}.nii.gz", f"masks/{p.patient_id}.nii.gz", p.radiologist_score, p.age, p.sex)
+        (
+            p.patient_id,
+            p.label,
+            f"images/{p.patient_id}.nii.gz",
+            f"masks/{p.patient_id}.nii.gz",
+            p.radiologist_score,
+            p.age,
+            p.sex,
+        )
         for p in cp.patients
     ]
     _write_atomic(site / MANIFEST, _csv_bytes(MANIFEST_COLUMNS, manifest))
@@ -609,24 +705,50 @@ def _write_tables(out_dir: Path, cp: CentrePlan) -> None:
 
 def _latent_rows(plans: Sequence[CentrePlan], feats: dict[str, dict[str, float]]) -> bytes:
     header = [
-        "centre", "patient_id", "label", "evidence", "clinical", "posterior_image", "posterior_full", "model_reading",
-        *[f"feature_{f}" for f in FEATURES], "diameter_mm", "extension", "breach", "rim_hu", "mineral_fraction",
+        "centre",
+        "patient_id",
+        "label",
+        "evidence",
+        "clinical",
+        "posterior_image",
+        "posterior_full",
+        "model_reading",
+        *[f"feature_{f}" for f in FEATURES],
+        "diameter_mm",
+        "extension",
+        "breach",
+        "rim_hu",
+        "mineral_fraction",
         *HANDCRAFTED,
     ]
     rows = []
     for cp in plans:
-        logit_prior = math.log(cp.spec.malignant / cp.spec.benign) if cp.spec.benign and cp.spec.malignant else 0.0
+        logit_prior = (
+            math.log(cp.spec.malignant / cp.spec.benign) if cp.spec.benign and cp.spec.malignant else 0.0
+        )
         for p in cp.patients:
             les = p.lesion
             li = readers.EVIDENCE_SEPARATION * p.evidence + logit_prior
             lf = li + readers.CLINICAL_SEPARATION * p.clinical
-            rows.append([
-                cp.spec.name, p.patient_id, p.label, f"{p.evidence:.5f}", f"{p.clinical:.5f}",
-                f"{_sigmoid(li):.5f}", f"{_sigmoid(lf):.5f}", f"{p.model_reading:.5f}",
-                *[f"{v:.4f}" for v in p.features], f"{2 * les.mean_radius_mm:.2f}", f"{les.extension:.3f}",
-                f"{les.breach:.3f}", f"{les.rim_hu:.1f}", f"{les.mineral_fraction:.4f}",
-                *[f"{feats[p.patient_id][f]:.4f}" for f in HANDCRAFTED],
-            ])
+            rows.append(
+                [
+                    cp.spec.name,
+                    p.patient_id,
+                    p.label,
+                    f"{p.evidence:.5f}",
+                    f"{p.clinical:.5f}",
+                    f"{_sigmoid(li):.5f}",
+                    f"{_sigmoid(lf):.5f}",
+                    f"{p.model_reading:.5f}",
+                    *[f"{v:.4f}" for v in p.features],
+                    f"{2 * les.mean_radius_mm:.2f}",
+                    f"{les.extension:.3f}",
+                    f"{les.breach:.3f}",
+                    f"{les.rim_hu:.1f}",
+                    f"{les.mineral_fraction:.4f}",
+                    *[f"{feats[p.patient_id][f]:.4f}" for f in HANDCRAFTED],
+                ]
+            )
     return _csv_bytes(header, rows)
 
 
@@ -660,11 +782,15 @@ def generate_cohort(
     for cp in plans:
         _prepare_site_dir(out_dir / cp.spec.name)
     tasks = [(cp.spec, p, str(out_dir / cp.spec.name)) for cp in plans for p in cp.patients]
-    logger.info("generating %d patients in %d centres into %s (workers=%d)", len(tasks), len(plans), out_dir, workers)
+    logger.info(
+        "generating %d patients in %d centres into %s (workers=%d)", len(tasks), len(plans), out_dir, workers
+    )
     if workers == 1:
         results = [_make_patient(t) for t in tasks]
     else:
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
             results = list(pool.map(_make_patient, tasks, chunksize=4))
     feats = {t[1].patient_id: r for t, r in zip(tasks, results, strict=True)}
     for cp in plans:
@@ -683,7 +809,11 @@ def generate_cohort(
         "latent_file": LATENT_CSV,
         "demographics": {
             **{cp.spec.name: _demographics([cp]) for cp in plans},
-            **({"external": _demographics([cp for cp in plans if cp.spec.external])} if any(cp.spec.external for cp in plans) else {}),
+            **(
+                {"external": _demographics([cp for cp in plans if cp.spec.external])}
+                if any(cp.spec.external for cp in plans)
+                else {}
+            ),
             "all": _demographics(plans),
         },
         "latent_model": {
@@ -697,10 +827,14 @@ def generate_cohort(
         **stats,
     }
     cohort["generation_seconds"] = round(time.perf_counter() - t0, 2)
-    _write_atomic(out_dir / COHORT_JSON, (json.dumps(cohort, indent=2) + "\n").encode("utf-8"))
+    text = json.dumps(cohort, indent=2) + "\n"
+    _write_atomic(out_dir / COHORT_JSON, text.encode("utf-8"))
+    cohort = json.loads(text)  # exactly the file's content (tuples become lists)
     logger.info(
         "cohort written in %.1f s: oracle %.3f, radiologist %.3f, handcrafted LR %s",
-        cohort["generation_seconds"], stats["oracle_auc"]["all"] or float("nan"),
-        stats["radiologist_auc"]["all"] or float("nan"), stats["handcrafted_lr_auc"],
+        cohort["generation_seconds"],
+        stats["oracle_auc"]["all"] or float("nan"),
+        stats["radiologist_auc"]["all"] or float("nan"),
+        stats["handcrafted_lr_auc"],
     )
     return cohort

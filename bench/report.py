@@ -1,0 +1,102 @@
+"""The benchmark's printed report: machine header, one table row per configuration, notes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .machine import Machine
+from .throughput import Measurement
+
+COLUMNS = (
+    "model",
+    "input",
+    "arch",
+    "device",
+    "thr",
+    "pts",
+    "batch tr/ev",
+    "train pat/s",
+    "load %",
+    "BN recal s",
+    "infer pat/s",
+    "peak RSS GiB",
+)
+
+
+def table_rows(results: Sequence[Measurement]) -> list[tuple[str, ...]]:
+    """One row of formatted cells per measurement (figures as measured, rounded for reading)."""
+    rows: list[tuple[str, ...]] = []
+    for r in results:
+        rows.append(
+            (
+                r.kind,
+                r.input,
+                r.arch,
+                r.device,
+                str(r.threads),
+                str(r.patients),
+                f"{r.train_batch}/{r.eval_batch}",
+                f"{r.train_pps:.3g}",
+                f"{100 * r.train_load_fraction:.1f}",
+                f"{r.recal_s:.2f}" if r.recal_s > 0 else "-",
+                f"{r.infer_pps:.3g}",
+                f"{r.peak_rss_mib / 1024:.2f}",
+            )
+        )
+    return rows
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = "  ".join("-" * w for w in widths)
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), line]
+    out += [
+        "  ".join(
+            c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    return "\n".join(out)
+
+
+def format_report(
+    machine: Machine, results: Sequence[Measurement], failures: Sequence[str] = (), threads_note: str = ""
+) -> str:
+    """The whole printed report (machine lines first, so no figure is read without them)."""
+    out = [*machine.lines()]
+    if threads_note:
+        out.append(threads_note)
+    out.append("")
+    out.append(format_table(COLUMNS, table_rows(results)) if results else "(no configuration measured)")
+    gpu = [(r, r.gpu_peak_mib) for r in results if r.gpu_peak_mib is not None]
+    if gpu:
+        out.append("")
+        out += [
+            f"GPU peak memory {r.kind} {r.input}: {mib / 1024:.2f} GiB (torch.cuda.max_memory_allocated)"
+            for r, mib in gpu
+        ]
+    loops = sorted({r.loop for r in results})
+    workers = sorted({r.num_workers for r in results})
+    base = [r.base_rss_mib for r in results]
+    out += [
+        "",
+        "Notes:",
+        "  train pat/s: patients / seconds of one epoch of optimiser steps (common.engine.train, epochs=1),",
+        "    after an untimed warm-up step; 2D trains on single slices, so its train batch counts slices.",
+        f"  load %: share of that epoch spent waiting for the DataLoader's next batch (augmentation included,"
+        f" num_workers={','.join(map(str, workers)) or '-'}).",
+        "  BN recal s: the engine's BatchNorm recalibration pass that follows every local epoch (these patients).",
+        "  infer pat/s: common.engine.predict (eval mode; 2D averages the slice probabilities).",
+        "  peak RSS: VmHWM of the process measuring that row alone (one subprocess per row), including"
+        + (f" ~{min(base) / 1024:.2f} GiB of imports." if base else " the imports."),
+        "  data: random in-memory SiteArrays (float16, as cached); no disk reads or preprocessing are timed.",
+        f"  loop: {', '.join(loops) or '-'}",
+    ]
+    if any(r.loop != "common.engine" for r in results):
+        out.append(
+            "    common.engine is CPU-only, so on the GPU bench/throughput.py mirrors its train/recalibrate/predict"
+            " steps (same loader, loss, Adam, schedule, prediction rule) with model and batches on the device."
+        )
+    if failures:
+        out += ["", "FAILED:", *(f"  {f}" for f in failures)]
+    return "\n".join(out)

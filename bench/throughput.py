@@ -1,0 +1,588 @@
+"""Training and inference throughput of one network at one input size.
+
+Measured through the project's own engine (``common.engine.train`` for one
+epoch, ``common.engine.recalibrate_batchnorm``, ``common.engine.predict``) on
+an in-memory ``SiteArrays`` of random data, so the figures include the real
+DataLoader, augmentation and prediction rule but no disk I/O or
+preprocessing.  A warm-up (one optimiser step and one prediction batch) runs
+first and is not timed: it pays for allocator growth and kernel selection.
+
+The engine is CPU-only (it never moves tensors).  For ``device="cuda"`` the
+epoch, recalibration and prediction are run by :func:`mirror_train_epoch`,
+:func:`mirror_recalibrate` and :func:`mirror_predict`, which repeat the
+engine's steps (same loader, loss, optimiser, schedule and prediction rule)
+with the model and batches on the device; ``tests/test_bench.py`` checks on
+CPU that they give the engine's weights and probabilities exactly.
+
+Each configuration is meant to run in a fresh process (``python -m
+bench.throughput --one SPEC_JSON`` prints one JSON object), so its peak RSS
+(``VmHWM``) is its own and not the maximum of everything measured before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from unittest import mock
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from common import engine
+from common.config import ExperimentConfig, load_config
+from common.dataset import FEATURE_NAMES, PatientDataset, SiteArrays
+from common.models import ModelKind, build_model, count_parameters
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+Arch = Literal["densenet121", "small"]
+Batch = dict[str, torch.Tensor]
+
+
+class BenchError(RuntimeError):
+    """A configuration could not be measured; the message names it."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One configuration to measure.
+
+    ``preset`` gives the input sizes and the batch size (``quick``: 3D 32^3,
+    2D 3 x 64^2, batch 8; ``study``: 96^3, 3 x 224^2, batch 20; ``tiny``: 32^3,
+    3 x 32^2).  ``batch=0`` keeps the preset's; ``threads=0`` leaves torch's
+    default.
+    """
+
+    kind: ModelKind
+    preset: str
+    patients: int
+    arch: Arch = "densenet121"
+    batch: int = 0
+    threads: int = 0
+    device: str = "cpu"
+    seed: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.arch} {self.preset} ({self.patients} patients, {self.device})"
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What one configuration measured (seconds for ``patients`` patients, memory in MiB).
+
+    ``train_load_s`` / ``infer_load_s``: time spent waiting for the
+    DataLoader's next batch (augmentation included) inside the timed phase.
+    ``recal_s`` is 0 when the preset does not recalibrate BatchNorm.
+    """
+
+    kind: str
+    preset: str
+    arch: str
+    input: str
+    patients: int
+    train_batch: int
+    eval_batch: int
+    threads: int
+    num_workers: int
+    device: str
+    loop: str
+    params: int
+    warmup_s: float
+    train_s: float
+    train_steps: int
+    train_loss: float
+    train_load_s: float
+    recal_s: float
+    infer_s: float
+    infer_load_s: float
+    base_rss_mib: float
+    peak_rss_mib: float
+    gpu_peak_mib: float | None = None
+
+    @property
+    def train_pps(self) -> float:
+        return self.patients / self.train_s
+
+    @property
+    def infer_pps(self) -> float:
+        return self.patients / self.infer_s
+
+    @property
+    def train_load_fraction(self) -> float:
+        return self.train_load_s / self.train_s
+
+    @property
+    def infer_load_fraction(self) -> float:
+        return self.infer_load_s / self.infer_s
+
+    def summary(self) -> dict[str, Any]:
+        """The raw fields plus the derived rates, for JSON."""
+        return {
+            **dataclasses.asdict(self),
+            "train_patients_per_s": self.train_pps,
+            "infer_patients_per_s": self.infer_pps,
+            "train_load_fraction": self.train_load_fraction,
+            "infer_load_fraction": self.infer_load_fraction,
+        }
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def bench_config(spec: Spec) -> tuple[ExperimentConfig, bool]:
+    """The preset's config with the spec's arch and batch, and whether it recalibrates BatchNorm.
+
+    Recalibration is switched off inside ``train`` so the epoch and the
+    recalibration pass are timed separately (``train`` runs exactly the two
+    in sequence).  ImageNet weights are not loaded: they do not change the
+    cost and need not be on disk.
+    """
+    cfg = load_config(spec.preset)
+    model_cfg = dataclasses.replace(getattr(cfg.models, spec.kind), arch=spec.arch, pretrained=False)
+    train = dataclasses.replace(
+        cfg.train, batch_size=spec.batch or cfg.train.batch_size, bn_recalibration=False
+    )
+    cfg = dataclasses.replace(
+        cfg, models=dataclasses.replace(cfg.models, **{spec.kind: model_cfg}), train=train
+    )
+    return cfg, load_config(spec.preset).train.bn_recalibration
+
+
+def random_arrays(n: int, size3d: int, size2d: int, n_slices: int, seed: int = 0) -> SiteArrays:
+    """``n`` patients of uniform random inputs in [0, 1] (float16, as the cache stores them), labels alternating."""
+    if n < 1:
+        raise ValueError(f"need at least one patient, got {n}")
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n, dtype=np.int64) % 2
+    return SiteArrays(
+        site="bench",
+        patient_ids=tuple(f"b{i:04d}" for i in range(n)),
+        labels=labels,
+        radiologist_scores=np.where(labels == 1, 7, 3).astype(np.int64),
+        vol3d=rng.random((n, 1, size3d, size3d, size3d), dtype=np.float32).astype(np.float16),
+        slices2d=rng.random((n, n_slices, 3, size2d, size2d), dtype=np.float32).astype(np.float16),
+        slice_indices=np.zeros((n, n_slices), dtype=np.int64),
+        features=np.zeros((n, len(FEATURE_NAMES))),
+        feature_names=FEATURE_NAMES,
+        ages=np.full(n, np.nan),
+        sexes=("",) * n,
+        sites=("bench",) * n,
+    )
+
+
+def input_label(kind: ModelKind, cfg: ExperimentConfig) -> str:
+    if kind == "densenet3d":
+        return f"{cfg.preprocess.d3.size}^3"
+    return f"{cfg.preprocess.d2.n_slices}x{cfg.preprocess.d2.size}^2"
+
+
+# ---------------------------------------------------------------- load timing
+
+
+@dataclass
+class LoadClock:
+    """Seconds spent waiting for batches, accumulated by :class:`TimedLoader`."""
+
+    seconds: float = 0.0
+    batches: int = 0
+
+
+@dataclass
+class TimedLoader:
+    """A DataLoader whose ``next()`` calls are timed into ``clock`` (it quacks like the loader)."""
+
+    loader: DataLoader[Batch]
+    clock: LoadClock = field(default_factory=LoadClock)
+
+    @property
+    def dataset(self) -> Any:
+        return self.loader.dataset
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.loader.batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        it = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                self.clock.seconds += time.perf_counter() - t0
+                return
+            self.clock.seconds += time.perf_counter() - t0
+            self.clock.batches += 1
+            yield batch
+
+
+@contextlib.contextmanager
+def engine_loaders_timed(clock: LoadClock) -> Iterator[None]:
+    """Within the block, every loader the engine makes is a :class:`TimedLoader` on ``clock``.
+
+    The engine builds its loaders internally, so this is the one way to see
+    its data-loading time without changing it; the patch is undone on exit.
+    """
+    real = engine.make_loader
+
+    def timed(*args: Any, **kwargs: Any) -> TimedLoader:
+        return TimedLoader(real(*args, **kwargs), clock)
+
+    with mock.patch.object(engine, "make_loader", timed):
+        yield
+    if clock.batches == 0:
+        raise BenchError(
+            "common.engine no longer loads batches through engine.make_loader: load time unmeasured"
+        )
+
+
+# ---------------------------------------------------------------- the engine's steps on a device
+
+
+def mirror_train_epoch(
+    model: nn.Module,
+    arrays: SiteArrays,
+    indices: Sequence[int],
+    kind: ModelKind,
+    cfg: ExperimentConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    clock: LoadClock,
+) -> tuple[int, float]:
+    """``engine.train(..., epochs=1, schedule=Schedule(0, 1))`` without FedProx or recalibration, on ``device``.
+
+    ``model`` must already be on ``device``.  Returns (steps, mean loss).
+    """
+    engine.seed_everything(seed)
+    loader = TimedLoader(engine.make_loader(arrays, indices, kind, "train", cfg, seed), clock)
+    labels = arrays.labels[np.asarray(indices, dtype=int)]
+    weight = engine.class_weights(labels).to(device) if cfg.train.class_weighting else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    schedule = engine.Schedule(0, 1)
+    steps_per_epoch = max(len(loader), 1)
+    steps, loss_sum, n_seen = 0, 0.0, 0
+    model.train()
+    if isinstance(loader.dataset, PatientDataset):
+        loader.dataset.set_epoch(0)
+    for i, batch in enumerate(loader):
+        lr = schedule.lr(cfg.train.lr, i / steps_per_epoch, cfg.train.schedule)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x = batch["image"].to(device, non_blocking=True).float()
+        y = batch["label"].to(device, non_blocking=True).long()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        steps += 1
+        loss_sum += float(loss.detach()) * len(y)
+        n_seen += len(y)
+    return steps, loss_sum / max(n_seen, 1)
+
+
+@torch.no_grad()
+def mirror_recalibrate(
+    model: nn.Module,
+    arrays: SiteArrays,
+    indices: Sequence[int],
+    kind: ModelKind,
+    cfg: ExperimentConfig,
+    *,
+    seed: int,
+    device: torch.device,
+    clock: LoadClock,
+) -> None:
+    """``engine.recalibrate_batchnorm`` on ``device``."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns or not indices:
+        return
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    model.train()
+    for batch in TimedLoader(engine.make_loader(arrays, indices, kind, "eval", cfg, seed), clock):
+        x = batch["image"].to(device, non_blocking=True).float()
+        model(x.flatten(0, 1) if kind == "densenet2d" else x)
+    for bn, m in zip(bns, saved, strict=True):
+        bn.momentum = m
+    model.eval()
+
+
+@torch.no_grad()
+def mirror_predict(
+    model: nn.Module,
+    arrays: SiteArrays,
+    indices: Sequence[int],
+    kind: ModelKind,
+    cfg: ExperimentConfig,
+    *,
+    device: torch.device,
+    clock: LoadClock,
+) -> np.ndarray:
+    """``engine.predict`` on ``device`` (2D: slice probabilities averaged with ``slice_weights``)."""
+    model.eval()
+    sw = np.asarray(cfg.preprocess.d2.slice_weights, dtype=np.float64)
+    w = torch.tensor(sw / sw.sum(), dtype=torch.float32, device=device)
+    out: list[np.ndarray] = []
+    for batch in TimedLoader(engine.make_loader(arrays, indices, kind, "eval", cfg, seed=0), clock):
+        x = batch["image"].to(device, non_blocking=True).float()
+        if kind == "densenet2d":
+            b, n = x.shape[:2]
+            p = torch.softmax(model(x.flatten(0, 1)), dim=1)[:, 1].reshape(b, n)
+            out.append((p * w[:n] / w[:n].sum()).sum(dim=1).cpu().numpy())
+        else:
+            out.append(torch.softmax(model(x), dim=1)[:, 1].cpu().numpy())
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0, dtype=np.float64)
+
+
+# ---------------------------------------------------------------- phases
+
+
+@dataclass(frozen=True)
+class _Phases:
+    """Train / recalibrate / predict on CPU through the engine, elsewhere through the mirror."""
+
+    model: nn.Module
+    arrays: SiteArrays
+    kind: ModelKind
+    cfg: ExperimentConfig
+    seed: int
+    device: torch.device
+
+    @property
+    def on_engine(self) -> bool:
+        return self.device.type == "cpu"
+
+    def train(self, indices: Sequence[int], clock: LoadClock) -> tuple[int, float]:
+        if self.on_engine:
+            with engine_loaders_timed(clock):
+                res = engine.train(
+                    self.model,
+                    self.arrays,
+                    indices,
+                    self.kind,
+                    self.cfg,
+                    epochs=1,
+                    schedule=engine.Schedule(0, 1),
+                    seed=self.seed,
+                    desc="bench",
+                )
+            return res.steps, res.loss
+        return mirror_train_epoch(
+            self.model,
+            self.arrays,
+            indices,
+            self.kind,
+            self.cfg,
+            seed=self.seed,
+            device=self.device,
+            clock=clock,
+        )
+
+    def recalibrate(self, indices: Sequence[int], clock: LoadClock) -> None:
+        if self.on_engine:
+            with engine_loaders_timed(clock):
+                engine.recalibrate_batchnorm(self.model, self.arrays, indices, self.kind, self.cfg, self.seed)
+        else:
+            mirror_recalibrate(
+                self.model,
+                self.arrays,
+                indices,
+                self.kind,
+                self.cfg,
+                seed=self.seed,
+                device=self.device,
+                clock=clock,
+            )
+
+    def predict(self, indices: Sequence[int], clock: LoadClock) -> np.ndarray:
+        if self.on_engine:
+            with engine_loaders_timed(clock):
+                return engine.predict(self.model, self.arrays, indices, self.kind, self.cfg)
+        return mirror_predict(
+            self.model, self.arrays, indices, self.kind, self.cfg, device=self.device, clock=clock
+        )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_mib(field_name: str = "VmHWM", status: Path = Path("/proc/self/status")) -> float:
+    """This process's ``VmHWM`` (peak RSS) or ``VmRSS`` in MiB; ``ru_maxrss`` where /proc is absent."""
+    try:
+        for line in status.read_text().splitlines():
+            if line.startswith(f"{field_name}:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu`` or ``cuda[:i]``; asking for CUDA where torch has none is an error, not a silent CPU run."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"--device {name}: CUDA is not available to torch {torch.__version__}")
+    if device.type not in ("cpu", "cuda"):
+        raise BenchError(f"--device {name}: only cpu and cuda are supported")
+    return device
+
+
+def measure(spec: Spec) -> Measurement:
+    """Measure ``spec`` in this process (see the module docstring for what is timed).
+
+    ``threads > 0`` sets torch's thread count for the whole process, which is
+    why the CLI runs each spec in its own subprocess.
+    """
+    if spec.patients < 1:
+        raise BenchError(f"{spec.label}: need at least one patient")
+    base_rss = memory_mib("VmRSS")
+    if spec.threads > 0:
+        engine.set_threads(spec.threads)
+    device = resolve_device(spec.device)
+    cfg, recal = bench_config(spec)
+    d3, d2 = cfg.preprocess.d3, cfg.preprocess.d2
+    arrays = random_arrays(spec.patients, d3.size, d2.size, d2.n_slices, seed=spec.seed)
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.kind, getattr(cfg.models, spec.kind)).to(device)
+    phases = _Phases(model, arrays, spec.kind, cfg, spec.seed, device)
+    indices = list(range(spec.patients))
+    probe = engine.make_loader(arrays, [0], spec.kind, "train", cfg, 0)
+    train_batch = int(probe.batch_size or 1)
+    eval_batch = int(engine.make_loader(arrays, [0], spec.kind, "eval", cfg, 0).batch_size or 1)
+    items_per_patient = d2.n_slices if spec.kind == "densenet2d" else 1  # 2D trains on slices
+
+    n_items = spec.patients * items_per_patient
+    if n_items % train_batch == 1 and n_items > 1 and getattr(cfg.models, spec.kind).norm == "batch":
+        raise BenchError(
+            f"{spec.label}: the epoch's last training batch would hold a single "
+            f"{'slice' if items_per_patient > 1 else 'patient'}, which BatchNorm refuses in training mode "
+            "(the engine keeps partial batches); choose another --patients or --batch"
+        )
+
+    t0 = time.perf_counter()  # warm-up: one full training step, one recalibration and one prediction batch
+    phases.train(indices[: min(spec.patients, max(1, train_batch // items_per_patient))], LoadClock())
+    warm_eval = indices[: min(spec.patients, eval_batch)]
+    if recal:
+        phases.recalibrate(warm_eval, LoadClock())
+    phases.predict(warm_eval, LoadClock())
+    _sync(device)
+    warmup_s = time.perf_counter() - t0
+
+    train_clock, recal_clock, infer_clock = LoadClock(), LoadClock(), LoadClock()
+    t0 = time.perf_counter()
+    steps, loss = phases.train(indices, train_clock)
+    _sync(device)
+    train_s = time.perf_counter() - t0
+    recal_s = 0.0
+    if recal:
+        t0 = time.perf_counter()
+        phases.recalibrate(indices, recal_clock)
+        _sync(device)
+        recal_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    probs = phases.predict(indices, infer_clock)
+    _sync(device)
+    infer_s = time.perf_counter() - t0
+    if probs.shape != (spec.patients,) or not np.all(np.isfinite(probs)):
+        raise BenchError(
+            f"{spec.label}: prediction gave {probs.shape} values, finite: {np.isfinite(probs).all()}"
+        )
+    return Measurement(
+        kind=spec.kind,
+        preset=spec.preset,
+        arch=spec.arch,
+        input=input_label(spec.kind, cfg),
+        patients=spec.patients,
+        train_batch=min(train_batch, spec.patients * items_per_patient),
+        eval_batch=min(eval_batch, spec.patients),
+        threads=torch.get_num_threads(),
+        num_workers=cfg.train.num_workers,
+        device=str(device),
+        loop="common.engine" if phases.on_engine else "bench mirror of common.engine",
+        params=count_parameters(model),
+        warmup_s=warmup_s,
+        train_s=train_s,
+        train_steps=steps,
+        train_loss=loss,
+        train_load_s=train_clock.seconds,
+        recal_s=recal_s,
+        infer_s=infer_s,
+        infer_load_s=infer_clock.seconds,
+        base_rss_mib=base_rss,
+        peak_rss_mib=memory_mib("VmHWM"),
+        gpu_peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+    )
+
+
+# ---------------------------------------------------------------- one process per spec
+
+
+def measure_in_subprocess(spec: Spec, timeout_s: float | None = None) -> Measurement:
+    """Run :func:`measure` in a fresh ``python -m bench.throughput --one`` so its peak RSS is its own."""
+    cmd = [sys.executable, "-m", "bench.throughput", "--one", json.dumps(dataclasses.asdict(spec))]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+    }
+    try:
+        proc = subprocess.run(
+            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"{spec.label}: did not finish within {timeout_s:.0f} s") from exc
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-15:])
+        raise BenchError(f"{spec.label}: measuring process exited with status {proc.returncode}:\n{tail}")
+    data = json.loads(lines[-1])
+    return Measurement(**{f.name: data[f.name] for f in dataclasses.fields(Measurement)})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.throughput --one SPEC_JSON``: measure one spec, print one JSON line."""
+    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=main.__doc__)
+    parser.add_argument("--one", required=True, metavar="SPEC_JSON", help="a Spec as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        spec = Spec(**json.loads(args.one))
+    except (json.JSONDecodeError, TypeError) as exc:
+        parser.error(f"--one: not a valid spec: {exc}")
+    try:
+        result = measure(spec)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.summary()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,36 @@
+"""Round checkpoints: selection of the best pooled validation AUC, resume, config guard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.checkpoints import CheckpointError, CheckpointStore
+
+
+def test_best_round_is_selected_earliest_on_ties(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, "cfgA")
+    for r, auc in [(1, 0.61), (2, 0.74), (3, 0.74), (4, None)]:
+        store.save("densenet3d", 0, r, np.full(4, r, np.float32), {"val_auc": auc})
+    best = store.select_best("densenet3d", 0)
+    assert best == {"round": 2, "val_auc": 0.74}
+    np.testing.assert_array_equal(store.load("densenet3d", 0, best["round"]), np.full(4, 2, np.float32))
+    assert store.finished("densenet3d", 0) == best
+
+
+def test_resume_point_is_the_last_finished_round(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, "cfgA")
+    assert store.last_round("densenet3d", 1) == 0
+    for r in (1, 2, 3):
+        store.save("densenet3d", 1, r, np.zeros(3, np.float32), {"val_auc": 0.5})
+    (tmp_path / "densenet3d_fold1" / ".round4.tmp.npz").write_bytes(b"partial write")
+    assert store.last_round("densenet3d", 1) == 3
+    assert store.finished("densenet3d", 1) is None
+
+
+def test_checkpoints_of_another_config_are_refused(tmp_path: Path) -> None:
+    CheckpointStore(tmp_path, "cfgA").save("densenet2d", 0, 1, np.zeros(2, np.float32), {"val_auc": 0.5})
+    with pytest.raises(CheckpointError, match="written under config cfgA"):
+        CheckpointStore(tmp_path, "cfgB").load("densenet2d", 0, 1)
