@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from numpy.typing import ArrayLike
 
 __all__ = [
@@ -57,6 +58,7 @@ class Panel:
     ylim: tuple[float, float] | None = None
     diagonal: bool = False  # chance line (ROC) or perfect calibration
     square: bool = False
+    integer_x: bool = False  # rounds
     note: str = ""  # drawn in the panel when it has no series
 
 
@@ -82,7 +84,7 @@ def png_bytes(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def _draw_panel(ax: Axes, panel: Panel) -> None:
+def _draw_panel(ax: Axes, panel: Panel, legend: bool) -> None:
     if panel.diagonal:
         ax.plot([0, 1], [0, 1], color="0.6", linestyle=":", linewidth=1.0)
     for s in panel.series:
@@ -107,19 +109,35 @@ def _draw_panel(ax: Axes, panel: Panel) -> None:
         ax.set_ylim(*panel.ylim)
     if panel.square:
         ax.set_aspect("equal", adjustable="box")
+    if panel.integer_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, color="0.92", linewidth=0.8)
-    if panel.series:
-        ax.legend(fontsize=7, loc="best", frameon=False)
+    if legend and panel.series:
+        ax.legend(fontsize=7, loc="lower right" if panel.diagonal else "best", frameon=False)
 
 
-def line_figure(panels: Sequence[Panel], panel_width: float = 4.6, panel_height: float = 4.2) -> Figure:
-    """Panels side by side (ROC, calibration, decision curves, AUC per round)."""
+def line_figure(
+    panels: Sequence[Panel], panel_width: float = 4.6, panel_height: float = 4.2, shared_legend: bool = False
+) -> Figure:
+    """Panels side by side (ROC, calibration, decision curves, AUC per round).
+
+    ``shared_legend`` puts one legend under the panels instead of one per
+    panel: for busy curves (calibration, decision) that a legend would hide.
+    """
     if not panels:
         raise ValueError("a line figure needs at least one panel")
-    fig = _figure(panel_width * len(panels), panel_height)
+    fig = _figure(panel_width * len(panels), panel_height + (0.5 if shared_legend else 0.0))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, panel in zip(axes, panels, strict=True):
-        _draw_panel(ax, panel)
+        _draw_panel(ax, panel, legend=not shared_legend)
+    if shared_legend:
+        by_label = {}
+        for ax in axes:
+            for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+                by_label.setdefault(label, handle)
+        if by_label:
+            fig.legend(list(by_label.values()), list(by_label), loc="outside lower center",
+                       ncols=min(4, len(by_label)), fontsize=8, frameon=False)
     return fig
 
 
@@ -133,7 +151,7 @@ def confusion_figure(
     Shading is per matrix (row-normalised), so a small external set is as
     readable as the internal one; the cells print the counts.
     """
-    fig = _figure(2.1 * max(len(columns), 1) + 0.6, 2.2 * max(len(rows), 1) + 0.4)
+    fig = _figure(2.3 * max(len(columns), 1) + 0.6, 2.3 * max(len(rows), 1) + 0.4)
     axes = fig.subplots(len(rows), len(columns), squeeze=False)
     for i, row in enumerate(rows):
         for j, col in enumerate(columns):
@@ -141,7 +159,7 @@ def confusion_figure(
             cm = matrices[i][j]
             ax.set_xticks([0, 1], ["benign", "malignant"], fontsize=7)
             ax.set_yticks([0, 1], ["benign", "malignant"], fontsize=7)
-            ax.set_title(f"{col}\n{row}", fontsize=8)
+            ax.set_title(f"{col}\n{row}", fontsize=7.5)
             if cm is None:
                 ax.text(0.5, 0.5, "not available", ha="center", va="center", transform=ax.transAxes, color="0.4")
                 continue
@@ -167,23 +185,30 @@ def bar_figure(
     hlines: Sequence[tuple[str, float]] = (),
     ylim: tuple[float, float] | None = None,
     points_label: str = "",
+    points_series: int = -1,
 ) -> Figure:
-    """Grouped bars (one group per category, one bar per series) with optional reference lines."""
+    """Grouped bars (one group per category, one bar per series) with optional reference lines.
+
+    A group's ``points`` are drawn as dots over the bar of series ``points_series``
+    (e.g. each site's local-only AUC over the local-only mean).
+    """
     if not groups or not series:
         raise ValueError("a bar figure needs at least one group and one series")
     fig = _figure(max(4.5, 1.3 * len(groups) * max(1, len(series)) / 2 + 2.5), 4.0)
     ax = fig.subplots()
+    ax.set_axisbelow(True)
     width = 0.8 / len(series)
     x = np.arange(len(groups), dtype=float)
+    offsets = (np.arange(len(series)) - (len(series) - 1) / 2) * width
     for k, name in enumerate(series):
         vals = np.array([g.values[k] for g in groups], dtype=float)
         color = colors[k] if colors else None
-        bars = ax.bar(x + (k - (len(series) - 1) / 2) * width, np.nan_to_num(vals), width, label=name, color=color)
+        bars = ax.bar(x + offsets[k], np.nan_to_num(vals), width, label=name, color=color)
         for bar, v in zip(bars, vals, strict=True):
             if np.isfinite(v):
                 ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                             ha="center", va="bottom", fontsize=7, xytext=(0, 1), textcoords="offset points")
-    dots = [(i, p) for i, g in enumerate(groups) for p in g.points if np.isfinite(p)]
+    dots = [(i + offsets[points_series], p) for i, g in enumerate(groups) for p in g.points if np.isfinite(p)]
     if dots:
         ax.scatter([d[0] for d in dots], [d[1] for d in dots], color="black", s=12, zorder=3, label=points_label)
     styles = ("--", "-.", ":", (0, (5, 1)))
@@ -194,5 +219,5 @@ def bar_figure(
     if ylim:
         ax.set_ylim(*ylim)
     ax.grid(True, axis="y", color="0.92")
-    ax.legend(fontsize=7, frameon=False, loc="best")
+    fig.legend(fontsize=7, frameon=False, loc="outside right upper")
     return fig

@@ -53,3 +53,16 @@ def terminate_group(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> Non
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into ``SystemExit`` so ``finally`` blocks stop the processes we started.
+
+    Without it, a command killed by its supervisor (a shell, Kubernetes)
+    would leave its SuperLink and the simulation engine running.
+    """
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.processes import exit_on_sigterm
+
 log = logging.getLogger("flower-server")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    exit_on_sigterm()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)

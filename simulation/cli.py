@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from common.config import ConfigError, ExperimentConfig, SiteConfig, load_config, to_dict, with_sites
+from common.processes import exit_on_sigterm
 from common.validation import validate_site
 
 log = logging.getLogger("flower-simulation")
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    exit_on_sigterm()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "command", None):
         args = build_parser().parse_args(["run", *(argv or [])])
