@@ -20,6 +20,7 @@ COLUMNS = (
     "BN recal s",
     "infer pat/s",
     "peak RSS GiB",
+    "load avg",
 )
 
 
@@ -41,6 +42,7 @@ def table_rows(results: Sequence[Measurement]) -> list[tuple[str, ...]]:
                 f"{r.recal_s:.2f}" if r.recal_s > 0 else "-",
                 f"{r.infer_pps:.3g}",
                 f"{r.peak_rss_mib / 1024:.2f}",
+                f"{r.load_avg_1m:.1f}",
             )
         )
     return rows
@@ -89,6 +91,7 @@ def format_report(
         "  infer pat/s: common.engine.predict (eval mode; 2D averages the slice probabilities).",
         "  peak RSS: VmHWM of the process measuring that row alone (one subprocess per row), including"
         + (f" ~{min(base) / 1024:.2f} GiB of imports." if base else " the imports."),
+        "  load avg: the machine's 1-minute load average when the row's measurement ended.",
         "  data: random in-memory SiteArrays (float16, as cached); no disk reads or preprocessing are timed.",
         f"  loop: {', '.join(loops) or '-'}",
     ]
@@ -97,6 +100,16 @@ def format_report(
             "    common.engine is CPU-only, so on the GPU bench/throughput.py mirrors its train/recalibrate/predict"
             " steps (same loader, loss, Adam, schedule, prediction rule) with model and batches on the device."
         )
+    busy = [r for r in results if r.load_avg_1m > machine.usable_cpus]
+    if busy:
+        out += [
+            "",
+            f"WARNING: the 1-minute load average exceeded the {machine.usable_cpus} usable cores during "
+            f"{len(busy)} of {len(results)} rows: other processes competed for the CPUs, so these figures are",
+            "  lower than this machine's own and vary between runs; with --threads > 1 torch's OpenMP threads",
+            "  also wait for each other when descheduled, which can cost far more than the lost share.",
+            "  Compare with --threads 1, or rerun on an idle machine.",
+        ]
     if failures:
         out += ["", "FAILED:", *(f"  {f}" for f in failures)]
     return "\n".join(out)

@@ -89,6 +89,9 @@ class Measurement:
     ``train_load_s`` / ``infer_load_s``: time spent waiting for the
     DataLoader's next batch (augmentation included) inside the timed phase.
     ``recal_s`` is 0 when the preset does not recalibrate BatchNorm.
+    ``load_avg_1m`` is the machine's 1-minute load average when the
+    measurement ended: above the core count, other processes competed for
+    the CPUs while it ran.
     """
 
     kind: str
@@ -113,6 +116,7 @@ class Measurement:
     infer_load_s: float
     base_rss_mib: float
     peak_rss_mib: float
+    load_avg_1m: float = float("nan")
     gpu_peak_mib: float | None = None
 
     @property
@@ -452,6 +456,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def warmup_patients(patients: int, batch: int, items_per_patient: int) -> int:
+    """Patients for the warm-up: at least one full training batch, never a last batch of one item.
+
+    2D trains on slices (``items_per_patient`` of them), so a whole number of
+    patients rarely fills a batch exactly; the smallest count whose items
+    fill one batch is used, plus one patient where the remainder would be a
+    single item (BatchNorm refuses that in training mode).
+    """
+    k = max(1, -(-batch // items_per_patient))
+    if (k * items_per_patient) % batch == 1:
+        k += 1
+    return min(k, patients)
+
+
 def measure(spec: Spec) -> Measurement:
     """Measure ``spec`` in this process (see the module docstring for what is timed).
 
@@ -485,7 +503,7 @@ def measure(spec: Spec) -> Measurement:
         )
 
     t0 = time.perf_counter()  # warm-up: one full training step, one recalibration and one prediction batch
-    phases.train(indices[: min(spec.patients, max(1, train_batch // items_per_patient))], LoadClock())
+    phases.train(indices[: warmup_patients(spec.patients, train_batch, items_per_patient)], LoadClock())
     warm_eval = indices[: min(spec.patients, eval_batch)]
     if recal:
         phases.recalibrate(warm_eval, LoadClock())
@@ -535,6 +553,7 @@ def measure(spec: Spec) -> Measurement:
         infer_load_s=infer_clock.seconds,
         base_rss_mib=base_rss,
         peak_rss_mib=memory_mib("VmHWM"),
+        load_avg_1m=os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
         gpu_peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
     )
 

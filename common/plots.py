@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -126,18 +127,19 @@ def line_figure(
     """
     if not panels:
         raise ValueError("a line figure needs at least one panel")
-    fig = _figure(panel_width * len(panels), panel_height + (0.5 if shared_legend else 0.0))
+    width = panel_width * len(panels)
+    fig = _figure(width, panel_height + (0.5 if shared_legend else 0.0))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, panel in zip(axes, panels, strict=True):
         _draw_panel(ax, panel, legend=not shared_legend)
     if shared_legend:
-        by_label = {}
+        by_label: dict[str, Artist] = {}
         for ax in axes:
             for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
                 by_label.setdefault(label, handle)
         if by_label:
             fig.legend(list(by_label.values()), list(by_label), loc="outside lower center",
-                       ncols=min(4, len(by_label)), fontsize=8, frameon=False)
+                       ncols=max(1, min(4, len(by_label), int(width // 2.3))), fontsize=8, frameon=False)
     return fig
 
 
@@ -194,7 +196,7 @@ def bar_figure(
     """
     if not groups or not series:
         raise ValueError("a bar figure needs at least one group and one series")
-    fig = _figure(max(4.5, 1.3 * len(groups) * max(1, len(series)) / 2 + 2.5), 4.0)
+    fig = _figure(4.5 + 0.45 * len(groups) * len(series), 4.0)
     ax = fig.subplots()
     ax.set_axisbelow(True)
     width = 0.8 / len(series)

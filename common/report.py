@@ -77,7 +77,9 @@ _METRIC_HTML = ("score", "subset", "n", "n_pos", "auc", "f1", "precision", "reca
                 "brier", "tn", "fp", "fn", "tp")
 _HEADINGS: Mapping[str, str] = MappingProxyType(
     {"auc": "AUC", "f1": "F1", "n_pos": "malignant", "tn": "TN", "fp": "FP", "fn": "FN", "tp": "TP",
-     "mae": "MAE", "val_auc": "validation AUC", "val_n": "validation n", "z": "z", "p": "p"}
+     "mae": "MAE", "val_auc": "validation AUC", "val_n": "validation n", "n_neg": "benign",
+     "internal_fold_mean_auc": "internal AUC (mean of folds)", "internal_pooled_auc": "internal AUC (pooled)",
+     "external_auc": "external AUC", "delong_p": "DeLong p"}
 )
 CALIBRATION_BINS = 10
 _DCA_THRESHOLDS = np.arange(1, 100) / 100.0
@@ -97,6 +99,7 @@ class Table:
     rows: tuple[tuple[Cell, ...], ...]
     html_columns: tuple[str, ...] = ()
     collapsed: bool = False  # long tables go in a <details> element
+    group_column: str = ""  # a new value here starts a ruled-off group of rows (a score, a model)
 
     def shown(self) -> tuple[str, ...]:
         return self.html_columns or self.columns
@@ -243,6 +246,19 @@ def _duration(seconds: float | None) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d} (h:mm:ss)"
 
 
+def _byte_unit(n: float) -> tuple[str, float]:
+    """The binary unit that shows ``n`` bytes with one to four integer digits."""
+    for unit, power in (("GiB", 3), ("MiB", 2), ("KiB", 1)):
+        if n >= 1024**power:
+            return unit, float(1024**power)
+    return "bytes", 1.0
+
+
+def _bytes(n: int) -> str:
+    unit, scale = _byte_unit(n)
+    return f"{n} bytes" if scale == 1.0 else f"{n / scale:.1f} {unit}"
+
+
 def _metric_row(score: str, subset: str, m: Mapping[str, Any] | None) -> tuple[Cell, ...]:
     """One CSV row of a metrics dict (``Metrics.to_dict`` shape); absent values are empty."""
     m = m or {}
@@ -336,10 +352,10 @@ def table2_section(summary: Mapping[str, Any]) -> Section:
     b.add(Table(
         "table2_single_scores",
         "Table 2. Deep-learning models and radiologist: internal and external test",
-        "Internal = five-fold cross-validation test folds: one row per fold, their mean (the study's "
+        "Internal = the cross-validation test folds: one row per fold, their mean (the study's "
         "internal figure) and all internal test patients pooled; external = the external sites' patients, "
         "scored by the mean of the fold models' probabilities.",
-        _METRIC_COLUMNS, tuple(rows), _METRIC_HTML,
+        _METRIC_COLUMNS, tuple(rows), _METRIC_HTML, group_column="score",
     ))
     for s in (*_EXPECTED_SINGLE, *_OPTIONAL_SINGLE):
         if s not in models:
@@ -372,7 +388,7 @@ def table4_section(summary: Mapping[str, Any]) -> Section:
             "table4_ensembles",
             "Table 4b. Ensembles: internal and external test",
             "Rows as in Table 2: per fold, mean of folds (the study's internal figure), internal pooled, external.",
-            _METRIC_COLUMNS, tuple(rows), _METRIC_HTML,
+            _METRIC_COLUMNS, tuple(rows), _METRIC_HTML, group_column="score",
         ))
     delong = summary.get("delong")
     if isinstance(delong, dict) and delong:
@@ -427,7 +443,7 @@ def table3_section(summary: Mapping[str, Any]) -> Section:
         "Table 3. Reader study on the external set",
         "Each tier's readers without and with the 3D model's prediction; MAE = mean |probability − label|; "
         "p = DeLong test of with vs without AI.",
-        ("tier", "session", "n", *keys, "delong_p"), tuple(rows),
+        ("tier", "session", "n", *keys, "delong_p"), tuple(rows), group_column="tier",
     ))
     return Section("table3", "Table 3 — reader study", tuple(b.blocks))
 
@@ -548,13 +564,13 @@ def figures_section(
             b.add(Plot("calibration", "Calibration curves",
                        f"Observed fraction malignant vs mean predicted probability in {CALIBRATION_BINS} equal-width "
                        f"bins (empty bins omitted), {pooled}.",
-                       png_bytes(line_figure([_calibration_panel(k, c) for k, c in present.items()]))))
+                       png_bytes(line_figure([_calibration_panel(k, c) for k, c in present.items()], shared_legend=True))))
         else:
             b.note(f"Calibration skipped: the score grid is not a multiple of {CALIBRATION_BINS} bins.")
         b.add(Plot("decision_curves", "Decision curves",
                    f"Net benefit of treating patients whose probability is at or above each threshold, against "
                    f"treating all or none, {pooled}.",
-                   png_bytes(line_figure([_decision_panel(k, c) for k, c in present.items()]))))
+                   png_bytes(line_figure([_decision_panel(k, c) for k, c in present.items()], shared_legend=True))))
     cm_plot = _confusion_plot(summary)
     if cm_plot is not None:
         b.add(cm_plot)
@@ -591,7 +607,7 @@ def _round_logs(summary: Mapping[str, Any]) -> dict[str, dict[int, list[Mapping[
     for key, logs in summary.get("rounds", {}).items():
         model, _, fold = key.rpartition("/fold")
         if not model or not fold.isdigit():
-            raise ValueError(f"summary.json: rounds key {key!r} is not '<model>/fold<k>'")
+            raise ValueError(f"rounds key {key!r} is not '<model>/fold<k>'")
         out.setdefault(model, {})[int(fold)] = sorted(logs, key=lambda r: int(r.get("round", 0)))
     return out
 
@@ -610,7 +626,8 @@ def _rounds_plot(summary: Mapping[str, Any], logs: Mapping[str, Mapping[int, Seq
         if kept:
             series.append(Series("selected round", [s["round"] for s in kept], [s["val_auc"] for s in kept],
                                  "black", "", marker="o"))
-        panels.append(Panel(_label(model), series, "federated round", "pooled validation AUC", ylim=(0, 1.02)))
+        panels.append(Panel(_label(model), series, "federated round", "pooled validation AUC", ylim=(0, 1.02),
+                            integer_x=True))
     return Plot("validation_auc_per_round", "Validation AUC per round",
                 "Validation AUC after each federated round, pooled over all training sites' validation patients "
                 "of the fold (one line per fold); black dots: the round kept for testing.",
@@ -627,11 +644,11 @@ def _loss_plot(logs: Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]]) ->
                 series.append(Series(f"fold {fold}", [p[0] for p in pts], [p[1] for p in pts], f"C{fold % 10}",
                                      marker="."))
         if series:
-            panels.append(Panel(_label(model), series, "federated round", "training loss"))
+            panels.append(Panel(_label(model), series, "federated round", "training loss", integer_x=True))
     if not panels:
         return None
     return Plot("training_loss_per_round", "Training loss per round",
-                "Training loss reported by the sites in each round, weighted by their training patients.",
+                "Mean training loss of the updates kept in each round, weighted by the sites' training patients.",
                 png_bytes(line_figure(panels, panel_height=3.4)))
 
 
@@ -688,7 +705,7 @@ def _participation_tables(
         "validation AUC and patients; mean training loss; seconds.",
         ("model", "fold", "round", "trained", "evaluated", "dropped", "missing", "val_auc", "val_n",
          "train_loss", "seconds"),
-        tuple(per_round), collapsed=True,
+        tuple(per_round), collapsed=True, group_column="fold",
     )
     return sites_table, rounds_table
 
@@ -717,18 +734,19 @@ def communication_section(summary: Mapping[str, Any]) -> Section:
         b.note("No communication counts in this run.")
         return Section("communication", "Communication", tuple(b.blocks))
     sites = summary.get("sites", {})
+    counts = {s: (int(c.get("bytes_sent", 0)), int(c.get("bytes_received", 0))) for s, c in comm.items()}
     rows = tuple(
-        (s, (sites.get(s) or {}).get("role"), int(c.get("bytes_sent", 0)), int(c.get("bytes_received", 0)),
-         int(c.get("bytes_sent", 0)) / 2**20, int(c.get("bytes_received", 0)) / 2**20)
-        for s, c in comm.items()
+        (s, (sites.get(s) or {}).get("role"), sent, received, _bytes(sent), _bytes(received))
+        for s, (sent, received) in counts.items()
     )
     b.add(Table("communication", "Communication per site",
                 "Message payload bytes each site sent to and received from the server over the whole run.",
-                ("site", "role", "bytes_sent", "bytes_received", "mib_sent", "mib_received"), rows))
-    groups = [BarGroup(str(r[0]), [float(r[4] or 0), float(r[5] or 0)]) for r in rows]
+                ("site", "role", "bytes_sent", "bytes_received", "sent", "received"), rows))
+    unit, scale = _byte_unit(max(max(v) for v in counts.values()))
+    groups = [BarGroup(s, [sent / scale, received / scale]) for s, (sent, received) in counts.items()]
     b.add(Plot("communication", "Communication per site",
-               "MiB sent to and received from the server per site, whole run.",
-               png_bytes(bar_figure(groups, ["sent by site", "received by site"], "MiB", ["#4c72b0", "#dd8452"]))))
+               f"{unit} sent to and received from the server per site, whole run.",
+               png_bytes(bar_figure(groups, ["sent by site", "received by site"], unit, ["#4c72b0", "#dd8452"]))))
     return Section("communication", "Communication", tuple(b.blocks))
 
 
@@ -760,20 +778,20 @@ def baselines_section(summary: Mapping[str, Any]) -> Section:
     scores = _ordered(set(pooled) | set(local_mean) | {s for per in local.values() for s in per})
     rows: list[tuple[Cell, ...]] = []
     for s in scores:
-        rows.append(("federated", None, s, *_auc_triple(models.get(s))))
+        rows.append((s, "federated", None, *_auc_triple(models.get(s))))
         if s in pooled:
-            rows.append(("pooled", None, s, *_auc_triple(pooled[s])))
+            rows.append((s, "pooled", None, *_auc_triple(pooled[s])))
         for site, per in local.items():
             if s in per:
-                rows.append(("local", site, s, *_auc_triple(per[s])))
+                rows.append((s, "local", site, *_auc_triple(per[s])))
         if s in local_mean:
-            rows.append(("local mean", None, s, _num((local_mean[s] or {}).get("internal_auc")), None, None))
+            rows.append((s, "local mean", None, _num((local_mean[s] or {}).get("internal_auc")), None, None))
     if rows:
         b.add(Table("baselines", "Federated vs pooled vs local-only",
                     "AUC of the same models trained federated, on all patients pooled in one place, and at each "
                     "site alone; internal = mean of folds and all test folds pooled.",
-                    ("training", "site", "score", "internal_fold_mean_auc", "internal_pooled_auc", "external_auc"),
-                    tuple(rows)))
+                    ("score", "training", "site", "internal_fold_mean_auc", "internal_pooled_auc", "external_auc"),
+                    tuple(rows), group_column="score"))
         b.add(_baselines_plot(scores, models, pooled, local, local_mean, cohort))
     if isinstance(cohort, dict) and cohort:
         b.add(Table("cohort", "Synthetic cohort reference",
@@ -821,9 +839,9 @@ _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1280px;
 padding:1.2em 2em;color:#1b1b1b;line-height:1.4}
 h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
-nav a{margin-right:1em}table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.86em}
-caption{text-align:left;padding:.3em 0;caption-side:top}caption b{display:block;font-size:1.1em}
-caption span{color:#555}th,td{border:1px solid #d4d4d4;padding:.25em .55em}th{background:#f2f4f7}
+nav a{margin-right:1em}table{border-collapse:collapse;margin:.3em 0 1.4em;font-size:.86em}
+p.cap{margin:.8em 0 .2em;color:#444;font-size:.9em}p.cap b{color:#1b1b1b}p.cap i{color:#888}
+th,td{border:1px solid #d4d4d4;padding:.25em .55em}th{background:#f2f4f7}tr.group td{border-top:2px solid #999}
 td.num{text-align:right;font-variant-numeric:tabular-nums}tr:nth-child(even) td{background:#fafafa}
 figure{margin:1em 0 1.6em}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{color:#444;font-size:.9em}figcaption b{color:#1b1b1b}
@@ -841,18 +859,22 @@ def _table_html(t: Table) -> str:
     cols = t.shown()
     idx = [t.columns.index(c) for c in cols]
     head = "".join(f"<th>{html.escape(_heading(c))}</th>" for c in cols)
-    body = []
+    body: list[str] = []
+    key = t.columns.index(t.group_column) if t.group_column else None
+    previous: Cell = None
     for row in t.rows:
+        group = ' class="group"' if key is not None and body and row[key] != previous else ""
+        previous = row[key] if key is not None else None
         cells = []
         for i in idx:
             v = row[i]
             cls = ' class="num"' if isinstance(v, int | float) and not isinstance(v, bool) else ""
             cells.append(f"<td{cls}>{html.escape(_fmt(v))}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
+        body.append(f"<tr{group}>" + "".join(cells) + "</tr>")
     if not t.rows:
         body.append(f'<tr><td colspan="{len(cols)}">no rows</td></tr>')
-    table = (f'<table id="{t.name}"><caption><b>{html.escape(t.title)}</b><span>{html.escape(t.caption)} '
-             f"(CSV: {t.name}.csv)</span></caption><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+    table = (f'<p class="cap"><b>{html.escape(t.title)}.</b> {html.escape(t.caption)} <i>({t.name}.csv)</i></p>'
+             f'<table id="{t.name}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
     if t.collapsed:
         return f"<details><summary>{html.escape(t.title)} ({len(t.rows)} rows)</summary>{table}</details>"
     return table
@@ -932,17 +954,20 @@ def render_report(run_dir: Path) -> Path:
     if stats is None:
         log.warning("%s not found: the report has no curves", stats_path)
     bins = next((h.bins for subsets in (stats or {}).values() for h in subsets.values()), None)
-    figures, curves = figures_section(summary, stats)
-    sections = [
-        header_section(summary, run_dir, bins),
-        table2_section(summary),
-        table4_section(summary),
-        table3_section(summary),
-        figures,
-        training_section(summary),
-        baselines_section(summary),
-        communication_section(summary),
-    ]
+    try:
+        figures, curves = figures_section(summary, stats)
+        sections = [
+            header_section(summary, run_dir, bins),
+            table2_section(summary),
+            table4_section(summary),
+            table3_section(summary),
+            figures,
+            training_section(summary),
+            baselines_section(summary),
+            communication_section(summary),
+        ]
+    except ValueError as exc:  # raised by the value checks (_num, _round_logs) on summary content
+        raise ValueError(f"{run_dir / 'summary.json'}: {exc}") from exc
     title = f"Sacral tumour classification — {summary.get('plan', 'run')} run {run_dir.name}"
     final = run_dir / "report"
     staging = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))

@@ -83,7 +83,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     data = json.loads(summary.read_text())
     print(f"flower-server: run finished in {time.perf_counter() - t0:.0f} s; sites: {', '.join(data.get('sites', {}))}")
+    if data.get("plan") != "loco":
+        from common.report import render_report
+
+        print(f"report: {render_report(run_dir)}")
     print(summary)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from common.report import render_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "summary.json").is_file():
+        print(f"error: {run_dir / 'summary.json'} not found: not a finished run folder", file=sys.stderr)
+        return 2
+    print(render_report(run_dir))
     return 0
 
 
@@ -107,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--hosts", default="localhost,127.0.0.1", help="names/addresses hospitals use to reach the server")
     c.add_argument("--days", type=int, default=365)
     c.set_defaults(handler=cmd_certs)
+    rp = sub.add_parser("report", help="(re)generate a run's HTML report from its summary and statistics")
+    rp.add_argument("run_dir", metavar="RUN_DIR")
+    rp.set_defaults(handler=cmd_report)
     return p
 
 

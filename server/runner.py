@@ -12,6 +12,7 @@ statistics, and the final pooled metrics are computed from grid statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -261,6 +262,27 @@ class PlanRunner:
     def run(self, expected_sites: int, wait_s: float = 120.0) -> dict[str, Any]:
         t0 = time.perf_counter()
         self.discover(expected_sites, wait_s)
+        if self.cfg.plan == "loco":
+            return self.run_loco(t0)
+        return self.run_plan(t0)
+
+    def run_loco(self, t0: float) -> dict[str, Any]:
+        """Leave-one-centre-out: one full pass per site, that site external, the others training."""
+        passes: dict[str, Any] = {}
+        for held_out in sorted({s.site for s in self.sites.values()}):
+            cfg = dataclasses.replace(self.cfg, plan="federated", external_sites=(held_out,))
+            sub = PlanRunner(self.grid.inner, cfg, self.run_dir / f"loco-{held_out}", f"{self.run_id}-loco-{held_out}")
+            sub.sites = {
+                n: dataclasses.replace(s, role="external" if s.site == held_out else "train") for n, s in self.sites.items()
+            }
+            log.info("leave-one-centre-out: %s held out", held_out)
+            passes[held_out] = sub.run_plan(time.perf_counter())
+        summary = {"plan": "loco", "config": self.cfg.name, "passes": passes, "wall_seconds": round(time.perf_counter() - t0, 1)}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def run_plan(self, t0: float) -> dict[str, Any]:
+        """Train every model and fold, predict, fit the ensembles, write ``summary.json``."""
         if not self._nodes("train"):
             raise FederationError(f"no training site available (unavailable: {self.unavailable})")
         kinds: list[ModelKind] = [k for k in ("densenet3d", "densenet2d") if getattr(self.cfg.models, k).enabled]  # type: ignore[misc]

@@ -128,6 +128,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     data["wall_seconds_total"] = round(seconds, 1)
     summary.write_text(json.dumps(data, indent=2))
     _print_summary(data)
+    if data.get("plan") != "loco":
+        from common.report import render_report
+
+        print(f"Report: {render_report(run_dir)}")
     print(run_dir)
     return 0
 

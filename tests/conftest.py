@@ -17,3 +17,13 @@ def shared_ct() -> Path:
     if not path.is_dir():
         pytest.skip(f"real CT files not found at {path} (a clone outside the workplace has no ../shared)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic cohort at its floor size (20 patients per centre), generated once per session."""
+    from simulation.synth import generate_cohort
+
+    out = tmp_path_factory.mktemp("tiny-cohort")
+    generate_cohort(out, scale=0.0, seed=0)
+    return out

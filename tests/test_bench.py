@@ -23,6 +23,7 @@ from bench.throughput import (
     mirror_train_epoch,
     random_arrays,
     resolve_device,
+    warmup_patients,
 )
 from common import engine
 from common.models import build_model
@@ -43,6 +44,10 @@ def test_one_configuration_measures_throughput_memory_and_prints_the_machine() -
     assert "Command: python -m bench --test" in text and "torch " in text
     row = next(line for line in text.splitlines() if line.startswith("densenet3d"))
     assert f"{result.train_pps:.3g}" in row and f"{result.peak_rss_mib / 1024:.2f}" in row
+    busy = dataclasses.replace(result, load_avg_1m=machine.usable_cpus + 1.0)
+    assert "WARNING: the 1-minute load average" in format_report(machine, [busy])
+    idle = dataclasses.replace(result, load_avg_1m=0.0)
+    assert "WARNING" not in format_report(machine, [idle])
 
 
 def test_gpu_mirror_gives_the_engines_weights_and_probabilities_on_cpu() -> None:
@@ -67,6 +72,13 @@ def test_gpu_mirror_gives_the_engines_weights_and_probabilities_on_cpu() -> None
         assert torch.equal(a, b), name
     got = mirror_predict(mirror, arrays, idx, "densenet2d", cfg, device=cpu, clock=LoadClock())
     np.testing.assert_array_equal(got, engine.predict(ref, arrays, idx, "densenet2d", cfg))
+
+
+def test_warmup_fills_a_batch_and_never_leaves_a_single_item() -> None:
+    assert warmup_patients(16, 8, 1) == 8  # 3D: one full batch of patients
+    assert warmup_patients(16, 8, 3) == 4  # 2D: 3 patients = 9 slices would leave 1 slice; 4 = 8 + 4
+    assert warmup_patients(16, 20, 3) == 8  # 7 patients = 21 slices would leave 1
+    assert warmup_patients(5, 20, 3) == 5  # capped at the patients there are
 
 
 def test_cli_defaults_and_refusals() -> None:

@@ -20,7 +20,6 @@ import yaml
 
 from common.processes import free_port
 from server.certs import make_certificates
-from simulation.synth import generate_cohort
 
 pytestmark = pytest.mark.deployment
 BIN = Path(sys.executable).parent
@@ -47,14 +46,8 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("cohort")
-    generate_cohort(out, scale=0.0, seed=3)
-    return out
-
-
-def test_tls_deployment_server_and_three_hospitals(cohort: Path, tmp_path: Path) -> None:
+def test_tls_deployment_server_and_three_hospitals(tiny_cohort: Path, tmp_path: Path) -> None:
+    cohort = tiny_cohort
     certs = tmp_path / "certs"
     make_certificates(certs)
     cfg = yaml.safe_load(Path("common/presets/tiny.yaml").read_text())

@@ -11,7 +11,6 @@ from flwr.supercore.task_identity import TaskIdentity
 from common.config import SiteConfig, load_config, with_sites
 from common.splits import load_splits
 from server.runner import PlanRunner
-from simulation.synth import generate_cohort
 
 from .inprocess import InProcessGrid, Interrupted
 
@@ -27,10 +26,14 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("plan-cohort")
-    generate_cohort(out, scale=0.0, seed=11)
-    return {s: out / s for s in SITES}
+def sites_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared site output folder: the preprocessing cache is reused across tests (runs differ by id)."""
+    return tmp_path_factory.mktemp("plan-sites")
+
+
+@pytest.fixture(scope="module")
+def cohort(tiny_cohort: Path) -> dict[str, Path]:
+    return {s: tiny_cohort / s for s in SITES}
 
 
 def _cfg(plan: str, **train: int):  # type: ignore[no-untyped-def]
@@ -45,14 +48,14 @@ def _cfg(plan: str, **train: int):  # type: ignore[no-untyped-def]
     return with_sites(cfg, tuple(SiteConfig(name=s) for s in SITES))
 
 
-def test_study_plan_trains_at_centre1_and_tests_externally(cohort: dict[str, Path], tmp_path: Path) -> None:
-    grid = InProcessGrid(cohort, tmp_path / "sites")
+def test_study_plan_trains_at_centre1_and_tests_externally(cohort: dict[str, Path], sites_out: Path, tmp_path: Path) -> None:
+    grid = InProcessGrid(cohort, sites_out)
     summary = PlanRunner(grid, _cfg("study"), tmp_path / "run", "r1").run(expected_sites=3, wait_s=1)
     assert grid.calls[("centre1", "train")] == 2
     for ext in ("centre2", "centre3"):
         assert grid.calls[(ext, "train")] == 0 and grid.calls[(ext, "evaluate")] == 0
         assert grid.calls[(ext, "evaluate.predict")] == 1
-        rows = (tmp_path / "sites" / ext / "r1" / "predictions" / "densenet3d_fold0.csv").read_text().splitlines()
+        rows = (sites_out / ext / "r1" / "predictions" / "densenet3d_fold0.csv").read_text().splitlines()
         assert len(rows) == 1 + 20 and all(",external," in r for r in rows[1:])
     assert summary["sites"]["centre1"]["role"] == "train" and summary["sites"]["centre2"]["role"] == "external"
     assert summary["models"]["densenet3d"]["external"]["pooled"]["n"] == 40
@@ -60,35 +63,46 @@ def test_study_plan_trains_at_centre1_and_tests_externally(cohort: dict[str, Pat
     assert "densenet3d" in summary["models"]["ensemble_3d_radiologist"]["weights"]
 
 
-def test_selected_round_is_the_best_pooled_validation_auc(cohort: dict[str, Path], tmp_path: Path) -> None:
-    grid = InProcessGrid(cohort, tmp_path / "sites")
+def test_selected_round_is_the_best_pooled_validation_auc(cohort: dict[str, Path], sites_out: Path, tmp_path: Path) -> None:
+    grid = InProcessGrid(cohort, sites_out)
     summary = PlanRunner(grid, _cfg("federated", rounds=3), tmp_path / "run", "r2").run(expected_sites=3, wait_s=1)
     rounds = summary["rounds"]["densenet3d/fold0"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
-    n_val = sum(len(load_splits(tmp_path / "sites" / s / "r2" / "splits.json")[1][0].val) for s in SITES)
+    n_val = sum(len(load_splits(sites_out / s / "r2" / "splits.json")[1][0].val) for s in SITES)
     assert all(r["val_n"] == n_val for r in rounds)  # validation patients pooled over the three sites
     aucs = [r["val_auc"] if r["val_auc"] is not None else -1 for r in rounds]
     chosen = summary["selection"]["densenet3d"]["0"]["round"]
     assert aucs[chosen - 1] == max(aucs) and chosen == aucs.index(max(aucs)) + 1
 
 
-def test_a_site_that_never_answers_is_left_out_and_recorded(cohort: dict[str, Path], tmp_path: Path) -> None:
-    grid = InProcessGrid(cohort, tmp_path / "sites", silent=["centre3"])
+def test_a_site_that_never_answers_is_left_out_and_recorded(cohort: dict[str, Path], sites_out: Path, tmp_path: Path) -> None:
+    grid = InProcessGrid(cohort, sites_out, silent=["centre3"])
     summary = PlanRunner(grid, _cfg("federated"), tmp_path / "run", "r3").run(expected_sites=3, wait_s=1)
     for r in summary["rounds"]["densenet3d/fold0"]:
         assert sorted(r["trained"]) == ["centre1", "centre2"] and r["missing"] == ["centre3"]
     assert summary["models"]["densenet3d"]["internal"]["pooled"]["n"] == 20
 
 
-def test_server_restart_resumes_from_the_last_finished_round(cohort: dict[str, Path], tmp_path: Path) -> None:
+def test_server_restart_resumes_from_the_last_finished_round(cohort: dict[str, Path], sites_out: Path, tmp_path: Path) -> None:
     cfg = _cfg("federated", rounds=3)
     run_dir = tmp_path / "run"
-    first = InProcessGrid(cohort, tmp_path / "sites", fail_after_train=6)  # dies as round 3 starts
+    first = InProcessGrid(cohort, sites_out, fail_after_train=6)  # dies as round 3 starts
     with pytest.raises(Interrupted):
         PlanRunner(first, cfg, run_dir, "r4").run(expected_sites=3, wait_s=1)
     assert sorted(p.name for p in (run_dir / "checkpoints" / "densenet3d_fold0").glob("round*.npz")) == ["round1.npz", "round2.npz"]
-    second = InProcessGrid(cohort, tmp_path / "sites")
+    second = InProcessGrid(cohort, sites_out)
     summary = PlanRunner(second, cfg, run_dir, "r4").run(expected_sites=3, wait_s=1)
     assert sum(v for (_, t), v in second.calls.items() if t == "train") == 3  # round 3 only, one message per site
     assert [r["round"] for r in summary["rounds"]["densenet3d/fold0"]] == [3]
     assert json.loads((run_dir / "checkpoints" / "densenet3d_fold0" / "selected.json").read_text())["round"] in (1, 2, 3)
+
+
+def test_leave_one_centre_out_runs_one_pass_per_held_out_site(cohort: dict[str, Path], sites_out: Path, tmp_path: Path) -> None:
+    grid = InProcessGrid(cohort, sites_out)
+    summary = PlanRunner(grid, _cfg("loco", rounds=1), tmp_path / "run", "r5").run(expected_sites=3, wait_s=1)
+    assert sorted(summary["passes"]) == list(SITES)
+    for held_out, p in summary["passes"].items():
+        assert p["sites"][held_out]["role"] == "external"
+        assert sorted(s for s, v in p["sites"].items() if v["role"] == "train") == sorted(set(SITES) - {held_out})
+        assert p["models"]["densenet3d"]["external"]["pooled"]["n"] == 20
+    assert grid.calls[("centre1", "train")] == 2  # trains in the two passes where it is not held out

@@ -215,7 +215,7 @@ def test_missing_statistics_and_rerender(tmp_path: Path) -> None:
 
 
 def test_bad_input_names_the_file(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="summary.json"):
+    with pytest.raises(FileNotFoundError, match=r"summary\.json"):
         render_report(tmp_path)
     (tmp_path / "summary.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"summary\.json: not valid JSON"):
@@ -223,8 +223,11 @@ def test_bad_input_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "summary.json").write_text(json.dumps({"models": []}))
     with pytest.raises(ValueError, match="'models' must be an object"):
         render_report(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({"models": {"densenet3d": {"internal": {"fold_mean_auc": "high"}}}}))
+    with pytest.raises(ValueError, match=r"summary\.json: expected a number in the summary, got 'high'"):
+        render_report(tmp_path)
     (tmp_path / "summary.json").write_text(json.dumps({"models": {}}))
     (tmp_path / "stats").mkdir()
-    np.savez(tmp_path / "stats" / "final.npz", **{"densenet3d/fold0": np.zeros(10)})
+    np.savez(tmp_path / "stats" / "final.npz", **{"densenet3d/fold0": np.zeros(10)})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"final\.npz: array 'densenet3d/fold0'"):
         render_report(tmp_path)
