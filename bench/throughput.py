@@ -485,22 +485,23 @@ def measure(spec: Spec) -> Measurement:
     cfg, recal = bench_config(spec)
     d3, d2 = cfg.preprocess.d3, cfg.preprocess.d2
     arrays = random_arrays(spec.patients, d3.size, d2.size, d2.n_slices, seed=spec.seed)
-    torch.manual_seed(spec.seed)
-    model = build_model(spec.kind, getattr(cfg.models, spec.kind)).to(device)
-    phases = _Phases(model, arrays, spec.kind, cfg, spec.seed, device)
-    indices = list(range(spec.patients))
     probe = engine.make_loader(arrays, [0], spec.kind, "train", cfg, 0)
     train_batch = int(probe.batch_size or 1)
     eval_batch = int(engine.make_loader(arrays, [0], spec.kind, "eval", cfg, 0).batch_size or 1)
     items_per_patient = d2.n_slices if spec.kind == "densenet2d" else 1  # 2D trains on slices
 
     n_items = spec.patients * items_per_patient
-    if n_items % train_batch == 1 and n_items > 1 and getattr(cfg.models, spec.kind).norm == "batch":
+    if n_items % train_batch == 1 and getattr(cfg.models, spec.kind).norm == "batch":
         raise BenchError(
             f"{spec.label}: the epoch's last training batch would hold a single "
             f"{'slice' if items_per_patient > 1 else 'patient'}, which BatchNorm refuses in training mode "
             "(the engine keeps partial batches); choose another --patients or --batch"
         )
+
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.kind, getattr(cfg.models, spec.kind)).to(device)
+    phases = _Phases(model, arrays, spec.kind, cfg, spec.seed, device)
+    indices = list(range(spec.patients))
 
     t0 = time.perf_counter()  # warm-up: one full training step, one recalibration and one prediction batch
     phases.train(indices[: warmup_patients(spec.patients, train_batch, items_per_patient)], LoadClock())

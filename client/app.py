@@ -18,12 +18,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from common.config import ExperimentConfig, from_dict
+from common.gridstats import ClassHistogram
 from common.models import ModelKind
-from common.records import arrays_record, config_json, metric_record, weights_from_record, weights_record
+from common.records import (
+    arrays_from_record,
+    arrays_record,
+    config_json,
+    metric_record,
+    weights_from_record,
+    weights_record,
+)
 from common.sitedata import SiteDataError
 
 from .site import SiteContext, SiteRunner
@@ -161,4 +170,35 @@ def final(msg: Message, context: Context) -> Message:
     runner, config = _runner(msg, context)
     stats = runner.final_stats(str(config["role"]), config_json(config, "ensembles"))
     return _reply(msg, runner.ctx.name, {"stats": arrays_record(stats), "metrics": metric_record({"n-arrays": len(stats)})})
+
+
+@app.evaluate("readers")
+@_safe
+def readers(msg: Message, context: Context) -> Message:
+    """Reader-study grid statistics per tier and session (nothing when the site has no reader study)."""
+    runner, _ = _runner(msg, context)
+    stats = runner.reader_stats()
+    return _reply(msg, runner.ctx.name, {"stats": arrays_record(stats), "metrics": metric_record({"n-arrays": len(stats)})})
+
+
+@app.evaluate("delong")
+@_safe
+def delong(msg: Message, context: Context) -> Message:
+    """DeLong step 2: placement-value sums against the global histograms (scalars only)."""
+    runner, config = _runner(msg, context)
+    arrays = arrays_from_record(msg.content.array_records["arrays"])
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        name, field = key.rsplit("/", 1)
+        groups.setdefault(name, {})[field] = value
+    hists = {name: ClassHistogram.from_arrays(d) for name, d in groups.items()}
+    role = str(config["role"])
+    sums = runner.delong_sums(
+        config_json(config, "specs"),
+        hists,
+        config_json(config, "ensembles"),
+        ("external",) if role == "external" else ("internal",),
+    )
+    sums["num-examples"] = 0
+    return _reply(msg, runner.ctx.name, {"metrics": metric_record(sums)})
 

@@ -20,13 +20,14 @@ import numpy as np
 import torch
 
 from common.config import ExperimentConfig
+from common.delong import delong_step2_site
 from common.dataset import SiteArrays, preprocess_site
 from common.engine import Schedule, diagnose, predict, set_threads, train
 from common.ensemble import combine
 from common.gridstats import ClassHistogram, ScoreGrid
 from common.models import ModelKind, build_model
 from common.records import ModelCodec
-from common.sitedata import score_to_probability
+from common.sitedata import read_reader_study, score_to_probability
 from common.splits import Fold, fivefold, save_splits
 
 log = logging.getLogger(__name__)
@@ -268,6 +269,77 @@ class SiteRunner:
                 for key, arr in ClassHistogram.from_scores(y, p, self._grid()).to_arrays().items():
                     out[f"{score}/{subset}/{key}"] = arr
         self._write_final(role, ensembles)
+        return out
+
+    def subset_scores(self, subset: str, ensembles: dict[str, list[float]]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Labels and every score of one evaluation subset held at this site.
+
+        ``internal``: the internal-test patients of all folds (each patient once);
+        ``external``: all patients, fold models averaged; ``readers/<tier>``: the
+        reader study's (patient, reader) readings of that tier, sessions
+        ``without_ai`` and ``with_ai``.
+        """
+        if subset.startswith("readers/"):
+            return self._reader_scores(subset.split("/", 1)[1])
+        kinds = ("densenet3d", "densenet2d", "radiologist")
+        enabled = tuple(k for k in kinds if k == "radiologist" or getattr(self.cfg.models, k).enabled)
+        if subset == "external":
+            y, scores = self.score_table("external", None, enabled)
+        else:
+            parts = [self.score_table("test", k, enabled) for k in self.cfg.active_folds]
+            y = np.concatenate([p[0] for p in parts])
+            scores = {name: np.concatenate([p[1][name] for p in parts]) for name in parts[0][1]}
+        for name, w in ensembles.items():
+            scores[name] = combine(np.stack([scores[m] for m in name.split("+")], axis=1), np.asarray(w))
+        return y, scores
+
+    def _reader_scores(self, tier: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        mapping = self.cfg.evaluation.score_mapping
+        pos = {pid: i for i, pid in enumerate(self.arrays.patient_ids)}
+        rows = [r for r in read_reader_study(self.ctx.data_dir) if r.tier == tier and r.patient_id in pos]
+        y = np.asarray([self.arrays.labels[pos[r.patient_id]] for r in rows], dtype=np.int64)
+        without = np.asarray([score_to_probability(r.score_without_ai, mapping) for r in rows])
+        with_ai = np.asarray([score_to_probability(r.score_with_ai, mapping) for r in rows])
+        return y, {"without_ai": without, "with_ai": with_ai}
+
+    def reader_stats(self) -> dict[str, np.ndarray]:
+        """Grid statistics of each reader tier and session (empty without a reader study)."""
+        tiers = sorted({r.tier for r in read_reader_study(self.ctx.data_dir)})
+        out: dict[str, np.ndarray] = {}
+        for tier in tiers:
+            y, scores = self._reader_scores(tier)
+            if y.size == 0:
+                continue
+            for session, p in scores.items():
+                for key, arr in ClassHistogram.from_scores(y, p, self._grid()).to_arrays().items():
+                    out[f"readers/{tier}/{session}/{key}"] = arr
+        return out
+
+    def delong_sums(
+        self,
+        specs: list[list[str]],
+        global_hists: dict[str, ClassHistogram],
+        ensembles: dict[str, list[float]],
+        subsets: tuple[str, ...],
+    ) -> dict[str, float]:
+        """DeLong step 2: sums of this site's placement values against the global histograms.
+
+        ``specs`` are ``[score1, score2, subset]``; only subsets this site
+        holds are answered.  Returns scalars only (12 per comparison).
+        """
+        out: dict[str, float] = {}
+        cache: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
+        for i, (s1, s2, subset) in enumerate(specs):
+            if subset not in subsets and not subset.startswith("readers/"):
+                continue
+            if subset not in cache:
+                cache[subset] = self.subset_scores(subset, ensembles)
+            y, scores = cache[subset]
+            if y.size == 0 or s1 not in scores or s2 not in scores:
+                continue
+            sums = delong_step2_site(y, scores[s1], scores[s2], global_hists[f"{s1}/{subset}"], global_hists[f"{s2}/{subset}"])
+            for key, value in sums.to_dict().items():
+                out[f"{i}/{key}"] = float(value)
         return out
 
     def _write_final(self, role: str, ensembles: dict[str, list[float]]) -> None:

@@ -26,10 +26,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from common.config import ExperimentConfig, SiteConfig, to_dict, with_sites
-from common.ensemble import best_weights, simplex_grid
+from common.delong import PlacementSums, delong_from_sums
+from common.ensemble import best_weights, mean_absolute_error_from_hist, simplex_grid
 from common.gridstats import ClassHistogram, pooled_metrics
 from common.models import ModelKind, build_model
-from common.records import ModelCodec, arrays_from_record, config_record, weights_record
+from common.records import ModelCodec, arrays_from_record, arrays_record, config_record, weights_record
 
 from .checkpoints import CheckpointStore
 from .meteredgrid import MeteredGrid
@@ -39,6 +40,14 @@ from .strategy import FederationError
 
 log = logging.getLogger(__name__)
 
+DELONG_PAIRS: tuple[tuple[str, str], ...] = (
+    ("ensemble_3d_radiologist", "radiologist"),
+    ("ensemble_3d_radiologist", "densenet3d"),
+    ("densenet3d", "radiologist"),
+    ("ensemble_2d3d", "densenet3d"),
+    ("ensemble_2d3d_radiologist", "radiologist"),
+    ("densenet3d", "densenet2d"),
+)
 ENSEMBLES: dict[str, tuple[str, ...]] = {
     "ensemble_2d3d": ("densenet2d", "densenet3d"),
     "ensemble_3d_radiologist": ("densenet3d", "radiologist"),
@@ -294,10 +303,108 @@ class PlanRunner:
         fitted = self.fit_ensembles()
         final = self.final_statistics(fitted)
         self.save_statistics(final)
+        readers = self.reader_statistics()
+        delong = self.delong_tests(final, readers, fitted)
         summary = self.summary(final, fitted, time.perf_counter() - t0)
+        summary["reader_study"] = self.reader_summary(readers, delong)
+        summary["delong"] = {k: v for k, v in delong.items() if not k.startswith("readers/")}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("summary written to %s", self.run_dir / "summary.json")
         return summary
+
+    # -- reader study and DeLong (two-step, aggregate statistics only) -------------------------
+    def reader_statistics(self) -> dict[str, dict[str, ClassHistogram]]:
+        """Pooled reader-study histograms: ``{tier: {"without_ai"|"with_ai": h}}``."""
+        out: dict[str, dict[str, ClassHistogram]] = {}
+        for r in self._send(sorted(self.sites), f"{MessageType.EVALUATE}.readers", {}):
+            groups: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+            for k, v in arrays_from_record(r.content.array_records["stats"]).items():
+                _, tier, session, field = k.split("/")
+                groups.setdefault((tier, session), {})[field] = v
+            for (tier, session), d in groups.items():
+                h = ClassHistogram.from_arrays(d)
+                per = out.setdefault(tier, {})
+                per[session] = per[session] + h if session in per else h
+        return out
+
+    def delong_tests(
+        self,
+        final: dict[str, dict[str, ClassHistogram]],
+        readers: dict[str, dict[str, ClassHistogram]],
+        fitted: dict[str, dict[str, Any]],
+    ) -> dict[str, dict[str, Any]]:
+        """Federated DeLong: step 1 the pooled histograms (already summed), step 2 placement sums."""
+        site_name = {name: "+".join(v["members"]) for name, v in fitted.items()}
+        global_h: dict[str, ClassHistogram] = {}
+        for score, subsets in final.items():
+            folds = [h for s, h in subsets.items() if s.startswith("fold")]
+            if folds:
+                global_h[f"{site_name.get(score, score)}/internal"] = ClassHistogram.aggregate(folds)
+            if "external" in subsets:
+                global_h[f"{site_name.get(score, score)}/external"] = subsets["external"]
+        for tier, sessions in readers.items():
+            for session, h in sessions.items():
+                global_h[f"{session}/readers/{tier}"] = h
+        specs: list[list[str]] = []
+        names: list[str] = []
+        for subset in ("internal", "external"):
+            for a, b in DELONG_PAIRS:
+                sa, sb = site_name.get(a, a), site_name.get(b, b)
+                if f"{sa}/{subset}" in global_h and f"{sb}/{subset}" in global_h:
+                    specs.append([sa, sb, subset])
+                    names.append(f"{subset}/{a} vs {b}")
+        for tier in sorted(readers):
+            if {"without_ai", "with_ai"} <= set(readers[tier]):
+                specs.append(["with_ai", "without_ai", f"readers/{tier}"])
+                names.append(f"readers/{tier}/with_ai vs without_ai")
+        if not specs:
+            return {}
+        needed = {f"{s}/{sub}" for s1, s2, sub in specs for s in (s1, s2)}
+        arrays = {f"{k}/{f}": v for k, h in global_h.items() if k in needed for f, v in h.to_arrays(include_sums=False).items()}
+        ensembles = {"+".join(v["members"]): v["weights"] for v in fitted.values()}
+        sums: dict[int, PlacementSums] = {}
+        for role in ("train", "external"):
+            nodes = list(self._nodes(role))
+            if not nodes:
+                continue
+            extra = {"specs": specs, "ensembles": ensembles, "role": role}
+            for r in self._send(nodes, f"{MessageType.EVALUATE}.delong", extra, arrays_record(arrays)):
+                m = r.content.metric_records["metrics"]
+                per: dict[int, dict[str, Any]] = {}
+                for key, value in m.items():
+                    if "/" in key:
+                        idx, field = key.split("/", 1)
+                        per.setdefault(int(idx), {})[field] = value
+                for j, d in per.items():
+                    ps = PlacementSums.from_dict(d)
+                    sums[j] = sums[j] + ps if j in sums else ps
+        out: dict[str, dict[str, Any]] = {}
+        for i, (s1, s2, subset) in enumerate(specs):
+            if i not in sums:
+                continue
+            try:
+                res = delong_from_sums(global_h[f"{s1}/{subset}"], global_h[f"{s2}/{subset}"], sums[i])
+            except ValueError as exc:
+                log.warning("DeLong %s not computed: %s", names[i], exc)
+                continue
+            out[names[i]] = res.to_dict()
+            log.info("DeLong %s: AUC %.4f vs %.4f, z %.3f, p %.4g", names[i], res.auc1, res.auc2, res.z, res.p)
+        return out
+
+    def reader_summary(self, readers: dict[str, dict[str, ClassHistogram]], delong: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The study's Table 3 per tier, and Figure 5's mean absolute error, from pooled histograms."""
+        thr = self.cfg.evaluation.threshold
+        out: dict[str, Any] = {}
+        for tier, sessions in sorted(readers.items()):
+            entry: dict[str, Any] = {}
+            for session, h in sessions.items():
+                entry[session] = dict(pooled_metrics(h, thr).to_dict(), mae=mean_absolute_error_from_hist(h))
+            if "without_ai" in entry and "with_ai" in entry:
+                entry["mae_improvement"] = entry["without_ai"]["mae"] - entry["with_ai"]["mae"]
+            if f"readers/{tier}/with_ai vs without_ai" in delong:
+                entry["delong"] = delong[f"readers/{tier}/with_ai vs without_ai"]
+            out[tier] = entry
+        return out
 
     def save_statistics(self, final: dict[str, dict[str, ClassHistogram]]) -> Path:
         """Pooled grid statistics (never per patient) for the report: ``stats/final.npz``."""

@@ -59,9 +59,9 @@ class InProcessGrid(Grid):
         for msg in messages:
             nid = msg.metadata.dst_node_id
             mtype = msg.metadata.message_type
-            if mtype == "train" and self.fail_after_train is not None:
-                if sum(v for (_, t), v in self.calls.items() if t == "train") >= self.fail_after_train:
-                    raise Interrupted("server killed")
+            trained = sum(v for (_, t), v in self.calls.items() if t == "train")
+            if mtype == "train" and self.fail_after_train is not None and trained >= self.fail_after_train:
+                raise Interrupted("server killed")
             self.calls[(self.nodes[nid], mtype)] += 1
             if nid in self.silent and mtype != "query.siteinfo":
                 continue  # the site never answers: its reply is lost
