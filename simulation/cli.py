@@ -126,6 +126,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     data = json.loads(summary.read_text())
     data["wall_seconds_total"] = round(seconds, 1)
+    data["cohort"] = cohort_reference(cohort_dir)
+    if args.baselines or cfg.baselines.pooled or cfg.baselines.local:
+        from .baselines import run_baselines
+
+        print("Baselines (pooled and local-only, same engine, folds and epoch budget) ...", flush=True)
+        t1 = time.perf_counter()
+        pooled = args.baselines or cfg.baselines.pooled
+        local = args.baselines or cfg.baselines.local
+        data["baselines"] = run_baselines(cfg, run_dir / "baseline-cache", pooled=pooled, local=local)
+        data["baselines"]["wall_seconds"] = round(time.perf_counter() - t1, 1)
     summary.write_text(json.dumps(data, indent=2))
     _print_summary(data)
     if data.get("plan") != "loco":
@@ -136,8 +146,62 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cohort_reference(cohort_dir: Path) -> dict[str, object]:
+    """The synthetic cohort's reference AUCs (oracle, radiologist, handcrafted LR) for the report."""
+    info = json.loads((cohort_dir / "cohort.json").read_text())
+    keys = ("oracle_auc", "radiologist_auc", "handcrafted_lr_auc", "size_only_auc", "generator")
+    return {k: info[k] for k in keys if k in info}
+
+
+def cmd_baselines(args: argparse.Namespace) -> int:
+    """Centralised (pooled) and local-only fivefold runs through the same engine, no Flower."""
+    from .baselines import run_baselines
+
+    try:
+        cfg = load_config(args.config or "quick")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    root = Path.cwd()
+    cohort_dir = ensure_cohort(cfg, root)
+    cfg = with_sites(cfg, cfg.sites or cohort_sites(cohort_dir))
+    out = Path(args.out).resolve() if args.out else new_run_dir(root / "runs", f"{cfg.name}-baselines").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    models = args.models.split(",") if args.models else None
+    t0 = time.perf_counter()
+    res = run_baselines(cfg, out / "cache", pooled=args.kind in ("pooled", "both"), local=args.kind in ("local", "both"), models=models)
+    res["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    res["cohort"] = cohort_reference(cohort_dir)
+    (out / "baselines.json").write_text(json.dumps(res, indent=2))
+    ref = res["cohort"]
+    print(f"\nCohort reference AUCs: oracle {json.dumps(ref.get('oracle_auc'))}; handcrafted LR {json.dumps(ref.get('handcrafted_lr_auc'))}")
+    for setting in ("pooled", "local"):
+        if setting not in res:
+            continue
+        groups = {"pooled": res["pooled"]} if setting == "pooled" else res["local"]
+        for group, per_model in groups.items():
+            print(f"\n[{setting} {group}]")
+            for name, m in per_model.items():
+                folds = m["internal"]["folds"]
+                sel = m.get("selection", [])
+                for i, f in enumerate(folds):
+                    val = f"best epoch {sel[i]['best_epoch']} val AUC {max(sel[i]['val_aucs']):.3f}" if sel else ""
+                    print(f"  {name:12s} fold {i}: test AUC {_f(f['auc'])} F1 {_f(f['f1'])} CM {f['confusion_matrix']} {val}")
+                p = m["internal"]["pooled"]
+                print(f"  {name:12s} pooled internal: AUC {_f(p['auc'])} F1 {_f(p['f1'])} CM {p['confusion_matrix']} (fold mean AUC {_f(m['internal']['fold_mean_auc'])})")
+                if "external" in m:
+                    print(f"  {name:12s} external: AUC {_f(m['external']['pooled']['auc'])}")
+    print(f"\nwritten to {out / 'baselines.json'} in {res['wall_seconds']} s")
+    return 0
+
+
 def _print_summary(data: dict) -> None:  # type: ignore[type-arg]
     print(f"\nFinished in {data.get('wall_seconds_total', data.get('wall_seconds'))} s")
+    if "passes" in data:
+        for held_out, p in data["passes"].items():
+            print(f"\n[leave-one-centre-out: {held_out} held out]")
+            _print_summary(p)
+        return
     print(f"{'score':32s} {'internal AUC (pooled)':>22s} {'fold mean':>10s} {'external AUC':>13s}")
     for name, m in data.get("models", {}).items():
         internal = m.get("internal", {})
@@ -146,6 +210,17 @@ def _print_summary(data: dict) -> None:  # type: ignore[type-arg]
         fm = internal.get("fold_mean_auc")
         auc_e = ext.get("auc")
         print(f"{name:32s} {_f(auc_i):>22s} {_f(fm):>10s} {_f(auc_e):>13s}")
+    base = data.get("baselines")
+    if base:
+        print(f"\n{'internal AUC (pooled over folds)':32s} {'federated':>10s} {'pooled':>10s} {'local mean':>11s}")
+        for name in ("densenet3d", "densenet2d", "radiomics"):
+            fed = data.get("models", {}).get(name, {}).get("internal", {}).get("pooled", {}).get("auc")
+            pooled = base.get("pooled", {}).get(name, {}).get("internal", {}).get("pooled", {}).get("auc")
+            local = base.get("local_mean", {}).get(name, {}).get("internal_auc")
+            print(f"{name:32s} {_f(fed):>10s} {_f(pooled):>10s} {_f(local):>11s}")
+    ref = data.get("cohort", {})
+    if ref:
+        print(f"cohort oracle AUC {json.dumps(ref.get('oracle_auc', {}).get('all'))}, radiologist {json.dumps(ref.get('radiologist_auc', {}).get('all'))}, handcrafted LR {json.dumps(ref.get('handcrafted_lr_auc', {}).get('all'))}")
 
 
 def _f(v: object) -> str:
@@ -166,7 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--config", help="YAML file or preset name (quick, study, tiny)")
     r.add_argument("--out", help="run folder (default: a new folder under runs/)")
     r.add_argument("--cpus", type=int, default=2, help="CPUs the simulation may use")
+    r.add_argument("--baselines", action="store_true", help="also run the pooled and local-only baselines")
     r.set_defaults(handler=cmd_run)
+    b = sub.add_parser("baselines", help="pooled (centralised) and local-only fivefold baselines, no Flower")
+    b.add_argument("--config", help="YAML file or preset name (default quick)")
+    b.add_argument("--kind", choices=("pooled", "local", "both"), default="both")
+    b.add_argument("--models", help="comma-separated subset of densenet3d,densenet2d,radiomics")
+    b.add_argument("--out", help="output folder (default: a new folder under runs/)")
+    b.set_defaults(handler=cmd_baselines)
     return p
 
 
