@@ -202,3 +202,22 @@ def delong(msg: Message, context: Context) -> Message:
     sums["num-examples"] = 0
     return _reply(msg, runner.ctx.name, {"metrics": metric_record(sums)})
 
+
+@app.query("featstats")
+@_safe
+def feature_moments(msg: Message, context: Context) -> Message:
+    """Counts, sums and sums of squares of the handcrafted features (training split of the fold)."""
+    runner, config = _runner(msg, context)
+    stats = runner.feature_moments(int(cast(int, config["fold"])))
+    return _reply(msg, runner.ctx.name, {"stats": arrays_record(stats), "metrics": metric_record({"num-examples": int(stats["n"][0])})})
+
+
+@app.train("radiomics")
+@_safe
+def train_radiomics(msg: Message, context: Context) -> Message:
+    """Fit the radiomics logistic regression locally on globally standardised features."""
+    runner, config = _runner(msg, context)
+    stats = arrays_from_record(msg.content.array_records["arrays"])
+    params, n = runner.fit_radiomics(int(cast(int, config["fold"])), stats["mean"], stats["std"])
+    return _reply(msg, runner.ctx.name, {"arrays": arrays_record({"params": params}), "metrics": metric_record({"num-examples": n})})
+

@@ -14,18 +14,19 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from common.config import ExperimentConfig
-from common.delong import delong_step2_site
 from common.dataset import SiteArrays, preprocess_site
+from common.delong import delong_step2_site
 from common.engine import Schedule, diagnose, predict, set_threads, train
 from common.ensemble import combine
 from common.gridstats import ClassHistogram, ScoreGrid
 from common.models import ModelKind, build_model
+from common.radiomics import FederatedLogit
 from common.records import ModelCodec
 from common.sitedata import read_reader_study, score_to_probability
 from common.splits import Fold, fivefold, save_splits
@@ -164,21 +165,32 @@ class SiteRunner:
     def _grid(self) -> ScoreGrid:
         return ScoreGrid(self.cfg.evaluation.grid_bins)
 
-    def predict_fold(self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int, role: str) -> dict[str, int]:
+    def predict_fold(self, kind: str, fold: int, flat: np.ndarray, rnd: int, role: str) -> dict[str, int]:
         """Predict with the selected fold model; per-patient rows are written here, locally.
 
         A training site predicts its fold-``fold`` validation and test
         patients (internal test); an external site predicts all patients.
+        ``kind="radiomics"``: ``flat`` is the federated logistic regression.
         """
-        model = self.load_model(kind, fold, flat, rnd)
         if role == "external":
             parts = {"external": tuple(self.arrays.patient_ids)}
         else:
             parts = {"val": self.folds[fold].val, "test": self.folds[fold].test}
+        if kind == "radiomics":
+            lr = FederatedLogit.unpack(flat)
+
+            def score(idx: list[int]) -> np.ndarray:
+                return lr.predict(self.arrays.features[idx])
+        else:
+            model = self.load_model(cast(ModelKind, kind), fold, flat, rnd)
+
+            def score(idx: list[int]) -> np.ndarray:
+                return predict(model, self.arrays, idx, cast(ModelKind, kind), self.cfg)
+
         rows = []
         for split, ids in parts.items():
             idx = self._index(ids)
-            probs = predict(model, self.arrays, idx, kind, self.cfg)
+            probs = score(idx)
             rows += [(pid, split, int(self.arrays.labels[i]), float(p)) for pid, i, p in zip(ids, idx, probs, strict=True)]
         path = self.run_dir / "predictions" / f"{kind}_fold{fold}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,6 +199,18 @@ class SiteRunner:
             w.writerow(["patient_id", "split", "label", "probability"])
             w.writerows(rows)
         return {"predicted": len(rows)}
+
+    # -- the radiomics baseline, federated -----------------------------------------------------
+    def feature_moments(self, fold: int) -> dict[str, np.ndarray]:
+        """Count, sum and sum of squares of the handcrafted features over the fold's training patients."""
+        x = self.arrays.features[self._index(self.folds[fold].train)]
+        return {"n": np.asarray([x.shape[0]], np.float64), "sum": x.sum(axis=0), "sumsq": (x**2).sum(axis=0)}
+
+    def fit_radiomics(self, fold: int, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, int]:
+        """Logistic regression on globally standardised features; returns its parameters and n."""
+        idx = self._index(self.folds[fold].train)
+        lr = FederatedLogit.fit(self.arrays.features[idx], self.arrays.labels[idx], mean, std, seed=self.cfg.seed)
+        return lr.pack(), len(idx)
 
     # -- statistics over stored predictions -----------------------------------------------
     def _stored(self, kind: str, fold: int) -> dict[str, tuple[list[str], np.ndarray]]:
@@ -198,6 +222,13 @@ class SiteRunner:
                 ids.append(row["patient_id"])
                 ps.append(float(row["probability"]))
         return {k: (ids, np.asarray(ps)) for k, (ids, ps) in out.items()}
+
+    def scores_enabled(self) -> tuple[str, ...]:
+        """The single scores of this run: the enabled networks, radiomics, the radiologist."""
+        kinds = [k for k in ("densenet3d", "densenet2d") if getattr(self.cfg.models, k).enabled]
+        if self.cfg.models.radiomics:
+            kinds.append("radiomics")
+        return (*kinds, "radiologist")
 
     def radiologist_prob(self, ids: list[str] | tuple[str, ...]) -> np.ndarray:
         mapping = self.cfg.evaluation.score_mapping
@@ -255,8 +286,7 @@ class SiteRunner:
 
     def final_stats(self, role: str, ensembles: dict[str, list[float]]) -> dict[str, np.ndarray]:
         """Histograms of every score on internal-test folds (training site) or external patients."""
-        kinds = ("densenet3d", "densenet2d", "radiologist")
-        enabled = tuple(k for k in kinds if k == "radiologist" or getattr(self.cfg.models, k).enabled)
+        enabled = self.scores_enabled()
         subsets = ["external"] if role == "external" else [f"fold{k}" for k in self.cfg.active_folds]
         out: dict[str, np.ndarray] = {}
         for subset in subsets:
@@ -281,8 +311,7 @@ class SiteRunner:
         """
         if subset.startswith("readers/"):
             return self._reader_scores(subset.split("/", 1)[1])
-        kinds = ("densenet3d", "densenet2d", "radiologist")
-        enabled = tuple(k for k in kinds if k == "radiologist" or getattr(self.cfg.models, k).enabled)
+        enabled = self.scores_enabled()
         if subset == "external":
             y, scores = self.score_table("external", None, enabled)
         else:

@@ -111,13 +111,16 @@ def make_loader(
         seed=seed,
     )
     gen = torch.Generator().manual_seed(seed)
+    batch = cfg.train.batch_size if mode == "train" else max(cfg.train.batch_size, 16)
     return DataLoader(
         ds,
-        batch_size=cfg.train.batch_size if mode == "train" else max(cfg.train.batch_size, 16),
+        batch_size=batch,
         shuffle=mode == "train",
         generator=gen,
         num_workers=cfg.train.num_workers,
-        drop_last=False,
+        # BatchNorm cannot train on a last batch of one sample (DenseNet121's final
+        # feature map is 1x1x1 at 32^3): drop that single leftover, reshuffled next epoch.
+        drop_last=mode == "train" and len(ds) > 1 and len(ds) % batch == 1,
     )
 
 

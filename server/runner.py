@@ -30,6 +30,7 @@ from common.delong import PlacementSums, delong_from_sums
 from common.ensemble import best_weights, mean_absolute_error_from_hist, simplex_grid
 from common.gridstats import ClassHistogram, pooled_metrics
 from common.models import ModelKind, build_model
+from common.radiomics import FederatedLogit
 from common.records import ModelCodec, arrays_from_record, arrays_record, config_record, weights_record
 
 from .checkpoints import CheckpointStore
@@ -212,6 +213,33 @@ class PlanRunner:
         log.info("%s fold %d: selected round %d (pooled validation AUC %s)", kind, fold, best["round"], best["val_auc"])
         return best
 
+    def train_radiomics(self, fold: int) -> None:
+        """One-shot federated logistic regression on the handcrafted features, then prediction."""
+        nodes = list(self._nodes("train"))
+        moments: dict[str, np.ndarray] = {}
+        for r in self._send(nodes, f"{MessageType.QUERY}.featstats", {"fold": fold}):
+            for k, v in arrays_from_record(r.content.array_records["stats"]).items():
+                moments[k] = moments[k] + v if k in moments else v.astype(np.float64)
+        if not moments:
+            log.warning("radiomics fold %d: no site returned feature statistics", fold)
+            return
+        mean, std = FederatedLogit.moments_to_mean_std(float(moments["n"][0]), moments["sum"], moments["sumsq"])
+        params, weights = [], []
+        for r in self._send(nodes, f"{MessageType.TRAIN}.radiomics", {"fold": fold}, arrays_record({"mean": mean, "std": std})):
+            params.append(arrays_from_record(r.content.array_records["arrays"])["params"])
+            weights.append(float(cast(float, r.content.metric_records["metrics"]["num-examples"])))
+        if not params:
+            log.warning("radiomics fold %d: no site returned a model", fold)
+            return
+        avg = np.average(np.stack(params), axis=0, weights=weights)
+        model = FederatedLogit.from_params(avg, mean, std)
+        self.ckpt.save("radiomics", fold, 1, model.pack_full().astype(np.float32), {"val_auc": None})
+        arrays = arrays_record({"weights": model.pack_full()})
+        for role in ("train", "external"):
+            targets = list(self._nodes(role))
+            if targets:
+                self._send(targets, f"{MessageType.EVALUATE}.predict", {"model": "radiomics", "fold": fold, "round": 1, "role": role}, arrays)
+
     def predict_fold(self, kind: ModelKind, fold: int, best: dict[str, Any]) -> None:
         vec = self.ckpt.load(kind, fold, int(best["round"]))
         arrays = weights_record(vec, self.cfg.federation.transport_dtype)
@@ -300,6 +328,9 @@ class PlanRunner:
                 best = self.train_fold(kind, fold)
                 self.selected.setdefault(kind, {})[fold] = best
                 self.predict_fold(kind, fold, best)
+        if self.cfg.models.radiomics:
+            for fold in self.cfg.active_folds:
+                self.train_radiomics(fold)
         fitted = self.fit_ensembles()
         final = self.final_statistics(fitted)
         self.save_statistics(final)

@@ -161,3 +161,11 @@ def test_missing_imagenet_weights_say_where_and_follow_the_config(tmp_path: Path
     with caplog.at_level(logging.WARNING):
         load_imagenet_weights(build_model("densenet2d", dataclasses.replace(lenient, pretrained=False)), lenient)
     assert "RANDOM initialisation" in caplog.text and str(missing) in caplog.text
+
+
+def test_a_last_training_batch_of_one_patient_does_not_break_batchnorm() -> None:
+    """9 patients at batch 8 would leave one: BatchNorm cannot train on it, so it is dropped."""
+    arrays, cfg = tiny_arrays(9), tiny_cfg()
+    model = build_model("densenet3d", cfg.models.densenet3d)
+    res = train(model, arrays, range(9), "densenet3d", cfg, epochs=1, schedule=Schedule(0, 1), seed=0)
+    assert res.steps == 1
