@@ -25,6 +25,7 @@ from flwr.clientapp import ClientApp
 from common.config import ExperimentConfig, from_dict
 from common.gridstats import ClassHistogram
 from common.models import ModelKind
+from common.privacy import PrivacyBudgetExhausted
 from common.records import (
     arrays_from_record,
     arrays_record,
@@ -91,6 +92,8 @@ def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, 
             reason = f"{type(exc).__name__} at the site while handling {msg.metadata.message_type}"
             if isinstance(exc, SiteDataError):
                 reason = "site data failed validation (details in the site's log)"
+            elif isinstance(exc, PrivacyBudgetExhausted):
+                reason = str(exc)
             status = ConfigRecord({"state": "unavailable", "site": site, "reason": reason})
             return Message(RecordDict({"status": status, "metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
 

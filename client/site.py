@@ -26,6 +26,7 @@ from common.engine import Schedule, diagnose, predict, set_threads, train
 from common.ensemble import combine
 from common.gridstats import ClassHistogram, ScoreGrid
 from common.models import ModelKind, build_model
+from common.privacy import PrivacyLedger
 from common.radiomics import FederatedLogit
 from common.records import ModelCodec
 from common.sitedata import read_reader_study, score_to_probability
@@ -141,6 +142,7 @@ class SiteRunner:
             seed=self.cfg.seed * 1000 + fold * 100 + rnd,
             proximal_mu=proximal_mu,
             desc=f"{self.ctx.name} {kind} f{fold} r{rnd}",
+            privacy=PrivacyLedger(self.run_dir / "state" / f"dp_{kind}_fold{fold}.json") if self.cfg.dp.enabled else None,
         )
         self._save_local(model, kind, fold, rnd)
         metrics = {
@@ -150,6 +152,8 @@ class SiteRunner:
             "steps": res.steps,
             "lr": res.lr_last,
         }
+        if res.epsilon is not None:
+            metrics["epsilon"] = res.epsilon
         return self.codec(kind).pack(model.state_dict()), metrics
 
     def validate_round(self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int) -> ClassHistogram:

@@ -37,6 +37,7 @@ from .config import ExperimentConfig
 from .dataset import PatientDataset, SiteArrays
 from .metrics import binary_metrics
 from .models import ModelKind
+from .privacy import PrivacyLedger, finish, make_private
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +145,15 @@ def train(
     seed: int,
     proximal_mu: float = 0.0,
     desc: str = "train",
+    privacy: PrivacyLedger | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on the patients ``indices`` for ``epochs`` epochs.
 
     Adam with cross-entropy (optionally class-weighted), learning rate from
     ``schedule``; with ``proximal_mu > 0`` the FedProx term ``mu/2 ||w - w0||^2``
-    keeps local weights near the round's global weights ``w0``.
+    keeps local weights near the round's global weights ``w0``.  With
+    ``cfg.dp.enabled`` and a ``privacy`` ledger, DP-SGD (Opacus) runs and the
+    epsilon spent so far is returned.
     """
     seed_everything(seed)
     t0 = time.perf_counter()
@@ -157,8 +161,14 @@ def train(
     labels = arrays.labels[np.asarray(indices, dtype=int)]
     weight = class_weights(labels) if cfg.train.class_weighting else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+    net: nn.Module = model
+    engine = None
+    if cfg.dp.enabled:
+        if privacy is None:
+            raise ValueError("dp.enabled needs a privacy ledger (the site's accountant history)")
+        net, opt, loader, engine = make_private(model, opt, loader, cfg.dp, privacy, schedule.total_epochs, epochs)
     steps_per_epoch = max(len(loader), 1)
     steps, loss_sum, n_seen, lr = 0, 0.0, 0, cfg.train.lr
     model.train()
@@ -172,8 +182,10 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = lr
             x, y = batch["image"].float(), batch["label"].long()
+            if len(y) == 0:  # Poisson sampling (DP) can draw an empty batch
+                continue
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(net(x), y)
             if anchor:
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
                 loss = loss + 0.5 * proximal_mu * prox
@@ -182,6 +194,7 @@ def train(
             steps += 1
             loss_sum += float(loss.detach()) * len(y)
             n_seen += len(y)
+    epsilon = finish(engine, privacy, cfg.dp.delta, net) if engine is not None and privacy is not None else None
     if cfg.train.bn_recalibration:
         recalibrate_batchnorm(model, arrays, indices, kind, cfg, seed)
     return TrainResult(
@@ -191,6 +204,7 @@ def train(
         loss=loss_sum / max(n_seen, 1),
         seconds=time.perf_counter() - t0,
         lr_last=lr,
+        epsilon=epsilon,
     )
 
 

@@ -437,6 +437,25 @@ class PlanRunner:
             out[tier] = entry
         return out
 
+    def _privacy_summary(self) -> dict[str, Any]:
+        """Epsilon spent per site (the last value reported in each model/fold), when DP is on."""
+        if not self.cfg.dp.enabled:
+            return {"enabled": False}
+        per: dict[str, dict[str, float]] = {}
+        for key, logs in self.participation.items():
+            for rlog in logs:
+                for site, eps in rlog.get("epsilon", {}).items():
+                    per.setdefault(site, {})[key] = eps
+        return {
+            "enabled": True,
+            "delta": self.cfg.dp.delta,
+            "target_epsilon": self.cfg.dp.target_epsilon or None,
+            "noise_multiplier": None if self.cfg.dp.target_epsilon else self.cfg.dp.noise_multiplier,
+            "max_grad_norm": self.cfg.dp.max_grad_norm,
+            "epsilon": per,
+            "max_epsilon": {site: max(v.values()) for site, v in per.items()},
+        }
+
     def save_statistics(self, final: dict[str, dict[str, ClassHistogram]]) -> Path:
         """Pooled grid statistics (never per patient) for the report: ``stats/final.npz``."""
         path = self.run_dir / "stats" / "final.npz"
@@ -477,6 +496,7 @@ class PlanRunner:
             "models": models,
             "selection": {k: {str(f): v for f, v in d.items()} for k, d in self.selected.items()},
             "rounds": self.participation,
+            "privacy": self._privacy_summary(),
             "communication": {
                 s.site: {"bytes_sent": int(self.grid.received.get(n, 0)), "bytes_received": int(self.grid.sent.get(n, 0))}
                 for n, s in self.sites.items()

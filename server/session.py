@@ -19,6 +19,7 @@ class RoundLog:
     val_n: int = 0
     train_loss: float | None = None
     seconds: float = 0.0
+    epsilon: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -144,6 +144,8 @@ class GuardedFedAvg(FedAvg):
             vectors.append(vec)
             weights.append(n)
             names.append(site)
+            if "epsilon" in metrics:
+                rlog.epsilon[site] = float(metrics["epsilon"])  # type: ignore[arg-type]
             losses.append(float(metrics.get("loss", float("nan"))))  # type: ignore[arg-type]
         if not vectors:
             log.error("[round %d] no usable training update: the global model is unchanged", rlog.round)

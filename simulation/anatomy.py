@@ -85,7 +85,11 @@ class LesionParams:
     ``lobulation``/``ragged``: relative radial amplitude of low/high-frequency
     margin irregularity.  ``rim_hu``/``rim_mm``: sclerotic margin inside bone.
     ``breach``: fraction of the extra-osseous surface left without neo-cortex.
-    ``neocortex_hu``: density of that expanded shell (thin shells read lower).
+    ``reactive_sclerosis``: density of the bone left between the holes, as a
+    multiple of what keeps the zone's mean unchanged (< 1 net lytic, > 1 net
+    sclerotic; a nuisance, so the zone's mean HU says little about the class).
+    ``neocortex_hu``/``neocortex_mm``: the expanded shell over the extra-osseous
+    part of the lesion (thin shells read lower).
     ``spiculation`` in [0, 1]: extent of a spiculated ("sunburst") periosteal
     reaction over the breached surface, of density ``spicule_hu``; like the
     neo-cortex it is bright bone at the margin, so shell statistics cannot
@@ -109,7 +113,9 @@ class LesionParams:
     extension_dir: tuple[float, float, float]
     permeative_mm: float
     hole_fraction: float
+    reactive_sclerosis: float
     neocortex_hu: float
+    neocortex_mm: float
     spiculation: float
     spicule_hu: float
     mineral_fraction: float
@@ -412,7 +418,7 @@ def render(grid: Grid, anat: AnatomyParams, lesion: LesionParams, rng: np.random
     # --- lesion
     main, ext = _blobs(lesion, rng)
     lo, hi = main.extent()
-    shell = max(lesion.permeative_mm, lesion.rim_mm, 1.6) + h
+    shell = max(lesion.permeative_mm, lesion.rim_mm, lesion.neocortex_mm, 4.0 + 10.0 * lesion.spiculation) + h
     lo, hi = lo - shell, hi + shell
     if ext is not None:
         elo, ehi = ext.extent()
@@ -472,29 +478,32 @@ def _paint_lesion(
         integrity = np.clip((bfield - thr) / 0.3 + 0.5, 0.0, 1.0)
 
     # Shell texture fields (shared white noise, two correlation lengths).
-    fine = _fine_field(rng, bshape, grid.spacing, 1.3)
+    # Texture scales are >= 2 mm so that they survive the models' ~4 mm input grid.
+    fine = _fine_field(rng, bshape, grid.spacing, 2.2)
     smooth = _fine_field(rng, bshape, grid.spacing, 3.5)
+    coarse = _fine_field(rng, bshape, grid.spacing, 5.0)
     out = hu[box]
 
     # Permeative zone of transition: moth-eaten holes in the surrounding bone.
     if lesion.permeative_mm > 0.0 and lesion.hole_fraction > 0.0:
         depth = np.clip(1.0 - sd / lesion.permeative_mm, 0.0, 1.0) * outside
         holes = (fine < ndtri(lesion.hole_fraction)) & (depth > 0) & b_bone
-        # Reactive sclerosis between the holes keeps the zone's mean density (mixed lytic-sclerotic).
-        sclerosis = lesion.hole_fraction / (1.0 - lesion.hole_fraction) * np.maximum(out - SOFT_HU, 0.0)
+        # Reactive sclerosis between the holes (mixed lytic-sclerotic); 1 keeps the zone's mean density.
+        keep_mean = lesion.hole_fraction / (1.0 - lesion.hole_fraction)
+        sclerosis = lesion.reactive_sclerosis * keep_mean * np.maximum(out - SOFT_HU, 0.0)
         out = np.where(holes, out + depth * (SOFT_HU - out), out + depth * sclerosis * b_bone)
     # Sclerotic rim inside the bone.
     if lesion.rim_hu > 0.0:
         out = out + lesion.rim_hu * _band(sd, 0.0, lesion.rim_mm, h) * (b_bone & ~b_cortex)
     # Expanded neo-cortex where the lesion leaves the bone (or crosses its cortex).
     extra_osseous = ((~b_bone) | b_cortex) & b_body
-    nc = _band(sd, 0.0, 1.2, h) * integrity * extra_osseous * (1.0 - occ_ext)
+    nc = _band(sd, 0.0, lesion.neocortex_mm, h) * integrity * extra_osseous * (1.0 - occ_ext)
     out = out + nc * (lesion.neocortex_hu - out)
     # Spiculated periosteal reaction: rays (a direction-only field) over the breached surface.
     if lesion.spiculation > 0.0:
         dist = np.sqrt(dx * dx + dy * dy + dz * dz) + np.float32(1e-6)
-        rays = _sphere_function(dx / dist, dy / dist, dz / dist, _harmonics(rng, 10, (18.0, 30.0)))
-        length = 2.0 + 6.0 * lesion.spiculation
+        rays = _sphere_function(dx / dist, dy / dist, dz / dist, _harmonics(rng, 10, (10.0, 18.0)))
+        length = 4.0 + 10.0 * lesion.spiculation
         thr = np.float32(1.2 - 1.2 * lesion.spiculation)
         ray_occ = np.clip((rays - thr) / 0.3, 0.0, 1.0) * _band(sd, 0.0, length, h) * (1.0 - integrity)
         ray_occ = ray_occ * extra_osseous
@@ -511,7 +520,7 @@ def _paint_lesion(
     if foci_f > 0.0:
         matrix += 600.0 * np.clip((fine - ndtri(1.0 - foci_f)) / 0.35 + 0.5, 0.0, 1.0)
     if septa_f > 0.0:
-        matrix += 380.0 * np.clip((ndtri(0.5 + septa_f / 2.0) - np.abs(smooth)) / 0.1 + 0.5, 0.0, 1.0)
+        matrix += 380.0 * np.clip((ndtri(0.5 + septa_f / 2.0) - np.abs(coarse)) / 0.1 + 0.5, 0.0, 1.0)
     out = out + occ_les * (matrix - out)
     hu[box] = out
 

@@ -396,21 +396,23 @@ def _lesion(
             extension *= 0.85
         else:
             extension = 0.0
-    mineral = float(rng.uniform(0.0, 0.09)) if rng.random() < 0.8 else 0.0
+    mineral = float(rng.uniform(0.0, 0.12)) if rng.random() < 0.8 else 0.0
     return LesionParams(
         centre_mm=centre,
         radii_mm=(radii[0], radii[1], radii[2]),
         angle_rad=float(rng.uniform(0.0, math.pi)),
         lobulation=float(lobulation),
         ragged=float(ragged),
-        rim_hu=float(600.0 * (1.0 - s["rim"]) ** 2 * rng.uniform(0.0, 1.2) * (rng.random() < 0.75)),
-        rim_mm=float(1.5 + 2.0 * (1.0 - s["rim"])),
+        rim_hu=float(600.0 * (1.0 - s["rim"]) ** 1.5 * rng.uniform(0.2, 1.2) * (rng.random() < 0.75)),
+        rim_mm=float(2.5 + 3.5 * (1.0 - s["rim"])),
         breach=float(np.clip(1.2 * s["cortex"] - 0.3, 0.0, 0.85)),
         extension=extension,
         extension_dir=(float(ext_dir[0]), float(ext_dir[1]), float(ext_dir[2])),
         permeative_mm=float(14.0 * s["permeation"] ** 1.5),
         hole_fraction=float(0.1 + 0.45 * s["permeation"]),
-        neocortex_hu=float(rng.uniform(250.0, 850.0)),
+        reactive_sclerosis=float(rng.uniform(0.0, 2.0)),
+        neocortex_hu=float(rng.uniform(300.0, 800.0)),
+        neocortex_mm=float(rng.uniform(1.8, 3.0)),
         spiculation=float(np.clip(1.4 * s["cortex"] - 0.2, 0.0, 1.0) * rng.uniform(0.6, 1.0)),
         spicule_hu=float(rng.uniform(400.0, 900.0)),
         mineral_fraction=mineral,

@@ -52,6 +52,7 @@ def test_tls_deployment_server_and_three_hospitals(tiny_cohort: Path, tmp_path: 
     make_certificates(certs)
     cfg = yaml.safe_load(Path("common/presets/tiny.yaml").read_text())
     cfg["models"]["densenet2d"]["enabled"] = False
+    cfg["models"]["radiomics"] = False
     cfg["train"].update(rounds=2, local_epochs=1)
     cfg["run_folds"] = [0]
     cfg["federation"]["round_timeout_s"] = 240.0

@@ -54,11 +54,12 @@ def test_study_plan_trains_at_centre1_and_tests_externally(cohort: dict[str, Pat
     assert grid.calls[("centre1", "train")] == 2
     for ext in ("centre2", "centre3"):
         assert grid.calls[(ext, "train")] == 0 and grid.calls[(ext, "evaluate")] == 0
-        assert grid.calls[(ext, "evaluate.predict")] == 1
+        assert grid.calls[(ext, "evaluate.predict")] == 2  # the 3D model and the radiomics model, fold 0
         rows = (sites_out / ext / "r1" / "predictions" / "densenet3d_fold0.csv").read_text().splitlines()
         assert len(rows) == 1 + 20 and all(",external," in r for r in rows[1:])
     assert summary["sites"]["centre1"]["role"] == "train" and summary["sites"]["centre2"]["role"] == "external"
     assert summary["models"]["densenet3d"]["external"]["pooled"]["n"] == 40
+    assert summary["models"]["radiomics"]["external"]["pooled"]["n"] == 40
     assert summary["models"]["densenet3d"]["internal"]["pooled"]["n"] == 10  # centre1's fold-0 test patients
     assert "densenet3d" in summary["models"]["ensemble_3d_radiologist"]["weights"]
 

@@ -25,6 +25,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]
     return out, synth.generate_cohort(out, scale=0.0, seed=0, workers=1)
 
 
+def _nifti(path: Path) -> nib.Nifti1Image:
+    img = nib.load(str(path))
+    assert isinstance(img, nib.Nifti1Image), path
+    return img
+
+
 def _labels_and(out: Path, centre: str, column: str) -> tuple[np.ndarray, np.ndarray]:
     with (out / centre / sitedata.MANIFEST).open() as fh:
         rows = list(csv.DictReader(fh))
@@ -71,7 +77,9 @@ def test_latent_model_reaches_the_paper_auc_levels_at_full_size() -> None:
     assert 0.81 <= radiologist <= 0.90
     assert 0.81 <= model <= 0.90
     # Fusing radiologist and an image reading beats both (partly independent errors).
-    fused = np.array([p.model_reading for p in patients]) + 0.5 * np.array([p.radiologist_score for p in patients])
+    fused = np.array([p.model_reading for p in patients]) + 0.5 * np.array(
+        [p.radiologist_score for p in patients]
+    )
     assert roc_auc_score(y, fused) > max(radiologist, model) + 0.02
     label_of = {p.patient_id: p.label for p in patients}
     rows = [r for cp in plans for r in cp.reader_rows]
@@ -126,16 +134,18 @@ def test_sites_load_in_ras_with_matching_shapes(tiny: tuple[Path, dict[str, Any]
         cases = list(sitedata.iter_cases(out / spec.name))
         assert [c.patient_id for c in cases[:2]] == [f"c{spec.name[-1]}-0001", f"c{spec.name[-1]}-0002"]
         for case in cases[:2]:
-            raw = nib.load(str(case.image))
+            raw = _nifti(case.image)
             assert "".join(nib.aff2axcodes(raw.affine)) == spec.orientation
-            assert raw.get_data_dtype() == np.int16 and nib.load(str(case.mask)).get_data_dtype() == np.uint8
+            assert raw.get_data_dtype() == np.int16 and _nifti(case.mask).get_data_dtype() == np.uint8
             vol = sitedata.load_case(case)
             assert nib.aff2axcodes(vol.affine) == ("R", "A", "S")
             assert vol.image.shape == vol.mask.shape == spec.shape
             assert np.allclose(vol.spacing, spec.spacing_mm)
             assert vol.mask.sum() > 50
             # Identical to the RAS+ rendering: the stored orientation is undone exactly.
-            image, mask, affine = synth.render_patient(spec, synth.plan_centre(spec, 0).patients[case_index(case)])
+            image, mask, affine = synth.render_patient(
+                spec, synth.plan_centre(spec, 0).patients[case_index(case)]
+            )
             assert np.array_equal(vol.image, image) and np.array_equal(vol.mask, mask)
             assert np.allclose(vol.affine, affine)
 
@@ -180,8 +190,8 @@ def test_same_seed_gives_identical_files_and_a_centre_alone_matches(
         assert (again / spec.name / name).read_bytes() == (out / spec.name / name).read_bytes()
     for pid in ("c2-0001", "c2-0007", "c2-0020"):
         for kind in ("images", "masks"):
-            a = nib.load(str(again / spec.name / kind / f"{pid}.nii.gz"))
-            b = nib.load(str(out / spec.name / kind / f"{pid}.nii.gz"))
+            a = _nifti(again / spec.name / kind / f"{pid}.nii.gz")
+            b = _nifti(out / spec.name / kind / f"{pid}.nii.gz")
             assert np.array_equal(np.asarray(a.dataobj), np.asarray(b.dataobj))
             assert (again / spec.name / kind / f"{pid}.nii.gz").read_bytes() == (
                 out / spec.name / kind / f"{pid}.nii.gz"
@@ -192,7 +202,9 @@ def test_another_seed_gives_another_cohort() -> None:
     spec = synth.default_centres(0.0)[1]
     a, b = synth.plan_centre(spec, 0), synth.plan_centre(spec, 1)
     assert [p.label for p in a.patients] != [p.label for p in b.patients]
-    assert not np.array_equal(synth.render_patient(spec, a.patients[0])[0], synth.render_patient(spec, b.patients[0])[0])
+    assert not np.array_equal(
+        synth.render_patient(spec, a.patients[0])[0], synth.render_patient(spec, b.patients[0])[0]
+    )
 
 
 # ---------------------------------------------------------------- centre effects and difficulty
@@ -286,7 +298,9 @@ def test_reorient_round_trips_through_canonical(code: str) -> None:
 
 
 # ---------------------------------------------------------------- failure modes
-def test_interrupted_generation_leaves_no_cohort_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_generation_leaves_no_cohort_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "cohort"
     out.mkdir()
     (out / synth.COHORT_JSON).write_text("{}")

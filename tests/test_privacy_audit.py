@@ -1,0 +1,95 @@
+"""Privacy audit: everything a site sends in a full run holds aggregate data only.
+
+Records every reply of the real ClientApp during a complete plan (training,
+validation, prediction, radiomics, ensemble fitting, reader study, DeLong)
+and fails on any per-patient content: an array whose length equals one of
+the site's patient counts or is not one of the protocol's fixed sizes, a
+list in a MetricRecord, or a string naming a patient or a file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+from flwr.app import Message
+from flwr.supercore.task_identity import TaskIdentity
+
+from common.config import SiteConfig, load_config, with_sites
+from common.dataset import FEATURE_NAMES
+from common.models import build_model
+from common.records import ModelCodec
+from common.sitedata import iter_cases
+from common.splits import load_splits
+from server.runner import PlanRunner
+
+from .inprocess import InProcessGrid
+
+SITES = ("centre1", "centre2", "centre3")
+
+
+class RecordingGrid(InProcessGrid):
+    """The in-process grid, keeping every reply a site sends."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.replies: list[Message] = []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        self.replies += replies
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+def test_no_reply_in_a_full_run_holds_per_patient_data(tiny_cohort: Path, tmp_path: Path) -> None:
+    cfg = load_config("tiny", {"run_folds": [0, 1], "train": {"rounds": 1}, "external_sites": ["centre3"]})
+    cfg = with_sites(cfg, tuple(SiteConfig(name=s) for s in SITES))
+    grid = RecordingGrid({s: tiny_cohort / s for s in SITES}, tmp_path / "sites")
+    summary = PlanRunner(grid, cfg, tmp_path / "run", "audit").run(expected_sites=3, wait_s=1)
+    assert "reader_study" in summary and summary["delong"]  # the audited run covered every phase
+
+    # the sizes the protocol may send, and the patient counts it must never reveal
+    codec_sizes = {ModelCodec.for_state_dict(build_model(k, getattr(cfg.models, k)).state_dict()).size for k in ("densenet3d", "densenet2d")}
+    f = len(FEATURE_NAMES)
+    allowed = codec_sizes | {cfg.evaluation.grid_bins, min(cfg.evaluation.grid_bins, 1000), 1, f, f + 1, 3 * f + 1}
+    ids: set[str] = set()
+    counts: set[int] = set()
+    for s in SITES:
+        cases = list(iter_cases(tiny_cohort / s))
+        ids |= {c.patient_id for c in cases}
+        counts.add(len(cases))
+        splits = tmp_path / "sites" / s / "audit" / "splits.json"
+        if splits.is_file():
+            for fold in load_splits(splits)[1]:
+                counts |= {len(fold.train), len(fold.val), len(fold.test), len(fold.train) + len(fold.val)}
+    assert not (allowed - {1}) & counts, "test set-up: a protocol size coincides with a patient count"
+    id_pattern = re.compile("|".join(re.escape(i) for i in ids))
+
+    kinds = {m.metadata.message_type for m in grid.replies}
+    assert {"train", "evaluate", "evaluate.predict", "evaluate.ensemble", "evaluate.final", "evaluate.readers", "evaluate.delong", "train.radiomics", "query.featstats"} <= kinds
+    for msg in grid.replies:
+        where = f"{msg.metadata.message_type} reply from node {msg.metadata.src_node_id}"
+        for rname, rec in msg.content.array_records.items():
+            for key, arr in rec.items():
+                n = arr.numpy().size
+                assert n in allowed, f"{where}: array {rname}/{key} of size {n} is not a protocol size"
+                assert n == 1 or n not in counts, f"{where}: array {rname}/{key} has a patient count's length {n}"
+                assert not id_pattern.search(key), f"{where}: array key {key} names a patient"
+        for rname, mrec in msg.content.metric_records.items():
+            for key, value in mrec.items():
+                assert not isinstance(value, list), f"{where}: metric {rname}/{key} is a list"
+                assert not id_pattern.search(key), f"{where}: metric key {key} names a patient"
+        for rname, crec in msg.content.config_records.items():
+            for key, value in crec.items():
+                text = str(value)
+                assert not id_pattern.search(text), f"{where}: config {rname}/{key} names a patient: {text}"
+                assert ".nii" not in text and str(tiny_cohort) not in text and "/" not in text, f"{where}: config {rname}/{key} holds a path: {text}"
