@@ -83,7 +83,14 @@ def add_run(sub: Subparsers) -> None:
     register(sub)
 
 
-COMMANDS: tuple[Registrar, ...] = (add_validate, add_run)
+def add_keygen(sub: Subparsers) -> None:
+    """Register ``keygen --out DIR --site NAME``."""
+    from .node import add_keygen as register
+
+    register(sub)
+
+
+COMMANDS: tuple[Registrar, ...] = (add_validate, add_run, add_keygen)
 
 
 def build_parser(commands: Sequence[Registrar] = COMMANDS) -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ import logging
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import FrameType
 
@@ -20,6 +21,8 @@ from common.processes import flower_env, free_port, terminate_group
 from common.validation import validate_site
 
 log = logging.getLogger(__name__)
+NOT_ACTIVATED = 305 % 256  # flower-supernode exits with code 305 when the SuperLink refuses to activate the node (49 after truncation)
+RETRY_S = 10.0
 
 
 def _q(value: str) -> str:
@@ -36,6 +39,7 @@ def supernode_command(
     threads: int,
     port: int,
     auth_key: Path | None = None,
+    max_wait_s: float = 0.0,
 ) -> list[str]:
     """The ``flower-supernode`` command line for one hospital."""
     node_config = " ".join(
@@ -51,12 +55,12 @@ def supernode_command(
         "subprocess",
         "--port",
         str(port),
-        "--max-retries",
-        "0",
     ]
+    if max_wait_s > 0:  # otherwise keep retrying: the server may start later or restart
+        cmd += ["--max-wait-time", str(max_wait_s)]
     cmd += ["--insecure"] if root_cert is None else ["--root-certificates", str(root_cert)]
     if auth_key is not None:
-        cmd += ["--auth-supernode-private-key", str(auth_key), "--auth-supernode-public-key", str(auth_key) + ".pub"]
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
     return cmd
 
 
@@ -93,22 +97,33 @@ def run_cli(args: argparse.Namespace) -> int:
         threads=args.threads,
         port=args.port or free_port(),
         auth_key=Path(args.auth_key).resolve() if args.auth_key else None,
+        max_wait_s=args.max_wait,
     )
     flwr_home = out_dir / "flower"
     flwr_home.mkdir(parents=True, exist_ok=True)
     print(f"{args.site}: joining {args.server} ({'TLS' if root_cert else 'INSECURE'}); outputs in {out_dir}", flush=True)
-    proc = subprocess.Popen(cmd, env=flower_env(flwr_home), start_new_session=True)
+    current: list[subprocess.Popen[bytes]] = []
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        terminate_group(proc)
+        for p in current:
+            terminate_group(p)
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    try:
-        return proc.wait()
-    finally:
-        terminate_group(proc)
+    deadline = time.monotonic() + args.max_wait if args.max_wait > 0 else float("inf")
+    while True:
+        proc = subprocess.Popen(cmd, env=flower_env(flwr_home), start_new_session=True)
+        current[:] = [proc]
+        try:
+            rc = proc.wait()
+        finally:
+            terminate_group(proc)
+        if rc == 0 or time.monotonic() + RETRY_S > deadline:
+            return rc
+        why = "refused: key not enrolled (yet)?" if rc == NOT_ACTIVATED else f"exited with code {rc}"
+        print(f"{args.site}: SuperNode {why}; retrying in {RETRY_S:.0f} s (server down or restarting?)", flush=True)
+        time.sleep(RETRY_S)
 
 
 def add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -122,4 +137,25 @@ def add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--out", help="where this site's outputs go (default site-output/SITE)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for training")
     p.add_argument("--port", type=int, default=0, help="local port of the SuperNode's runtime API (default: free)")
+    p.add_argument("--max-wait", type=float, default=0.0, help="give up connecting after this many seconds (default: keep retrying)")
     p.set_defaults(handler=run_cli)
+
+
+def keygen_cli(args: argparse.Namespace) -> int:
+    from .keys import make_keypair
+
+    try:
+        private, public = make_keypair(Path(args.out), args.site)
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"private key (keep at this hospital): {private}")
+    print(f"public key (send to the coordinating site for enrolment): {public}")
+    return 0
+
+
+def add_keygen(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("keygen", help="make this hospital's SuperNode key pair (the .pub is enrolled by the server)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--site", required=True)
+    p.set_defaults(handler=keygen_cli)

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-PRESETS = ("quick", "study", "tiny")
+PRESETS = ("quick", "quick-study", "study", "tiny")
 
 Plan = Literal["federated", "study", "loco"]
 Role = Literal["train", "external"]

@@ -40,7 +40,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from common.config import ConfigError, load_config, to_dict
 
     from .certs import existing
-    from .superlink import SuperLinkSpec, TLSFiles, flwr_run, superlink, write_connection
+    from .superlink import SuperLinkSpec, TLSFiles, enroll, flwr_run, superlink, write_connection
 
     try:
         cfg = load_config(args.config)
@@ -61,7 +61,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}-server").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    spec = SuperLinkSpec(host=args.host, port=args.port, tls=tls)
+    keys = sorted(Path(args.enroll).glob("*.pub")) if args.enroll else []
+    if args.enroll and not keys:
+        print(f"error: --enroll {args.enroll}: no *.pub key found", file=sys.stderr)
+        return 2
+    spec = SuperLinkSpec(host=args.host, port=args.port, tls=tls, supernode_auth=bool(keys))
     flwr_home = run_dir / "flower"
     expected = args.expected_sites or len(cfg.sites) or 1
     run_config = {
@@ -76,6 +80,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     with superlink(spec, flwr_home):
         connect = SuperLinkSpec(host="127.0.0.1" if args.host in ("0.0.0.0", "") else args.host, port=args.port, tls=tls)
         write_connection(flwr_home, "federation", connect)
+        for key in keys:
+            enroll(flwr_home, "federation", key.resolve())
+        if keys:
+            print(f"flower-server: SuperNode authentication on; enrolled {', '.join(k.stem for k in keys)}", flush=True)
         rc = flwr_run(REPO, flwr_home, "federation", run_config, run_dir / "flower.log", timeout_s=args.run_timeout or None)
     summary = run_dir / "summary.json"
     if rc != 0 or not summary.is_file():
@@ -102,6 +110,19 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_enroll(args: argparse.Namespace) -> int:
+    """Enrol one more hospital key with a server started with ``--enroll`` (same run folder)."""
+    from .superlink import SuperLinkError, enroll
+
+    try:
+        enroll(Path(args.run_dir) / "flower", "federation", Path(args.public_key).resolve())
+    except SuperLinkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"enrolled {args.public_key}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flower-server", description="Coordinating site of the federated sacral tumour study.")
     p.add_argument("--log-level", default="WARNING")
@@ -113,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--port", type=int, default=9092, help="the SuperLink's port (hospitals connect here)")
     r.add_argument("--certs", help="folder with ca.crt, server.crt, server.key (TLS, the default)")
     r.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
+    r.add_argument("--enroll", help="folder of hospitals' public keys (*.pub): only these SuperNodes may join")
     r.add_argument("--expected-sites", type=int, default=0, help="wait for this many sites (default: the config's sites)")
     r.add_argument("--discovery-timeout", type=float, default=300.0, help="seconds to wait for the sites to connect")
     r.add_argument("--run-timeout", type=float, default=0.0, help="give up on the whole run after this many seconds")
@@ -122,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--hosts", default="localhost,127.0.0.1", help="names/addresses hospitals use to reach the server")
     c.add_argument("--days", type=int, default=365)
     c.set_defaults(handler=cmd_certs)
+    en = sub.add_parser("enroll", help="enrol a hospital's public key with the running server")
+    en.add_argument("public_key", metavar="KEY.pub")
+    en.add_argument("--run-dir", required=True, help="the running server's run folder")
+    en.set_defaults(handler=cmd_enroll)
     rp = sub.add_parser("report", help="(re)generate a run's HTML report from its summary and statistics")
     rp.add_argument("run_dir", metavar="RUN_DIR")
     rp.set_defaults(handler=cmd_report)

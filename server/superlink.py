@@ -56,7 +56,7 @@ class SuperLinkSpec:
     port: int = 9092
     simulation: bool = False
     tls: TLSFiles | None = None
-    auth_keys_csv: Path | None = None
+    supernode_auth: bool = False
     database: str = ":flwr-in-memory:"
 
     @property
@@ -91,7 +91,7 @@ class SuperLinkSpec:
                 "--ssl-keyfile",
                 str(self.tls.key),
             ]
-        if self.auth_keys_csv is not None:
+        if self.supernode_auth:
             cmd += ["--enable-supernode-auth"]
         return cmd
 
@@ -169,3 +169,15 @@ def flwr_run(
         finally:
             if proc.poll() is None:
                 terminate_group(proc)
+
+
+def enroll(flwr_home: Path, connection: str, public_key: Path) -> None:
+    """Register a hospital's public key with the running SuperLink (``flwr supernode register``)."""
+    if not public_key.is_file():
+        raise SuperLinkError(f"{public_key}: public key not found")
+    cmd = [_bin("flwr"), "supernode", "register", str(public_key), connection, "--name", public_key.stem]
+    res = subprocess.run(cmd, env=flower_env(flwr_home), capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        raise SuperLinkError(f"enrolling {public_key} failed: {(res.stdout + res.stderr).strip()[-500:]}")
+    log.info("enrolled %s", public_key)
+

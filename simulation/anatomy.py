@@ -99,6 +99,9 @@ class LesionParams:
     moth-eaten zone of transition in the surrounding bone.  ``mineral_fraction``
     of the matrix is mineralised, as calcified foci (``foci_vs_septa`` = 1) or
     thin septa (0).  ``necrosis_fraction`` of the matrix is fluid density.
+    ``contour_mm``: where the reader drew the ROI relative to the lesion edge
+    (> 0: outside it, taking in part of the margin); manual contours vary,
+    which moves first-order ROI/shell statistics but not the image.
     """
 
     centre_mm: tuple[float, float, float]
@@ -122,6 +125,7 @@ class LesionParams:
     foci_vs_septa: float
     necrosis_fraction: float
     matrix_hu: float
+    contour_mm: float = 0.0
 
     @property
     def mean_radius_mm(self) -> float:
@@ -504,12 +508,14 @@ def _paint_lesion(
         dist = np.sqrt(dx * dx + dy * dy + dz * dz) + np.float32(1e-6)
         rays = _sphere_function(dx / dist, dy / dist, dz / dist, _harmonics(rng, 10, (10.0, 18.0)))
         length = 4.0 + 10.0 * lesion.spiculation
-        thr = np.float32(1.2 - 1.2 * lesion.spiculation)
+        thr = np.float32(1.0 - 1.4 * lesion.spiculation)
         ray_occ = np.clip((rays - thr) / 0.3, 0.0, 1.0) * _band(sd, 0.0, length, h) * (1.0 - integrity)
         ray_occ = ray_occ * extra_osseous
         out = out + ray_occ * (lesion.spicule_hu - out)
-    # Extension: soft tissue.
-    out = out + occ_ext * (SOFT_HU + 6.0 * smooth - out)
+    # Extension: soft tissue carrying calcified fragments of the tumour matrix.
+    ext_foci = 0.04 + lesion.mineral_fraction * lesion.foci_vs_septa
+    ext_hu = SOFT_HU + 6.0 * smooth + 600.0 * np.clip((fine - ndtri(1.0 - ext_foci)) / 0.35 + 0.5, 0.0, 1.0)
+    out = out + occ_ext * (ext_hu - out)
     # Matrix: base density, necrosis, mineralisation as foci (blobs) or septa (sheets).
     matrix = np.full(bshape, lesion.matrix_hu, dtype=np.float32) + 5.0 * smooth
     if lesion.necrosis_fraction > 0.0:
@@ -524,7 +530,7 @@ def _paint_lesion(
     out = out + occ_les * (matrix - out)
     hu[box] = out
 
-    roi = (occ_les >= 0.5) | (occ_ext >= 0.5)
+    roi = ((sd < lesion.contour_mm) & (b_body > 0)) | (occ_les >= 0.5) | (occ_ext >= 0.5)
     labels, n = ndi.label(roi, structure=np.ones((3, 3, 3), dtype=bool))
     if n == 0:
         raise ValueError(f"lesion at {lesion.centre_mm} mm has an empty mask on this grid")

@@ -1,8 +1,10 @@
 """A real deployment on loopback: `flower-server` and three `flower-client` processes over TLS.
 
-Real Flower SuperLink/SuperNode processes, real gRPC/HTTP with a throwaway
-CA made here, a tiny model, two rounds, one fold, end to end.  The test
-fails if any process it started is still running afterwards.
+Real Flower SuperLink/SuperNode processes, real HTTPS with a throwaway CA
+made here, SuperNode authentication with the three hospitals' keys
+enrolled, a tiny model, two rounds, one fold, end to end.  A fourth client
+with an unenrolled key must be refused.  The test fails if any process it
+started is still running afterwards.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 import yaml
 
 from common.processes import free_port
+from client.keys import make_keypair
 from server.certs import make_certificates
 
 pytestmark = pytest.mark.deployment
@@ -50,6 +53,12 @@ def test_tls_deployment_server_and_three_hospitals(tiny_cohort: Path, tmp_path: 
     cohort = tiny_cohort
     certs = tmp_path / "certs"
     make_certificates(certs)
+    enrolled, keys = tmp_path / "enrolled", tmp_path / "keys"
+    enrolled.mkdir()
+    for i in (1, 2, 3):
+        _, pub = make_keypair(keys, f"centre{i}")
+        (enrolled / pub.name).write_bytes(pub.read_bytes())
+    make_keypair(keys, "intruder")
     cfg = yaml.safe_load(Path("common/presets/tiny.yaml").read_text())
     cfg["models"]["densenet2d"]["enabled"] = False
     cfg["models"]["radiomics"] = False
@@ -67,16 +76,17 @@ def test_tls_deployment_server_and_three_hospitals(tiny_cohort: Path, tmp_path: 
     try:
         server = subprocess.Popen(
             [str(BIN / "flower-server"), "run", "--config", str(cfg_path), "--run-dir", str(run_dir),
-             "--host", "127.0.0.1", "--port", str(port), "--certs", str(certs), "--expected-sites", "3",
+             "--host", "127.0.0.1", "--port", str(port), "--certs", str(certs), "--enroll", str(enrolled), "--expected-sites", "3",
              "--discovery-timeout", "120", "--run-timeout", "540"],
             stdout=(logs / "server.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         procs.append(server)
-        for i in (1, 2, 3):
+        for i, name in ((1, "centre1"), (2, "centre2"), (3, "centre3"), (4, "intruder")):
+            data = cohort / (name if i < 4 else "centre3")
             procs.append(
                 subprocess.Popen(
-                    [str(BIN / "flower-client"), "run", str(cohort / f"centre{i}"), "--site", f"centre{i}",
-                     "--server", f"127.0.0.1:{port}", "--root-cert", str(certs / "ca.crt"), "--out", str(tmp_path / f"site{i}")],
+                    [str(BIN / "flower-client"), "run", str(data), "--site", name, "--server", f"127.0.0.1:{port}",
+                     "--root-cert", str(certs / "ca.crt"), "--auth-key", str(keys / name), "--out", str(tmp_path / f"site{i}")],
                     stdout=(logs / f"client{i}.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
                 )
             )
@@ -88,6 +98,10 @@ def test_tls_deployment_server_and_three_hospitals(tiny_cohort: Path, tmp_path: 
         assert rc == 0, f"flower-server exited {rc}:\n{server_log[-3000:]}\n{(run_dir / 'flower.log').read_text()[-4000:] if (run_dir / 'flower.log').exists() else ''}"
         summary = json.loads((run_dir / "summary.json").read_text())
         assert set(summary["sites"]) == {"centre1", "centre2", "centre3"}
+        # the unenrolled hospital was refused at every attempt and never took part
+        assert "Failed to activate SuperNode" in (logs / "client4.log").read_text()
+        assert "intruder" not in json.dumps(summary)
+        assert not (tmp_path / "site4" / run_dir.name).exists()
         assert summary["models"]["densenet3d"]["internal"]["pooled"]["n"] > 0
         rounds = summary["rounds"]["densenet3d/fold0"]
         assert [r["round"] for r in rounds] == [1, 2]
