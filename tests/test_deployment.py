@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.processes import free_port
 from client.keys import make_keypair
+from common.processes import free_port
 from server.certs import make_certificates
 
 pytestmark = pytest.mark.deployment
