@@ -228,7 +228,7 @@ def recalibrate_batchnorm(
     weights that will be evaluated.  No-op for GroupNorm/InstanceNorm models.
     """
     bns = _batchnorms(model)
-    if not bns or not indices:
+    if not bns or len(indices) == 0:
         return
     saved = [bn.momentum for bn in bns]
     for bn in bns:

@@ -84,7 +84,7 @@ LATENT_CSV = "latent.csv"
 MIN_PER_CLASS = 10  # the floor: fivefold CV with an 8:2 train/validation split still sees both classes
 MANIFEST_COLUMNS = ("patient_id", "label", "image", "mask", "radiologist_score", "age", "sex")
 FEATURES = ("margin", "rim", "cortex", "extension", "permeation", "matrix")
-FEATURE_NOISE = 0.9  # SD of each feature's own noise around e (within-class SD of e is 1)
+FEATURE_NOISE = 0.7  # SD of each feature's own noise around e (within-class SD of e is 1)
 FEATURE_GAIN = 1.3  # slope of the logistic map from evidence to a feature's 0-1 malignancy
 HANDCRAFTED = ("log_roi_ml", "roi_mean_hu", "roi_sd_hu", "shell_mean_hu")
 AXIS_LETTERS = ({"R", "L"}, {"A", "P"}, {"S", "I"})
@@ -363,7 +363,7 @@ def _lesion(
         r * (1.08 + 0.10 * rng.standard_normal()),
     ]
     radii = [float(np.clip(v, 0.6 * r, 1.4 * r)) for v in radii]
-    lobulation = 0.02 + 0.30 * s["margin"] + 0.02 * abs(rng.standard_normal())
+    lobulation = 0.02 + 0.35 * s["margin"] + 0.02 * abs(rng.standard_normal())
     ragged = 0.01 + 0.07 * s["margin"] ** 2
     grow = 1.0 + 1.6 * (lobulation + ragged)
     (xlo, xhi), (ylo, yhi), (zlo, zhi) = spec.fov_bounds()
@@ -427,7 +427,7 @@ def _lesion(
         mineral_fraction=mineral,
         foci_vs_septa=float(s["matrix"]),
         necrosis_fraction=float(0.3 * s["matrix"] * rng.uniform(0.3, 1.0)),
-        matrix_hu=float(rng.normal(42.0, 14.0)),
+        matrix_hu=float(rng.normal(42.0, 20.0)),
         contour_mm=float(rng.uniform(-1.0, 3.5)),
     )
 

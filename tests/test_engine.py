@@ -169,3 +169,11 @@ def test_a_last_training_batch_of_one_patient_does_not_break_batchnorm() -> None
     model = build_model("densenet3d", cfg.models.densenet3d)
     res = train(model, arrays, range(9), "densenet3d", cfg, epochs=1, schedule=Schedule(0, 1), seed=0)
     assert res.steps == 1
+
+
+def test_training_accepts_numpy_index_arrays() -> None:
+    """Folds give numpy index arrays: BatchNorm recalibration must not test their truth value."""
+    arrays, cfg = tiny_arrays(12), tiny_cfg()
+    model = build_model("densenet3d", cfg.models.densenet3d)
+    res = train(model, arrays, np.arange(12), "densenet3d", cfg, epochs=1, schedule=Schedule(0, 1), seed=0)
+    assert res.n_patients == 12
