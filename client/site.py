@@ -24,7 +24,7 @@ from common.dataset import SiteArrays, preprocess_site
 from common.delong import delong_step2_site
 from common.engine import Schedule, diagnose, predict, set_threads, train
 from common.ensemble import combine
-from common.gridstats import ClassHistogram, ScoreGrid
+from common.gridstats import ClassHistogram, ScoreGrid, add_noise, suppress_small_cells
 from common.models import ModelKind, build_model
 from common.privacy import PrivacyLedger
 from common.radiomics import FederatedLogit
@@ -164,7 +164,22 @@ class SiteRunner:
         labels = self.arrays.labels[idx]
         for problem in diagnose(probs, labels):
             log.warning("%s %s fold %d round %d validation: %s", self.ctx.name, kind, fold, rnd, problem)
-        return ClassHistogram.from_scores(labels, probs, self._grid())
+        return self.release(ClassHistogram.from_scores(labels, probs, self._grid()))
+
+    def release(self, h: ClassHistogram) -> ClassHistogram:
+        """What a histogram looks like when it leaves the site.
+
+        Optional protections (``evaluation.min_cell_count``, ``evaluation.stats_noise``):
+        small cells merged, then Laplace noise on the counts.  Both make the
+        pooled figures approximate, and DeLong's exact two-step protocol is
+        then skipped by the server.
+        """
+        ev = self.cfg.evaluation
+        if ev.min_cell_count > 1:
+            h = suppress_small_cells(h, ev.min_cell_count)
+        if ev.stats_noise > 0:
+            h = add_noise(h, ev.stats_noise, np.random.default_rng())
+        return h
 
     def _grid(self) -> ScoreGrid:
         return ScoreGrid(self.cfg.evaluation.grid_bins)
@@ -280,7 +295,7 @@ class SiteRunner:
                 y, scores = self.score_table("val", k, members)
                 probs = np.stack([scores[m] for m in members], axis=1)
                 for i, w in enumerate(weights):
-                    h = ClassHistogram.from_scores(y, combine(probs, np.asarray(w)), grid)
+                    h = self.release(ClassHistogram.from_scores(y, combine(probs, np.asarray(w)), grid))
                     total[i] = h if total[i] is None else total[i] + h  # type: ignore[operator]
             for i, hi in enumerate(total):
                 assert hi is not None
@@ -300,7 +315,7 @@ class SiteRunner:
                 members = name.split("+")
                 scores[name] = combine(np.stack([scores[m] for m in members], axis=1), np.asarray(w))
             for score, p in scores.items():
-                for key, arr in ClassHistogram.from_scores(y, p, self._grid()).to_arrays().items():
+                for key, arr in self.release(ClassHistogram.from_scores(y, p, self._grid())).to_arrays().items():
                     out[f"{score}/{subset}/{key}"] = arr
         self._write_final(role, ensembles)
         return out
@@ -344,7 +359,7 @@ class SiteRunner:
             if y.size == 0:
                 continue
             for session, p in scores.items():
-                for key, arr in ClassHistogram.from_scores(y, p, self._grid()).to_arrays().items():
+                for key, arr in self.release(ClassHistogram.from_scores(y, p, self._grid())).to_arrays().items():
                     out[f"readers/{tier}/{session}/{key}"] = arr
         return out
 

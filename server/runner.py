@@ -335,7 +335,11 @@ class PlanRunner:
         final = self.final_statistics(fitted)
         self.save_statistics(final)
         readers = self.reader_statistics()
-        delong = self.delong_tests(final, readers, fitted)
+        ev = self.cfg.evaluation
+        exact = ev.min_cell_count <= 1 and ev.stats_noise <= 0
+        if not exact:
+            log.warning("statistics are protected (min cell count / noise): DeLong's exact protocol is skipped")
+        delong = self.delong_tests(final, readers, fitted) if exact else {}
         summary = self.summary(final, fitted, time.perf_counter() - t0)
         summary["reader_study"] = self.reader_summary(readers, delong)
         summary["delong"] = {k: v for k, v in delong.items() if not k.startswith("readers/")}

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app import Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import SiteConfig, load_config, with_sites
 from common.models import build_model, is_norm_key
+from common.records import weights_from_record, weights_record
 from server.runner import PlanRunner
 
 from .inprocess import InProcessGrid
@@ -57,3 +60,46 @@ def test_strategy_trains_two_rounds_with_finite_weights(strategy: str, cohort: d
         assert (sites_out / "centre1" / "run-fedbn" / "state" / "densenet3d_fold0_round2.pt").is_file()
     else:
         assert vec.size == n_float
+
+
+class CorruptingGrid(InProcessGrid):
+    """Replaces one site's training update with NaNs or a 1000x blow-up (a faulty or hostile site)."""
+
+    def __init__(self, *args: object, bad_site: str, mode: str, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.bad_site, self.mode = bad_site, mode
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        replies = list(super().send_and_receive(messages, timeout=timeout))
+        by_id = {m.metadata.dst_node_id: m for m in messages}
+        out = []
+        for r in replies:
+            node = r.metadata.src_node_id
+            if self.nodes[node] == self.bad_site and r.metadata.message_type == "train":
+                vec = weights_from_record(r.content.array_records["arrays"])
+                bad = np.full_like(vec, np.nan) if self.mode == "nan" else vec * 1000.0
+                content = RecordDict({"arrays": weights_record(bad), "metrics": r.content.metric_records["metrics"], "status": r.content.config_records["status"]})
+                r = Message(content, reply_to=by_id[node])
+            out.append(r)
+        return out
+
+
+@pytest.mark.parametrize("mode", ["nan", "oversized"])
+def test_a_bad_update_is_dropped_with_the_site_named_and_the_round_completes(
+    mode: str, tiny_cohort: Path, sites_out: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    sites = ("centre1", "centre2", "centre3")
+    cfg = load_config("tiny", {"train": {"rounds": 2}, "models": {"densenet2d": {"enabled": False}}})
+    cfg = with_sites(cfg, tuple(SiteConfig(name=s) for s in sites))
+    grid = CorruptingGrid({s: tiny_cohort / s for s in sites}, sites_out, bad_site="centre2", mode=mode)
+    runner = PlanRunner(grid, cfg, tmp_path / "run", f"bad-{mode}")
+    runner.discover(expected=3, wait_s=1)
+    with caplog.at_level(logging.WARNING):
+        runner.train_fold("densenet3d", 0)
+    for rlog in runner.participation["densenet3d/fold0"]:
+        assert sorted(rlog["trained"]) == ["centre1", "centre3"]
+        reason = rlog["dropped"]["centre2"]
+        assert ("non-finite" in reason) if mode == "nan" else ("norm" in reason)
+    assert np.all(np.isfinite(runner.ckpt.load("densenet3d", 0, 2)))
+    assert "centre2" in caplog.text and "update dropped" in caplog.text
