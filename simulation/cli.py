@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,7 +32,13 @@ def ensure_cohort(cfg: ExperimentConfig, root: Path) -> Path:
     cohort_dir = Path(cfg.cohort.dir)
     if not cohort_dir.is_absolute():
         cohort_dir = root / cohort_dir
-    if not (cohort_dir / "cohort.json").is_file():
+    info_path = cohort_dir / "cohort.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if (float(info.get("scale", -1)), int(info.get("seed", -1))) != (cfg.cohort.scale, cfg.cohort.seed):
+            print(f"{cohort_dir} holds a cohort of scale {info.get('scale')} seed {info.get('seed')}; regenerating for scale {cfg.cohort.scale} seed {cfg.cohort.seed}", flush=True)
+            shutil.rmtree(cohort_dir)
+    if not info_path.is_file():
         print(f"Generating the synthetic cohort (scale {cfg.cohort.scale}, seed {cfg.cohort.seed}) in {cohort_dir} ...", flush=True)
         t0 = time.perf_counter()
         info = generate_cohort(cohort_dir, scale=cfg.cohort.scale, seed=cfg.cohort.seed)
