@@ -365,8 +365,7 @@ def _echo_cli(args: object) -> int:
 
 def test_console_script_end_to_end(report: SiteReport, bad_site: Path) -> None:
     exe = Path(sys.executable).parent / "flower-client"
-    if not exe.exists():
-        pytest.skip(f"{exe} not installed (pip install -e .)")
+    assert exe.exists(), f"{exe} not installed: the project must be installed (pip install -e .)"
     done = subprocess.run([str(exe), "validate", str(bad_site)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr
     assert done.stdout.splitlines()[-1] == report.summary()
