@@ -223,21 +223,28 @@ def test_suppress_small_cells_keeps_totals_and_brier(sites: list[Site]) -> None:
     k = 5
     s = suppress_small_cells(h, k)
     assert (s.n_neg, s.n_pos) == (h.n_neg, h.n_pos)
-    for counts in (s.neg, s.pos):
-        assert not np.any((counts > 0) & (counts < k))
+    total = s.neg + s.pos
+    assert not np.any((total > 0) & (total < k))  # no released score value stands for < k patients
     assert brier(s) == pytest.approx(brier(h), rel=1e-12)
-    # Each released cell reports the mean of its block, which lies in the cell's bin.
-    for counts, sums in ((s.neg, s.neg_sum), (s.pos, s.pos_sum)):
-        occupied = counts > 0
-        assert np.array_equal(GRID.index(sums[occupied] / counts[occupied]), np.flatnonzero(occupied))
-    assert abs(auc(s) - auc(h)) < 0.1
+    # blocks keep their order; only pairs inside a block become ties: the change is bounded
+    assert abs(auc(s) - auc(h)) <= auc_bound(s) + 1e-12
     assert suppress_small_cells(h, 1) is h
-    # A class smaller than k becomes one cell at its mean.
-    tiny = suppress_small_cells(
-        ClassHistogram.from_scores([1, 1, 0, 0, 0], [0.2, 0.4, 0.1, 0.5, 0.9], GRID), 3
-    )
-    assert tiny.pos.tolist().count(2) == 1 and tiny.pos[GRID.index(0.3)] == 2
-    assert tiny.neg[GRID.index(0.5)] == 3
+    # fewer than k patients in all: one cell at the overall mean, both classes in it
+    tiny = suppress_small_cells(ClassHistogram.from_scores([1, 1, 0, 0], [0.2, 0.4, 0.1, 0.5], GRID), 5)
+    at = GRID.index(0.3)
+    assert tiny.pos[at] == 2 and tiny.neg[at] == 2 and auc(tiny) == 0.5
+
+
+def test_suppression_changes_auc_within_its_stated_bound_on_small_folds() -> None:
+    """Many small sites/folds (the case where a per-class rule inflated the AUC)."""
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        y = rng.integers(0, 2, size=12)
+        s = np.clip(0.5 + 0.2 * (y - 0.5) + rng.normal(0, 0.2, size=12), 0, 1)
+        h = ClassHistogram.from_scores(y, s, GRID)
+        if h.n_neg and h.n_pos:
+            s = suppress_small_cells(h, 4)
+            assert abs(auc(s) - auc(h)) <= auc_bound(s) + 1e-12
 
 
 def test_add_noise_releases_only_noisy_counts() -> None:
