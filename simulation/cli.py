@@ -81,20 +81,27 @@ def new_run_dir(base: Path, name: str) -> Path:
     return run_dir
 
 
+def _experiment(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
+    """The config (preset ``quick`` by default) with its sites resolved, and the cohort folder.
+
+    Raises ``ConfigError`` for a bad config; generates the synthetic cohort on first use.
+    """
+    cfg = load_config(args.config or "quick")
+    cohort_dir = ensure_cohort(cfg, Path.cwd())
+    return with_sites(cfg, cfg.sites or cohort_sites(cohort_dir)), cohort_dir
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import yaml
 
     from server.superlink import flwr_run, local_spec, superlink, write_connection
 
     try:
-        cfg = load_config(args.config or "quick")
+        cfg, cohort_dir = _experiment(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     root = Path.cwd()
-    cohort_dir = ensure_cohort(cfg, root)
-    sites = cfg.sites or cohort_sites(cohort_dir)
-    cfg = with_sites(cfg, sites)
     for s in cfg.sites:
         report = validate_site(Path(s.data_dir))
         print(f"  validate {report.summary()}")
@@ -165,13 +172,11 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     from .baselines import run_baselines
 
     try:
-        cfg = load_config(args.config or "quick")
+        cfg, cohort_dir = _experiment(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     root = Path.cwd()
-    cohort_dir = ensure_cohort(cfg, root)
-    cfg = with_sites(cfg, cfg.sites or cohort_sites(cohort_dir))
     out = Path(args.out).resolve() if args.out else new_run_dir(root / "runs", f"{cfg.name}-baselines").resolve()
     out.mkdir(parents=True, exist_ok=True)
     models = args.models.split(",") if args.models else None

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import SiteConfig, load_config, with_sites
 from common.splits import load_splits
@@ -14,15 +13,8 @@ from server.runner import PlanRunner
 
 from .inprocess import InProcessGrid, Interrupted
 
+pytestmark = pytest.mark.usefixtures("task_identity")
 SITES = ("centre1", "centre2", "centre3")
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """What the flwr-serverapp process sets before running a ServerApp (messages need a run id)."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 @pytest.fixture(scope="module")

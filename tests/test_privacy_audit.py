@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from flwr.app import Message
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import SiteConfig, load_config, with_sites
 from common.dataset import FEATURE_NAMES
@@ -27,6 +26,7 @@ from server.runner import PlanRunner
 
 from .inprocess import InProcessGrid
 
+pytestmark = pytest.mark.usefixtures("task_identity")
 SITES = ("centre1", "centre2", "centre3")
 
 
@@ -41,13 +41,6 @@ class RecordingGrid(InProcessGrid):
         replies = list(super().send_and_receive(messages, timeout=timeout))
         self.replies += replies
         return replies
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def test_no_reply_in_a_full_run_holds_per_patient_data(tiny_cohort: Path, tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import SiteConfig, load_config, with_sites
 from common.models import build_model, is_norm_key
@@ -17,14 +16,8 @@ from server.runner import PlanRunner
 
 from .inprocess import InProcessGrid
 
+pytestmark = pytest.mark.usefixtures("task_identity")
 SITES = ("centre1", "centre2")
-
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 @pytest.fixture(scope="module")
