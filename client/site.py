@@ -55,6 +55,7 @@ class SiteRunner:
         self.cfg = cfg
         self.run_dir = ctx.out_dir / run_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._codecs: dict[str, ModelCodec] = {}
         set_threads(ctx.threads)
 
     # -- data -----------------------------------------------------------------
@@ -96,8 +97,11 @@ class SiteRunner:
         return getattr(self.cfg.models, kind)
 
     def codec(self, kind: ModelKind) -> ModelCodec:
-        state = build_model(kind, self._model_cfg(kind)).state_dict()
-        return ModelCodec.for_state_dict(state, exclude_norm=self.cfg.federation.strategy == "fedbn")
+        """Which entries travel (all float tensors; under FedBN, not the normalisation layers)."""
+        if kind not in self._codecs:
+            state = build_model(kind, self._model_cfg(kind)).state_dict()
+            self._codecs[kind] = ModelCodec.for_state_dict(state, exclude_norm=self.cfg.federation.strategy == "fedbn")
+        return self._codecs[kind]
 
     def _local_state_path(self, kind: ModelKind, fold: int, rnd: int) -> Path:
         return self.run_dir / "state" / f"{kind}_fold{fold}_round{rnd}.pt"

@@ -27,11 +27,19 @@ from flwr.serverapp import Grid
 
 from common.config import ExperimentConfig, SiteConfig, to_dict, with_sites
 from common.delong import PlacementSums, delong_from_sums
+from common.engine import seed_everything
 from common.ensemble import best_weights, mean_absolute_error_from_hist, simplex_grid
 from common.gridstats import ClassHistogram, pooled_metrics
 from common.models import ModelKind, build_model
 from common.radiomics import FederatedLogit
-from common.records import ModelCodec, arrays_from_record, arrays_record, config_record, weights_record
+from common.records import (
+    ModelCodec,
+    arrays_from_record,
+    arrays_record,
+    config_record,
+    weights_from_record,
+    weights_record,
+)
 
 from .checkpoints import CheckpointStore
 from .meteredgrid import MeteredGrid
@@ -154,8 +162,7 @@ class PlanRunner:
 
     # -- training --------------------------------------------------------------------------
     def initial_vector(self, kind: ModelKind) -> np.ndarray:
-        from common.engine import seed_everything
-
+        """The round-0 global model: the factory's initialisation under the run's seed."""
         seed_everything(self.cfg.seed)
         model = build_model(kind, getattr(self.cfg.models, kind))
         codec = ModelCodec.for_state_dict(model.state_dict(), exclude_norm=self.cfg.federation.strategy == "fedbn")
@@ -192,8 +199,6 @@ class PlanRunner:
         def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
             if server_round == 0:
                 return None
-            from common.records import weights_from_record
-
             rlog = session.log_for(server_round)
             self.ckpt.save(kind, fold, rlog.round, weights_from_record(arrays), asdict(rlog))
             self.participation.setdefault(f"{kind}/fold{fold}", []).append(asdict(rlog))
