@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from common.processes import exit_on_sigterm
 
 log = logging.getLogger("flower-server")
@@ -99,6 +101,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Progress of a run at a glance, from its checkpoints (works while the run is going)."""
+    import re
+
+    run_dir = Path(args.run_dir)
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        print(f"error: {root} not found: no round has finished in {run_dir}", file=sys.stderr)
+        return 2
+    print(f"run {run_dir.name}: {'finished' if (run_dir / 'summary.json').is_file() else 'in progress'}")
+    for d in sorted(root.iterdir()):
+        rounds = sorted(int(m.group(1)) for p in d.glob("round*.npz") if (m := re.fullmatch(r"round(\d+)\.npz", p.name)))
+        if not rounds:
+            continue
+        with np.load(d / f"round{rounds[-1]}.npz") as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+        sel = json.loads((d / "selected.json").read_text()) if (d / "selected.json").is_file() else None
+        auc = meta.get("val_auc")
+        line = f"  {d.name:22s} rounds done {rounds[-1]:3d}; last: sites {','.join(meta.get('trained', [])) or '-'}"
+        line += f", validation AUC {auc:.4f}" if isinstance(auc, float) else ""
+        if meta.get("dropped"):
+            line += f", dropped {meta['dropped']}"
+        if sel:
+            line += f"; selected round {sel['round']}"
+        print(line)
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from common.report import render_report
 
@@ -148,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("public_key", metavar="KEY.pub")
     en.add_argument("--run-dir", required=True, help="the running server's run folder")
     en.set_defaults(handler=cmd_enroll)
+    st = sub.add_parser("status", help="progress of a run (rounds done, sites, validation AUC) from its checkpoints")
+    st.add_argument("run_dir", metavar="RUN_DIR")
+    st.set_defaults(handler=cmd_status)
     rp = sub.add_parser("report", help="(re)generate a run's HTML report from its summary and statistics")
     rp.add_argument("run_dir", metavar="RUN_DIR")
     rp.set_defaults(handler=cmd_report)

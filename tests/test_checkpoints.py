@@ -34,3 +34,14 @@ def test_checkpoints_of_another_config_are_refused(tmp_path: Path) -> None:
     CheckpointStore(tmp_path, "cfgA").save("densenet2d", 0, 1, np.zeros(2, np.float32), {"val_auc": 0.5})
     with pytest.raises(CheckpointError, match="written under config cfgA"):
         CheckpointStore(tmp_path, "cfgB").load("densenet2d", 0, 1)
+
+
+def test_status_command_reads_progress_from_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main
+
+    store = CheckpointStore(tmp_path / "checkpoints", "cfgA")
+    store.save("densenet3d", 0, 1, np.zeros(2, np.float32), {"val_auc": 0.61, "trained": ["c1", "c2"], "dropped": {}})
+    store.save("densenet3d", 0, 2, np.zeros(2, np.float32), {"val_auc": 0.7, "trained": ["c1"], "dropped": {"c2": "train: 3 non-finite values"}})
+    assert main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "in progress" in out and "rounds done   2" in out and "validation AUC 0.7000" in out and "non-finite" in out
