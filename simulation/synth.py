@@ -776,8 +776,8 @@ def generate_cohort(
 
     ``centres`` overrides ``default_centres(scale)`` (``scale`` is then only
     recorded).  ``workers`` > 1 renders patients in that many processes
-    (spawned, so it is safe from threaded callers); the output does not depend
-    on it.  Existing site folders of the same names are replaced; any previous
+    (spawned, so it is safe from threaded callers, but a calling script needs
+    the ``if __name__ == "__main__":`` guard); the output does not depend on it.  Existing site folders of the same names are replaced; any previous
     ``cohort.json`` is removed first and written again only at the very end.
     """
     t0 = time.perf_counter()
