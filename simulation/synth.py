@@ -72,7 +72,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from common.sitedata import MANIFEST, READER_COLUMNS, READER_STUDY
+from common.sitedata import MANIFEST, READER_COLUMNS, READER_STUDY, ReaderScore
 from simulation import anatomy, readers
 from simulation.anatomy import AnatomyParams, Grid, LesionParams
 
@@ -287,19 +287,10 @@ class PatientPlan:
 
 
 @dataclass(frozen=True)
-class ReaderRow:
-    patient_id: str
-    reader: str
-    tier: str
-    score_without_ai: int
-    score_with_ai: int
-
-
-@dataclass(frozen=True)
 class CentrePlan:
     spec: CentreSpec
     patients: tuple[PatientPlan, ...]
-    reader_rows: tuple[ReaderRow, ...]
+    reader_rows: tuple[ReaderScore, ...]
 
 
 def _centre_key(name: str) -> int:
@@ -482,12 +473,12 @@ def plan_centre(spec: CentreSpec, seed: int) -> CentrePlan:
                 render_seed=(seed, key, 2, i),
             )
         )
-    rows: list[ReaderRow] = []
+    rows: list[ReaderScore] = []
     for profile in readers.READERS:
         without, with_ai = readers.read(profile, evidence, clinical, model, rng)
         s0, s1 = readers.to_score(without), readers.to_score(with_ai)
         rows.extend(
-            ReaderRow(pids[i], profile.reader, profile.tier, int(s0[i]), int(s1[i])) for i in range(n)
+            ReaderScore(pids[i], profile.reader, profile.tier, int(s0[i]), int(s1[i])) for i in range(n)
         )
     rows.sort(key=lambda r: (r.patient_id, r.reader))
     return CentrePlan(spec=spec, patients=tuple(patients), reader_rows=tuple(rows))
@@ -623,7 +614,7 @@ def _summarise(plans: Sequence[CentrePlan], feats: dict[str, dict[str, float]], 
         gap[g] = None if ref is None or value is None else round(ref - value, 4)
 
     label_of = {p.patient_id: p.label for p in groups["all"]}
-    rows_by_group: dict[str, list[ReaderRow]] = {cp.spec.name: list(cp.reader_rows) for cp in plans}
+    rows_by_group: dict[str, list[ReaderScore]] = {cp.spec.name: list(cp.reader_rows) for cp in plans}
     if "external" in groups:
         rows_by_group["external"] = [r for cp in plans if cp.spec.external for r in cp.reader_rows]
     rows_by_group["all"] = [r for cp in plans for r in cp.reader_rows]
