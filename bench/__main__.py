@@ -56,6 +56,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"torch threads (default os.cpu_count() = {cpus})",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=-1,
+        metavar="W",
+        help="DataLoader worker processes (default: the preset's, 0 = load in the training process)",
+    )
+    p.add_argument(
         "--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)"
     )
     p.add_argument(
@@ -91,6 +98,7 @@ def specs(args: argparse.Namespace) -> list[Spec]:
             batch=args.batch,
             threads=args.threads,
             device=args.device,
+            workers=args.workers,
         )
         for preset in presets
         for kind in args.kinds

@@ -76,6 +76,7 @@ class Spec:
     threads: int = 0
     device: str = "cpu"
     seed: int = 0
+    workers: int = -1  # DataLoader worker processes; -1 keeps the preset's
 
     @property
     def label(self) -> str:
@@ -160,7 +161,10 @@ def bench_config(spec: Spec) -> tuple[ExperimentConfig, bool]:
     cfg = load_config(spec.preset)
     model_cfg = dataclasses.replace(getattr(cfg.models, spec.kind), arch=spec.arch, pretrained=False)
     train = dataclasses.replace(
-        cfg.train, batch_size=spec.batch or cfg.train.batch_size, bn_recalibration=False
+        cfg.train,
+        batch_size=spec.batch or cfg.train.batch_size,
+        bn_recalibration=False,
+        num_workers=cfg.train.num_workers if spec.workers < 0 else spec.workers,
     )
     cfg = dataclasses.replace(
         cfg, models=dataclasses.replace(cfg.models, **{spec.kind: model_cfg}), train=train
