@@ -72,7 +72,7 @@ def evaluate_setting(cfg: ExperimentConfig, train_sites: Sequence[SiteData], ext
     epochs = cfg.train.rounds * cfg.train.local_epochs
     result: dict[str, Any] = {}
     for name in models:
-        y_all, p_all, fold_metrics, selection = [], [], [], []
+        y_all, p_all, fold_metrics, val_metrics, selection = [], [], [], [], []
         ext_probs = []
         for k in cfg.active_folds:
             idx = _fold_indices(train_sites, pool, k)
@@ -87,6 +87,8 @@ def evaluate_setting(cfg: ExperimentConfig, train_sites: Sequence[SiteData], ext
                 model = build_model(kind, getattr(cfg.models, kind))
                 sel = fit_select(model, pool, idx["train"], idx["val"], kind, cfg, epochs=epochs, seed=cfg.seed + k, desc=f"{pool.site} {kind} f{k}")
                 model.load_state_dict(sel.state)
+                y_val = pool.labels[idx["val"]]
+                val_metrics.append(binary_metrics(y_val, predict(model, pool, idx["val"], kind, cfg), thr).to_dict())
                 selection.append({"fold": k, "best_epoch": sel.best_epoch, "val_aucs": [round(a, 4) for a in sel.val_aucs], "seconds": round(sel.seconds, 1)})
                 log.info("%s %s fold %d: best epoch %d, val AUCs %s", pool.site, kind, k, sel.best_epoch, [round(a, 3) for a in sel.val_aucs])
                 p_test = predict(model, pool, idx["test"], kind, cfg)
@@ -108,6 +110,7 @@ def evaluate_setting(cfg: ExperimentConfig, train_sites: Sequence[SiteData], ext
             entry["external"] = {"pooled": binary_metrics(ext.labels, np.mean(ext_probs, axis=0), thr).to_dict()}
         if selection:
             entry["selection"] = selection
+            entry["validation"] = {"folds": val_metrics}  # each fold's selected model on its validation split
         result[name] = entry
     return result
 

@@ -185,7 +185,13 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
     res["cohort"] = cohort_reference(cohort_dir)
     (out / "baselines.json").write_text(json.dumps(res, indent=2))
-    ref = res["cohort"]
+    print_baselines(res, res["cohort"])
+    print(f"\nwritten to {out / 'baselines.json'} in {res['wall_seconds']} s")
+    return 0
+
+
+def print_baselines(res: dict, ref: dict) -> None:  # type: ignore[type-arg]
+    """Per-fold validation/test figures of every baseline, beside the cohort's reference AUCs."""
     print(f"\nCohort reference AUCs: oracle {json.dumps(ref.get('oracle_auc'))}; handcrafted LR {json.dumps(ref.get('handcrafted_lr_auc'))}")
     for setting in ("pooled", "local"):
         if setting not in res:
@@ -194,17 +200,20 @@ def cmd_baselines(args: argparse.Namespace) -> int:
         for group, per_model in groups.items():
             print(f"\n[{setting} {group}]")
             for name, m in per_model.items():
-                folds = m["internal"]["folds"]
                 sel = m.get("selection", [])
-                for i, f in enumerate(folds):
-                    val = f"best epoch {sel[i]['best_epoch']} val AUC {max(sel[i]['val_aucs']):.3f}" if sel else ""
-                    print(f"  {name:12s} fold {i}: test AUC {_f(f['auc'])} F1 {_f(f['f1'])} CM {f['confusion_matrix']} {val}")
+                vals = m.get("validation", {}).get("folds", [])
+                for i, f in enumerate(m["internal"]["folds"]):
+                    val = ""
+                    if i < len(sel):
+                        val = f"  | selected epoch {sel[i]['best_epoch']}"
+                    if i < len(vals):
+                        v = vals[i]
+                        val += f" val AUC {_f(v['auc'])} F1 {_f(v['f1'])} CM {v['confusion_matrix']}"
+                    print(f"  {name:12s} fold {i}: test AUC {_f(f['auc'])} F1 {_f(f['f1'])} CM {f['confusion_matrix']}{val}")
                 p = m["internal"]["pooled"]
                 print(f"  {name:12s} pooled internal: AUC {_f(p['auc'])} F1 {_f(p['f1'])} CM {p['confusion_matrix']} (fold mean AUC {_f(m['internal']['fold_mean_auc'])})")
                 if "external" in m:
                     print(f"  {name:12s} external: AUC {_f(m['external']['pooled']['auc'])}")
-    print(f"\nwritten to {out / 'baselines.json'} in {res['wall_seconds']} s")
-    return 0
 
 
 def _print_summary(data: dict) -> None:  # type: ignore[type-arg]
@@ -224,6 +233,7 @@ def _print_summary(data: dict) -> None:  # type: ignore[type-arg]
         print(f"{name:32s} {_f(auc_i):>22s} {_f(fm):>10s} {_f(auc_e):>13s}")
     base = data.get("baselines")
     if base:
+        print_baselines(base, data.get("cohort", {}))
         print(f"\n{'internal AUC (pooled over folds)':32s} {'federated':>10s} {'pooled':>10s} {'local mean':>11s}")
         for name in ("densenet3d", "densenet2d", "radiomics"):
             fed = data.get("models", {}).get(name, {}).get("internal", {}).get("pooled", {}).get("auc")
