@@ -17,6 +17,18 @@ def test_presets_load_and_round_trip(name: str) -> None:
     assert len(cfg.digest()) == 16
 
 
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "simulation" / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_checked_in_experiments_load_and_differ_from_their_reference_only_in_dp(path: Path) -> None:
+    cfg = load_config(path)
+    ref = load_config(path.with_name("dp-reference.yaml"))
+    assert cfg.models.densenet3d.norm == "group" and not cfg.train.bn_recalibration
+    assert cfg.active_folds == ref.active_folds and cfg.train == ref.train
+    assert cfg.dp.enabled == (cfg.name != "dp-reference")
+
+
 def test_study_preset_has_the_papers_hyperparameters() -> None:
     cfg = load_config("study")
     assert (cfg.train.batch_size, cfg.train.lr, cfg.train.epochs) == (20, 1e-4, 50)
