@@ -20,6 +20,10 @@ def test_presets_load_and_round_trip(name: str) -> None:
 EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "simulation" / "experiments").glob("*.yaml"))
 
 
+def test_the_dp_experiments_are_found() -> None:
+    assert [p.stem for p in EXPERIMENTS] == ["dp-eps2", "dp-eps8", "dp-reference"]
+
+
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
 def test_checked_in_experiments_load_and_differ_from_their_reference_only_in_dp(path: Path) -> None:
     cfg = load_config(path)
