@@ -90,7 +90,44 @@ def add_keygen(sub: Subparsers) -> None:
     register(sub)
 
 
-COMMANDS: tuple[Registrar, ...] = (add_validate, add_run, add_keygen)
+def add_predict(sub: Subparsers) -> None:
+    """Register ``predict --bundle B (--image CT --mask ROI | --manifest CSV | --site DIR)``."""
+    p = sub.add_parser(
+        "predict",
+        help="probability of malignancy for new patients, with a Grad-CAM heatmap (CPU)",
+        description="Predict one patient (--image, --mask) or a batch (--manifest, --site) with a model "
+        "bundle; exit status 1 if any patient could not be predicted.",
+    )
+    p.add_argument("--bundle", required=True, help="model bundle from `flower-server bundle`")
+    p.add_argument("--image", help="one patient's CT (NIfTI, Hounsfield units)")
+    p.add_argument("--mask", help="that patient's tumour ROI mask (NIfTI, same grid as the CT)")
+    p.add_argument("--radiologist-score", type=int, help="the radiologist's 9-point malignancy score (1-9, not 5)")
+    p.add_argument("--patient-id", help="name used in outputs (default: the image file name)")
+    p.add_argument("--manifest", help="batch: a CSV with patient_id, image, mask[, radiologist_score]")
+    p.add_argument("--site", help="batch: a site folder (its manifest.csv)")
+    p.add_argument("--out", default="predictions", help="output folder (default: ./predictions)")
+    p.add_argument("--ensemble", help="use this ensemble (default: best validation AUC among the usable ones)")
+    p.add_argument("--no-heatmap", action="store_true", help="skip Grad-CAM")
+    p.add_argument("--cam-layer", help="Grad-CAM layer of the 3D model (default: chosen for the input size)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    p.set_defaults(handler=lazy_handler("client.predict", "predict_cli"))
+
+
+def add_ingest(sub: Subparsers) -> None:
+    """Register ``ingest --cases CSV SITE_DIR``."""
+    p = sub.add_parser(
+        "ingest",
+        help="convert DICOM CT series (dcm2niix) and ROI masks into the site format, de-identified",
+        description="Convert each row of a cases CSV (patient_id, dicom, mask, label, radiologist_score, "
+        "age, sex, series, segment) into SITE_DIR/images, masks and manifest.csv; exit status 1 if any "
+        "row failed (the others are kept).",
+    )
+    p.add_argument("site_dir", metavar="SITE_DIR", help="site folder to create or update")
+    p.add_argument("--cases", required=True, help="cases CSV (paths relative to its folder)")
+    p.set_defaults(handler=lazy_handler("client.ingest", "ingest_cli"))
+
+
+COMMANDS: tuple[Registrar, ...] = (add_validate, add_run, add_keygen, add_ingest, add_predict)
 
 
 def build_parser(commands: Sequence[Registrar] = COMMANDS) -> argparse.ArgumentParser:

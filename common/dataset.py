@@ -284,6 +284,33 @@ class _CaseOutput:
     features: np.ndarray
 
 
+@dataclass(frozen=True, eq=False)
+class ModelInputs:
+    """The deterministic model inputs of one volume, as training and prediction both see them.
+
+    ``box_mm`` is the world (RAS mm) box the 3D cube samples, low and high
+    corners, so a map on the cube (Grad-CAM) can be put back on the scan.
+    """
+
+    vol3d: np.ndarray  # float32 (1, S, S, S) in [0, 1]
+    slices2d: np.ndarray  # float32 (n, 3, s, s) in [0, 1]
+    slice_indices: np.ndarray  # int64 (n,), RAS z, largest tumour area first
+    box_mm: np.ndarray  # float64 (2, 3)
+
+
+def model_inputs(volume: Volume, cfg: PreprocessConfig) -> ModelInputs:
+    """Run the deterministic 3D and 2D transforms of ``cfg`` on a RAS+ volume (the one preprocessing path)."""
+    data = volume_dict(volume)
+    out3 = deterministic_3d(cfg.d3)(dict(data))
+    out2 = deterministic_2d(cfg.d2, (cfg.d3.hu_min, cfg.d3.hu_max))(dict(data))
+    return ModelInputs(
+        vol3d=np.asarray(out3["image"], dtype=np.float32),
+        slices2d=np.asarray(out2["image"], dtype=np.float32),
+        slice_indices=np.asarray(out2["slice_indices"], dtype=np.int64),
+        box_mm=np.asarray(out3["box_mm"], dtype=np.float64),
+    )
+
+
 def _process_case(case: Case, cfg: PreprocessConfig) -> _CaseOutput | list[str]:
     """Validate and preprocess one case; a list of messages when it is refused (never raises)."""
     try:
@@ -292,17 +319,15 @@ def _process_case(case: Case, cfg: PreprocessConfig) -> _CaseOutput | list[str]:
         if errors:
             return errors
         volume = load_case(case)
-        data = volume_dict(volume)
-        out3 = deterministic_3d(cfg.d3)(dict(data))
-        out2 = deterministic_2d(cfg.d2, (cfg.d3.hu_min, cfg.d3.hu_max))(dict(data))
+        inputs = model_inputs(volume, cfg)
         features = radiomic_features(volume)
-        arrays = (out3["image"], out2["image"], features)
+        arrays = (inputs.vol3d, inputs.slices2d, features)
         if not all(np.all(np.isfinite(a)) for a in arrays):
             return [f"ERROR  {case.image}  patient {case.patient_id}: preprocessing gave non-finite values"]
         return _CaseOutput(
-            vol3d=out3["image"].astype(np.float16),
-            slices2d=out2["image"].astype(np.float16),
-            slice_indices=np.asarray(out2["slice_indices"], dtype=np.int64),
+            vol3d=inputs.vol3d.astype(np.float16),
+            slices2d=inputs.slices2d.astype(np.float16),
+            slice_indices=inputs.slice_indices,
             features=features,
         )
     except Exception as exc:  # one broken case must not stop the site

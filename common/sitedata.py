@@ -163,14 +163,19 @@ def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
 
 def load_case(case: Case) -> Volume:
     """Read a case's image and mask, both in RAS+; the mask is binarised (> 0)."""
-    image, affine = load_nifti(case.image)
-    mask, m_affine = load_nifti(case.mask)
+    return load_volume(case.patient_id, case.image, case.mask)
+
+
+def load_volume(patient_id: str, image_path: Path, mask_path: Path) -> Volume:
+    """Read an image and its ROI mask in RAS+ (a manifest case, or one patient given for prediction)."""
+    image, affine = load_nifti(image_path)
+    mask, m_affine = load_nifti(mask_path)
     if image.shape != mask.shape:
         raise SiteDataError(
-            f"{case.mask}: patient {case.patient_id!r}: mask shape {mask.shape} != image shape {image.shape}"
+            f"{mask_path}: patient {patient_id!r}: mask shape {mask.shape} != image shape {image.shape}"
         )
     if not np.allclose(affine, m_affine, atol=1e-3):
-        raise SiteDataError(f"{case.mask}: patient {case.patient_id!r}: mask affine differs from the image's")
+        raise SiteDataError(f"{mask_path}: patient {patient_id!r}: mask affine differs from the image's")
     return Volume(image=image, mask=(mask > 0.5).astype(np.uint8), affine=affine, spacing=spacing_of(affine))
 
 

@@ -205,6 +205,11 @@ def _check_row(row: dict[str, str], manifest: str) -> list[Problem]:
     return out
 
 
+def validate_row(row: dict[str, str], manifest: str) -> list[Problem]:
+    """Every field problem of one manifest row (``manifest`` names the file in the messages)."""
+    return _check_row(row, manifest)
+
+
 # ---------------------------------------------------------------- image checks
 
 
@@ -364,6 +369,21 @@ def _check_files(pid: str, image_path: Path, mask_path: Path, hu_range: tuple[fl
     out += _check_mask(pid, str(mask_path), mask)
     if image is None or affine is None:
         return out
+    roi = mask > 0.5
+    if roi.any() and (mask.shape != image.shape or not np.allclose(affine, m_affine, atol=AFFINE_ATOL)):
+        lo, hi = _world_box(m_affine, mask.shape, roi)
+        ilo, ihi = _world_box(affine, image.shape)
+        if not _boxes_overlap((lo, hi), (ilo, ihi)):
+            out.append(
+                Problem(
+                    "error",
+                    pid,
+                    str(mask_path),
+                    "mask_outside_image",
+                    f"the ROI (world box {_mm(lo)}..{_mm(hi)} mm) lies outside the image "
+                    f"({_mm(ilo)}..{_mm(ihi)} mm): the mask was drawn on another scan or series",
+                )
+            )
     if mask.shape != image.shape:
         out.append(
             Problem(
@@ -390,6 +410,29 @@ def _check_files(pid: str, image_path: Path, mask_path: Path, hu_range: tuple[fl
     return out
 
 
+def _world_box(
+    affine: np.ndarray, shape: tuple[int, ...], roi: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """World (mm) box of a grid of ``shape``, or of the voxels of ``roi`` on it; outer voxel faces included."""
+    if roi is None:
+        lo_v, hi_v = np.full(3, -0.5), np.asarray(shape[:3], dtype=np.float64) - 0.5
+    else:
+        nz = np.nonzero(roi)
+        lo_v = np.array([i.min() - 0.5 for i in nz], dtype=np.float64)
+        hi_v = np.array([i.max() + 0.5 for i in nz], dtype=np.float64)
+    corners = np.array([[(hi_v if (c >> a) & 1 else lo_v)[a] for a in range(3)] for c in range(8)])
+    world = corners @ np.asarray(affine)[:3, :3].T + np.asarray(affine)[:3, 3]
+    return world.min(axis=0), world.max(axis=0)
+
+
+def _boxes_overlap(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
+    return bool(np.all(a[0] < b[1]) and np.all(b[0] < a[1]))
+
+
+def _mm(v: np.ndarray) -> str:
+    return "(" + ", ".join(f"{x:.1f}" for x in v) + ")"
+
+
 def _check_files_safely(
     pid: str, image_path: Path, mask_path: Path, hu_range: tuple[float, float]
 ) -> list[Problem]:
@@ -400,6 +443,17 @@ def _check_files_safely(
         logger.debug("checking patient %s failed", pid, exc_info=True)
         msg = f"checking this case failed: {type(exc).__name__}: {exc}"
         return [Problem("error", pid, str(image_path), "check_failed", msg)]
+
+
+def validate_image_mask(
+    patient_id: str, image: Path, mask: Path, *, hu_range: tuple[float, float] = HU_RANGE
+) -> list[Problem]:
+    """Every problem of one image/mask pair (no manifest fields): what prediction checks before it runs.
+
+    The same file checks as ``validate_case`` (see there), so a case that
+    passes ``flower-client validate`` passes here and the messages agree.
+    """
+    return _check_files_safely(patient_id, Path(image), Path(mask), hu_range)
 
 
 def validate_case(case: Case, *, hu_range: tuple[float, float] = HU_RANGE) -> list[Problem]:

@@ -153,6 +153,21 @@ def cmd_enroll(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    """Export a finished run as one model bundle for `flower-client predict`."""
+    from common.bundle import BundleError
+
+    from .bundle import export_bundle
+
+    try:
+        path = export_bundle(Path(args.run_dir), Path(args.out))
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"model bundle: {path} ({path.stat().st_size / 1e6:.1f} MB); give it to the hospitals with `flower-client predict --bundle`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flower-server", description="Coordinating site of the federated sacral tumour study.")
     p.add_argument("--log-level", default="WARNING")
@@ -184,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="(re)generate a run's HTML report from its summary and statistics")
     rp.add_argument("run_dir", metavar="RUN_DIR")
     rp.set_defaults(handler=cmd_report)
+    bd = sub.add_parser("bundle", help="export a finished run's selected models, ensembles and config as one model bundle")
+    bd.add_argument("run_dir", metavar="RUN_DIR")
+    bd.add_argument("--out", required=True, help="bundle file to write (e.g. sacral-model.zip)")
+    bd.set_defaults(handler=cmd_bundle)
     return p
 
 

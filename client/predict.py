@@ -1,0 +1,445 @@
+"""``flower-client predict``: the federation's answer for new patients, on CPU, at any hospital.
+
+For each patient (one CT and its tumour ROI mask, optionally the
+radiologist's 9-point score):
+
+1. the image/mask pair is checked with the site validation's file checks
+   (``common.validation.validate_image_mask``: readable, HU, same grid, ROI
+   present and inside the image), so a bad input is refused with a message
+   naming the file and the patient;
+2. the model inputs come from the one preprocessing path
+   (``common.dataset.model_inputs``), stored as float16 like the training
+   cache, and are scored by ``common.engine.predict`` (the 2D slice rule
+   included) with every fold model of the bundle: a network's probability is
+   the mean over its fold models, as for the study's external centres;
+3. the ensemble with the best pooled validation AUC among those whose
+   members are available (the radiologist only with a score) gives the
+   answer, unless one is named; without any, the 3D model answers;
+4. Grad-CAM of the 3D fold models (mean) is written as a NIfTI overlay on
+   the input's own voxel grid and affine, and a PNG of key slices.
+
+Nothing leaves the machine; outputs go to ``--out``.  The bundle is a
+research model: the printed probability supports, never replaces, the
+radiologist's reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import math
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from common.bundle import BundleError, EnsembleSpec, ModelBundle, read_bundle
+from common.config import ExperimentConfig
+from common.dataset import ModelInputs, SiteArrays, model_inputs
+from common.engine import predict as engine_predict
+from common.engine import set_threads
+from common.models import ModelKind
+from common.sitedata import SiteDataError, load_volume, score_to_probability
+from common.validation import validate_image_mask
+
+from .heatmap import CubeGradCAM, cube_to_grid, default_cam_layer, key_slices_png, save_overlay
+
+log = logging.getLogger(__name__)
+
+LABELS = {"densenet3d": "3D DenseNet", "densenet2d": "2D DenseNet", "radiologist": "radiologist"}
+CSV_FIELDS = (
+    "patient_id",
+    "probability",
+    "answered_by",
+    "densenet3d",
+    "densenet2d",
+    "radiologist_score",
+    "radiologist",
+    "heatmap",
+    "png",
+    "seconds",
+    "error",
+)
+
+
+class PredictionError(ValueError):
+    """One patient cannot be predicted; the message names the file(s), the patient and the problem."""
+
+
+@dataclass(frozen=True)
+class PatientInput:
+    """One patient to predict: CT, ROI mask, optional radiologist score (1-9, not 5)."""
+
+    patient_id: str
+    image: Path
+    mask: Path
+    radiologist_score: int | None = None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The answer for one patient, and what produced it."""
+
+    patient_id: str
+    probability: float
+    answered_by: str  # an ensemble name, or the single network that answered
+    probabilities: dict[str, float]  # every network, the radiologist and every usable ensemble
+    fold_probabilities: dict[str, tuple[float, ...]]
+    radiologist_score: int | None
+    heatmap: Path | None
+    png: Path | None
+    cam_layer: str | None
+    seconds: float
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(
+            heatmap=_str(self.heatmap),
+            png=_str(self.png),
+            fold_probabilities={k: list(v) for k, v in self.fold_probabilities.items()},
+        )
+        return d
+
+
+def _str(p: Path | None) -> str | None:
+    return None if p is None else str(p)
+
+
+def safe_name(patient_id: str) -> str:
+    """A patient id usable in a file name."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", patient_id) or "patient"
+
+
+def _one_patient(patient_id: str, inputs: ModelInputs) -> SiteArrays:
+    """The patient as a one-row ``SiteArrays`` (float16, as the training cache stores inputs); label unknown (-1)."""
+    return SiteArrays(
+        site="predict",
+        patient_ids=(patient_id,),
+        labels=np.asarray([-1], dtype=np.int64),
+        radiologist_scores=np.asarray([0], dtype=np.int64),
+        vol3d=inputs.vol3d[None].astype(np.float16),
+        slices2d=inputs.slices2d[None].astype(np.float16),
+        slice_indices=inputs.slice_indices[None],
+        features=np.zeros((1, 0), dtype=np.float64),
+        feature_names=(),
+        ages=np.asarray([math.nan]),
+        sexes=("",),
+        sites=("predict",),
+    )
+
+
+class Predictor:
+    """A loaded bundle's fold models, ready to predict patient after patient."""
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        *,
+        ensemble: str | None = None,
+        heatmap: bool = True,
+        cam_layer: str | None = None,
+    ) -> None:
+        self.bundle = bundle
+        cfg = bundle.config
+        # One patient at a time: no DataLoader workers, whatever the training config said.
+        self.cfg: ExperimentConfig = dataclasses.replace(
+            cfg, train=dataclasses.replace(cfg.train, num_workers=0)
+        )
+        self.models = {kind: bundle.build(kind) for kind in bundle.kinds}
+        names = {e.name for e in bundle.ensembles}
+        if ensemble is not None and ensemble not in names:
+            raise BundleError(
+                f"{bundle.path}: no ensemble {ensemble!r} in this bundle (it has {sorted(names)})"
+            )
+        self.requested = ensemble
+        self.cam: CubeGradCAM | None = None
+        if heatmap and "densenet3d" in self.models:
+            models3d = self.models["densenet3d"]
+            layer = cam_layer or default_cam_layer(models3d[0], cfg.preprocess.d3.size)
+            self.cam = CubeGradCAM(models3d, layer)
+
+    def choose_ensemble(self, has_score: bool) -> EnsembleSpec | None:
+        """The named ensemble, else the best validation AUC among the usable ones (first listed on ties)."""
+        available = set(self.models) | ({"radiologist"} if has_score else set())
+        usable = [e for e in self.bundle.ensembles if set(e.members) <= available]
+        if self.requested is not None:
+            spec = next(e for e in self.bundle.ensembles if e.name == self.requested)
+            if spec not in usable:
+                missing = sorted(set(spec.members) - available)
+                raise PredictionError(
+                    f"ensemble {spec.name} needs {missing}: give --radiologist-score or choose another"
+                )
+            return spec
+        if not usable:
+            return None
+        return max(usable, key=lambda e: -1.0 if e.val_auc is None else float(e.val_auc))
+
+    def predict(self, patient: PatientInput, out_dir: Path) -> Prediction:
+        """Predict one patient, writing its heatmap files under ``out_dir``; raises ``PredictionError``."""
+        t0 = time.perf_counter()
+        pid = patient.patient_id
+        problems = validate_image_mask(pid, patient.image, patient.mask)
+        errors = [str(p) for p in problems if p.severity == "error"]
+        if errors:
+            raise PredictionError("\n".join(errors))
+        warnings = tuple(str(p) for p in problems if p.severity == "warning")
+        scores: dict[str, float] = {}
+        if patient.radiologist_score is not None:
+            try:
+                scores["radiologist"] = score_to_probability(
+                    patient.radiologist_score, self.bundle.score_mapping
+                )
+            except SiteDataError as exc:
+                raise PredictionError(f"patient {pid}: {exc}") from exc
+        try:
+            volume = load_volume(pid, patient.image, patient.mask)
+            inputs = model_inputs(volume, self.cfg.preprocess)
+        except (SiteDataError, ValueError, RuntimeError) as exc:
+            cause = exc.__cause__ or exc  # MONAI wraps transform errors in RuntimeError
+            raise PredictionError(f"{patient.image}: patient {pid}: preprocessing failed: {cause}") from exc
+        if not (np.isfinite(inputs.vol3d).all() and np.isfinite(inputs.slices2d).all()):
+            raise PredictionError(f"{patient.image}: patient {pid}: preprocessing gave non-finite values")
+        arrays = _one_patient(pid, inputs)
+        folds: dict[str, tuple[float, ...]] = {}
+        for kind, models in self.models.items():
+            k: ModelKind = kind
+            folds[kind] = tuple(float(engine_predict(m, arrays, [0], k, self.cfg)[0]) for m in models)
+            scores[kind] = float(np.mean(folds[kind]))
+        for spec in self.bundle.ensembles:
+            if set(spec.members) <= set(scores):
+                scores[spec.name] = spec.apply(scores)
+        chosen = self.choose_ensemble(patient.radiologist_score is not None)
+        answered_by = (
+            chosen.name if chosen else ("densenet3d" if "densenet3d" in self.models else "densenet2d")
+        )
+        heat_path = png_path = None
+        if self.cam is not None:
+            heat_path, png_path = self._heatmap(
+                patient,
+                volume.image,
+                volume.mask,
+                volume.affine,
+                inputs,
+                arrays,
+                scores[answered_by],
+                answered_by,
+                out_dir,
+            )
+        return Prediction(
+            patient_id=pid,
+            probability=scores[answered_by],
+            answered_by=answered_by,
+            probabilities=scores,
+            fold_probabilities=folds,
+            radiologist_score=patient.radiologist_score,
+            heatmap=heat_path,
+            png=png_path,
+            cam_layer=self.cam.layer if self.cam else None,
+            seconds=time.perf_counter() - t0,
+            warnings=warnings,
+        )
+
+    def _heatmap(
+        self,
+        patient: PatientInput,
+        image_ras: np.ndarray,
+        mask_ras: np.ndarray,
+        affine_ras: np.ndarray,
+        inputs: ModelInputs,
+        arrays: SiteArrays,
+        probability: float,
+        answered_by: str,
+        out_dir: Path,
+    ) -> tuple[Path, Path]:
+        assert self.cam is not None
+        cube_cam = self.cam(arrays.vol3d[0].astype(np.float32))  # exactly the input the model scored
+        original = nib.load(str(patient.image))
+        assert isinstance(original, nib.Nifti1Image | nib.Nifti2Image)
+        heat = cube_to_grid(cube_cam, inputs.box_mm, original.affine, original.shape)
+        name = safe_name(patient.patient_id)
+        nii = save_overlay(heat, original, out_dir / f"{name}_gradcam.nii.gz")
+        d3 = self.cfg.preprocess.d3
+        title = f"patient {patient.patient_id}: P(malignant) {probability:.3f} ({answered_by}); Grad-CAM of the 3D model ({self.cam.layer})"
+        png = key_slices_png(
+            image_ras,
+            mask_ras,
+            cube_to_grid(cube_cam, inputs.box_mm, affine_ras, image_ras.shape),
+            np.sqrt((affine_ras[:3, :3] ** 2).sum(axis=0)).tolist(),
+            int(inputs.slice_indices[0]),
+            (d3.hu_min, d3.hu_max),
+            title,
+            out_dir / f"{name}_gradcam.png",
+        )
+        return nii, png
+
+
+# ---------------------------------------------------------------- batch input
+
+
+def read_patient_list(path: Path) -> tuple[list[PatientInput], list[str]]:
+    """Patients of a manifest CSV (the site format, or just ``patient_id,image,mask[,radiologist_score]``).
+
+    Paths are relative to the CSV's folder; ``label`` and other columns are
+    ignored.  Returns the patients and one message per unusable row (the
+    other rows are still predicted).
+    """
+    try:
+        with Path(path).open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip() for h in reader.fieldnames or []]
+            rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise PredictionError(f"{path}: cannot read the patient list ({exc})") from exc
+    missing = [c for c in ("patient_id", "image", "mask") if c not in header]
+    if missing:
+        raise PredictionError(f"{path}: missing column(s) {missing} (needs patient_id, image, mask)")
+    base = Path(path).parent
+    patients: list[PatientInput] = []
+    problems: list[str] = []
+    for line, row in enumerate(rows, start=2):
+        pid, score_s = row["patient_id"], row.get("radiologist_score", "")
+        if not pid:
+            problems.append(f"{path}: line {line}: empty patient_id")
+            continue
+        try:
+            score = int(score_s) if score_s else None
+        except ValueError:
+            problems.append(
+                f"{path}: line {line}: patient {pid}: radiologist_score {score_s!r} is not an integer 1-9"
+            )
+            continue
+        patients.append(PatientInput(pid, base / row["image"], base / row["mask"], score))
+    return patients, problems
+
+
+# ---------------------------------------------------------------- printing and the CLI
+
+
+def describe(pred: Prediction, bundle: ModelBundle) -> str:
+    """The answer as a radiologist reads it."""
+    lines = [f"patient {pred.patient_id}"]
+    for kind in bundle.kinds:
+        n = len(pred.fold_probabilities[kind])
+        lines.append(f"  {LABELS[kind]:<28s} {pred.probabilities[kind]:.3f}   (mean of {n} fold models)")
+    if pred.radiologist_score is not None:
+        lines.append(
+            f"  {'radiologist score ' + str(pred.radiologist_score):<28s} {pred.probabilities['radiologist']:.3f}   (score mapping)"
+        )
+    for spec in bundle.ensembles:
+        if spec.name in pred.probabilities:
+            mark = "  <- used" if spec.name == pred.answered_by else ""
+            auc = "-" if spec.val_auc is None else f"{spec.val_auc:.3f}"
+            lines.append(
+                f"  {spec.name:<28s} {pred.probabilities[spec.name]:.3f}   ({spec.describe()}; validation AUC {auc}){mark}"
+            )
+    side = "malignant" if pred.probability >= bundle.threshold else "benign"
+    lines.append(
+        f"  probability of malignancy: {pred.probability:.3f} from {pred.answered_by} "
+        f"({side} side of the study threshold {bundle.threshold:.2f})"
+    )
+    if pred.heatmap is not None:
+        lines.append(f"  heatmap ({pred.cam_layer}): {pred.heatmap}  key slices: {pred.png}")
+    lines += [f"  {w}" for w in pred.warnings]
+    lines.append(f"  time: {pred.seconds:.2f} s on CPU")
+    return "\n".join(lines)
+
+
+def _write_json(pred: Prediction, bundle: ModelBundle, out_dir: Path) -> Path:
+    path = out_dir / f"{safe_name(pred.patient_id)}_prediction.json"
+    meta = {
+        "bundle": str(bundle.path),
+        "bundle_files": bundle.manifest.get("files"),
+        "source": bundle.manifest.get("source"),
+    }
+    path.write_text(json.dumps({**pred.to_dict(), **meta}, indent=2))
+    return path
+
+
+def _csv_row(pid: str, pred: Prediction | None, error: str = "") -> dict[str, str]:
+    if pred is None:
+        return {f: "" for f in CSV_FIELDS} | {"patient_id": pid, "error": error.replace("\n", " | ")}
+    p = pred.probabilities
+    return {
+        "patient_id": pid,
+        "probability": f"{pred.probability:.6f}",
+        "answered_by": pred.answered_by,
+        "densenet3d": f"{p['densenet3d']:.6f}" if "densenet3d" in p else "",
+        "densenet2d": f"{p['densenet2d']:.6f}" if "densenet2d" in p else "",
+        "radiologist_score": "" if pred.radiologist_score is None else str(pred.radiologist_score),
+        "radiologist": f"{p['radiologist']:.6f}" if "radiologist" in p else "",
+        "heatmap": _str(pred.heatmap) or "",
+        "png": _str(pred.png) or "",
+        "seconds": f"{pred.seconds:.2f}",
+        "error": "",
+    }
+
+
+def _patients(args: argparse.Namespace) -> tuple[list[PatientInput], list[str]]:
+    if args.manifest or args.site:
+        return read_patient_list(Path(args.manifest) if args.manifest else Path(args.site) / "manifest.csv")
+    if not (args.image and args.mask):
+        raise PredictionError("give --image and --mask (one patient), or --manifest / --site (a batch)")
+    image = Path(args.image)
+    pid = args.patient_id or re.sub(r"\.nii(\.gz)?$", "", image.name)
+    return [PatientInput(pid, image, Path(args.mask), args.radiologist_score)], []
+
+
+def predict_cli(args: argparse.Namespace) -> int:
+    """Handler of ``flower-client predict``: 0 when every patient was predicted, 1 otherwise, 2 on bad usage."""
+    set_threads(args.threads)
+    try:
+        patients, problems = _patients(args)
+        t0 = time.perf_counter()
+        bundle = read_bundle(Path(args.bundle))
+        predictor = Predictor(
+            bundle, ensemble=args.ensemble, heatmap=not args.no_heatmap, cam_layer=args.cam_layer
+        )
+    except (PredictionError, BundleError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = bundle.manifest.get("source", {})
+    print(
+        f"bundle {bundle.path} (run {src.get('run')}, plan {src.get('plan')}, sacral-fl {bundle.manifest.get('project_version')}) loaded in {time.perf_counter() - t0:.1f} s"
+    )
+    rows: list[dict[str, str]] = []
+    done: list[Prediction] = []
+    failed = list(problems)
+    for patient in patients:
+        try:
+            pred = predictor.predict(patient, out_dir)
+        except PredictionError as exc:
+            failed.append(str(exc))
+            rows.append(_csv_row(patient.patient_id, None, str(exc)))
+            print(
+                f"patient {patient.patient_id}: NOT PREDICTED\n  {str(exc).replace(chr(10), chr(10) + '  ')}",
+                file=sys.stderr,
+            )
+            continue
+        done.append(pred)
+        rows.append(_csv_row(patient.patient_id, pred))
+        _write_json(pred, bundle, out_dir)
+        print(describe(pred, bundle), flush=True)
+    if len(patients) > 1 or args.manifest or args.site:
+        table = out_dir / "predictions.csv"
+        with table.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+        mean = f"{np.mean([p.seconds for p in done]):.2f} s per patient" if done else "-"
+        print(
+            f"{len(done)} of {len(patients) + len(problems)} patients predicted ({mean} on CPU); table: {table}"
+        )
+    for msg in problems:
+        print(f"not predicted: {msg}", file=sys.stderr)
+    return 0 if not failed else 1

@@ -1,0 +1,297 @@
+"""The model bundle: a trained federation as one versioned file a hospital can predict with.
+
+A bundle is a zip archive holding ``manifest.json`` and one ``.npz`` per
+selected fold model (the model's floating state-dict entries by name; read
+without pickle).  The manifest carries everything prediction needs besides
+the weights, so the training run folder is not needed:
+
+* ``format``, ``format_version``: what this module reads (``FORMAT_VERSION``);
+* ``project_version``: the sacral-fl version that wrote it;
+* ``preprocessing_version``: ``common.dataset.CACHE_VERSION`` at export, the
+  version of the deterministic transforms the models were trained on;
+* ``config``: the experiment config (plain data; training sites removed);
+* ``models``: per network, the selected round of each fold and its pooled
+  validation AUC, and the file holding it;
+* ``ensembles``: members, weights and pooled validation AUC as fitted;
+* ``score_mapping``, ``threshold``, ``metrics`` (pooled internal/external
+  metrics of every score), ``source`` (run name, plan, site counts);
+* ``files``: the SHA-256 of every other file in the archive.
+
+Loading refuses another format, a format or preprocessing version this code
+does not implement (a model fed inputs from other transforms gives wrong
+answers silently), a missing, extra or altered file, and tensors that do not
+fit the architecture named in the config.  Writing is ``server.bundle``'s job
+(it reads the run's checkpoints); this module is the format both sides share.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.config import ConfigError, ExperimentConfig, from_dict, to_dict
+from common.dataset import CACHE_VERSION
+from common.ensemble import combine
+from common.models import ModelKind, build_model
+
+BUNDLE_FORMAT = "sacral-fl-model-bundle"
+FORMAT_VERSION = 1
+"""Bump when the layout or meaning of a bundle changes; older readers then refuse newer bundles."""
+MANIFEST_NAME = "manifest.json"
+MODEL_KINDS: tuple[ModelKind, ...] = ("densenet3d", "densenet2d")
+
+
+class BundleError(ValueError):
+    """A bundle cannot be written or used; the message names the file and the problem."""
+
+
+def project_version() -> str:
+    """The installed sacral-fl version (``0+unknown`` when run from a tree that is not installed)."""
+    try:
+        return metadata.version("sacral-fl")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class FoldModel:
+    """One fold's selected model: which round the pooled validation AUC chose, and its file."""
+
+    kind: ModelKind
+    fold: int
+    round: int
+    val_auc: float | None
+    file: str
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """A fitted weighted-mean ensemble (see ``common.ensemble``)."""
+
+    name: str
+    members: tuple[str, ...]
+    weights: tuple[float, ...]
+    val_auc: float | None
+
+    def apply(self, probs: Mapping[str, float]) -> float:
+        """The ensemble probability from its members' probabilities."""
+        row = np.asarray([[probs[m] for m in self.members]], dtype=np.float64)
+        return float(combine(row, np.asarray(self.weights))[0])
+
+    def describe(self) -> str:
+        """E.g. ``0.40 x densenet3d + 0.60 x radiologist``."""
+        return " + ".join(f"{w:.2f} x {m}" for m, w in zip(self.members, self.weights, strict=True))
+
+
+@dataclass(frozen=True, eq=False)
+class ModelBundle:
+    """A loaded, verified bundle."""
+
+    path: Path
+    manifest: Mapping[str, Any]
+    config: ExperimentConfig
+    folds: Mapping[str, tuple[FoldModel, ...]]
+    ensembles: tuple[EnsembleSpec, ...]
+    tensors: Mapping[str, Mapping[str, np.ndarray]]  # file -> state-dict entries
+
+    @property
+    def kinds(self) -> tuple[ModelKind, ...]:
+        return tuple(k for k in MODEL_KINDS if self.folds.get(k))
+
+    @property
+    def score_mapping(self) -> tuple[float, ...]:
+        return self.config.evaluation.score_mapping
+
+    @property
+    def threshold(self) -> float:
+        return self.config.evaluation.threshold
+
+    def build(self, kind: ModelKind) -> list[nn.Module]:
+        """The fold models of ``kind``, weights loaded, in eval mode (CPU)."""
+        # Pretrained ImageNet weights would be overwritten anyway: never look for them at a hospital.
+        cfg = dataclasses.replace(getattr(self.config.models, kind), pretrained=False)
+        models = []
+        for fm in self.folds.get(kind, ()):
+            model = build_model(kind, cfg)
+            load_tensors(model, self.tensors[fm.file], f"{self.path}: {fm.file}")
+            models.append(model.eval())
+        return models
+
+
+def load_tensors(model: nn.Module, tensors: Mapping[str, np.ndarray], where: str) -> None:
+    """Load named float tensors into ``model``; they must be exactly its floating state-dict entries."""
+    state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in state.items() if torch.is_floating_point(v)}
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise BundleError(
+            f"{where}: the weights do not fit the model in the bundle's config "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''})"
+        )
+    for k, shape in expected.items():
+        if tuple(tensors[k].shape) != shape:
+            raise BundleError(
+                f"{where}: tensor {k} has shape {tuple(tensors[k].shape)}, the model needs {shape}"
+            )
+        state[k] = torch.from_numpy(np.asarray(tensors[k], dtype=np.float32))
+    model.load_state_dict(state)
+
+
+def _npz_bytes(tensors: Mapping[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()})  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def write_bundle(
+    out: Path,
+    *,
+    config: ExperimentConfig,
+    models: Sequence[tuple[FoldModel, Mapping[str, np.ndarray]]],
+    ensembles: Sequence[EnsembleSpec],
+    metrics: Mapping[str, Any],
+    source: Mapping[str, Any],
+) -> Path:
+    """Write a bundle atomically (temp file, then rename); returns ``out``."""
+    out = Path(out)
+    payload = {fm.file: _npz_bytes(t) for fm, t in models}
+    folds: dict[str, list[dict[str, Any]]] = {}
+    for fm, _ in models:
+        folds.setdefault(fm.kind, []).append(
+            {"fold": fm.fold, "round": fm.round, "val_auc": fm.val_auc, "file": fm.file}
+        )
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "project_version": project_version(),
+        "preprocessing_version": CACHE_VERSION,
+        "config": to_dict(config),
+        "models": folds,
+        "ensembles": {
+            e.name: {"members": list(e.members), "weights": list(e.weights), "val_auc": e.val_auc}
+            for e in ensembles
+        },
+        "score_mapping": list(config.evaluation.score_mapping),
+        "threshold": config.evaluation.threshold,
+        "metrics": dict(metrics),
+        "source": dict(source),
+        "files": {name: hashlib.sha256(data).hexdigest() for name, data in payload.items()},
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr(MANIFEST_NAME, json.dumps(manifest, indent=2))
+            for name, data in payload.items():
+                zf.writestr(name, data)
+        os.chmod(tmp, 0o644)  # a bundle is shared with other hospitals (mkstemp makes it 0600)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def read_bundle(path: Path) -> ModelBundle:
+    """Open and verify a bundle (format, versions, checksums, tensor layout); raises ``BundleError``."""
+    path = Path(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path}: bundle file not found") from exc
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise BundleError(f"{path}: not a model bundle (not a readable zip archive: {exc})") from exc
+    with zf:
+        names = set(zf.namelist())
+        if MANIFEST_NAME not in names:
+            raise BundleError(f"{path}: not a model bundle ({MANIFEST_NAME} missing)")
+        try:
+            manifest = json.loads(zf.read(MANIFEST_NAME))
+        except (ValueError, zipfile.BadZipFile) as exc:
+            raise BundleError(f"{path}: {MANIFEST_NAME} is unreadable ({exc})") from exc
+        check_compatible(manifest, path)
+        files = cast(dict[str, str], manifest.get("files", {}))
+        unexpected = sorted(names - set(files) - {MANIFEST_NAME})
+        if unexpected:
+            raise BundleError(f"{path}: files not listed in the manifest: {unexpected} (altered bundle?)")
+        tensors: dict[str, dict[str, np.ndarray]] = {}
+        for name, digest in files.items():
+            if name not in names:
+                raise BundleError(f"{path}: {name} is listed in the manifest but missing from the archive")
+            data = zf.read(name)
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise BundleError(
+                    f"{path}: checksum mismatch for {name} (sha256 differs from the manifest): "
+                    "the bundle is corrupt or was altered; export it again"
+                )
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                tensors[name] = {k: z[k] for k in z.files}
+    try:
+        config = from_dict(manifest["config"])
+    except (ConfigError, KeyError) as exc:
+        raise BundleError(f"{path}: the bundle's config is invalid for this version ({exc})") from exc
+    folds: dict[str, tuple[FoldModel, ...]] = {}
+    for kind, entries in cast(dict[str, list[dict[str, Any]]], manifest.get("models", {})).items():
+        if kind not in MODEL_KINDS:
+            raise BundleError(f"{path}: unknown model kind {kind!r} in the manifest")
+        folds[kind] = tuple(
+            FoldModel(
+                cast(ModelKind, kind), int(e["fold"]), int(e["round"]), e.get("val_auc"), str(e["file"])
+            )
+            for e in entries
+        )
+        for fm in folds[kind]:
+            if fm.file not in tensors:
+                raise BundleError(
+                    f"{path}: {kind} fold {fm.fold} names {fm.file}, which has no checksum entry"
+                )
+    ensembles = tuple(
+        EnsembleSpec(name, tuple(e["members"]), tuple(float(w) for w in e["weights"]), e.get("val_auc"))
+        for name, e in cast(dict[str, dict[str, Any]], manifest.get("ensembles", {})).items()
+    )
+    bundle = ModelBundle(path, manifest, config, folds, ensembles, tensors)
+    if not bundle.kinds:
+        raise BundleError(f"{path}: the bundle holds no model")
+    for kind in bundle.kinds:
+        bundle.build(kind)  # verifies every tensor against the architecture now, not at the first patient
+    return bundle
+
+
+def check_compatible(manifest: Mapping[str, Any], path: Path) -> None:
+    """Refuse a bundle this code cannot use correctly, saying which version made it."""
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: not a sacral-fl model bundle (format {manifest.get('format')!r})")
+    made_by = manifest.get("project_version", "?")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        hint = (
+            "upgrade sacral-fl to read it"
+            if isinstance(version, int) and version > FORMAT_VERSION
+            else "export it again from its run folder with this version (flower-server bundle)"
+        )
+        raise BundleError(
+            f"{path}: incompatible bundle version: format {version} (written by sacral-fl {made_by}), "
+            f"this sacral-fl {project_version()} reads format {FORMAT_VERSION}; {hint}"
+        )
+    pre = manifest.get("preprocessing_version")
+    if pre != CACHE_VERSION:
+        raise BundleError(
+            f"{path}: incompatible bundle version: its models were trained on preprocessing version {pre} "
+            f"(sacral-fl {made_by}), this sacral-fl {project_version()} implements version {CACHE_VERSION}; "
+            "predictions would be fed other inputs than in training"
+        )

@@ -1,0 +1,136 @@
+"""Export a finished run as a model bundle (``flower-server bundle RUN_DIR --out FILE``).
+
+Reads what the plan wrote in the run folder: ``config.yaml`` (the config
+the run was trained under; its digest must match the checkpoints and the
+summary), ``checkpoints/<model>_fold<k>/selected.json`` and the selected
+round's packed vector, and ``summary.json`` (ensemble weights, pooled
+metrics).  The format itself is ``common.bundle``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from common.bundle import MODEL_KINDS, BundleError, EnsembleSpec, FoldModel, write_bundle
+from common.config import ConfigError, ExperimentConfig, load_config
+from common.ensemble import ENSEMBLES
+from common.models import build_model
+from common.records import ModelCodec
+
+from .checkpoints import CheckpointError, CheckpointStore
+
+log = logging.getLogger(__name__)
+
+
+def export_bundle(run_dir: Path, out: Path) -> Path:
+    """Write the bundle of the finished run in ``run_dir`` to ``out``; raises ``BundleError``."""
+    run_dir = Path(run_dir)
+    cfg = _run_config(run_dir)
+    summary = _summary(run_dir)
+    if summary.get("plan") == "loco":
+        raise BundleError(
+            f"{run_dir}: a leave-one-centre-out run holds one model set per held-out site; "
+            "bundle a federated or study run"
+        )
+    if cfg.federation.strategy == "fedbn":
+        raise BundleError(
+            f"{run_dir}: trained with FedBN, so the global model has no normalisation layers "
+            "(each site kept its own): there is no complete model to bundle"
+        )
+    if summary.get("config_digest") != cfg.digest():
+        raise BundleError(
+            f"{run_dir}: summary.json was written under config {summary.get('config_digest')}, "
+            f"config.yaml is {cfg.digest()}: the folder mixes two runs"
+        )
+    store = CheckpointStore(run_dir / "checkpoints", cfg.digest())
+    models = []
+    for kind in MODEL_KINDS:
+        model_cfg = getattr(cfg.models, kind)
+        if not model_cfg.enabled:
+            continue
+        codec = ModelCodec.for_state_dict(
+            build_model(kind, dataclasses.replace(model_cfg, pretrained=False)).state_dict()
+        )
+        for fold in cfg.active_folds:
+            selected = store.finished(kind, fold)
+            if selected is None:
+                raise BundleError(
+                    f"{run_dir}: {kind} fold {fold} has no selected round (the run did not finish it)"
+                )
+            try:
+                vector = store.load(kind, fold, int(selected["round"]))
+            except (CheckpointError, OSError) as exc:
+                raise BundleError(f"{run_dir}: {kind} fold {fold}: {exc}") from exc
+            tensors = {k: v.numpy() for k, v in codec.unpack(vector).items()}
+            val_auc = selected.get("val_auc")
+            fm = FoldModel(
+                kind,
+                fold,
+                int(selected["round"]),
+                None if val_auc is None else float(val_auc),
+                f"models/{kind}_fold{fold}.npz",
+            )
+            models.append((fm, tensors))
+    if not models:
+        raise BundleError(
+            f"{run_dir}: no network was trained in this run (both densenet3d and densenet2d disabled)"
+        )
+    scores = summary.get("models", {})
+    ensembles = []
+    for name, members in ENSEMBLES.items():
+        entry = scores.get(name, {})
+        if "weights" in entry:
+            weights = tuple(float(entry["weights"][m]) for m in members)
+            ensembles.append(EnsembleSpec(name, members, weights, entry.get("val_auc")))
+    metrics = {
+        name: {
+            subset: {k: v for k, v in part.items() if k != "folds"}
+            for subset, part in entry.items()
+            if subset in ("internal", "external")
+        }
+        for name, entry in scores.items()
+    }
+    source = {
+        "run": run_dir.resolve().name,
+        "plan": summary.get("plan"),
+        "config_digest": cfg.digest(),
+        "sites": summary.get("sites", {}),
+    }
+    # The bundle travels to other hospitals: the training sites' folders stay out of it.
+    portable = dataclasses.replace(cfg, sites=(), external_sites=())
+    path = write_bundle(
+        out, config=portable, models=models, ensembles=ensembles, metrics=metrics, source=source
+    )
+    log.info(
+        "bundle of %s written to %s (%d fold models, %d ensembles)",
+        run_dir,
+        path,
+        len(models),
+        len(ensembles),
+    )
+    return path
+
+
+def _run_config(run_dir: Path) -> ExperimentConfig:
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise BundleError(f"{path}: not found: {run_dir} is not a run folder")
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        raise BundleError(str(exc)) from exc
+
+
+def _summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        raise BundleError(f"{path}: not found: the run has not finished (no ensemble weights or metrics yet)")
+    try:
+        data: dict[str, Any] = json.loads(path.read_text())
+    except ValueError as exc:
+        raise BundleError(f"{path}: unreadable ({exc})") from exc
+    return data
