@@ -78,10 +78,20 @@ def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, 
     """Turn a site-side failure into an 'unavailable' reply instead of an error reply.
 
     The reason sent names the kind of problem only; the details (files,
-    patients) are logged at the site.
+    patients) are logged at the site.  A node started in report-only mode
+    (node config ``unavailable``: the site's data failed validation) answers
+    every message this way with that reason, so the server learns why the
+    site is out instead of waiting for it.
     """
 
+    def unavailable(msg: Message, site: str, reason: str) -> Message:
+        status = ConfigRecord({"state": "unavailable", "site": site, "reason": reason})
+        return Message(RecordDict({"status": status, "metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
+
     def wrapped(msg: Message, context: Context) -> Message:
+        report_only = context.node_config.get("unavailable")
+        if report_only:  # `flower-client run` found no usable data: say why, touch nothing
+            return unavailable(msg, str(context.node_config.get("site", "?")), str(report_only))
         try:
             return handler(msg, context)
         except Exception as exc:
@@ -94,8 +104,7 @@ def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, 
                 reason = "site data failed validation (details in the site's log)"
             elif isinstance(exc, PrivacyBudgetExhausted):
                 reason = str(exc)
-            status = ConfigRecord({"state": "unavailable", "site": site, "reason": reason})
-            return Message(RecordDict({"status": status, "metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
+            return unavailable(msg, site, reason)
 
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__

@@ -4,29 +4,39 @@ The hospital's data never leaves this process tree: the SuperNode runs the
 project's ClientApp (``client.app``) against the local site folder and
 talks to the coordinating site's SuperLink over gRPC, with TLS unless
 ``--insecure`` is given explicitly.
+
+A site with no usable patient still joins, in report-only mode: its
+ClientApp reads no data and answers every message "unavailable" with the
+kinds and counts of the validation errors (never a patient id or a path),
+so the coordinating site learns why the site is out instead of waiting for
+it or never hearing of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import FrameType
 
-from common.processes import flower_env, free_port, terminate_group
-from common.validation import validate_site
+from common.processes import exit_on_sigterm, flower_env, free_port, terminate_group
+from common.validation import SiteReport, validate_site
 
 log = logging.getLogger(__name__)
-NOT_ACTIVATED = 305 % 256  # flower-supernode exits with code 305 when the SuperLink refuses to activate the node (49 after truncation)
 RETRY_S = 10.0
 
 
 def _q(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def unavailable_reason(report: SiteReport) -> str:
+    """Why a site with no usable patient is out, for the server: counts of error kinds only."""
+    agg = report.aggregate()
+    kinds = ", ".join(f"{code} x{n}" for code, n in agg["errors_by_code"].items()) or "none recorded"
+    return f"site data failed validation: {agg['n_valid']} of {agg['n_total']} patients usable (errors: {kinds})"
 
 
 def supernode_command(
@@ -40,11 +50,13 @@ def supernode_command(
     port: int,
     auth_key: Path | None = None,
     max_wait_s: float = 0.0,
+    unavailable: str = "",
 ) -> list[str]:
-    """The ``flower-supernode`` command line for one hospital."""
-    node_config = " ".join(
-        [f"site={_q(site)}", f"data-dir={_q(str(data_dir))}", f"out-dir={_q(str(out_dir))}", f"threads={threads}"]
-    )
+    """The ``flower-supernode`` command line for one hospital (``unavailable``: report-only mode, why)."""
+    entries = [f"site={_q(site)}", f"data-dir={_q(str(data_dir))}", f"out-dir={_q(str(out_dir))}", f"threads={threads}"]
+    if unavailable:  # Flower's node-config parser allows no double quote inside a value
+        entries.append(f"unavailable={_q(unavailable.replace(chr(34), chr(39)))}")
+    node_config = " ".join(entries)
     cmd = [
         str(Path(sys.executable).parent / "flower-supernode"),
         "--superlink",
@@ -71,10 +83,13 @@ def run_cli(args: argparse.Namespace) -> int:
     for problem in report.problems:
         print(problem)
     print(report.summary())
-    if not report.valid_ids:
-        print(f"error: {site_dir} has no valid patient: not joining the federation", file=sys.stderr)
-        return 1
-    if report.errors:
+    unavailable = "" if report.valid_ids else unavailable_reason(report)
+    if unavailable:
+        print(
+            f"error: {site_dir} has no valid patient: joining in report-only mode, the server is told: {unavailable}",
+            file=sys.stderr,
+        )
+    elif report.errors:
         print(f"joining with the {len(report.valid_ids)} valid patient(s); the others are refused (listed above)")
     if args.insecure and args.root_cert:
         print("error: --insecure and --root-cert exclude each other", file=sys.stderr)
@@ -98,31 +113,32 @@ def run_cli(args: argparse.Namespace) -> int:
         port=args.port or free_port(),
         auth_key=Path(args.auth_key).resolve() if args.auth_key else None,
         max_wait_s=args.max_wait,
+        unavailable=unavailable,
     )
     flwr_home = out_dir / "flower"
     flwr_home.mkdir(parents=True, exist_ok=True)
     print(f"{args.site}: joining {args.server} ({'TLS' if root_cert else 'INSECURE'}); outputs in {out_dir}", flush=True)
-    current: list[subprocess.Popen[bytes]] = []
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        for p in current:
-            terminate_group(p)
-        sys.exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # SIGTERM/SIGINT unwind through the ``finally`` below, which stops the SuperNode.  (Waiting
+    # on it inside a signal handler instead would contend for the lock ``proc.wait()`` holds.)
+    exit_on_sigterm()
     deadline = time.monotonic() + args.max_wait if args.max_wait > 0 else float("inf")
     while True:
         proc = subprocess.Popen(cmd, env=flower_env(flwr_home), start_new_session=True)
-        current[:] = [proc]
         try:
             rc = proc.wait()
         finally:
             terminate_group(proc)
-        if rc == 0 or time.monotonic() + RETRY_S > deadline:
-            return rc
-        why = "refused: key not enrolled (yet)?" if rc == NOT_ACTIVATED else f"exited with code {rc}"
-        print(f"{args.site}: SuperNode {why}; retrying in {RETRY_S:.0f} s (server down or restarting?)", flush=True)
+        # A SuperNode only exits on its own when it lost the federation: the server was down
+        # too long, its key is not enrolled (yet), or a restarted server forgot this node (it
+        # then exits 0).  Rejoin, until --max-wait runs out.
+        if time.monotonic() + RETRY_S > deadline:
+            print(f"{args.site}: SuperNode exited with code {rc}; --max-wait is over: giving up", file=sys.stderr)
+            return rc or 1
+        print(
+            f"{args.site}: SuperNode exited with code {rc} (server down or restarted, or this site's key "
+            f"not enrolled yet); rejoining in {RETRY_S:.0f} s",
+            flush=True,
+        )
         time.sleep(RETRY_S)
 
 

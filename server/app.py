@@ -25,6 +25,24 @@ log = logging.getLogger(__name__)
 app = ServerApp()
 
 
+def _progress_logging() -> None:
+    """Send this project's INFO lines (round progress, resume, left-out sites) to the run's log.
+
+    ``logging.basicConfig`` is not enough here: a dependency (Opacus) installs
+    a root handler at import time, which makes it a no-op and leaves the root
+    at WARNING.  Our loggers get their own handler and do not propagate, so
+    Flower's lines (its own handler) are not duplicated either.
+    """
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("server", "common"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured plan; any failure propagates so the run is marked failed."""
@@ -32,7 +50,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(str(rc.get("config-path") or "quick"))
     run_dir = Path(str(rc.get("run-dir") or "runs/server"))
     run_dir.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _progress_logging()
     runner = PlanRunner(grid, cfg, run_dir, run_id=str(rc.get("run-id") or run_dir.name))
     expected = int(cast(int, rc.get("expected-sites", 0))) or len(cfg.sites) or 1
     runner.run(expected_sites=expected, wait_s=float(cast(float, rc.get("discovery-timeout", 120.0))))

@@ -90,6 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = run_dir / "summary.json"
     if rc != 0 or not summary.is_file():
         print(f"error: the run failed (flwr exit code {rc}, summary {'present' if summary.is_file() else 'missing'}); see {run_dir / 'flower.log'}", file=sys.stderr)
+        if cause := _failure_cause(run_dir / "flower.log"):
+            print(f"cause: {cause}", file=sys.stderr)
         return 1
     data = json.loads(summary.read_text())
     print(f"flower-server: run finished in {time.perf_counter() - t0:.0f} s; sites: {', '.join(data.get('sites', {}))}")
@@ -99,6 +101,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"report: {render_report(run_dir)}")
     print(summary)
     return 0
+
+
+def _failure_cause(log_path: Path) -> str | None:
+    """The last exception line the ServerApp logged (``flwr run`` itself may exit 0 on a failed run)."""
+    import re
+
+    if not log_path.is_file():
+        return None
+    found = re.findall(r"^([\w.]*(?:Error|Exception): .+)$", log_path.read_text(errors="replace"), flags=re.MULTILINE)
+    return found[-1] if found else None
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -43,7 +43,7 @@ from common.records import (
 
 from .checkpoints import CheckpointStore
 from .meteredgrid import MeteredGrid
-from .session import FoldSession
+from .session import FoldSession, RoundLog
 from .strategies import make_strategy
 from .strategy import FederationError
 
@@ -85,7 +85,9 @@ class PlanRunner:
         self.timeout = cfg.federation.round_timeout_s
         self.ckpt = CheckpointStore(run_dir / "checkpoints", cfg.digest())
         self.sites: dict[int, SiteNode] = {}
+        self.asked: set[int] = set()  # nodes asked who they are
         self.unavailable: dict[str, str] = {}
+        self.resumed: dict[str, int] = {}  # "<model>/fold<k>" -> rounds taken from an earlier process's checkpoints
         self.participation: dict[str, list[dict[str, Any]]] = {}
         self.selected: dict[str, dict[int, dict[str, Any]]] = {}
 
@@ -103,14 +105,18 @@ class PlanRunner:
         replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
         good = []
         answered = set()
+        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}  # ids are set once pushed
         for r in replies:
-            node = r.metadata.src_node_id
+            # a gone node's reply comes from the SuperLink itself, about the message sent to it
+            node = r.metadata.src_node_id if r.metadata.src_node_id in dst.values() else dst.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
             answered.add(node)
             site = self.sites[node].site if node in self.sites else f"node-{node}"
             if r.has_error():
                 log.warning("%s: %s failed: %s", site, mtype, r.error.reason)
                 continue
             status = r.content.config_records.get("status")
+            if status is not None and node not in self.sites:  # discovery: the reply says who it is
+                site = str(status.get("site", site))
             if status is not None and status.get("state") != "ok":
                 log.warning("%s: %s unavailable: %s", site, mtype, status.get("reason"))
                 self.unavailable.setdefault(site, str(status.get("reason")))
@@ -129,12 +135,8 @@ class PlanRunner:
             time.sleep(1.0)
         nodes = sorted(self.grid.get_node_ids())
         log.info("%d node(s) connected: asking for site information", len(nodes))
-        replies = self._send(nodes, f"{MessageType.QUERY}.siteinfo", {})
-        found: list[tuple[int, str, MetricRecord]] = []
-        for r in replies:
-            status = r.content.config_records["status"]
-            found.append((r.metadata.src_node_id, str(status["site"]), r.content.metric_records["metrics"]))
-        found.sort(key=lambda t: t[1])
+        self.asked.update(nodes)
+        found = self._siteinfo(nodes)
         declared = {s.name: s for s in self.cfg.sites}
         ordered = [declared.get(name, SiteConfig(name=name)) for _, name, _ in found]
         if declared:
@@ -150,12 +152,42 @@ class PlanRunner:
                 benign=int(cast(int, m["benign"])),
                 malignant=int(cast(int, m["malignant"])),
             )
-        for node in nodes:
-            if node not in self.sites:
-                log.warning("node %d did not answer site discovery: left out of this run", node)
+        left_out = [n for n in nodes if n not in self.sites]
+        if left_out:
+            log.warning("%d node(s) left out of this run (unavailable or no reply, see above)", len(left_out))
         for s in sorted(self.sites.values(), key=lambda s: s.site):
             log.info("site %-10s role %-8s patients %4d (benign %d, malignant %d)", s.site, s.role, s.patients, s.benign, s.malignant)
         return self.sites
+
+    def _siteinfo(self, nodes: list[int]) -> list[tuple[int, str, MetricRecord]]:
+        """(node, site, patient counts) of the nodes that answered ``siteinfo``, by site name."""
+        found: list[tuple[int, str, MetricRecord]] = []
+        for r in self._send(nodes, f"{MessageType.QUERY}.siteinfo", {}):
+            status = r.content.config_records["status"]
+            found.append((r.metadata.src_node_id, str(status["site"]), r.content.metric_records["metrics"]))
+        return sorted(found, key=lambda t: t[1])
+
+    def rejoin(self) -> dict[int, str]:
+        """The training nodes, after identifying nodes that connected since discovery.
+
+        A hospital whose SuperNode restarted without an enrolled key comes
+        back under a new node id; it takes its old place (and role).  A site
+        not in the run is left out.  Each node is asked once.
+        """
+        new = sorted(set(self.grid.get_node_ids()) - self.asked)
+        if new:
+            self.asked.update(new)
+            by_name = {s.site: s for s in self.sites.values()}
+            for node, name, _ in self._siteinfo(new):
+                old = by_name.get(name)
+                if old is None:
+                    log.warning("site %s connected after discovery: left out of this run", name)
+                    continue
+                del self.sites[old.node_id]
+                self.sites[node] = dataclasses.replace(old, node_id=node)
+                self.unavailable.pop(name, None)
+                log.info("site %s rejoined (node %d, was %d)", name, node, old.node_id)
+        return self._nodes("train")
 
     def _nodes(self, role: str) -> dict[int, str]:
         return {n: s.site for n, s in sorted(self.sites.items(), key=lambda t: t[1].site) if s.role == role}
@@ -177,15 +209,18 @@ class PlanRunner:
         done = self.ckpt.finished(kind, fold)
         if done is not None:
             log.info("%s fold %d already finished (round %d selected): skipping", kind, fold, done["round"])
+            self._restore_round_logs(kind, fold)
             return done
         last = self.ckpt.last_round(kind, fold)
         start_vec = self.ckpt.load(kind, fold, last) if last else self.initial_vector(kind)
         if last:
-            log.info("%s fold %d: resuming after round %d of %d", kind, fold, last, total)
+            log.info("%s fold %d: resuming after round %d of %d (earlier rounds not retrained)", kind, fold, last, total)
+            self._restore_round_logs(kind, fold)
         session = FoldSession(
             model=kind,
             fold=fold,
             train_nodes=train_nodes,
+            refresh=self.rejoin,
             total_rounds=total,
             round_offset=last,
             base_config=self._base(),
@@ -217,6 +252,14 @@ class PlanRunner:
         best = self.ckpt.select_best(kind, fold)
         log.info("%s fold %d: selected round %d (pooled validation AUC %s)", kind, fold, best["round"], best["val_auc"])
         return best
+
+    def _restore_round_logs(self, kind: ModelKind, fold: int) -> None:
+        """Who took part in the rounds a previous server process finished, from their checkpoints."""
+        key = f"{kind}/fold{fold}"
+        rounds = self.ckpt.rounds(kind, fold)
+        fields = {f.name for f in dataclasses.fields(RoundLog)}
+        self.participation[key] = [{k: v for k, v in self.ckpt.meta(kind, fold, r).items() if k in fields} for r in rounds]
+        self.resumed[key] = len(rounds)
 
     def train_radiomics(self, fold: int) -> None:
         """One-shot federated logistic regression on the handcrafted features, then prediction."""
@@ -325,8 +368,12 @@ class PlanRunner:
 
     def run_plan(self, t0: float) -> dict[str, Any]:
         """Train every model and fold, predict, fit the ensembles, write ``summary.json``."""
-        if not self._nodes("train"):
-            raise FederationError(f"no training site available (unavailable: {self.unavailable})")
+        train = self._nodes("train")
+        if len(train) < max(1, self.cfg.federation.min_sites):
+            raise FederationError(
+                f"{len(train)} training site(s) available ({', '.join(train.values()) or 'none'}), "
+                f"federation.min_sites is {self.cfg.federation.min_sites}; unavailable: {self.unavailable or 'none'}"
+            )
         kinds: list[ModelKind] = [k for k in ("densenet3d", "densenet2d") if getattr(self.cfg.models, k).enabled]  # type: ignore[misc]
         for kind in kinds:
             for fold in self.cfg.active_folds:
@@ -348,6 +395,7 @@ class PlanRunner:
         summary = self.summary(final, fitted, time.perf_counter() - t0)
         summary["reader_study"] = self.reader_summary(readers, delong)
         summary["delong"] = {k: v for k, v in delong.items() if not k.startswith("readers/")}
+        summary["resumed"] = self.resumed
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("summary written to %s", self.run_dir / "summary.json")
         return summary

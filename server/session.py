@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,7 @@ class FoldSession:
     threshold: float = 0.5
     rounds: dict[int, RoundLog] = field(default_factory=dict)
     last_val_stats: dict[str, Any] | None = None
+    refresh: Callable[[], dict[int, str]] | None = None  # the training nodes now (sites may rejoin)
 
     def log_for(self, server_round: int) -> RoundLog:
         r = server_round + self.round_offset

@@ -42,6 +42,7 @@ class GuardedFedAvg(FedAvg):
     session: FoldSession
     _round_started: float = 0.0
     _global: np.ndarray | None = None  # the round's global vector: reference for the norm bound
+    _sent: tuple[Message, ...] = ()  # this phase's messages (Flower sets their ids when it pushes them)
 
     def bind(self, session: FoldSession) -> GuardedFedAvg:
         self.session = session
@@ -49,6 +50,8 @@ class GuardedFedAvg(FedAvg):
 
     # -- which nodes take part ------------------------------------------------
     def _live_train_nodes(self, grid: Grid) -> list[int]:
+        if self.session.refresh is not None:
+            self.session.train_nodes = self.session.refresh()
         connected = set(grid.get_node_ids())
         nodes = [n for n in self.session.train_nodes if n in connected]
         if len(nodes) < self.session.min_sites:
@@ -60,7 +63,22 @@ class GuardedFedAvg(FedAvg):
 
     def _messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], mtype: str) -> list[Message]:
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return [Message(content=record, message_type=mtype, dst_node_id=n) for n in nodes]
+        self._sent = tuple(Message(content=record, message_type=mtype, dst_node_id=n) for n in nodes)
+        return list(self._sent)
+
+    def _site(self, reply: Message) -> str:
+        """The site a reply stands for.
+
+        When a node is gone (no heartbeat), the SuperLink itself answers in
+        its place, from its own node id: the site is then the destination of
+        the message that reply is about.
+        """
+        src = reply.metadata.src_node_id
+        if src not in self.session.train_nodes:
+            for m in self._sent:
+                if m.metadata.message_id == reply.metadata.reply_to_message_id:
+                    return self.session.site_of(m.metadata.dst_node_id)
+        return self.session.site_of(src)
 
     def _config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
         s = self.session
@@ -82,6 +100,11 @@ class GuardedFedAvg(FedAvg):
     ) -> Iterable[Message]:
         self._round_started = time.perf_counter()
         nodes = self._live_train_nodes(grid)
+        rlog = self.session.log_for(server_round)
+        for node, site in self.session.train_nodes.items():
+            if node not in nodes:
+                rlog.dropped[site] = "not connected when the round started"
+                log.warning("[round %d] %s not connected: left out of this round", rlog.round, site)
         self._global = weights_from_record(arrays)
         wire = weights_record(self._global, self.session.transport_dtype)
         log.info(
@@ -106,7 +129,7 @@ class GuardedFedAvg(FedAvg):
         rlog = self.session.log_for(server_round)
         ok: list[Message] = []
         for msg in replies:
-            site = self.session.site_of(msg.metadata.src_node_id)
+            site = self._site(msg)
             if msg.has_error():
                 rlog.dropped[site] = f"{phase}: error reply: {msg.error.reason}"
                 log.warning("[round %d] %s dropped (%s error: %s)", rlog.round, site, phase, msg.error.reason)
@@ -125,14 +148,14 @@ class GuardedFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         rlog = self.session.log_for(server_round)
-        answered = {self.session.site_of(m.metadata.src_node_id) for m in replies}
-        rlog.missing = sorted(set(self.session.train_nodes.values()) - answered)
+        answered = {self._site(m) for m in replies}
+        rlog.missing = sorted({self.session.site_of(m.metadata.dst_node_id) for m in self._sent} - answered)
         for site in rlog.missing:
             log.warning("[round %d] no reply from %s within the round timeout: left out", rlog.round, site)
         good = self._split_replies(server_round, replies, "train")
         vectors, weights, names, losses = [], [], [], []
         for msg in good:
-            site = self.session.site_of(msg.metadata.src_node_id)
+            site = self._site(msg)
             try:
                 vec = weights_from_record(msg.content.array_records[self.arrayrecord_key])
                 metrics = msg.content.metric_records["metrics"]
@@ -181,7 +204,7 @@ class GuardedFedAvg(FedAvg):
         rlog = self.session.log_for(server_round)
         total: ClassHistogram | None = None
         for msg in self._split_replies(server_round, replies, "evaluate"):
-            site = self.session.site_of(msg.metadata.src_node_id)
+            site = self._site(msg)
             try:
                 h = ClassHistogram.from_arrays(arrays_from_record(msg.content.array_records["stats"]))
             except (KeyError, ValueError) as exc:

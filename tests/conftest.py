@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.loopback import Loopback
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -37,3 +42,21 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 1)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture
+def loopback(tmp_path: Path) -> Iterator[Loopback]:
+    """Real flower-server/flower-client processes on 127.0.0.1 (tests/loopback.py).
+
+    At teardown every command is stopped as an operator would (SIGTERM to the
+    command only); the test fails if any process it started, at any depth,
+    is still running afterwards.
+    """
+    from tests.loopback import Loopback
+
+    lb = Loopback(tmp_path)
+    yield lb
+    left = lb.stop()
+    assert not left, "processes still running after their commands were stopped:\n" + "\n".join(
+        f"  {pid}: {cmd}" for pid, cmd in left.items()
+    )

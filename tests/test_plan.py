@@ -86,7 +86,9 @@ def test_server_restart_resumes_from_the_last_finished_round(cohort: dict[str, P
     second = InProcessGrid(cohort, sites_out)
     summary = PlanRunner(second, cfg, run_dir, "r4").run(expected_sites=3, wait_s=1)
     assert sum(v for (_, t), v in second.calls.items() if t == "train") == 3  # round 3 only, one message per site
-    assert [r["round"] for r in summary["rounds"]["densenet3d/fold0"]] == [3]
+    # rounds 1-2 are reported from their checkpoints, not retrained
+    assert [r["round"] for r in summary["rounds"]["densenet3d/fold0"]] == [1, 2, 3]
+    assert summary["resumed"] == {"densenet3d/fold0": 2}
     assert json.loads((run_dir / "checkpoints" / "densenet3d_fold0" / "selected.json").read_text())["round"] in (1, 2, 3)
 
 
