@@ -121,7 +121,10 @@ class ModelBundle:
         return self.config.evaluation.threshold
 
     def build(self, kind: ModelKind) -> list[nn.Module]:
-        """The fold models of ``kind``, weights loaded, in eval mode (CPU)."""
+        """The fold models of ``kind``, weights loaded, in eval mode (CPU).
+
+        Raises ``BundleError`` when a tensor does not fit the architecture of the config.
+        """
         # Pretrained ImageNet weights would be overwritten anyway: never look for them at a hospital.
         cfg = dataclasses.replace(getattr(self.config.models, kind), pretrained=False)
         models = []
@@ -208,7 +211,11 @@ def write_bundle(
 
 
 def read_bundle(path: Path) -> ModelBundle:
-    """Open and verify a bundle (format, versions, checksums, tensor layout); raises ``BundleError``."""
+    """Open and verify a bundle (format, versions, checksums); raises ``BundleError``.
+
+    The tensors are checked against the architecture when the models are built
+    (``ModelBundle.build``, done by ``client.predict.Predictor`` before any patient).
+    """
     path = Path(path)
     try:
         zf = zipfile.ZipFile(path)
@@ -267,8 +274,6 @@ def read_bundle(path: Path) -> ModelBundle:
     bundle = ModelBundle(path, manifest, config, folds, ensembles, tensors)
     if not bundle.kinds:
         raise BundleError(f"{path}: the bundle holds no model")
-    for kind in bundle.kinds:
-        bundle.build(kind)  # verifies every tensor against the architecture now, not at the first patient
     return bundle
 
 
