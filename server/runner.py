@@ -95,14 +95,17 @@ class PlanRunner:
     def _base(self) -> dict[str, Any]:
         return {"experiment": to_dict(self.cfg), "run-id": self.run_id}
 
-    def _send(self, nodes: Iterable[int], mtype: str, extra: dict[str, Any], arrays: ArrayRecord | None = None) -> list[Message]:
+    def _send(
+        self, nodes: Iterable[int], mtype: str, extra: dict[str, Any], arrays: ArrayRecord | None = None, timeout: float | None = None
+    ) -> list[Message]:
         values = self._base()
         values.update(extra)
         records: dict[str, Any] = {"config": config_record(values)}
         if arrays is not None:
             records["arrays"] = arrays
         msgs = [Message(RecordDict(records), message_type=mtype, dst_node_id=n) for n in nodes]
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+        timeout = self.timeout if timeout is None else timeout
+        replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
         good = []
         answered = set()
         dst = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}  # ids are set once pushed
@@ -124,7 +127,7 @@ class PlanRunner:
             good.append(r)
         for n in set(msgs_n.metadata.dst_node_id for msgs_n in msgs) - answered:
             site = self.sites[n].site if n in self.sites else f"node-{n}"
-            log.warning("%s: no reply to %s within %.0f s", site, mtype, self.timeout)
+            log.warning("%s: no reply to %s within %.0f s", site, mtype, timeout)
         return good
 
     # -- discovery -------------------------------------------------------------------
@@ -159,10 +162,10 @@ class PlanRunner:
             log.info("site %-10s role %-8s patients %4d (benign %d, malignant %d)", s.site, s.role, s.patients, s.benign, s.malignant)
         return self.sites
 
-    def _siteinfo(self, nodes: list[int]) -> list[tuple[int, str, MetricRecord]]:
+    def _siteinfo(self, nodes: list[int], timeout: float | None = None) -> list[tuple[int, str, MetricRecord]]:
         """(node, site, patient counts) of the nodes that answered ``siteinfo``, by site name."""
         found: list[tuple[int, str, MetricRecord]] = []
-        for r in self._send(nodes, f"{MessageType.QUERY}.siteinfo", {}):
+        for r in self._send(nodes, f"{MessageType.QUERY}.siteinfo", {}, timeout=timeout):
             status = r.content.config_records["status"]
             found.append((r.metadata.src_node_id, str(status["site"]), r.content.metric_records["metrics"]))
         return sorted(found, key=lambda t: t[1])
@@ -172,13 +175,14 @@ class PlanRunner:
 
         A hospital whose SuperNode restarted without an enrolled key comes
         back under a new node id; it takes its old place (and role).  A site
-        not in the run is left out.  Each node is asked once.
+        not in the run is left out.  Each node is asked once, and for at most
+        a minute: the round waits meanwhile.
         """
         new = sorted(set(self.grid.get_node_ids()) - self.asked)
         if new:
             self.asked.update(new)
             by_name = {s.site: s for s in self.sites.values()}
-            for node, name, _ in self._siteinfo(new):
+            for node, name, _ in self._siteinfo(new, timeout=min(self.timeout, 60.0)):
                 old = by_name.get(name)
                 if old is None:
                     log.warning("site %s connected after discovery: left out of this run", name)

@@ -9,7 +9,7 @@ loopback deployment tests.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from flwr.app import Context, Message, RecordDict
@@ -24,8 +24,19 @@ class Interrupted(RuntimeError):
 
 
 class InProcessGrid(Grid):
-    def __init__(self, sites: dict[str, Path], out_dir: Path, *, silent: Iterable[str] = (), fail_after_train: int | None = None) -> None:
+    def __init__(
+        self,
+        sites: dict[str, Path],
+        out_dir: Path,
+        *,
+        silent: Iterable[str] = (),
+        fail_after_train: int | None = None,
+        reconnect_after_train: Mapping[str, int] | None = None,
+    ) -> None:
+        """``reconnect_after_train``: site -> train messages (all sites) after which that site's
+        node comes back under a new node id, as a SuperNode restarted without an enrolled key."""
         self.nodes = {100 + i: name for i, name in enumerate(sites)}
+        self.reconnect = dict(reconnect_after_train or {})
         self.node_config = {
             nid: {"site": name, "data-dir": str(sites[name]), "out-dir": str(out_dir / name), "threads": 1}
             for nid, name in self.nodes.items()
@@ -56,9 +67,18 @@ class InProcessGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         replies = []
+        trained = sum(v for (_, t), v in self.calls.items() if t == "train")
+        for site, after in list(self.reconnect.items()):
+            if trained >= after:
+                old = next(n for n, name in self.nodes.items() if name == site)
+                self.nodes[old + 1000] = self.nodes.pop(old)
+                self.node_config[old + 1000] = self.node_config.pop(old)
+                del self.reconnect[site]
         for msg in messages:
             nid = msg.metadata.dst_node_id
             mtype = msg.metadata.message_type
+            if nid not in self.nodes:
+                continue  # a node that is gone never answers
             trained = sum(v for (_, t), v in self.calls.items() if t == "train")
             if mtype == "train" and self.fail_after_train is not None and trained >= self.fail_after_train:
                 raise Interrupted("server killed")

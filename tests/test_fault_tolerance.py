@@ -20,9 +20,9 @@ import pytest
 
 from tests.loopback import Loopback, tiny_experiment, wait_for
 
-pytestmark = [pytest.mark.deployment, pytest.mark.slow]
+RUN_S = 1200.0  # one whole run, generous: these tests check behaviour, not speed, on shared cores
+pytestmark = [pytest.mark.deployment, pytest.mark.slow, pytest.mark.timeout(3 * RUN_S)]
 SITES = ["centre1", "centre2", "centre3"]
-RUN_S = 900.0  # a whole run, generous: these tests measure behaviour, not speed
 
 
 def test_hospital_killed_mid_round_is_left_out_and_rejoins(loopback: Loopback, tiny_cohort: Path) -> None:

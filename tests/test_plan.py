@@ -76,6 +76,16 @@ def test_a_site_that_never_answers_is_left_out_and_recorded(cohort: dict[str, Pa
     assert summary["models"]["densenet3d"]["internal"]["pooled"]["n"] == 20
 
 
+def test_a_site_back_under_a_new_node_id_takes_its_place_again(cohort: dict[str, Path], sites_out: Path, tmp_path: Path) -> None:
+    # centre3's SuperNode restarts after round 1 and, with no enrolled key, gets a new node id
+    grid = InProcessGrid(cohort, sites_out, reconnect_after_train={"centre3": 3})
+    summary = PlanRunner(grid, _cfg("federated"), tmp_path / "run", "r6").run(expected_sites=3, wait_s=1)
+    assert grid.calls[("centre3", "query.siteinfo")] == 2  # asked who it is once more
+    assert [sorted(r["trained"]) for r in summary["rounds"]["densenet3d/fold0"]] == [list(SITES)] * 2
+    assert sorted(summary["sites"]) == list(SITES)
+    assert summary["models"]["densenet3d"]["internal"]["pooled"]["n"] == 30  # and it predicted
+
+
 def test_server_restart_resumes_from_the_last_finished_round(cohort: dict[str, Path], sites_out: Path, tmp_path: Path) -> None:
     cfg = _cfg("federated", rounds=3)
     run_dir = tmp_path / "run"
