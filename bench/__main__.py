@@ -1,4 +1,16 @@
-"""``python -m bench``: measure every configuration in its own process and print the report."""
+"""``python -m bench``: every benchmark section, each in its own process, then one report.
+
+Sections (``--only`` picks some): ``throughput`` (patients/s and peak RSS per
+network and input size, one subprocess per configuration), ``overhead``
+(plain loop vs Flower simulation vs loopback deployment), ``comm`` (bytes per
+site, float32 vs float16), ``quality`` (federated vs pooled vs local-only vs
+oracle AUC), ``e2e`` (the latest ``make simulate`` and the ensemble's
+prediction time per patient) and ``scaling`` (3, 6, 12 sites).  Every
+section other than ``throughput`` runs as ``python -m bench.sections NAME``
+with a timeout; runs that several sections share are made once per work
+folder.  ``--device cuda`` measures throughput only (the other sections are
+about CPU sites).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +19,17 @@ import json
 import logging
 import os
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from .machine import describe_machine
+from common.processes import terminate_group
+
+from .machine import Machine, describe_machine
+from .params import SECTIONS, BenchParams
 from .report import format_report
 from .throughput import BenchError, Measurement, Spec, measure_in_subprocess
 
@@ -22,14 +39,60 @@ KINDS = ("densenet3d", "densenet2d")
 # Patients per configuration when --patients is not given: enough for several optimiser
 # steps, few enough that the default run stays within ~5 minutes on 2 CPU cores.
 DEFAULT_PATIENTS = {"cpu": {"quick": 16, "study": 8}, "cuda": {"quick": 64, "study": 80}}
+# Seconds each section may take before it is stopped (and reported as failed); on an idle
+# 2-core machine the defaults take about half of this (see docs/benchmarks.md).
+SECTION_TIMEOUT_S = {"overhead": 900.0, "comm": 420.0, "quality": 420.0, "e2e": 300.0, "scaling": 900.0}
+REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     cpus = os.cpu_count() or 1
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="Training/inference throughput (patients/s), data-loading share and peak RSS of the "
-        "3D and 2D DenseNet121 at the quick and study input sizes, through common.engine.",
+        description="What users pay: throughput and memory, federation overhead, bytes on the wire, AUC "
+        "against pooled/local/oracle, end-to-end times and scaling; one table per section.",
+    )
+    p.add_argument(
+        "--only",
+        type=_sections,
+        default=None,
+        metavar="S1,S2",
+        help=f"comma-separated sections out of {','.join(SECTIONS)} (default: all on cpu, throughput on cuda)",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder for the runs, logs and results (default: a new runs/bench-<time>); reusing one reuses "
+        "its finished runs, e.g. to add a section",
+    )
+    p.add_argument(
+        "--doc",
+        type=Path,
+        metavar="MD",
+        help="also write the report as Markdown to this file (docs/benchmarks.md)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=BenchParams.rounds,
+        metavar="R",
+        help="federated rounds (default %(default)s)",
+    )
+    p.add_argument(
+        "--cohort",
+        type=int,
+        default=BenchParams.patients,
+        metavar="N",
+        help="patients in the benchmark cohort, a multiple of 24 (default %(default)s)",
+    )
+    p.add_argument(
+        "--section-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop any section after S seconds (default: per section, see bench/__main__.py)",
     )
     p.add_argument(
         "--quick-only", action="store_true", help="skip the study sizes (96^3, 3x224^2): slow on CPU"
@@ -69,13 +132,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--arch",
         default="densenet121",
         choices=("densenet121", "small"),
-        help="network (default densenet121)",
+        help="network of every section (default densenet121; small: a quick trial of the bench itself)",
     )
     p.add_argument(
         "--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="which networks (default both)"
     )
     p.add_argument(
-        "--json", type=Path, metavar="OUT", help="also write the machine and figures to this JSON file"
+        "--json",
+        type=Path,
+        metavar="OUT",
+        help="also write the machine and figures to this JSON file (always written to WORK/bench.json)",
     )
     p.add_argument(
         "--timeout", type=float, default=None, metavar="S", help="give up on a configuration after S seconds"
@@ -84,7 +150,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("patients", "batch", "threads"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0")
+    if args.rounds < 2:
+        p.error("--rounds must be >= 2 (the steady round is the mean of rounds 2..)")
+    if args.only is None:
+        args.only = SECTIONS if args.device == "cpu" else ("throughput",)
     return args
+
+
+def _sections(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {unknown}; choose from {','.join(SECTIONS)}")
+    return tuple(n for n in SECTIONS if n in names)  # always in the report's order
+
+
+def bench_params(args: argparse.Namespace) -> BenchParams:
+    return BenchParams(patients=args.cohort, rounds=args.rounds, arch=args.arch)
 
 
 def specs(args: argparse.Namespace) -> list[Spec]:
@@ -117,16 +199,49 @@ def gpu_name(device: str) -> str:
     return f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-    command = shlex.join([sys.executable, "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        gpu = gpu_name(args.device)
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    machine = describe_machine(command, gpu=gpu)  # load average and date as the run starts
+def run_section(name: str, params: BenchParams, work: Path, timeout_s: float) -> dict[str, Any]:
+    """``python -m bench.sections NAME`` with a timeout; its JSON result, or a ``BenchError``."""
+    out = work / "sections" / f"{name}.json"
+    logf = work / "sections" / f"{name}.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.unlink(missing_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.sections",
+        name,
+        "--work",
+        str(work),
+        "--params",
+        params.to_json(),
+        "--out",
+        str(out),
+    ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+    }
+    with logf.open("wb") as fh:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            terminate_group(proc)
+            raise BenchError(
+                f"{name}: stopped after {timeout_s:.0f} s (section timeout); see {logf}"
+            ) from None
+        finally:
+            terminate_group(proc)
+    if rc != 0 or not out.is_file():
+        tail = logf.read_text(errors="replace").strip().splitlines()[-12:]
+        raise BenchError(f"{name}: exited with status {rc}; see {logf}:\n" + "\n".join(tail))
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def measure_throughput(args: argparse.Namespace) -> tuple[list[Measurement], list[str]]:
     results: list[Measurement] = []
     failures: list[str] = []
     for spec in specs(args):
@@ -139,18 +254,141 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("%s", exc)
             continue
         log.info("  done in %.0f s", time.perf_counter() - t0)
+    return results, failures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s", force=True)
+    command = shlex.join([sys.executable, "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        gpu = gpu_name(args.device)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    machine = describe_machine(command, gpu=gpu)  # load average and date as the run starts
+    work = (args.work or REPO / "runs" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    params = bench_params(args)
+    results: list[Measurement] = []
+    failures: list[str] = []
+    sections: dict[str, Any] = {}
+    section_failures: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    t_all = time.perf_counter()
+    for name in args.only:
+        t0 = time.perf_counter()
+        log.info("[%s] ...", name)
+        if name == "throughput":
+            results, failures = measure_throughput(args)
+        else:
+            try:
+                sections[name] = run_section(
+                    name, params, work, args.section_timeout or SECTION_TIMEOUT_S[name]
+                )
+            except BenchError as exc:
+                section_failures[name] = str(exc)
+                log.error("%s", exc)
+        seconds[name] = time.perf_counter() - t0
+        log.info("[%s] %.0f s", name, seconds[name])
+    total_s = time.perf_counter() - t_all
     threads_note = f"torch threads: {args.threads} per configuration (os.cpu_count() = {machine.cpu_count})"
-    print(format_report(machine, results, failures, threads_note))
-    if args.json:
-        payload = {
-            "machine": {**machine.__dict__, "load_avg": list(machine.load_avg)},
-            "results": [r.summary() for r in results],
-            "failures": failures,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-        log.info("wrote %s", args.json)
-    return 1 if failures else 0
+    report = render_report(
+        machine,
+        args,
+        params,
+        work,
+        results,
+        failures,
+        threads_note,
+        sections,
+        section_failures,
+        seconds,
+        total_s,
+    )
+    print(report)
+    payload = {
+        "machine": {**machine.__dict__, "load_avg": list(machine.load_avg)},
+        "params": json.loads(params.to_json()),
+        "sections_run": list(args.only),
+        "section_seconds": seconds,
+        "total_seconds": total_s,
+        "results": [r.summary() for r in results],
+        "failures": failures,
+        "sections": sections,
+        "section_failures": section_failures,
+    }
+    for path in {work / "bench.json", *([args.json] if args.json else [])}:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        log.info("wrote %s", path)
+    if args.doc:
+        args.doc.parent.mkdir(parents=True, exist_ok=True)
+        args.doc.write_text(
+            render_report(
+                machine,
+                args,
+                params,
+                work,
+                results,
+                failures,
+                threads_note,
+                sections,
+                section_failures,
+                seconds,
+                total_s,
+                markdown=True,
+            )
+        )
+        log.info("wrote %s", args.doc)
+    return 1 if failures or section_failures else 0
+
+
+def render_report(
+    machine: Machine,
+    args: argparse.Namespace,
+    params: BenchParams,
+    work: Path,
+    results: Sequence[Measurement],
+    failures: Sequence[str],
+    threads_note: str,
+    sections: dict[str, Any],
+    section_failures: dict[str, str],
+    seconds: dict[str, float],
+    total_s: float,
+    *,
+    markdown: bool = False,
+) -> str:
+    """Machine lines, then one table per section in order, then timings and failures."""
+    from . import tables
+
+    parts: list[str] = []
+    if markdown:
+        parts.append(tables.DOC_INTRO)
+        parts.append("\n".join(f"- {line}" for line in machine.lines()) + "\n")
+    else:
+        parts.append("\n".join(machine.lines()) + "\n")
+    for name in args.only:
+        if name in section_failures:
+            parts.append(tables.failed(name, section_failures[name], markdown))
+            continue
+        if name == "throughput":
+            text = format_report(machine, results, failures, threads_note)
+            body = (
+                text.split("\n\n", 1)[1] if "\n\n" in text else text
+            )  # the machine lines are printed once, above
+            parts.append(
+                f"### Throughput and memory\n\n```\n{threads_note}\n\n{body}\n```\n"
+                if markdown
+                else f"Throughput and memory\n{threads_note}\n\n{body}\n"
+            )
+        else:
+            parts.append(tables.render(tables.section_table(name, sections[name], params), markdown))
+    timing = ", ".join(f"{n} {s:.0f} s" for n, s in seconds.items())
+    parts.append(
+        ("- " if markdown else "") + f"Bench wall time {total_s:.0f} s ({timing}); work folder {work}.\n"
+    )
+    return "\n".join(parts)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def supernode_command(
         "--node-config",
         node_config,
         "--isolation",
-        "subprocess",
+        "process",  # the ClientApp processes come from client.warm (see warm_command)
         "--port",
         str(port),
     ]
@@ -74,6 +74,12 @@ def supernode_command(
     if auth_key is not None:
         cmd += ["--auth-supernode-private-key", str(auth_key)]
     return cmd
+
+
+def warm_command(port: int, supernode_pid: int) -> list[str]:
+    """The SuperExec beside the SuperNode: libraries imported once, one forked process per message."""
+    address = f"127.0.0.1:{port}"  # the runtime API listens on loopback only
+    return [sys.executable, "-m", "client.warm", "--runtime-api-address", address, "--supernode-pid", str(supernode_pid)]
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -103,6 +109,7 @@ def run_cli(args: argparse.Namespace) -> int:
         return 2
     out_dir = Path(args.out or f"site-output/{args.site}").resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    port = args.port or free_port()
     cmd = supernode_command(
         site=args.site,
         data_dir=site_dir,
@@ -110,7 +117,7 @@ def run_cli(args: argparse.Namespace) -> int:
         server=args.server,
         root_cert=root_cert,
         threads=args.threads,
-        port=args.port or free_port(),
+        port=port,
         auth_key=Path(args.auth_key).resolve() if args.auth_key else None,
         max_wait_s=args.max_wait,
         unavailable=unavailable,
@@ -124,10 +131,12 @@ def run_cli(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.max_wait if args.max_wait > 0 else float("inf")
     while True:
         proc = subprocess.Popen(cmd, env=flower_env(flwr_home), start_new_session=True)
+        warm = subprocess.Popen(warm_command(port, proc.pid), env=flower_env(flwr_home), start_new_session=True)
         try:
             rc = proc.wait()
         finally:
             terminate_group(proc)
+            terminate_group(warm)
         # A SuperNode only exits on its own when it lost the federation: the server was down
         # too long, its key is not enrolled (yet), or a restarted server forgot this node (it
         # then exits 0).  Rejoin, until --max-wait runs out.

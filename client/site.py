@@ -96,10 +96,14 @@ class SiteRunner:
     def _model_cfg(self, kind: ModelKind) -> Any:
         return getattr(self.cfg.models, kind)
 
-    def codec(self, kind: ModelKind) -> ModelCodec:
-        """Which entries travel (all float tensors; under FedBN, not the normalisation layers)."""
+    def codec(self, kind: ModelKind, state: dict[str, torch.Tensor] | None = None) -> ModelCodec:
+        """Which entries travel (all float tensors; under FedBN, not the normalisation layers).
+
+        ``state``: a fresh model's state dict, when the caller has one (saves building another).
+        """
         if kind not in self._codecs:
-            state = build_model(kind, self._model_cfg(kind)).state_dict()
+            if state is None:
+                state = build_model(kind, self._model_cfg(kind)).state_dict()
             self._codecs[kind] = ModelCodec.for_state_dict(state, exclude_norm=self.cfg.federation.strategy == "fedbn")
         return self._codecs[kind]
 
@@ -110,7 +114,7 @@ class SiteRunner:
         """Global weights plus, under FedBN, this site's own normalisation layers of round ``rnd``."""
         model = build_model(kind, self._model_cfg(kind))
         state = model.state_dict()
-        state.update(self.codec(kind).unpack(flat))
+        state.update(self.codec(kind, state).unpack(flat))
         if rnd is not None and self.cfg.federation.strategy == "fedbn":
             path = self._local_state_path(kind, fold, rnd)
             if path.is_file():

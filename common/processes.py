@@ -33,6 +33,9 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    # No usage events to flower.ai from a hospital; each Flower process also waits up to 4 s on exit
+    # for that request, which a firewall that drops packets turns into 4 s per message.
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
     env.setdefault("RAY_DEDUP_LOGS", "0")
     # the venv's console scripts first, so child processes find flwr-serverapp & co
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"

@@ -559,7 +559,11 @@ class PlanRunner:
             "rounds": self.participation,
             "privacy": self._privacy_summary(),
             "communication": {
-                s.site: {"bytes_sent": int(self.grid.received.get(n, 0)), "bytes_received": int(self.grid.sent.get(n, 0))}
+                s.site: {
+                    "bytes_sent": int(self.grid.received.get(n, 0)),
+                    "bytes_received": int(self.grid.sent.get(n, 0)),
+                    "by_message_type": self.grid.traffic(n),
+                }
                 for n, s in self.sites.items()
             },
             "wall_seconds": round(seconds, 1),

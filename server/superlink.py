@@ -144,6 +144,32 @@ def _toml_value(v: object) -> str:
     return f'"{s}"'
 
 
+APP_PACKAGES = ("common", "client", "server")  # what the ServerApp and the ClientApp import
+APP_SUFFIXES = (".py", ".yaml", ".toml", ".md", ".json")  # Flower's FAB keeps only these kinds of file
+
+
+def stage_app(repo: Path, dest: Path, packages: tuple[str, ...] = APP_PACKAGES) -> Path:
+    """A folder holding only the Flower app: ``pyproject.toml`` and the packages the apps import.
+
+    ``flwr run DIR`` walks all of ``DIR`` to build the app bundle (FAB) before
+    filtering; run on the repository it walked the virtual environment, the
+    data and every earlier run (65,000 files: about a minute on 2 busy
+    cores, and growing with each run), at every start of a simulation or a
+    server.  The staged folder is a few hundred kilobytes of source.
+    """
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    shutil.copy2(repo / "pyproject.toml", dest / "pyproject.toml")
+    for pkg in packages:
+        for src in sorted((repo / pkg).rglob("*")):
+            if src.is_file() and src.suffix in APP_SUFFIXES and "__pycache__" not in src.parts:
+                target = dest / src.relative_to(repo)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, target)
+    return dest
+
+
 def flwr_run(
     app_dir: Path,
     flwr_home: Path,
@@ -153,8 +179,9 @@ def flwr_run(
     federation_config: Mapping[str, object] | None = None,
     timeout_s: float | None = None,
 ) -> int:
-    """``flwr run APP CONNECTION --stream``; output goes to ``log_path``; returns the exit code."""
-    cmd = [_bin("flwr"), "run", str(app_dir), connection, "--stream"]
+    """``flwr run APP CONNECTION --stream`` on the app staged from ``app_dir``; output goes to ``log_path``."""
+    app = stage_app(app_dir, flwr_home / "app")
+    cmd = [_bin("flwr"), "run", str(app), connection, "--stream"]
     if run_config:
         cmd += ["--run-config", " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())]
     if federation_config:

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from bench import figures, tables
 from bench.__main__ import parse_args, specs
+from bench.cohort import BASE_SITES, CohortError, CohortRequest, groups, merge_site
 from bench.machine import describe_machine
+from bench.params import SECTIONS, BenchParams
+from bench.proctree import TreeSampler, descendants, parse_kib, parse_ppid, tree_sample
 from bench.report import format_report
 from bench.throughput import (
     BenchError,
@@ -99,3 +108,139 @@ def test_cli_defaults_and_refusals() -> None:
         measure(
             dataclasses.replace(Spec(kind="densenet2d", preset="tiny", patients=5, arch="small"), batch=2)
         )
+
+
+# ---------------------------------------------------------------- the whole suite's pure parts
+
+
+def test_steady_round_ratio_and_verdict_arithmetic() -> None:
+    assert figures.steady_mean([10.0, 4.0, 6.0]) == 5.0  # round 1 (warm-up) left out
+    assert math.isnan(figures.steady_mean([10.0]))
+    assert figures.ratio(6.0, 4.0) == 1.5
+    assert math.isnan(figures.ratio(1.0, 0.0)) and math.isnan(figures.ratio(float("nan"), 2.0))
+    assert figures.verdict(1.1, 1.15) == "met" and figures.verdict(1.2, 1.15) == "missed"
+    assert figures.verdict(float("nan"), 1.15) == "n/a"
+    assert figures.human_bytes(512) == "512 B" and figures.human_bytes(3 * 2**20) == "3.0 MiB"
+    summary = {"rounds": {"densenet3d/fold0": [{"round": 2, "seconds": 3.0}, {"round": 1, "seconds": 9.0}]}}
+    assert figures.round_seconds(summary) == [9.0, 3.0]
+    assert figures.pooled_auc({"models": {"densenet3d": {"internal": {"pooled": {"auc": 0.8}}}}}) == 0.8
+    assert math.isnan(figures.pooled_auc({"models": {}}))
+
+
+def test_site_traffic_counts_the_round_exchanges_and_the_whole_run() -> None:
+    entry = {
+        "bytes_sent": 1000,
+        "bytes_received": 3000,
+        "by_message_type": {
+            "train": {"messages": 2, "bytes_received": 800, "bytes_sent": 700},
+            "evaluate": {"messages": 2, "bytes_received": 800, "bytes_sent": 100},
+            "query.siteinfo": {"messages": 1, "bytes_received": 50, "bytes_sent": 10},
+        },
+    }
+    t = figures.site_traffic(entry, rounds=2)
+    assert (t["round_received"], t["round_sent"], t["round_total"]) == (800.0, 400.0, 1200.0)
+    assert (t["run_total"], t["messages"]) == (4000.0, 5.0)
+
+
+def test_scaling_groups_keep_one_scanner_per_site_and_every_patient_once() -> None:
+    for n in (3, 6, 12):
+        g = groups(n)
+        assert sorted(i for members in g for i in members) == list(range(BASE_SITES))
+        assert all(len({i % 3 for i in members}) == 1 for members in g)  # one scanner profile per site
+        assert len({len(members) for members in g}) == 1
+    with pytest.raises(CohortError):
+        groups(4)
+    with pytest.raises(CohortError, match="multiple of 24"):
+        CohortRequest(patients=100)
+
+
+def test_merged_site_links_every_case_and_concatenates_the_tables(tmp_path: Path) -> None:
+    sources = []
+    for s in ("a", "b"):
+        site = tmp_path / s
+        (site / "images").mkdir(parents=True)
+        (site / "masks").mkdir()
+        for i in (1, 2):
+            (site / "images" / f"{s}{i}.nii.gz").write_bytes(b"image " + s.encode())
+            (site / "masks" / f"{s}{i}.nii.gz").write_bytes(b"mask")
+        rows = "".join(f"{s}{i},{i % 2},images/{s}{i}.nii.gz,masks/{s}{i}.nii.gz,7,40,M\n" for i in (1, 2))
+        (site / "manifest.csv").write_text("patient_id,label,image,mask,radiologist_score,age,sex\n" + rows)
+        (site / "reader_study.csv").write_text(
+            f"patient_id,reader,tier,score_without_ai,score_with_ai\n{s}1,r1,junior,3,4\n"
+        )
+        sources.append(site)
+    out = tmp_path / "merged"
+    merge_site(sources, out)
+    lines = (out / "manifest.csv").read_text().splitlines()
+    assert lines[0].startswith("patient_id,label,image") and len(lines) == 5
+    assert (out / "images" / "b2.nii.gz").read_bytes() == b"image b"  # resolves to the original file
+    assert len((out / "reader_study.csv").read_text().splitlines()) == 3
+
+
+def test_proc_parsing_and_a_real_process_tree() -> None:
+    assert parse_ppid("42 (a (weird) name) S 7 42 42 0") == 7
+    assert parse_kib("Name:\tx\nVmRSS:\t  2048 kB\n", "VmRSS") == 2048 and parse_kib("", "Pss") == 0
+    assert descendants(1, {2: 1, 3: 2, 4: 9}) == {1, 2, 3}
+    child = subprocess.Popen([sys.executable, "-c", "import time; b = bytearray(64 << 20); time.sleep(30)"])
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and tree_sample([child.pid])[0] < 60:
+            time.sleep(0.1)
+        total, largest, count = tree_sample([os.getpid()])
+        assert count >= 2 and total >= 60 and largest >= 60  # this process and the child holding 64 MiB
+        with TreeSampler([child.pid], interval_s=0.05) as sampler:
+            time.sleep(0.3)
+        assert (
+            sampler.peak.samples >= 2 and sampler.peak.total_pss_mib >= 60 and sampler.peak.max_processes == 1
+        )
+    finally:
+        child.kill()
+        child.wait()
+
+
+def _overhead_result() -> dict[str, object]:
+    def run(wall: float, rounds: list[float], ratio_w: float, ratio_s: float) -> dict[str, object]:
+        mem = {"peak_total_pss_gib": 1.5, "peak_process_rss_gib": 0.9, "max_processes": 4}
+        return {
+            "wall_s": wall,
+            "round_s": rounds,
+            "steady_round_s": figures.steady_mean(rounds),
+            "memory": mem,
+            "ratio_whole": ratio_w,
+            "ratio_steady": ratio_s,
+            "import_s": 5.0,
+            "threads": 2,
+        }
+
+    return {
+        "experiment": "x",
+        "preprocess_s_per_patient": 0.07,
+        "preprocess_cold": True,
+        "cache_load_s": 0.03,
+        "plain": run(40.0, [12.0, 10.0, 10.0], 1.0, 1.0),
+        "simulation": run(60.0, [14.0, 11.0, 11.0], 1.5, 1.1),
+        "deployment": run(100.0, [30.0, 25.0, 25.0], 2.5, 2.5),
+    }
+
+
+def test_overhead_table_states_each_target_and_renders_as_text_and_markdown() -> None:
+    t = tables.overhead_table(_overhead_result())
+    sim = next(r for r in t.rows if r[0] == "Flower simulation")
+    dep = next(r for r in t.rows if r[0].startswith("loopback"))
+    assert sim[2:5] == ("1.50x", "11.0", "1.10x") and sim[5].endswith("per steady round: met")
+    assert dep[5] == "<= 2.00x whole run: missed"
+    text = tables.render(t)
+    assert text.splitlines()[0] == t.title and "plain loop (one process)" in text
+    md = tables.render(t, markdown=True)
+    assert md.startswith(f"### {t.title}") and "|---|" in md and "- Experiment: x." in md
+
+
+def test_params_round_trip_and_section_names() -> None:
+    p = BenchParams(rounds=4, scaling_sites=(3, 6))
+    assert BenchParams.from_json(p.to_json()) == p
+    assert SECTIONS[0] == "throughput" and set(SECTIONS) >= {"overhead", "comm", "quality", "e2e", "scaling"}
+    args = parse_args(["--only", "scaling,overhead"])
+    assert args.only == ("overhead", "scaling")  # report order, whatever the order asked
+    assert parse_args(["--device", "cuda"]).only == ("throughput",)
+    with pytest.raises(SystemExit):
+        parse_args(["--only", "nonsense"])

@@ -1,0 +1,285 @@
+"""Run one benchmark experiment three ways: plain loop, Flower simulation, loopback deployment.
+
+All three read the same preprocessed arrays: every site is preprocessed
+once into ``<cache>/<site>/cache`` (timed, reported apart), and the
+federated runs start with that cache linked into their site folders, so
+the comparison is training and federation, not preprocessing.  Each run is
+timed from process start to exit by the caller, and its process tree's
+memory is sampled meanwhile (:mod:`bench.proctree`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .proctree import TreeSampler
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+class RunError(RuntimeError):
+    """A benchmark run failed; the message names it and where its log is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """What the federated runs train: DenseNet121 3D at the quick preset's 32^3, one fold, ``rounds`` rounds."""
+
+    rounds: int = 3
+    folds_run: int = 1
+    transport: str = "float32"
+    threads: int = 1
+    arch: str = "densenet121"
+
+    def config(self, cohort_dir: Path, name: str) -> dict[str, Any]:
+        """The experiment YAML (``base: quick``) for the sites of ``cohort_dir``."""
+        info = json.loads((cohort_dir / "cohort.json").read_text())
+        return {
+            "base": "quick",
+            "name": name,
+            "run_folds": list(range(self.folds_run)),
+            "cohort": {
+                "synthetic": True,
+                "dir": str(cohort_dir),
+                "scale": info["scale"],
+                "seed": info["seed"],
+            },
+            "sites": [{"name": n, "data_dir": str(cohort_dir / d)} for n, d in info["sites"].items()],
+            "models": {
+                "densenet3d": {"enabled": True, "arch": self.arch},
+                "densenet2d": {"enabled": False},
+                "radiomics": False,
+            },
+            "train": {"rounds": self.rounds, "local_epochs": 1, "threads": self.threads},
+            "federation": {"transport_dtype": self.transport},
+        }
+
+    def write(self, cohort_dir: Path, path: Path, name: str) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.config(cohort_dir, name), sort_keys=False))
+        return path
+
+
+def prepare_caches(config_path: Path, cache_root: Path) -> dict[str, Any]:
+    """Preprocess every site once (cold unless cached before); seconds per patient."""
+    from common.config import load_config
+    from common.dataset import preprocess_site
+
+    cfg = load_config(config_path)
+    out: dict[str, Any] = {"sites": {}}
+    for s in cfg.sites:
+        cache = cache_root / s.name / "cache"
+        cold = not any(cache.glob("*.npz"))
+        t0 = time.perf_counter()
+        arrays = preprocess_site(Path(s.data_dir), cfg.preprocess, cache, site=s.name)
+        t1 = time.perf_counter()
+        preprocess_site(
+            Path(s.data_dir), cfg.preprocess, cache, site=s.name
+        )  # a warm load, as each message does
+        out["sites"][s.name] = {
+            "patients": len(arrays),
+            "cold": cold,
+            "seconds": t1 - t0,
+            "warm_load_s": time.perf_counter() - t1,
+        }
+    return out
+
+
+def link_caches(cache_root: Path, sites: Sequence[str], site_out: Path) -> None:
+    """Hard-link each site's warm cache into ``site_out/<site>/cache`` (where a site run looks)."""
+    for name in sites:
+        dest = site_out / name / "cache"
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in (cache_root / name / "cache").glob("*.npz"):
+            if not (dest / f.name).exists():
+                os.link(f, dest / f.name)
+
+
+def _site_names(config_path: Path) -> list[str]:
+    data = yaml.safe_load(config_path.read_text())
+    return [s["name"] for s in data["sites"]]
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.is_file() else f"({path} not written)"
+
+
+def run_plain(config_path: Path, cache_root: Path, threads: int, timeout_s: float) -> dict[str, Any]:
+    """``python -m bench.plain`` in its own process: wall time from spawn to exit, and its own figures."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.plain",
+        str(config_path),
+        "--cache",
+        str(cache_root),
+        "--threads",
+        str(threads),
+    ]
+    t0 = time.perf_counter()
+    launched = time.time()
+    with TreeSampler(interval_s=1.0) as mem:
+        proc = subprocess.Popen(
+            [*cmd, "--launched", repr(launched)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        mem.add(proc.pid)
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise RunError(f"plain loop: did not finish within {timeout_s:.0f} s") from None
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RunError(f"plain loop exited {proc.returncode}:\n{err[-3000:]}")
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    result["wall_s"] = wall
+    result["memory"] = mem.peak.to_dict()
+    return result
+
+
+def run_simulation(config_path: Path, cache_root: Path, run_dir: Path, timeout_s: float) -> dict[str, Any]:
+    """``flower-simulation run`` on the experiment; wall time, memory and its ``summary.json``."""
+    link_caches(cache_root, _site_names(config_path), run_dir / "sites")
+    cmd = [str(BIN / "flower-simulation"), "run", "--config", str(config_path), "--out", str(run_dir)]
+    log_path = run_dir / "bench-simulation.log"
+    t0 = time.perf_counter()
+    with TreeSampler(interval_s=1.0) as mem, log_path.open("wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        mem.add(proc.pid)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            _stop([proc])
+            raise RunError(f"simulation: did not finish within {timeout_s:.0f} s; see {log_path}") from None
+        finally:
+            _stop([proc])
+    wall = time.perf_counter() - t0
+    summary_path = run_dir / "summary.json"
+    if rc != 0 or not summary_path.is_file():
+        raise RunError(f"simulation exited {rc}; see {log_path}:\n{_tail(log_path)}")
+    return {
+        "wall_s": wall,
+        "memory": mem.peak.to_dict(),
+        "summary": json.loads(summary_path.read_text()),
+        "run_dir": str(run_dir),
+    }
+
+
+def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    from common.processes import terminate_group
+
+    for p in procs:
+        terminate_group(p)
+
+
+def run_deployment(config_path: Path, cache_root: Path, work: Path, timeout_s: float) -> dict[str, Any]:
+    """``flower-server run`` (TLS) and one ``flower-client run`` per site on loopback, all real processes."""
+    from common.processes import free_port
+    from server.certs import make_certificates
+
+    sites = _site_names(config_path)
+    data = yaml.safe_load(config_path.read_text())
+    dirs = {s["name"]: s["data_dir"] for s in data["sites"]}
+    certs = work / "certs"
+    make_certificates(certs)
+    link_caches(cache_root, sites, work / "sites")
+    run_dir, logs = work / "run", work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server_cmd = [
+        str(BIN / "flower-server"),
+        "run",
+        "--config",
+        str(config_path),
+        "--run-dir",
+        str(run_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--certs",
+        str(certs),
+        "--expected-sites",
+        str(len(sites)),
+        "--discovery-timeout",
+        "120",
+        "--run-timeout",
+        str(int(timeout_s)),
+    ]
+    procs: list[subprocess.Popen[bytes]] = []
+    t0 = time.perf_counter()
+    try:
+        with TreeSampler(interval_s=1.0) as mem:
+            server = subprocess.Popen(
+                server_cmd,
+                cwd=REPO,
+                stdout=(logs / "server.log").open("wb"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            procs.append(server)
+            mem.add(server.pid)
+            for name in sites:
+                client_cmd = [
+                    str(BIN / "flower-client"),
+                    "run",
+                    dirs[name],
+                    "--site",
+                    name,
+                    "--server",
+                    f"127.0.0.1:{port}",
+                    "--root-cert",
+                    str(certs / "ca.crt"),
+                    "--out",
+                    str(work / "sites" / name),
+                    "--threads",
+                    str(data["train"]["threads"]),
+                ]
+                client = subprocess.Popen(
+                    client_cmd,
+                    cwd=REPO,
+                    stdout=(logs / f"{name}.log").open("wb"),
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+                procs.append(client)
+                mem.add(client.pid)
+            try:
+                rc = server.wait(timeout=timeout_s + 60)
+            except subprocess.TimeoutExpired:
+                raise RunError(
+                    f"deployment: flower-server did not finish within {timeout_s:.0f} s; see {logs}"
+                ) from None
+            wall = time.perf_counter() - t0
+    finally:
+        _stop(procs)
+    summary_path = run_dir / "summary.json"
+    if rc != 0 or not summary_path.is_file():
+        raise RunError(
+            f"deployment: flower-server exited {rc}; see {logs}:\n{_tail(logs / 'server.log')}\n{_tail(run_dir / 'flower.log')}"
+        )
+    return {
+        "wall_s": wall,
+        "memory": mem.peak.to_dict(),
+        "summary": json.loads(summary_path.read_text()),
+        "run_dir": str(run_dir),
+    }

@@ -1,0 +1,141 @@
+"""The federation's computation in one plain process: the baseline of the overhead figures.
+
+Same engine calls, data, folds, seeds, schedule and FedAvg weights as the
+federated plan (``server.runner`` + ``client.site``), but no Flower, no
+messages, no process per site: for each round every site trains its
+local epochs from the global weights in turn, the weighted mean becomes the
+new global model, and every site's validation patients are scored with it;
+after the last round the best round (pooled validation AUC) predicts each
+site's test patients.  Run as ``python -m bench.plain SPEC_JSON`` so its
+wall time includes its own interpreter start and imports, as a user's
+script would; it prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.config import load_config
+from common.dataset import preprocess_site
+from common.engine import Schedule, predict, seed_everything, set_threads, train
+from common.metrics import binary_metrics
+from common.models import ModelKind, build_model
+from common.records import ModelCodec
+from common.splits import fivefold
+from server.aggregation import weighted_mean
+
+
+def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> dict[str, Any]:
+    """Train every enabled network and active fold; per-round seconds and the internal test AUC."""
+    started = time.time()
+    set_threads(threads)
+    cfg = load_config(config_path)
+    t0 = time.perf_counter()
+    sites = []
+    for s in cfg.sites:
+        arrays = preprocess_site(Path(s.data_dir), cfg.preprocess, cache_root / s.name / "cache", site=s.name)
+        folds = fivefold(
+            list(arrays.patient_ids),
+            list(arrays.labels),
+            folds=cfg.folds,
+            val_fraction=cfg.val_fraction,
+            seed=cfg.seed,
+        )
+        pos = {p: i for i, p in enumerate(arrays.patient_ids)}
+        sites.append((arrays, folds, pos))
+    load_s = time.perf_counter() - t0
+    le, total = cfg.train.local_epochs, cfg.train.rounds
+    out: dict[str, Any] = {"import_s": started - launched, "load_s": load_s, "threads": threads, "models": {}}
+    kinds: list[ModelKind] = [k for k in ("densenet3d", "densenet2d") if getattr(cfg.models, k).enabled]  # type: ignore[misc]
+    for kind in kinds:
+        for fold in cfg.active_folds:
+            seed_everything(cfg.seed)
+            model = build_model(kind, getattr(cfg.models, kind))
+            codec = ModelCodec.for_state_dict(model.state_dict())
+            global_vec = codec.pack(model.state_dict())
+            history: list[dict[str, Any]] = []
+            for rnd in range(1, total + 1):
+                t_round = time.perf_counter()
+                vectors, weights = [], []
+                for arrays, folds, pos in sites:
+                    model.load_state_dict({**model.state_dict(), **codec.unpack(global_vec)})
+                    idx = [pos[p] for p in folds[fold].train]
+                    res = train(
+                        model,
+                        arrays,
+                        idx,
+                        kind,
+                        cfg,
+                        epochs=le,
+                        schedule=Schedule(start_epoch=(rnd - 1) * le, total_epochs=total * le),
+                        seed=cfg.seed * 1000 + fold * 100 + rnd,
+                    )
+                    vectors.append(codec.pack(model.state_dict()))
+                    weights.append(res.n_patients)
+                global_vec = weighted_mean(vectors, weights)
+                model.load_state_dict({**model.state_dict(), **codec.unpack(global_vec)})
+                y, p = [], []
+                for arrays, folds, pos in sites:
+                    idx = [pos[q] for q in folds[fold].val]
+                    y.append(arrays.labels[idx])
+                    p.append(predict(model, arrays, idx, kind, cfg))
+                auc = binary_metrics(np.concatenate(y), np.concatenate(p)).auc
+                history.append(
+                    {
+                        "round": rnd,
+                        "seconds": time.perf_counter() - t_round,
+                        "val_auc": auc,
+                        "vector": global_vec,
+                    }
+                )
+            best = max(history, key=lambda h: -1.0 if np.isnan(h["val_auc"]) else h["val_auc"])
+            model.load_state_dict({**model.state_dict(), **codec.unpack(best["vector"])})
+            t_test = time.perf_counter()
+            y, p = [], []
+            for arrays, folds, pos in sites:
+                idx = [pos[q] for q in folds[fold].test]
+                y.append(arrays.labels[idx])
+                p.append(predict(model, arrays, idx, kind, cfg))
+            out["models"][f"{kind}/fold{fold}"] = {
+                "round_seconds": [h["seconds"] for h in history],
+                "val_auc": [None if np.isnan(h["val_auc"]) else h["val_auc"] for h in history],
+                "selected_round": best["round"],
+                "test_labels": np.concatenate(y).tolist(),
+                "test_probs": np.concatenate(p).tolist(),
+                "test_s": time.perf_counter() - t_test,
+            }
+    out["inner_s"] = time.time() - started
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.plain", description=__doc__.split("\n")[0] if __doc__ else None
+    )
+    p.add_argument("config", type=Path, help="experiment YAML with its sites listed")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        required=True,
+        help="root of the per-site preprocessing caches (<root>/<site>/cache)",
+    )
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument(
+        "--launched", type=float, default=0.0, help="time.time() when the caller started this process"
+    )
+    args = p.parse_args(argv)
+    result = run(args.config, args.cache, args.threads, args.launched or time.time())
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

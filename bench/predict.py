@@ -1,0 +1,113 @@
+"""What predicting new patients with the full ensemble costs on CPU: ``flower-client predict``, timed.
+
+The full ensemble is every fold model of both networks (3D and 2D
+DenseNet121, probabilities averaged over folds) and the radiologist's
+score, fused with the fitted weights, as ``flower-client predict`` applies
+it from a model bundle, with its Grad-CAM overlay.  The bundle is exported
+(``server.bundle.export_bundle``) from the latest finished ``make simulate``
+run when there is one; otherwise from a run folder holding the quick
+preset's fold models at their initial weights (timing only: the cost does
+not depend on the weights, and the report says which was used).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+BIN = Path(sys.executable).parent
+
+
+def timing_run(run_dir: Path) -> Path:
+    """A run folder with the quick preset's fold models at initialisation and equal ensemble weights."""
+    from common.config import load_config, to_dict
+    from common.engine import seed_everything
+    from common.ensemble import ENSEMBLES
+    from common.models import build_model
+    from common.records import ModelCodec
+    from server.checkpoints import CheckpointStore
+
+    cfg = load_config("quick")
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    store = CheckpointStore(run_dir / "checkpoints", cfg.digest())
+    for kind in ("densenet3d", "densenet2d"):
+        seed_everything(cfg.seed)
+        state = build_model(kind, getattr(cfg.models, kind)).state_dict()  # type: ignore[arg-type]
+        vector = ModelCodec.for_state_dict(state).pack(state)
+        for fold in cfg.active_folds:
+            store.save(kind, fold, 1, vector, {"val_auc": None})
+            store.select_best(kind, fold)
+    models = {
+        name: {"weights": {m: 1 / len(members) for m in members}} for name, members in ENSEMBLES.items()
+    }
+    summary = {"plan": cfg.plan, "config": cfg.name, "config_digest": cfg.digest(), "models": models}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+def time_prediction(run_dir: Path | None, work: Path, patients_dir: Path) -> dict[str, Any]:
+    """Run ``flower-client predict --site patients_dir`` with the bundle of ``run_dir`` (or a timing run)."""
+    from common.bundle import BundleError
+    from server.bundle import export_bundle
+
+    bundle, source = None, "untrained fold models (no finished make simulate run)"
+    if run_dir is not None:
+        try:
+            bundle, source = (
+                export_bundle(run_dir, work / "bundle.zip"),
+                f"selected fold models of {run_dir.name}",
+            )
+        except BundleError as exc:
+            source = f"untrained fold models ({run_dir.name} cannot be bundled: {exc})"
+    if bundle is None:
+        bundle = export_bundle(timing_run(work / "timing-run"), work / "bundle.zip")
+    out = work / "predictions"
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [
+        str(BIN / "flower-client"),
+        "predict",
+        "--bundle",
+        str(bundle),
+        "--site",
+        str(patients_dir),
+        "--out",
+        str(out),
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
+    with (out / "predictions.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    seconds = [float(r["seconds"]) for r in rows if r["seconds"]]
+    answered = sorted({r["answered_by"] for r in rows if r["answered_by"]})
+    return {
+        "tool": "flower-client predict (heatmaps on, the default)",
+        "models": source,
+        "answered_by": answered,
+        "patients": len(seconds),
+        "threads": os.cpu_count() or 1,
+        "per_patient_s": sum(seconds) / max(len(seconds), 1),
+        "first_patient_s": seconds[0] if seconds else None,
+        "command_wall_s": wall,
+        "startup_s": wall - sum(seconds),
+        "bundle_mb": bundle.stat().st_size / 1e6,
+    }

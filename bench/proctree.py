@@ -1,0 +1,142 @@
+"""Peak memory of a whole process tree (a simulation or a deployment), read from /proc.
+
+A federated run is many processes (SuperLink, ServerApp, Ray workers or
+SuperNodes and their ClientApps), so the figure users pay is the tree's
+total.  RSS counts shared pages once per process (forked or Ray workers
+share the interpreter and libraries), so the total is the proportional set
+size (PSS, ``/proc/PID/smaps_rollup``) summed over the tree, sampled
+periodically; the largest single process's RSS is kept beside it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+PROC = Path("/proc")
+
+
+def parse_ppid(stat: str) -> int:
+    """The parent pid from ``/proc/PID/stat`` (the command name may hold spaces and parentheses)."""
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def parse_kib(text: str, field: str) -> int:
+    """``field:  N kB`` from a /proc status-like text, in KiB (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    return 0
+
+
+def descendants(root: int, parents: Mapping[int, int]) -> set[int]:
+    """``root`` and every process below it, from a pid -> parent pid map."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid in parents.items():
+        children.setdefault(ppid, []).append(pid)
+    out, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid in out:
+            continue
+        out.add(pid)
+        todo += children.get(pid, [])
+    return out
+
+
+def parent_map(proc: Path = PROC) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            out[int(entry.name)] = parse_ppid((entry / "stat").read_text())
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended while we looked
+    return out
+
+
+def process_memory_kib(pid: int, proc: Path = PROC) -> tuple[int, int]:
+    """(PSS, RSS) of one process in KiB; (0, 0) when it is gone."""
+    try:
+        rss = parse_kib((proc / str(pid) / "status").read_text(), "VmRSS")
+    except OSError:
+        return 0, 0
+    try:
+        pss = parse_kib((proc / str(pid) / "smaps_rollup").read_text(), "Pss")
+    except OSError:
+        pss = rss
+    return pss or rss, rss
+
+
+@dataclass(frozen=True)
+class TreePeak:
+    """Peaks over the samples: total PSS of the tree, largest single RSS, most processes at once."""
+
+    total_pss_mib: float
+    largest_rss_mib: float
+    max_processes: int
+    samples: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "peak_total_pss_gib": round(self.total_pss_mib / 1024, 3),
+            "peak_process_rss_gib": round(self.largest_rss_mib / 1024, 3),
+            "max_processes": self.max_processes,
+            "samples": self.samples,
+        }
+
+
+def tree_sample(roots: Iterable[int], proc: Path = PROC) -> tuple[float, float, int]:
+    """(total PSS MiB, largest RSS MiB, process count) of the trees below ``roots`` now."""
+    parents = parent_map(proc)
+    pids: set[int] = set()
+    for root in roots:
+        pids |= descendants(root, parents)
+    total, largest = 0, 0
+    for pid in pids:
+        pss, rss = process_memory_kib(pid, proc)
+        total += pss
+        largest = max(largest, rss)
+    return total / 1024, largest / 1024, len(pids)
+
+
+class TreeSampler:
+    """Samples the trees below some pids in a background thread until stopped (a context manager)."""
+
+    def __init__(self, roots: Iterable[int] = (), interval_s: float = 1.0) -> None:
+        self.roots = set(roots)
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tree-sampler", daemon=True)
+        self._peak = [0.0, 0.0, 0]
+        self._samples = 0
+
+    def add(self, pid: int) -> None:
+        self.roots.add(pid)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval_s)
+
+    def sample(self) -> None:
+        if not self.roots:
+            return
+        total, largest, count = tree_sample(list(self.roots))
+        self._peak = [max(self._peak[0], total), max(self._peak[1], largest), max(int(self._peak[2]), count)]
+        self._samples += 1
+
+    def __enter__(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def peak(self) -> TreePeak:
+        return TreePeak(self._peak[0], self._peak[1], int(self._peak[2]), self._samples)

@@ -1,0 +1,302 @@
+"""Each section's result as a titled table with notes, printed as text or written as Markdown.
+
+Pure functions of the sections' JSON results (see ``bench.sections``), so
+the printed report, ``docs/benchmarks.md`` and the tests read the same cells.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import figures
+from .figures import fmt, human_bytes
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    header: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell; the first column left-aligned, the others right-aligned."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)])
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    def esc(c: str) -> str:
+        return c.replace("|", "\\|")
+
+    out = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def render(table: Table, markdown: bool = False) -> str:
+    if markdown:
+        body = markdown_table(table.header, table.rows)
+        notes = "\n".join(f"- {n}" for n in table.notes)
+        return f"### {table.title}\n\n{body}\n" + (f"\n{notes}\n" if notes else "")
+    body = text_table(table.header, table.rows)
+    notes = "\n".join(f"  {n}" for n in table.notes)
+    return f"{table.title}\n{body}\n" + (f"{notes}\n" if notes else "")
+
+
+def _gib(mem: Mapping[str, Any] | None, key: str = "peak_total_pss_gib") -> str:
+    return fmt((mem or {}).get(key), ".2f")
+
+
+def overhead_table(r: Mapping[str, Any]) -> Table:
+    plain, sim, dep = r["plain"], r["simulation"], r["deployment"]
+    rows = [
+        (
+            "plain loop (one process)",
+            fmt(plain["wall_s"], ".0f"),
+            "1.00x",
+            fmt(plain["steady_round_s"], ".1f"),
+            "1.00x",
+            "-",
+            _gib(plain["memory"]),
+        ),
+    ]
+    for name, run, target_key in (
+        ("Flower simulation", sim, "steady"),
+        ("loopback deployment (TLS)", dep, "whole"),
+    ):
+        target = figures.TARGET_SIM_STEADY if target_key == "steady" else figures.TARGET_DEPLOY_WHOLE
+        value = run["ratio_steady"] if target_key == "steady" else run["ratio_whole"]
+        rows.append(
+            (
+                name,
+                fmt(run["wall_s"], ".0f"),
+                fmt(run["ratio_whole"], ".2f", "x"),
+                fmt(run["steady_round_s"], ".1f"),
+                fmt(run["ratio_steady"], ".2f", "x"),
+                f"<= {target:.2f}x {'per steady round' if target_key == 'steady' else 'whole run'}: {figures.verdict(value, target)}",
+                _gib(run["memory"]),
+            )
+        )
+    rounds = "; ".join(
+        f"{k} {', '.join(fmt(s, '.1f') for s in r[k]['round_s'])}"
+        for k in ("plain", "simulation", "deployment")
+    )
+    return Table(
+        "Federation overhead: the same epochs, plain vs federated",
+        ("run", "whole run s", "ratio", "steady round s", "ratio", "target", "peak memory GiB"),
+        tuple(rows),
+        (
+            f"Experiment: {r['experiment']}.",
+            "Whole run: process start to exit (imports, start-up, the plan's evaluation tail: prediction, ensemble,"
+            " final statistics, reader study, DeLong, report). Steady round: mean of rounds 2.. (round 1 warms up);"
+            " federated rounds from the server's round log (send, train, aggregate, validate).",
+            f"Round seconds: {rounds}.",
+            "Where the time goes (s): "
+            + "; ".join(
+                f"{k}: {'imports' if k == 'plain' else 'outside the plan'} {fmt(b['outside_plan'], '.0f')},"
+                f" rounds {fmt(b['rounds'], '.0f')}, {'the rest' if k == 'plain' else 'discovery + evaluation tail'}"
+                f" {fmt(b['plan_other'], '.0f')}"
+                for k, b in ((k, figures.breakdown(r[k])) for k in ("plain", "simulation", "deployment"))
+            )
+            + ".  Rounds only, federated / plain: "
+            + ", ".join(
+                f"{k} {fmt(figures.ratio(sum(r[k]['round_s']), sum(plain['round_s'])), '.2f', 'x')}"
+                for k in ("simulation", "deployment")
+            )
+            + ".",
+            f"Plain loop: {plain.get('threads')} torch threads, sites in turn, FedAvg in memory; its imports took"
+            f" {fmt(plain.get('import_s'), '.1f')} s.  Federated sites: 1 thread each, in parallel.",
+            f"Preprocessing (excluded above: all runs start from the warm per-site cache): {fmt(r['preprocess_s_per_patient'], '.3f')} s/patient"
+            f" {'cold' if r.get('preprocess_cold') else '(cache was already warm)'}; loading a warm site cache {fmt(r['cache_load_s'], '.2f')} s.",
+            "Peak memory: proportional set size summed over the run's whole process tree, sampled every second.",
+            f"Anchors before this work (stack notes, 3 x 40 patients, 3 rounds): simulation {figures.ANCHORS['simulation']};"
+            f" deployment {figures.ANCHORS['deployment']}.",
+        ),
+    )
+
+
+def comm_table(r: Mapping[str, Any]) -> Table:
+    rows = []
+    for t, entry in r["transports"].items():
+        sites = list(entry["sites"].values())
+        if not sites:
+            continue
+
+        def mean(key: str, sites: list[Mapping[str, float]] = sites) -> float:
+            return sum(s[key] for s in sites) / len(sites)
+
+        rows.append(
+            (
+                t,
+                human_bytes(mean("round_received")),
+                human_bytes(mean("round_sent")),
+                human_bytes(mean("run_received")),
+                human_bytes(mean("run_sent")),
+                fmt(mean("messages"), ".0f"),
+                fmt(entry["auc"], ".4f"),
+            )
+        )
+    return Table(
+        "Communication per site: float32 vs float16 transport",
+        (
+            "transport",
+            "round: received",
+            "round: sent",
+            "run: received",
+            "run: sent",
+            "messages/run",
+            "pooled AUC",
+        ),
+        tuple(rows),
+        (
+            f"Experiment: {r['experiment']}.  Mean over sites; payload bytes (arrays, metrics, config) as metered by the server.",
+            "Round: the train and evaluate exchanges of one federated round.  Run: every message of the plan"
+            " (site discovery, rounds, prediction, ensemble search, final statistics, reader study, DeLong).",
+            f"float16 / float32 bytes per round: {fmt(r['bytes_ratio_round'], '.3f')} (target <= {figures.TARGET_BYTES_RATIO}:"
+            f" {figures.verdict(r['bytes_ratio_round'], figures.TARGET_BYTES_RATIO + 0.01)});"
+            f" |AUC float16 - AUC float32| = {fmt(r['auc_delta'], '.4f')} (target <= {figures.TARGET_AUC_DELTA}:"
+            f" {figures.verdict(r['auc_delta'], figures.TARGET_AUC_DELTA)}): two trainings, each on its own path.",
+            *_same_model_note(r.get("same_model")),
+            "The model is all but the validation statistics: a round sends it down twice (train, evaluate) and up"
+            " once, plus a score histogram (10,000 bins) up, which float16 does not shrink.",
+        ),
+    )
+
+
+def _same_model_note(m: Mapping[str, Any] | None) -> list[str]:
+    if not m:
+        return []
+    return [
+        f"Same model (float32 run's selected round {m['round']}), weights as sent in float16: AUC"
+        f" {fmt(m['auc_float32'], '.4f')} -> {fmt(m['auc_float16'], '.4f')} (difference {fmt(m['auc_delta'], '.4f')},"
+        f" target <= {figures.TARGET_AUC_DELTA}: {figures.verdict(m['auc_delta'], figures.TARGET_AUC_DELTA)}) on"
+        f" all {m['patients']} patients; largest probability change {fmt(m['max_prob_delta'], '.2e')},"
+        f" largest weight change {fmt(m['max_weight_delta'], '.2e')}."
+    ]
+
+
+def quality_table(r: Mapping[str, Any]) -> Table:
+    local = ", ".join(f"{s} {fmt(v, '.3f')}" for s, v in r["local"].items())
+    rows = (
+        ("federated (FedAvg, simulation)", fmt(r["federated"], ".4f")),
+        ("pooled (centralised, same engine and epochs)", fmt(r["pooled"], ".4f")),
+        (f"local-only (mean over sites: {local})", fmt(r["local_mean"], ".4f")),
+        ("oracle (generator's latent evidence), same test patients", fmt(r["oracle_same_patients"], ".4f")),
+        ("oracle, whole cohort", fmt(r["oracle_cohort"], ".4f")),
+    )
+    return Table(
+        "Quality vs the limits: pooled internal-test AUC",
+        ("setting", "AUC"),
+        rows,
+        (
+            f"Experiment: {r['experiment']}; {r['test_patients']} internal test patients, the same for every row.",
+            "Affordable, not final: one fold and a few epochs move AUC by +-0.05-0.1 (stack notes); the quick preset's"
+            " `flower-simulation run --baselines` gives the full comparison.",
+        ),
+    )
+
+
+def e2e_table(r: Mapping[str, Any]) -> Table:
+    latest = r.get("make_simulate")
+    pred = r["prediction"]
+    rows = (
+        (
+            "`make simulate` (quick preset), latest run",
+            f"{fmt(latest['wall_s'], '.0f')} s" if latest else "no finished run under runs/",
+            f"{latest['run']}, {latest['date']}" if latest else "-",
+        ),
+        (
+            "prediction, full ensemble + Grad-CAM, per patient",
+            f"{fmt(pred['per_patient_s'], '.2f')} s",
+            f"mean of {pred['patients']} patients (NIfTI in, probability and overlay out), {pred['threads']} threads",
+        ),
+        (
+            "prediction: start-up (imports, bundle)",
+            f"{fmt(pred['startup_s'], '.1f')} s",
+            f"once per command; whole command {fmt(pred['command_wall_s'], '.0f')} s",
+        ),
+    )
+    return Table(
+        "End to end",
+        ("what", "time", "detail"),
+        rows,
+        (
+            f"Prediction: {pred['tool']}, bundle of {pred['models']} ({fmt(pred['bundle_mb'], '.0f')} MB);"
+            f" answered by {', '.join(pred['answered_by']) or '-'}.",
+            "The `make simulate` time is read from the run's summary.json (`wall_seconds_total`), not rerun here.",
+        ),
+    )
+
+
+def scaling_table(r: Mapping[str, Any], patients: int) -> Table:
+    rows = []
+    for n, run in r["sites"].items():
+        rows.append(
+            (
+                n,
+                str(patients // int(n)),
+                fmt(run["wall_s"], ".0f"),
+                fmt(run["steady_round_s"], ".1f"),
+                _gib(run["memory"]),
+                _gib(run["memory"], "peak_process_rss_gib"),
+                str(run["memory"].get("max_processes", "-")),
+            )
+        )
+    return Table(
+        "Scaling: simulation with more, smaller sites (same patients)",
+        (
+            "sites",
+            "patients/site",
+            "whole run s",
+            "steady round s",
+            "peak memory GiB",
+            "largest process GiB",
+            "processes",
+        ),
+        tuple(rows),
+        (
+            f"Experiment: {r['experiment']}.  Flower's simulation runs at most 2 sites at a time (2 CPUs, 1 per site).",
+        ),
+    )
+
+
+DOC_INTRO = """# Benchmarks
+
+What users pay, measured by one command (`make bench`, i.e. `python -m bench`): wall time on
+CPU-only sites, bytes on the hospital network, AUC lost to federation, and how it scales.
+Regenerate this file with the command below plus `--doc docs/benchmarks.md`; every figure
+comes from the run described here (machine, versions, date, exact command).
+"""
+
+
+def section_table(name: str, result: Mapping[str, Any], params: Any) -> Table:
+    """The table of one section's result (``params``: the run's BenchParams, for the cohort size)."""
+    if name == "overhead":
+        return overhead_table(result)
+    if name == "comm":
+        return comm_table(result)
+    if name == "quality":
+        return quality_table(result)
+    if name == "e2e":
+        return e2e_table(result)
+    if name == "scaling":
+        return scaling_table(result, params.patients)
+    raise ValueError(f"no table for section {name!r}")
+
+
+def failed(name: str, message: str, markdown: bool = False) -> str:
+    """A failed section in the report: its name and the last lines of what it said."""
+    lines = message.strip().splitlines()[-6:] or ["failed"]
+    if markdown:
+        return f"### {name}: FAILED\n\n```\n" + "\n".join(lines) + "\n```\n"
+    return f"{name}: FAILED\n" + "\n".join(f"  {x}" for x in lines) + "\n"
