@@ -388,6 +388,14 @@ def render_report(
     parts.append(
         ("- " if markdown else "") + f"Bench wall time {total_s:.0f} s ({timing}); work folder {work}.\n"
     )
+    end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if max(machine.load_avg[0], end_load) > machine.usable_cpus:
+        parts.append(
+            f"{'**' if markdown else ''}WARNING{'**' if markdown else ''}: the machine was busy (1-minute load average"
+            f" {machine.load_avg[0]:.1f} at the start, {end_load:.1f} at the end, on {machine.usable_cpus} cores): other"
+            " processes shared the CPUs, so every time above is longer than this machine's own, and ratios between"
+            " runs taken minutes apart are unreliable.  Rerun on an idle machine for figures to quote.\n"
+        )
     return "\n".join(parts)
 
 

@@ -140,7 +140,7 @@ def run_plain(config_path: Path, cache_root: Path, threads: int, timeout_s: floa
             stderr=subprocess.PIPE,
             text=True,
         )
-        mem.add(proc.pid)
+        mem.add(proc.pid, "run")
         try:
             out, err = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -164,7 +164,7 @@ def run_simulation(config_path: Path, cache_root: Path, run_dir: Path, timeout_s
     t0 = time.perf_counter()
     with TreeSampler(interval_s=1.0) as mem, log_path.open("wb") as fh:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-        mem.add(proc.pid)
+        mem.add(proc.pid, "run")
         try:
             rc = proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -237,7 +237,7 @@ def run_deployment(config_path: Path, cache_root: Path, work: Path, timeout_s: f
                 start_new_session=True,
             )
             procs.append(server)
-            mem.add(server.pid)
+            mem.add(server.pid, "server")
             for name in sites:
                 client_cmd = [
                     str(BIN / "flower-client"),
@@ -262,7 +262,7 @@ def run_deployment(config_path: Path, cache_root: Path, work: Path, timeout_s: f
                     start_new_session=True,
                 )
                 procs.append(client)
-                mem.add(client.pid)
+                mem.add(client.pid, name)
             try:
                 rc = server.wait(timeout=timeout_s + 60)
             except subprocess.TimeoutExpired:

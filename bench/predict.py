@@ -60,22 +60,32 @@ def timing_run(run_dir: Path) -> Path:
     return run_dir
 
 
-def time_prediction(run_dir: Path | None, work: Path, patients_dir: Path) -> dict[str, Any]:
-    """Run ``flower-client predict --site patients_dir`` with the bundle of ``run_dir`` (or a timing run)."""
+def bundle_for(run_dir: Path | None, work: Path, bundles: Path) -> tuple[Path, str]:
+    """The bundle to time and what it holds; exported once and kept in ``bundles`` (not part of the timing)."""
     from common.bundle import BundleError
+    from common.config import load_config
     from server.bundle import export_bundle
 
-    bundle, source = None, "untrained fold models (no finished make simulate run)"
+    bundles.mkdir(parents=True, exist_ok=True)
     if run_dir is not None:
+        path = bundles / f"{run_dir.name}.zip"
         try:
-            bundle, source = (
-                export_bundle(run_dir, work / "bundle.zip"),
-                f"selected fold models of {run_dir.name}",
-            )
+            if not path.is_file():
+                export_bundle(run_dir, path)
+            return path, f"selected fold models of {run_dir.name}"
         except BundleError as exc:
-            source = f"untrained fold models ({run_dir.name} cannot be bundled: {exc})"
-    if bundle is None:
-        bundle = export_bundle(timing_run(work / "timing-run"), work / "bundle.zip")
+            why = f"untrained fold models ({run_dir.name} cannot be bundled: {exc})"
+    else:
+        why = "untrained fold models (no finished make simulate run)"
+    path = bundles / f"untrained-quick-{load_config('quick').digest()}.zip"
+    if not path.is_file():
+        export_bundle(timing_run(work / "timing-run"), path)
+    return path, why
+
+
+def time_prediction(run_dir: Path | None, work: Path, patients_dir: Path, bundles: Path) -> dict[str, Any]:
+    """Run ``flower-client predict --site patients_dir`` with the bundle of ``run_dir`` (or a timing run)."""
+    bundle, source = bundle_for(run_dir, work, bundles)
     out = work / "predictions"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 PROC = Path("/proc")
 
@@ -73,49 +74,59 @@ def process_memory_kib(pid: int, proc: Path = PROC) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class TreePeak:
-    """Peaks over the samples: total PSS of the tree, largest single RSS, most processes at once."""
+    """Peaks over the samples: total PSS of the tree, largest single RSS, most processes at once, each root's tree."""
 
     total_pss_mib: float
     largest_rss_mib: float
     max_processes: int
     samples: int
+    per_root_pss_mib: dict[str, float] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "peak_total_pss_gib": round(self.total_pss_mib / 1024, 3),
             "peak_process_rss_gib": round(self.largest_rss_mib / 1024, 3),
             "max_processes": self.max_processes,
             "samples": self.samples,
+            "peak_pss_gib_by_root": {k: round(v / 1024, 3) for k, v in self.per_root_pss_mib.items()},
         }
 
 
 def tree_sample(roots: Iterable[int], proc: Path = PROC) -> tuple[float, float, int]:
     """(total PSS MiB, largest RSS MiB, process count) of the trees below ``roots`` now."""
+    total, largest, count, _ = _sample({r: str(r) for r in roots}, proc)
+    return total, largest, count
+
+
+def _sample(roots: Mapping[int, str], proc: Path = PROC) -> tuple[float, float, int, dict[str, float]]:
+    """Like :func:`tree_sample`, plus the PSS (MiB) of each labelled root's own tree."""
     parents = parent_map(proc)
-    pids: set[int] = set()
-    for root in roots:
-        pids |= descendants(root, parents)
-    total, largest = 0, 0
-    for pid in pids:
-        pss, rss = process_memory_kib(pid, proc)
-        total += pss
-        largest = max(largest, rss)
-    return total / 1024, largest / 1024, len(pids)
+    trees = {label: descendants(root, parents) for root, label in roots.items()}
+    pids = set().union(*trees.values()) if trees else set()
+    memory = {pid: process_memory_kib(pid, proc) for pid in pids}
+    per_root = {label: sum(memory[p][0] for p in tree) / 1024 for label, tree in trees.items()}
+    total = sum(pss for pss, _ in memory.values()) / 1024
+    largest = max((rss for _, rss in memory.values()), default=0) / 1024
+    return total, largest, len(pids), per_root
 
 
 class TreeSampler:
-    """Samples the trees below some pids in a background thread until stopped (a context manager)."""
+    """Samples the trees below some pids in a background thread until stopped (a context manager).
 
-    def __init__(self, roots: Iterable[int] = (), interval_s: float = 1.0) -> None:
-        self.roots = set(roots)
+    Each root may carry a label (a site, the server): its own tree's peak is kept too.
+    """
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        self.roots: dict[int, str] = {}
         self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="tree-sampler", daemon=True)
         self._peak = [0.0, 0.0, 0]
+        self._per_root: dict[str, float] = {}
         self._samples = 0
 
-    def add(self, pid: int) -> None:
-        self.roots.add(pid)
+    def add(self, pid: int, label: str = "") -> None:
+        self.roots[pid] = label or str(pid)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -125,8 +136,10 @@ class TreeSampler:
     def sample(self) -> None:
         if not self.roots:
             return
-        total, largest, count = tree_sample(list(self.roots))
+        total, largest, count, per_root = _sample(dict(self.roots))
         self._peak = [max(self._peak[0], total), max(self._peak[1], largest), max(int(self._peak[2]), count)]
+        for label, mib in per_root.items():
+            self._per_root[label] = max(self._per_root.get(label, 0.0), mib)
         self._samples += 1
 
     def __enter__(self) -> TreeSampler:
@@ -139,4 +152,4 @@ class TreeSampler:
 
     @property
     def peak(self) -> TreePeak:
-        return TreePeak(self._peak[0], self._peak[1], int(self._peak[2]), self._samples)
+        return TreePeak(self._peak[0], self._peak[1], int(self._peak[2]), self._samples, dict(self._per_root))

@@ -355,7 +355,7 @@ def section_e2e(p: BenchParams, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"make_simulate": latest}
     patients = ensure_cohort(COHORT_ROOT, CohortRequest(p.patients), BASE_SITES) / "site01"
     out["prediction"] = time_prediction(
-        Path(latest["run_dir"]) if latest else None, work / "predict", patients
+        Path(latest["run_dir"]) if latest else None, work / "predict", patients, COHORT_ROOT / "bundles"
     )
     return out
 

@@ -118,7 +118,13 @@ def overhead_table(r: Mapping[str, Any]) -> Table:
             f" {fmt(plain.get('import_s'), '.1f')} s.  Federated sites: 1 thread each, in parallel.",
             f"Preprocessing (excluded above: all runs start from the warm per-site cache): {fmt(r['preprocess_s_per_patient'], '.3f')} s/patient"
             f" {'cold' if r.get('preprocess_cold') else '(cache was already warm)'}; loading a warm site cache {fmt(r['cache_load_s'], '.2f')} s.",
-            "Peak memory: proportional set size summed over the run's whole process tree, sampled every second.",
+            "Peak memory: proportional set size summed over the run's whole process tree, sampled every second;"
+            " per process tree in the deployment: "
+            + ", ".join(
+                f"{k} {fmt(v, '.2f')}" for k, v in dep["memory"].get("peak_pss_gib_by_root", {}).items()
+            )
+            + f" GiB; largest single process: simulation {_gib(sim['memory'], 'peak_process_rss_gib')} GiB (a Ray"
+            f" worker), deployment {_gib(dep['memory'], 'peak_process_rss_gib')} GiB (RSS).",
             f"Anchors before this work (stack notes, 3 x 40 patients, 3 rounds): simulation {figures.ANCHORS['simulation']};"
             f" deployment {figures.ANCHORS['deployment']}.",
         ),

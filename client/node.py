@@ -160,7 +160,10 @@ def add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
     p.add_argument("--auth-key", help="this hospital's enrolled private key (SuperNode authentication)")
     p.add_argument("--out", help="where this site's outputs go (default site-output/SITE)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads for training")
+    p.add_argument(
+        "--threads", type=int, default=0,
+        help="torch threads for training (default 0: all cores; 1 per site when sites share a machine, as on loopback)",
+    )
     p.add_argument("--port", type=int, default=0, help="local port of the SuperNode's runtime API (default: free)")
     p.add_argument("--max-wait", type=float, default=0.0, help="give up connecting after this many seconds (default: keep retrying)")
     p.set_defaults(handler=run_cli)

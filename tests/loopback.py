@@ -106,9 +106,10 @@ class Loopback:
 
     def client(self, site: str, data: Path) -> subprocess.Popen[bytes]:
         """``flower-client run`` for ``site`` with its own key (made by :meth:`keygen`) and output folder."""
+        # one torch thread per hospital: here they all share this machine's cores
         cmd = [str(BIN / "flower-client"), "run", str(data), "--site", site, "--server", f"127.0.0.1:{self.port}",
                "--root-cert", str(self.certs / "ca.crt"), "--auth-key", str(self.keys / site),
-               "--out", str(self.site_out(site))]  # fmt: skip
+               "--out", str(self.site_out(site)), "--threads", "1"]  # fmt: skip
         return self._start(site, cmd)
 
     def site_out(self, site: str) -> Path:

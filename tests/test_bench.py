@@ -188,11 +188,13 @@ def test_proc_parsing_and_a_real_process_tree() -> None:
             time.sleep(0.1)
         total, largest, count = tree_sample([os.getpid()])
         assert count >= 2 and total >= 60 and largest >= 60  # this process and the child holding 64 MiB
-        with TreeSampler([child.pid], interval_s=0.05) as sampler:
+        with TreeSampler(interval_s=0.05) as sampler:
+            sampler.add(child.pid, "child")
             time.sleep(0.3)
         assert (
             sampler.peak.samples >= 2 and sampler.peak.total_pss_mib >= 60 and sampler.peak.max_processes == 1
         )
+        assert sampler.peak.per_root_pss_mib["child"] == sampler.peak.total_pss_mib
     finally:
         child.kill()
         child.wait()

@@ -44,6 +44,9 @@ def test_tls_deployment_server_and_three_hospitals(loopback: Loopback, tiny_coho
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(sorted(r["trained"]) == sites for r in rounds)
     assert all(summary["communication"][s]["bytes_sent"] > 0 for s in summary["sites"])
+    assert all(summary["communication"][s]["by_message_type"]["train"]["messages"] == 2 for s in sites)
+    # every message ran in a fork of the site's warm SuperExec (client.warm), not a fresh interpreter
+    assert all("ClientApp process" in lb.log(s) for s in sites)
     # per-patient predictions stay at each site
     assert (lb.site_out("centre1") / run_dir.name / "predictions" / "densenet3d_fold0.csv").is_file()
     assert not list(run_dir.rglob("predictions"))
