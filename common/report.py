@@ -203,6 +203,11 @@ def _num(value: Any) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
+def _cohort_value(value: Any) -> float | None:
+    """A cohort reference figure: a number, or per-centre numbers whose ``all`` entry is the cohort's."""
+    return _num(value.get("all")) if isinstance(value, Mapping) else _num(value)
+
+
 def _label(score: str) -> str:
     return SCORE_LABELS.get(score, score)
 
@@ -797,7 +802,7 @@ def baselines_section(summary: Mapping[str, Any]) -> Section:
         b.add(Table("cohort", "Synthetic cohort reference",
                     "Reference values of the synthetic cohort (e.g. the AUC of its generating truth, the oracle).",
                     ("quantity", "value"),
-                    tuple((k, _num(v) if isinstance(v, int | float) else str(v)) for k, v in cohort.items())))
+                    tuple((k, _cohort_value(v) if k.endswith("_auc") else str(v)) for k, v in cohort.items())))
     return Section("baselines", "Baselines", tuple(b.blocks))
 
 
@@ -825,8 +830,8 @@ def _baselines_plot(
     ]
     hlines: list[tuple[str, float]] = []
     if isinstance(cohort, dict):
-        hlines = [(f"cohort {k.removesuffix('_auc')}", float(val)) for k, val in cohort.items()
-                  if k.endswith("_auc") and _num(val) is not None]
+        refs = {k: _cohort_value(val) for k, val in cohort.items() if k.endswith("_auc")}
+        hlines = [(f"cohort {k.removesuffix('_auc')}", val) for k, val in refs.items() if val is not None]
     fig = bar_figure(groups, ["federated", "pooled", "local-only (mean of sites)"], "internal AUC (mean of folds)",
                      ["#4c72b0", "#55a868", "#c44e52"], hlines, (0, 1.05), points_label="local-only, each site")
     return Plot("baselines", "Federated vs pooled vs local-only AUC",

@@ -93,7 +93,10 @@ def _write_run(run_dir: Path, full: bool) -> dict[str, Any]:
             "local": {site: {"densenet3d": _entry(_histograms(rng, 0.3))} for site in ("centre1", "centre2")},
             "local_mean": {"densenet3d": {"internal_auc": 0.71}},
         }
-        summary["cohort"] = {"oracle_auc": 0.93, "radiologist_auc": 0.85, "handcrafted_lr_auc": 0.8}
+        # the shape simulation.cli.cohort_reference writes: per-centre AUCs with the cohort's under "all"
+        summary["cohort"] = {"oracle_auc": {"centre1": 0.94, "centre2": 0.9, "all": 0.93},
+                             "radiologist_auc": {"centre1": 0.86, "all": 0.85}, "handcrafted_lr_auc": {"all": 0.8},
+                             "generator": "simulation.synth 1"}
         summary["delong"] = {"ensemble_3d_radiologist vs densenet3d (internal)": {
             "auc1": 0.9, "auc2": 0.85, "z": 2.1, "p": 0.036, "ci1": [0.85, 0.95], "ci2": [0.8, 0.9],
             "n_pos": 40, "n_neg": 40}}
@@ -164,6 +167,8 @@ def test_files_exist_and_csv_matches_summary(full_report: tuple[Path, dict[str, 
     assert len(_csv_rows(folder / "table3_reader_study.csv")) == 6
     base = _csv_rows(folder / "baselines.csv")
     assert {r["training"] for r in base} == {"federated", "pooled", "local", "local mean"}
+    cohort = {r["quantity"]: r["value"] for r in _csv_rows(folder / "cohort.csv")}
+    assert float(cohort["oracle_auc"]) == 0.93 and float(cohort["handcrafted_lr_auc"]) == 0.8
     sites = {r["site"]: r for r in _csv_rows(folder / "participation_sites.csv")}
     assert sites["centre2"]["dropped"] == "4" and sites["centre1"]["trained"] == "12"
 
