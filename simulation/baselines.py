@@ -64,8 +64,18 @@ def _prefixed(sd: SiteData) -> SiteArrays:
     return dataclasses.replace(sd.arrays, patient_ids=tuple(f"{sd.name}/{p}" for p in sd.arrays.patient_ids))
 
 
-def evaluate_setting(cfg: ExperimentConfig, train_sites: Sequence[SiteData], external: Sequence[SiteData], models: Sequence[str]) -> dict[str, Any]:
-    """Fivefold training on ``train_sites`` pooled; internal test per fold and pooled; external averaged."""
+def evaluate_setting(
+    cfg: ExperimentConfig,
+    train_sites: Sequence[SiteData],
+    external: Sequence[SiteData],
+    models: Sequence[str],
+    test_scores: dict[str, list[tuple[np.ndarray, np.ndarray]]] | None = None,
+) -> dict[str, Any]:
+    """Fivefold training on ``train_sites`` pooled; internal test per fold and pooled; external averaged.
+
+    ``test_scores``, when given, receives every model's (labels, probabilities) of the
+    internal test patients, so local-only models can be scored over all sites at once.
+    """
     pool = SiteArrays.concat([_prefixed(s) for s in train_sites], site="+".join(s.name for s in train_sites))
     ext = SiteArrays.concat([_prefixed(s) for s in external], site="external") if external else None
     thr = cfg.evaluation.threshold
@@ -112,6 +122,8 @@ def evaluate_setting(cfg: ExperimentConfig, train_sites: Sequence[SiteData], ext
             entry["selection"] = selection
             entry["validation"] = {"folds": val_metrics}  # each fold's selected model on its validation split
         result[name] = entry
+        if test_scores is not None:
+            test_scores.setdefault(name, []).append((np.concatenate(y_all), np.concatenate(p_all)))
     return result
 
 
@@ -129,7 +141,16 @@ def run_baselines(cfg: ExperimentConfig, cache_dir: Path, *, pooled: bool = True
     if pooled:
         out["pooled"] = evaluate_setting(cfg, train_sites, external, models)
     if local:
-        out["local"] = {s.name: evaluate_setting(cfg, [s], external, models) for s in train_sites}
+        scores: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
+        out["local"] = {s.name: evaluate_setting(cfg, [s], external, models, scores) for s in train_sites}
+        # each site's own models on its own test patients, scored over all sites: the figure
+        # comparable with the federated and pooled internal AUC (the mean of per-site AUCs is not)
+        out["local_pooled"] = {
+            name: {"internal": {"pooled": binary_metrics(
+                np.concatenate([y for y, _ in parts]), np.concatenate([p for _, p in parts]), cfg.evaluation.threshold
+            ).to_dict()}}
+            for name, parts in scores.items()
+        }
         for name in models:
             aucs = [out["local"][s.name][name]["internal"]["pooled"]["auc"] for s in train_sites]
             aucs = [a for a in aucs if a is not None]

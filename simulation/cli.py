@@ -234,12 +234,13 @@ def _print_summary(data: dict) -> None:  # type: ignore[type-arg]
     base = data.get("baselines")
     if base:
         print_baselines(base, data.get("cohort", {}))
-        print(f"\n{'internal AUC (pooled over folds)':32s} {'federated':>10s} {'pooled':>10s} {'local mean':>11s}")
+        print(f"\n{'internal AUC (pooled over folds)':32s} {'federated':>10s} {'pooled':>10s} {'local, all sites':>17s} {'local mean':>11s}")
         for name in ("densenet3d", "densenet2d", "radiomics"):
             fed = data.get("models", {}).get(name, {}).get("internal", {}).get("pooled", {}).get("auc")
             pooled = base.get("pooled", {}).get(name, {}).get("internal", {}).get("pooled", {}).get("auc")
             local = base.get("local_mean", {}).get(name, {}).get("internal_auc")
-            print(f"{name:32s} {_f(fed):>10s} {_f(pooled):>10s} {_f(local):>11s}")
+            local_all = base.get("local_pooled", {}).get(name, {}).get("internal", {}).get("pooled", {}).get("auc")
+            print(f"{name:32s} {_f(fed):>10s} {_f(pooled):>10s} {_f(local_all):>17s} {_f(local):>11s}")
     ref = data.get("cohort", {})
     if ref:
         print(f"cohort oracle AUC {json.dumps(ref.get('oracle_auc', {}).get('all'))}, radiologist {json.dumps(ref.get('radiologist_auc', {}).get('all'))}, handcrafted LR {json.dumps(ref.get('handcrafted_lr_auc', {}).get('all'))}")
