@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from common.config import ExperimentConfig, SiteConfig, to_dict, with_sites
 from common.delong import PlacementSums, delong_from_sums
 from common.engine import seed_everything
-from common.ensemble import best_weights, mean_absolute_error_from_hist, simplex_grid
+from common.ensemble import ENSEMBLES, best_weights, mean_absolute_error_from_hist, simplex_grid
 from common.gridstats import ClassHistogram, pooled_metrics
 from common.models import ModelKind, build_model
 from common.radiomics import FederatedLogit
@@ -57,11 +57,6 @@ DELONG_PAIRS: tuple[tuple[str, str], ...] = (
     ("ensemble_2d3d_radiologist", "radiologist"),
     ("densenet3d", "densenet2d"),
 )
-ENSEMBLES: dict[str, tuple[str, ...]] = {
-    "ensemble_2d3d": ("densenet2d", "densenet3d"),
-    "ensemble_3d_radiologist": ("densenet3d", "radiologist"),
-    "ensemble_2d3d_radiologist": ("densenet2d", "densenet3d", "radiologist"),
-}
 
 
 @dataclass(frozen=True)
