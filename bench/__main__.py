@@ -15,6 +15,7 @@ about CPU sites).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="patients in the benchmark cohort, a multiple of 24 (default %(default)s)",
     )
     p.add_argument(
+        "--report-from",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: print (and with --doc write) the report of an earlier run's bench.json",
+    )
+    p.add_argument(
+        "--plain-threads",
+        type=int,
+        default=cpus,
+        metavar="T",
+        help=f"torch threads of the plain loop in overhead (default os.cpu_count() = {cpus}; on a busy machine 1"
+        " can be several times faster)",
+    )
+    p.add_argument(
         "--section-timeout",
         type=float,
         default=None,
@@ -150,6 +166,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("patients", "batch", "threads"):
         if getattr(args, name) < 0:
             p.error(f"--{name} must be >= 0")
+    if args.plain_threads < 1:
+        p.error("--plain-threads must be >= 1")
     if args.rounds < 2:
         p.error("--rounds must be >= 2 (the steady round is the mean of rounds 2..)")
     if args.only is None:
@@ -166,7 +184,9 @@ def _sections(text: str) -> tuple[str, ...]:
 
 
 def bench_params(args: argparse.Namespace) -> BenchParams:
-    return BenchParams(patients=args.cohort, rounds=args.rounds, arch=args.arch)
+    return BenchParams(
+        patients=args.cohort, rounds=args.rounds, arch=args.arch, plain_threads=args.plain_threads
+    )
 
 
 def specs(args: argparse.Namespace) -> list[Spec]:
@@ -257,9 +277,69 @@ def measure_throughput(args: argparse.Namespace) -> tuple[list[Measurement], lis
     return results, failures
 
 
+@dataclass
+class Outcome:
+    """Everything one invocation measured, for the printed report, the JSON and the Markdown."""
+
+    machine: Machine
+    params: BenchParams
+    work: Path
+    only: tuple[str, ...]
+    threads_note: str
+    results: list[Measurement] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    sections: dict[str, Any] = field(default_factory=dict)
+    section_failures: dict[str, str] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    total_s: float = 0.0
+    end_load: float = 0.0  # 1-minute load average when the last section ended
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "machine": {**self.machine.__dict__, "load_avg": list(self.machine.load_avg)},
+            "params": json.loads(self.params.to_json()),
+            "work": str(self.work),
+            "threads_note": self.threads_note,
+            "sections_run": list(self.only),
+            "section_seconds": self.seconds,
+            "total_seconds": self.total_s,
+            "end_load_avg": self.end_load,
+            "results": [r.summary() for r in self.results],
+            "failures": self.failures,
+            "sections": self.sections,
+            "section_failures": self.section_failures,
+        }
+
+    @classmethod
+    def from_payload(cls, data: dict[str, Any]) -> Outcome:
+        """An earlier invocation's outcome, from its ``bench.json``."""
+        fields = {f.name for f in dataclasses.fields(Measurement)}
+        return cls(
+            Machine(**{**data["machine"], "load_avg": tuple(data["machine"]["load_avg"])}),
+            BenchParams.from_json(json.dumps(data["params"])),
+            Path(data["work"]),
+            tuple(data["sections_run"]),
+            data["threads_note"],
+            [Measurement(**{k: v for k, v in r.items() if k in fields}) for r in data["results"]],
+            data["failures"],
+            data["sections"],
+            data["section_failures"],
+            data["section_seconds"],
+            data["total_seconds"],
+            data.get("end_load_avg", data["machine"]["load_avg"][0]),
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s", force=True)
+    if args.report_from:
+        out = Outcome.from_payload(json.loads(args.report_from.read_text()))
+        print(render_report(out))
+        if args.doc:
+            args.doc.write_text(render_report(out, markdown=True))
+            log.info("wrote %s", args.doc)
+        return 0
     command = shlex.join([sys.executable, "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
     try:
         gpu = gpu_name(args.device)
@@ -269,126 +349,83 @@ def main(argv: Sequence[str] | None = None) -> int:
     machine = describe_machine(command, gpu=gpu)  # load average and date as the run starts
     work = (args.work or REPO / "runs" / f"bench-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     work.mkdir(parents=True, exist_ok=True)
-    params = bench_params(args)
-    results: list[Measurement] = []
-    failures: list[str] = []
-    sections: dict[str, Any] = {}
-    section_failures: dict[str, str] = {}
-    seconds: dict[str, float] = {}
+    out = Outcome(
+        machine,
+        bench_params(args),
+        work,
+        tuple(args.only),
+        f"torch threads: {args.threads} per configuration (os.cpu_count() = {machine.cpu_count})",
+    )
     t_all = time.perf_counter()
-    for name in args.only:
+    for name in out.only:
         t0 = time.perf_counter()
         log.info("[%s] ...", name)
         if name == "throughput":
-            results, failures = measure_throughput(args)
+            out.results, out.failures = measure_throughput(args)
         else:
+            timeout = args.section_timeout or SECTION_TIMEOUT_S[name]
             try:
-                sections[name] = run_section(
-                    name, params, work, args.section_timeout or SECTION_TIMEOUT_S[name]
-                )
+                out.sections[name] = run_section(name, out.params, work, timeout)
             except BenchError as exc:
-                section_failures[name] = str(exc)
+                out.section_failures[name] = str(exc)
                 log.error("%s", exc)
-        seconds[name] = time.perf_counter() - t0
-        log.info("[%s] %.0f s", name, seconds[name])
-    total_s = time.perf_counter() - t_all
-    threads_note = f"torch threads: {args.threads} per configuration (os.cpu_count() = {machine.cpu_count})"
-    report = render_report(
-        machine,
-        args,
-        params,
-        work,
-        results,
-        failures,
-        threads_note,
-        sections,
-        section_failures,
-        seconds,
-        total_s,
-    )
-    print(report)
-    payload = {
-        "machine": {**machine.__dict__, "load_avg": list(machine.load_avg)},
-        "params": json.loads(params.to_json()),
-        "sections_run": list(args.only),
-        "section_seconds": seconds,
-        "total_seconds": total_s,
-        "results": [r.summary() for r in results],
-        "failures": failures,
-        "sections": sections,
-        "section_failures": section_failures,
-    }
+        out.seconds[name] = time.perf_counter() - t0
+        log.info("[%s] %.0f s", name, out.seconds[name])
+    out.total_s = time.perf_counter() - t_all
+    out.end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     for path in {work / "bench.json", *([args.json] if args.json else [])}:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=2) + "\n")
+        path.write_text(json.dumps(out.payload(), indent=2) + "\n")
         log.info("wrote %s", path)
+    print(render_report(out))
     if args.doc:
         args.doc.parent.mkdir(parents=True, exist_ok=True)
-        args.doc.write_text(
-            render_report(
-                machine,
-                args,
-                params,
-                work,
-                results,
-                failures,
-                threads_note,
-                sections,
-                section_failures,
-                seconds,
-                total_s,
-                markdown=True,
-            )
-        )
+        args.doc.write_text(render_report(out, markdown=True))
         log.info("wrote %s", args.doc)
-    return 1 if failures or section_failures else 0
+    return 1 if out.failures or out.section_failures else 0
 
 
-def render_report(
-    machine: Machine,
-    args: argparse.Namespace,
-    params: BenchParams,
-    work: Path,
-    results: Sequence[Measurement],
-    failures: Sequence[str],
-    threads_note: str,
-    sections: dict[str, Any],
-    section_failures: dict[str, str],
-    seconds: dict[str, float],
-    total_s: float,
-    *,
-    markdown: bool = False,
-) -> str:
-    """Machine lines, then one table per section in order, then timings and failures."""
+def render_report(out: Outcome, *, markdown: bool = False) -> str:
+    """Machine lines, then one table per section in order, then timings and warnings."""
     from . import tables
 
+    machine = out.machine
     parts: list[str] = []
     if markdown:
         parts.append(tables.DOC_INTRO)
         parts.append("\n".join(f"- {line}" for line in machine.lines()) + "\n")
     else:
         parts.append("\n".join(machine.lines()) + "\n")
-    for name in args.only:
-        if name in section_failures:
-            parts.append(tables.failed(name, section_failures[name], markdown))
-            continue
-        if name == "throughput":
-            text = format_report(machine, results, failures, threads_note)
+    for name in out.only:
+        if name in out.section_failures:
+            parts.append(tables.failed(name, out.section_failures[name], markdown))
+        elif name == "throughput":
+            text = format_report(machine, out.results, out.failures, out.threads_note)
             body = (
                 text.split("\n\n", 1)[1] if "\n\n" in text else text
             )  # the machine lines are printed once, above
             parts.append(
-                f"### Throughput and memory\n\n```\n{threads_note}\n\n{body}\n```\n"
+                f"### Throughput and memory\n\n```\n{out.threads_note}\n\n{body}\n```\n"
                 if markdown
-                else f"Throughput and memory\n{threads_note}\n\n{body}\n"
+                else f"Throughput and memory\n{out.threads_note}\n\n{body}\n"
             )
         else:
-            parts.append(tables.render(tables.section_table(name, sections[name], params), markdown))
-    timing = ", ".join(f"{n} {s:.0f} s" for n, s in seconds.items())
+            try:
+                parts.append(
+                    tables.render(tables.section_table(name, out.sections[name], out.params), markdown)
+                )
+            except (
+                KeyError,
+                TypeError,
+                ValueError,
+            ) as exc:  # a result of another version: say so, show the rest
+                parts.append(tables.failed(name, f"cannot tabulate this result: {exc!r}", markdown))
+    timing = ", ".join(f"{n} {s:.0f} s" for n, s in out.seconds.items())
     parts.append(
-        ("- " if markdown else "") + f"Bench wall time {total_s:.0f} s ({timing}); work folder {work}.\n"
+        ("- " if markdown else "")
+        + f"Bench wall time {out.total_s:.0f} s ({timing}); work folder {out.work}.\n"
     )
-    end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    end_load = out.end_load
     if max(machine.load_avg[0], end_load) > machine.usable_cpus:
         parts.append(
             f"{'**' if markdown else ''}WARNING{'**' if markdown else ''}: the machine was busy (1-minute load average"

@@ -56,7 +56,7 @@ def experiment(p: BenchParams, transport: str = "float32") -> Experiment:
 
 def describe(p: BenchParams, n_sites: int = 3) -> str:
     return (
-        f"DenseNet121 3D ({p.arch}) at 32^3, batch 8, {p.rounds} rounds x 1 local epoch, fold 0 of 5"
+        f"{'DenseNet121' if p.arch == 'densenet121' else 'small DenseNet'} 3D at 32^3, batch 8, {p.rounds} rounds x 1 local epoch, fold 0 of 5"
         f"{f' and {p.folds_run - 1} more' if p.folds_run > 1 else ''}; synthetic benchmark cohort of "
         f"{p.patients} patients in {n_sites} sites; {p.site_threads} torch thread(s) per site"
     )
@@ -325,23 +325,38 @@ def section_quality(p: BenchParams, work: Path) -> dict[str, Any]:
 
 
 def latest_simulate_run(runs: Path) -> dict[str, Any] | None:
-    """The newest finished ``make simulate`` run (quick preset, simulation) under ``runs``."""
+    """The newest finished ``make simulate`` run under ``runs``: the quick preset, as it is now, by simulation.
+
+    A run counts when its config (sites aside) has the current quick preset's
+    digest; failing that, the newest run of a config named ``quick`` is
+    taken and marked as differing.
+    """
+    import dataclasses
+
+    from common.config import ConfigError, load_config
+
+    preset = load_config("quick").digest()
     found = []
     for path in runs.glob("*/summary.json"):
         try:
             s = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
+            cfg = load_config(path.parent / "config.yaml")
+        except (OSError, json.JSONDecodeError, ConfigError):
             continue
-        if s.get("config") == "quick" and s.get("wall_seconds_total") is not None:
-            found.append((path.stat().st_mtime, path, s))
+        if s.get("wall_seconds_total") is None:
+            continue  # not written by flower-simulation run
+        exact = dataclasses.replace(cfg, sites=(), external_sites=()).digest() == preset
+        if exact or s.get("config") == "quick":
+            found.append((exact, path.stat().st_mtime, path, s))
     if not found:
         return None
-    mtime, path, s = max(found, key=lambda t: t[0])
+    exact, mtime, path, s = max(found, key=lambda t: (t[0], t[1]))
     return {
         "run": path.parent.name,
         "date": time.strftime("%Y-%m-%d %H:%M", time.localtime(mtime)),
         "wall_s": s["wall_seconds_total"],
         "plan_s": s.get("wall_seconds"),
+        "preset_as_now": exact,
         "sites": {k: v.get("patients") for k, v in s.get("sites", {}).items()},
         "run_dir": str(path.parent),
     }

@@ -115,7 +115,10 @@ def overhead_table(r: Mapping[str, Any]) -> Table:
             )
             + ".",
             f"Plain loop: {plain.get('threads')} torch threads, sites in turn, FedAvg in memory; its imports took"
-            f" {fmt(plain.get('import_s'), '.1f')} s.  Federated sites: 1 thread each, in parallel.",
+            f" {fmt(plain.get('import_s'), '.1f')} s.  Federated sites: 1 thread each, as many at a time as"
+            " there are cores.  With 3 equal sites on 2 cores a round takes 2 one-thread site epochs against the"
+            " plain loop's 3 two-thread ones: 2s/3 of its compute for a two-thread speedup s (1.13x at s = 1.7)"
+            " before any Flower cost.",
             f"Preprocessing (excluded above: all runs start from the warm per-site cache): {fmt(r['preprocess_s_per_patient'], '.3f')} s/patient"
             f" {'cold' if r.get('preprocess_cold') else '(cache was already warm)'}; loading a warm site cache {fmt(r['cache_load_s'], '.2f')} s.",
             "Peak memory: proportional set size summed over the run's whole process tree, sampled every second;"
@@ -219,7 +222,9 @@ def e2e_table(r: Mapping[str, Any]) -> Table:
         (
             "`make simulate` (quick preset), latest run",
             f"{fmt(latest['wall_s'], '.0f')} s" if latest else "no finished run under runs/",
-            f"{latest['run']}, {latest['date']}" if latest else "-",
+            f"{latest['run']}, {latest['date']}{'' if latest.get('preset_as_now', True) else ' (config differs from the current quick preset)'}"
+            if latest
+            else "-",
         ),
         (
             "prediction, full ensemble + Grad-CAM, per patient",
@@ -280,8 +285,12 @@ DOC_INTRO = """# Benchmarks
 
 What users pay, measured by one command (`make bench`, i.e. `python -m bench`): wall time on
 CPU-only sites, bytes on the hospital network, AUC lost to federation, and how it scales.
-Regenerate this file with the command below plus `--doc docs/benchmarks.md`; every figure
-comes from the run described here (machine, versions, date, exact command).
+Every figure below comes from the run described here (machine, versions, date, exact
+command); `python -m bench --doc docs/benchmarks.md` measures again and rewrites this file
+(about 16 minutes on 2 cores, plus 2-3 minutes the first time, for the benchmark cohort and
+model bundle). Figures taken while other work shared the CPUs carry a warning at the end:
+torch's threads spin while they wait for each other, so a busy machine slows a 2-thread
+process far more than its share.
 """
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -13,14 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from bench import figures, tables
-from bench.__main__ import parse_args, specs
+from bench.__main__ import Outcome, main, parse_args, render_report, specs
 from bench.cohort import BASE_SITES, CohortError, CohortRequest, groups, merge_site
 from bench.machine import describe_machine
 from bench.params import SECTIONS, BenchParams
 from bench.proctree import TreeSampler, descendants, parse_kib, parse_ppid, tree_sample
 from bench.report import format_report
+from bench.sections import latest_simulate_run
 from bench.throughput import (
     BenchError,
     LoadClock,
@@ -35,6 +38,7 @@ from bench.throughput import (
     warmup_patients,
 )
 from common import engine
+from common.config import load_config, to_dict
 from common.models import build_model
 
 
@@ -246,3 +250,40 @@ def test_params_round_trip_and_section_names() -> None:
     assert parse_args(["--device", "cuda"]).only == ("throughput",)
     with pytest.raises(SystemExit):
         parse_args(["--only", "nonsense"])
+
+
+def test_latest_simulate_run_prefers_the_current_quick_preset(tmp_path: Path) -> None:
+    assert latest_simulate_run(tmp_path) is None
+    for name, lr, mtime in (("default", None, 100), ("tuned", 0.01, 200)):
+        run = tmp_path / name
+        run.mkdir()
+        cfg = to_dict(load_config("quick", {"train": {"lr": lr}} if lr else None))
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        (run / "summary.json").write_text(
+            json.dumps({"config": "quick", "wall_seconds_total": 900.0 + mtime})
+        )
+        os.utime(run / "summary.json", (mtime, mtime))
+    latest = latest_simulate_run(tmp_path)
+    assert latest is not None and (latest["run"], latest["wall_s"], latest["preset_as_now"]) == (
+        "default",
+        1000.0,
+        True,
+    )
+
+
+def test_report_from_an_earlier_run_renders_every_section_and_the_busy_warning(tmp_path: Path) -> None:
+    machine = dataclasses.replace(
+        describe_machine("python -m bench"), load_avg=(0.5, 0.5, 0.5), usable_cpus=2
+    )
+    out = Outcome(machine, BenchParams(), tmp_path, ("overhead", "comm"), "torch threads: 2")
+    out.sections["overhead"] = _overhead_result()
+    out.section_failures["comm"] = "comm: stopped after 420 s (section timeout)"
+    out.seconds, out.total_s, out.end_load = {"overhead": 100.0, "comm": 420.0}, 520.0, 3.5
+    (tmp_path / "bench.json").write_text(json.dumps(out.payload()))
+    doc = tmp_path / "benchmarks.md"
+    assert main(["--report-from", str(tmp_path / "bench.json"), "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert text.startswith("# Benchmarks") and "- Command: python -m bench" in text
+    assert "### Federation overhead" in text and "### comm: FAILED" in text and "section timeout" in text
+    assert "**WARNING**: the machine was busy" in text and "3.5 at the end" in text
+    assert render_report(Outcome.from_payload(out.payload())) == render_report(out)
