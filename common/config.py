@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -149,6 +150,14 @@ class TrainConfig:
     threads: int = 1
     num_workers: int = 0
     seed: int = 0
+    # Where the engine runs (common/device.py): auto = the first CUDA device when there is one.
+    device: str = "auto"
+    # Mixed precision on CUDA: auto = bf16 where supported, else fp16 with a gradient scaler;
+    # always off on CPU and under DP.  bf16/fp16 on a CPU are refused (common/device.py).
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    # Random augmentation in the DataLoader (MONAI, per item) or batched on the device;
+    # auto = device on CUDA, workers on CPU (the CPU path is unchanged).
+    augment_on: Literal["auto", "workers", "device"] = "auto"
 
 
 @dataclass(frozen=True)
@@ -169,6 +178,8 @@ class FederationConfig:
     server_lr: float = 0.01
     min_sites: int = 1
     round_timeout_s: float = 600.0
+    # Flower simulation only: the fraction of a GPU each site's worker gets (0: none, CPU sites).
+    sim_gpus_per_site: float = 0.0
     transport_dtype: Literal["float32", "float16"] = "float32"
     norm_bound_factor: float = 10.0
     trim_fraction: float = 0.2
@@ -225,6 +236,22 @@ class ExperimentConfig:
         _check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.train.lr > 0, "train.lr", "must be > 0")
         _check(self.train.rounds >= 1 and self.train.local_epochs >= 1, "train.rounds", "rounds and local_epochs must be >= 1")
+        _check(
+            re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.train.device) is not None,
+            "train.device",
+            f"{self.train.device!r} is not one of auto, cpu, cuda, cuda:N",
+        )
+        _check(
+            not (self.dp.enabled and self.train.amp in ("bf16", "fp16")),
+            "train.amp",
+            f"{self.train.amp} is not compatible with DP-SGD (Opacus clips per-sample gradients, which a "
+            "gradient scaler or half precision would distort): use 'off' or 'auto' (auto is off under DP)",
+        )
+        _check(
+            0.0 <= self.federation.sim_gpus_per_site <= 1.0,
+            "federation.sim_gpus_per_site",
+            "must be a fraction of one GPU in [0, 1]",
+        )
         m = self.evaluation.score_mapping
         _check(len(m) == 9, "evaluation.score_mapping", "needs 9 probabilities, one per score 1-9")
         _check(all(0.0 <= p <= 1.0 for p in m), "evaluation.score_mapping", "values must be probabilities")

@@ -13,6 +13,13 @@ Two choices here come from measurements on this task (stack notes):
   epoch, the running statistics lag the weights and eval-mode outputs became
   nearly constant (AUC inverted).  Recomputing the statistics with the final
   weights (a no-grad pass over the training data) fixes that cheaply.
+
+Every entry point runs where ``train.device`` resolves (``common.device``):
+the caller's model is moved there for the call and handed back where it
+was, so callers (codecs, checkpoints) keep CPU models.  On CUDA, batches are
+pinned, AMP runs as ``train.amp`` resolves and the random augmentation is
+batched on the device (``common.device_augment``); on the CPU the path is
+the original one, bit for bit.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -35,6 +42,8 @@ from tqdm import tqdm
 
 from .config import ExperimentConfig
 from .dataset import PatientDataset, SiteArrays
+from .device import Runtime, for_config, placed
+from .device_augment import BatchAugment
 from .metrics import binary_metrics
 from .models import ModelKind
 from .privacy import PrivacyLedger, finish, make_private
@@ -73,6 +82,36 @@ class Schedule:
         return base * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
+@dataclass
+class DataWait:
+    """Seconds spent waiting for the DataLoader's next batch (augmentation in workers included).
+
+    Pass one to :func:`train`, :func:`recalibrate_batchnorm` or
+    :func:`predict` to learn how much of a call was data wait (the bench's
+    load share); it only reads the clock.
+    """
+
+    seconds: float = 0.0
+    batches: int = 0
+
+
+def _waited(batches: Iterable[object], wait: DataWait | None) -> Iterator[object]:
+    if wait is None:
+        yield from batches
+        return
+    it = iter(batches)
+    while True:
+        t0 = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            wait.seconds += time.perf_counter() - t0
+            return
+        wait.seconds += time.perf_counter() - t0
+        wait.batches += 1
+        yield batch
+
+
 def set_threads(n: int) -> None:
     """Limit torch's intra-op threads so sites sharing a CPU do not oversubscribe it.
 
@@ -101,14 +140,24 @@ def make_loader(
     mode: Literal["train", "eval"],
     cfg: ExperimentConfig,
     seed: int,
+    runtime: Runtime | None = None,
 ) -> DataLoader[dict[str, torch.Tensor]]:
-    """A loader over ``indices`` of ``arrays``: shuffled with augmentation in train mode."""
+    """A loader over ``indices`` of ``arrays``: shuffled with augmentation in train mode.
+
+    ``runtime`` (default: the CPU path) decides whether the items are
+    augmented here (``augment_on: workers``) or left for the engine to
+    augment in batches on the device, and pins memory for CUDA.  Workers
+    persist across epochs only when their items carry no per-epoch random
+    state (``set_epoch`` does not reach a persistent worker's copy).
+    """
+    on_device = runtime is not None and runtime.augment_on == "device"
+    cuda = runtime is not None and runtime.is_cuda
     ds = PatientDataset(
         arrays,
         indices,
         kind="3d" if kind == "densenet3d" else "2d",
         mode=mode,
-        augment=cfg.preprocess.augment,
+        augment=None if on_device else cfg.preprocess.augment,
         seed=seed,
     )
     gen = torch.Generator().manual_seed(seed)
@@ -122,7 +171,16 @@ def make_loader(
         # BatchNorm cannot train on a last batch of one sample (DenseNet121's final
         # feature map is 1x1x1 at 32^3): drop that single leftover, reshuffled next epoch.
         drop_last=mode == "train" and len(ds) > 1 and len(ds) % batch == 1,
+        pin_memory=cuda,
+        persistent_workers=cuda and cfg.train.num_workers > 0 and (mode == "eval" or on_device),
     )
+
+
+def device_augment(kind: ModelKind, cfg: ExperimentConfig, runtime: Runtime) -> BatchAugment | None:
+    """The batched augmentation of training batches when it runs on the device, else ``None``."""
+    if runtime.augment_on != "device" or not (cfg.preprocess.augment.enabled and cfg.preprocess.augment.prob > 0):
+        return None
+    return BatchAugment(cfg.preprocess.augment, 3 if kind == "densenet3d" else 2)
 
 
 def class_weights(labels: np.ndarray) -> torch.Tensor:
@@ -146,6 +204,7 @@ def train(
     proximal_mu: float = 0.0,
     desc: str = "train",
     privacy: PrivacyLedger | None = None,
+    wait: DataWait | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on the patients ``indices`` for ``epochs`` epochs.
 
@@ -153,50 +212,66 @@ def train(
     ``schedule``; with ``proximal_mu > 0`` the FedProx term ``mu/2 ||w - w0||^2``
     keeps local weights near the round's global weights ``w0``.  With
     ``cfg.dp.enabled`` and a ``privacy`` ledger, DP-SGD (Opacus) runs and the
-    epsilon spent so far is returned.
+    epsilon spent so far is returned.  Runs where ``cfg.train.device``
+    resolves; ``model`` is handed back on its own device.
     """
+    rt = for_config(cfg)
+    dev = rt.torch_device
     seed_everything(seed)
     t0 = time.perf_counter()
-    loader = make_loader(arrays, indices, kind, "train", cfg, seed)
+    loader = make_loader(arrays, indices, kind, "train", cfg, seed, rt)
+    augment = device_augment(kind, cfg, rt)
     labels = arrays.labels[np.asarray(indices, dtype=int)]
-    weight = class_weights(labels) if cfg.train.class_weighting else None
+    weight = class_weights(labels).to(dev) if cfg.train.class_weighting else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
-    opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
-    net: nn.Module = model
-    engine = None
-    if cfg.dp.enabled:
-        if privacy is None:
-            raise ValueError("dp.enabled needs a privacy ledger (the site's accountant history)")
-        net, opt, loader, engine = make_private(model, opt, loader, cfg.dp, privacy, schedule.total_epochs, epochs)
-    steps_per_epoch = max(len(loader), 1)
-    steps, loss_sum, n_seen, lr = 0, 0.0, 0, cfg.train.lr
-    model.train()
-    dataset = loader.dataset
-    for epoch in range(epochs):
-        if isinstance(dataset, PatientDataset):
-            dataset.set_epoch(schedule.start_epoch + epoch)
-        for i, batch in enumerate(_progress(loader, f"{desc} e{epoch + 1}/{epochs}")):
-            assert isinstance(batch, dict)
-            lr = schedule.lr(cfg.train.lr, epoch + i / steps_per_epoch, cfg.train.schedule)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x, y = batch["image"].float(), batch["label"].long()
-            if len(y) == 0:  # Poisson sampling (DP) can draw an empty batch
-                continue
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(net(x), y)
-            if anchor:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
-                loss = loss + 0.5 * proximal_mu * prox
-            loss.backward()
-            opt.step()
-            steps += 1
-            loss_sum += float(loss.detach()) * len(y)
-            n_seen += len(y)
-    epsilon = finish(engine, privacy, cfg.dp.delta, net) if engine is not None and privacy is not None else None
-    if cfg.train.bn_recalibration:
-        recalibrate_batchnorm(model, arrays, indices, kind, cfg, seed)
+    with placed(model, dev):
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
+        net: nn.Module = model
+        engine = None
+        if cfg.dp.enabled:
+            if privacy is None:
+                raise ValueError("dp.enabled needs a privacy ledger (the site's accountant history)")
+            net, opt, loader, engine = make_private(model, opt, loader, cfg.dp, privacy, schedule.total_epochs, epochs)
+        scaler = rt.scaler()
+        steps_per_epoch = max(len(loader), 1)
+        steps, loss_sum, n_seen, lr = 0, 0.0, 0, cfg.train.lr
+        model.train()
+        dataset = loader.dataset
+        for epoch in range(epochs):
+            if isinstance(dataset, PatientDataset):
+                dataset.set_epoch(schedule.start_epoch + epoch)
+            gen = _augment_generator(seed, schedule.start_epoch + epoch) if augment is not None else None
+            for i, batch in enumerate(_waited(_progress(loader, f"{desc} e{epoch + 1}/{epochs}"), wait)):
+                assert isinstance(batch, dict)
+                lr = schedule.lr(cfg.train.lr, epoch + i / steps_per_epoch, cfg.train.schedule)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                x = batch["image"].to(dev, non_blocking=True).float()
+                y = batch["label"].to(dev, non_blocking=True).long()
+                if len(y) == 0:  # Poisson sampling (DP) can draw an empty batch
+                    continue
+                if augment is not None and gen is not None:
+                    x = augment(x, gen)
+                opt.zero_grad(set_to_none=True)
+                with rt.autocast():
+                    loss = loss_fn(net(x), y)
+                if anchor:
+                    prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+                    loss = loss + 0.5 * proximal_mu * prox
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                steps += 1
+                loss_sum += float(loss.detach()) * len(y)
+                n_seen += len(y)
+        epsilon = finish(engine, privacy, cfg.dp.delta, net) if engine is not None and privacy is not None else None
+        if cfg.train.bn_recalibration:
+            recalibrate_batchnorm(model, arrays, indices, kind, cfg, seed, wait=wait)
     return TrainResult(
         n_patients=len(indices),
         epochs=epochs,
@@ -206,6 +281,12 @@ def train(
         lr_last=lr,
         epsilon=epsilon,
     )
+
+
+def _augment_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator of one epoch's device augmentation: a function of (seed, epoch) only."""
+    state = int(np.random.SeedSequence([seed, epoch, 0x0A06]).generate_state(1)[0])
+    return torch.Generator().manual_seed(state)
 
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -220,6 +301,8 @@ def recalibrate_batchnorm(
     kind: ModelKind,
     cfg: ExperimentConfig,
     seed: int,
+    *,
+    wait: DataWait | None = None,
 ) -> None:
     """Recompute BatchNorm running statistics with the current weights.
 
@@ -230,14 +313,18 @@ def recalibrate_batchnorm(
     bns = _batchnorms(model)
     if not bns or len(indices) == 0:
         return
+    rt = for_config(cfg)
     saved = [bn.momentum for bn in bns]
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None
-    model.train()
-    for batch in make_loader(arrays, indices, kind, "eval", cfg, seed):
-        x = batch["image"].float()
-        model(x.flatten(0, 1) if kind == "densenet2d" else x)
+    with placed(model, rt.torch_device):
+        model.train()
+        for batch in _waited(make_loader(arrays, indices, kind, "eval", cfg, seed, rt), wait):
+            assert isinstance(batch, dict)
+            x = batch["image"].to(rt.torch_device, non_blocking=True).float()
+            with rt.autocast():
+                model(x.flatten(0, 1) if kind == "densenet2d" else x)
     for bn, m in zip(bns, saved, strict=True):
         bn.momentum = m
     model.eval()
@@ -250,8 +337,10 @@ def predict(
     indices: Sequence[int],
     kind: ModelKind,
     cfg: ExperimentConfig,
+    *,
+    wait: DataWait | None = None,
 ) -> np.ndarray:
-    """Probability of malignancy per patient, under ``model.eval()``.
+    """Probability of malignancy per patient, under ``model.eval()`` (and autocast where AMP is on).
 
     2D: each patient's slices are scored and their probabilities averaged
     with ``preprocess.d2.slice_weights`` (slices ordered by tumour area, largest
@@ -259,18 +348,26 @@ def predict(
     """
     if len(indices) == 0:
         return np.zeros(0, dtype=np.float64)
+    rt = for_config(cfg)
+    dev = rt.torch_device
     model.eval()
     sw = np.asarray(cfg.preprocess.d2.slice_weights, dtype=np.float64)
-    w = torch.tensor(sw / sw.sum(), dtype=torch.float32)
+    w = torch.tensor(sw / sw.sum(), dtype=torch.float32, device=dev)
     out: list[np.ndarray] = []
-    for batch in make_loader(arrays, indices, kind, "eval", cfg, seed=0):
-        x = batch["image"].float()
-        if kind == "densenet2d":
-            b, n = x.shape[:2]
-            p = torch.softmax(model(x.flatten(0, 1)), dim=1)[:, 1].reshape(b, n)
-            out.append((p * w[:n] / w[:n].sum()).sum(dim=1).numpy())
-        else:
-            out.append(torch.softmax(model(x), dim=1)[:, 1].numpy())
+    with placed(model, dev):
+        for batch in _waited(make_loader(arrays, indices, kind, "eval", cfg, 0, rt), wait):
+            assert isinstance(batch, dict)
+            x = batch["image"].to(dev, non_blocking=True).float()
+            if kind == "densenet2d":
+                b, n = x.shape[:2]
+                with rt.autocast():
+                    logits = model(x.flatten(0, 1))
+                p = torch.softmax(logits.float(), dim=1)[:, 1].reshape(b, n)
+                out.append((p * w[:n] / w[:n].sum()).sum(dim=1).cpu().numpy())
+            else:
+                with rt.autocast():
+                    logits = model(x)
+                out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 
