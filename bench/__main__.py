@@ -8,8 +8,10 @@ oracle AUC), ``e2e`` (the latest ``make simulate`` and the ensemble's
 prediction time per patient) and ``scaling`` (3, 6, 12 sites).  Every
 section other than ``throughput`` runs as ``python -m bench.sections NAME``
 with a timeout; runs that several sections share are made once per work
-folder.  ``--device cuda`` measures throughput only (the other sections are
-about CPU sites).
+folder.  ``--device cuda`` is the GPU section: throughput only (the other
+sections are about CPU sites), each configuration with AMP off and with
+``train.amp: auto`` (bf16 or fp16), batches augmented on the device, all
+through ``common.engine`` as a run would train.
 """
 
 from __future__ import annotations
@@ -145,6 +147,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)"
     )
     p.add_argument(
+        "--amp",
+        type=_amps,
+        default=None,
+        metavar="A1,A2",
+        help="train.amp values to measure, out of off,auto,bf16,fp16 (default: off on cpu, off,auto on cuda)",
+    )
+    p.add_argument(
+        "--augment-on",
+        default="auto",
+        choices=("auto", "workers", "device"),
+        help="train.augment_on (default auto: on the device on cuda, in the DataLoader on cpu)",
+    )
+    p.add_argument(
         "--arch",
         default="densenet121",
         choices=("densenet121", "small"),
@@ -172,7 +187,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--rounds must be >= 2 (the steady round is the mean of rounds 2..)")
     if args.only is None:
         args.only = SECTIONS if args.device == "cpu" else ("throughput",)
+    if args.amp is None:
+        args.amp = ("off",) if args.device == "cpu" else ("off", "auto")
     return args
+
+
+def _amps(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names or any(n not in ("off", "auto", "bf16", "fp16") for n in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from off,auto,bf16,fp16")
+    return names
 
 
 def _sections(text: str) -> tuple[str, ...]:
@@ -201,21 +225,32 @@ def specs(args: argparse.Namespace) -> list[Spec]:
             threads=args.threads,
             device=args.device,
             workers=args.workers,
+            amp=amp,
+            augment_on=args.augment_on,
         )
         for preset in presets
         for kind in args.kinds
+        for amp in args.amp
     ]
 
 
 def gpu_name(device: str) -> str:
-    """The CUDA device's name, or an error when CUDA was asked for and is absent (before any subprocess)."""
+    """The CUDA device's name, or an error when CUDA was asked for and is absent (before any subprocess).
+
+    Resolved by ``common.device`` like ``train.device``, so the bench refuses exactly what a run refuses.
+    """
     if device != "cuda":
         return ""
     import torch  # only here: the CPU report needs no torch import in this process
 
-    if not torch.cuda.is_available():
-        raise BenchError(f"--device cuda: CUDA is not available to torch {torch.__version__}")
-    props = torch.cuda.get_device_properties(0)
+    from common.config import ConfigError
+    from common.device import Offer, resolve
+
+    try:
+        rt = resolve(device, "off", "auto", offer=Offer.probe(), key="--device")
+    except ConfigError as exc:
+        raise BenchError(str(exc)) from exc
+    props = torch.cuda.get_device_properties(rt.torch_device)
     return f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
 
 

@@ -22,39 +22,50 @@ COLUMNS = (
     "peak RSS GiB",
     "load avg",
 )
+GPU_COLUMNS = (*COLUMNS[:4], "amp", "aug", *COLUMNS[4:], "GPU peak GiB")
+"""The GPU section's table: AMP, where augmentation ran and peak GPU memory as well."""
+
+
+def _gpu_table(results: Sequence[Measurement]) -> bool:
+    return any(r.device != "cpu" or r.amp != "off" or r.augment_on != "workers" for r in results)
 
 
 def table_rows(results: Sequence[Measurement]) -> list[tuple[str, ...]]:
     """One row of formatted cells per measurement (figures as measured, rounded for reading)."""
     rows: list[tuple[str, ...]] = []
+    gpu = _gpu_table(results)
     for r in results:
-        rows.append(
-            (
-                r.kind,
-                r.input,
-                r.arch,
-                r.device,
-                str(r.threads),
-                str(r.patients),
-                f"{r.train_batch}/{r.eval_batch}",
-                f"{r.train_pps:.3g}",
-                f"{100 * r.train_load_fraction:.1f}",
-                f"{r.recal_s:.2f}" if r.recal_s > 0 else "-",
-                f"{r.infer_pps:.3g}",
-                f"{r.peak_rss_mib / 1024:.2f}",
-                f"{r.load_avg_1m:.1f}",
-            )
+        row: tuple[str, ...] = (
+            r.kind,
+            r.input,
+            r.arch,
+            r.device,
+            str(r.threads),
+            str(r.patients),
+            f"{r.train_batch}/{r.eval_batch}",
+            f"{r.train_pps:.3g}",
+            f"{100 * r.train_load_fraction:.1f}",
+            f"{r.recal_s:.2f}" if r.recal_s > 0 else "-",
+            f"{r.infer_pps:.3g}",
+            f"{r.peak_rss_mib / 1024:.2f}",
+            f"{r.load_avg_1m:.1f}",
         )
+        if gpu:
+            peak = "-" if r.gpu_peak_mib is None else f"{r.gpu_peak_mib / 1024:.2f}"
+            row = (*row[:4], r.amp, r.augment_on, *row[4:], peak)
+        rows.append(row)
     return rows
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    first_number = list(header).index("thr") if "thr" in header else 4
     line = "  ".join("-" * w for w in widths)
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), line]
     out += [
         "  ".join(
-            c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            c.rjust(w) if i >= first_number else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
         )
         for row in rows
     ]
@@ -69,14 +80,11 @@ def format_report(
     if threads_note:
         out.append(threads_note)
     out.append("")
-    out.append(format_table(COLUMNS, table_rows(results)) if results else "(no configuration measured)")
-    gpu = [(r, r.gpu_peak_mib) for r in results if r.gpu_peak_mib is not None]
-    if gpu:
-        out.append("")
-        out += [
-            f"GPU peak memory {r.kind} {r.input}: {mib / 1024:.2f} GiB (torch.cuda.max_memory_allocated)"
-            for r, mib in gpu
-        ]
+    columns = GPU_COLUMNS if _gpu_table(results) else COLUMNS
+    out.append(format_table(columns, table_rows(results)) if results else "(no configuration measured)")
+    names = sorted({f"{r.device}: {r.device_name}" for r in results if r.device != "cpu" and r.device_name})
+    if names:
+        out += ["", *(f"GPU {n}" for n in names)]
     loops = sorted({r.loop for r in results})
     workers = sorted({r.num_workers for r in results})
     base = [r.base_rss_mib for r in results]
@@ -95,11 +103,12 @@ def format_report(
         "  data: random in-memory SiteArrays (float16, as cached); no disk reads or preprocessing are timed.",
         f"  loop: {', '.join(loops) or '-'}",
     ]
-    if any(r.loop != "common.engine" for r in results):
-        out.append(
-            "    common.engine is CPU-only, so on the GPU bench/throughput.py mirrors its train/recalibrate/predict"
-            " steps (same loader, loss, Adam, schedule, prediction rule) with model and batches on the device."
-        )
+    if columns is GPU_COLUMNS:
+        out += [
+            "  amp: train.amp as resolved (off, bf16, or fp16 with a gradient scaler); aug: where the random",
+            "    augmentation ran (device: batched on the GPU, common.device_augment; workers: MONAI per item).",
+            "  GPU peak: torch.cuda.max_memory_allocated over the timed epoch, recalibration and prediction.",
+        ]
     busy = [r for r in results if r.load_avg_1m > machine.usable_cpus]
     if busy:
         out += [

@@ -7,12 +7,10 @@ DataLoader, augmentation and prediction rule but no disk I/O or
 preprocessing.  A warm-up (one optimiser step and one prediction batch) runs
 first and is not timed: it pays for allocator growth and kernel selection.
 
-The engine is CPU-only (it never moves tensors).  For ``device="cuda"`` the
-epoch, recalibration and prediction are run by :func:`mirror_train_epoch`,
-:func:`mirror_recalibrate` and :func:`mirror_predict`, which repeat the
-engine's steps (same loader, loss, optimiser, schedule and prediction rule)
-with the model and batches on the device; ``tests/test_bench.py`` checks on
-CPU that they give the engine's weights and probabilities exactly.
+The device, mixed precision and augmentation placement are the spec's
+``train.device``/``train.amp``/``train.augment_on``, resolved by
+``common.device`` exactly as in a run; the engine reports its own data wait
+(``common.engine.DataWait``), so nothing here replaces or copies any of it.
 
 Each configuration is meant to run in a fresh process (``python -m
 bench.throughput --one SPEC_JSON`` prints one JSON object), so its peak RSS
@@ -22,7 +20,6 @@ bench.throughput --one SPEC_JSON`` prints one JSON object), so its peak RSS
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -31,27 +28,25 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from unittest import mock
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from common import engine
-from common.config import ExperimentConfig, load_config
-from common.dataset import FEATURE_NAMES, PatientDataset, SiteArrays
+from common.config import ConfigError, ExperimentConfig, load_config
+from common.dataset import FEATURE_NAMES, SiteArrays
+from common.device import Runtime, for_config
 from common.models import ModelKind, build_model, count_parameters
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 Arch = Literal["densenet121", "small"]
-Batch = dict[str, torch.Tensor]
 
 
 class BenchError(RuntimeError):
@@ -65,7 +60,8 @@ class Spec:
     ``preset`` gives the input sizes and the batch size (``quick``: 3D 32^3,
     2D 3 x 64^2, batch 8; ``study``: 96^3, 3 x 224^2, batch 20; ``tiny``: 32^3,
     3 x 32^2).  ``batch=0`` keeps the preset's; ``threads=0`` leaves torch's
-    default.
+    default.  ``device``, ``amp`` and ``augment_on`` are the ``train.*``
+    settings of the same names.
     """
 
     kind: ModelKind
@@ -77,10 +73,13 @@ class Spec:
     device: str = "cpu"
     seed: int = 0
     workers: int = -1  # DataLoader worker processes; -1 keeps the preset's
+    amp: Literal["auto", "off", "bf16", "fp16"] = "off"
+    augment_on: Literal["auto", "workers", "device"] = "auto"
 
     @property
     def label(self) -> str:
-        return f"{self.kind} {self.arch} {self.preset} ({self.patients} patients, {self.device})"
+        amp = f", amp {self.amp}" if self.amp != "off" else ""
+        return f"{self.kind} {self.arch} {self.preset} ({self.patients} patients, {self.device}{amp})"
 
 
 @dataclass(frozen=True)
@@ -119,6 +118,9 @@ class Measurement:
     peak_rss_mib: float
     load_avg_1m: float = float("nan")
     gpu_peak_mib: float | None = None
+    device_name: str = ""
+    amp: str = "off"
+    augment_on: str = "workers"
 
     @property
     def train_pps(self) -> float:
@@ -165,6 +167,9 @@ def bench_config(spec: Spec) -> tuple[ExperimentConfig, bool]:
         batch_size=spec.batch or cfg.train.batch_size,
         bn_recalibration=False,
         num_workers=cfg.train.num_workers if spec.workers < 0 else spec.workers,
+        device=spec.device,
+        amp=spec.amp,
+        augment_on=spec.augment_on,
     )
     cfg = dataclasses.replace(
         cfg, models=dataclasses.replace(cfg.models, **{spec.kind: model_cfg}), train=train
@@ -200,238 +205,41 @@ def input_label(kind: ModelKind, cfg: ExperimentConfig) -> str:
     return f"{cfg.preprocess.d2.n_slices}x{cfg.preprocess.d2.size}^2"
 
 
-# ---------------------------------------------------------------- load timing
-
-
-@dataclass
-class LoadClock:
-    """Seconds spent waiting for batches, accumulated by :class:`TimedLoader`."""
-
-    seconds: float = 0.0
-    batches: int = 0
-
-
-@dataclass
-class TimedLoader:
-    """A DataLoader whose ``next()`` calls are timed into ``clock`` (it quacks like the loader)."""
-
-    loader: DataLoader[Batch]
-    clock: LoadClock = field(default_factory=LoadClock)
-
-    @property
-    def dataset(self) -> Any:
-        return self.loader.dataset
-
-    @property
-    def batch_size(self) -> int | None:
-        return self.loader.batch_size
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[Batch]:
-        it = iter(self.loader)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                self.clock.seconds += time.perf_counter() - t0
-                return
-            self.clock.seconds += time.perf_counter() - t0
-            self.clock.batches += 1
-            yield batch
-
-
-@contextlib.contextmanager
-def engine_loaders_timed(clock: LoadClock) -> Iterator[None]:
-    """Within the block, every loader the engine makes is a :class:`TimedLoader` on ``clock``.
-
-    The engine builds its loaders internally, so this is the one way to see
-    its data-loading time without changing it; the patch is undone on exit.
-    """
-    real = engine.make_loader
-
-    def timed(*args: Any, **kwargs: Any) -> TimedLoader:
-        return TimedLoader(real(*args, **kwargs), clock)
-
-    with mock.patch.object(engine, "make_loader", timed):
-        yield
-    if clock.batches == 0:
-        raise BenchError(
-            "common.engine no longer loads batches through engine.make_loader: load time unmeasured"
-        )
-
-
-# ---------------------------------------------------------------- the engine's steps on a device
-
-
-def mirror_train_epoch(
-    model: nn.Module,
-    arrays: SiteArrays,
-    indices: Sequence[int],
-    kind: ModelKind,
-    cfg: ExperimentConfig,
-    *,
-    seed: int,
-    device: torch.device,
-    clock: LoadClock,
-) -> tuple[int, float]:
-    """``engine.train(..., epochs=1, schedule=Schedule(0, 1))`` without FedProx or recalibration, on ``device``.
-
-    ``model`` must already be on ``device``.  Returns (steps, mean loss).
-    """
-    engine.seed_everything(seed)
-    loader = TimedLoader(engine.make_loader(arrays, indices, kind, "train", cfg, seed), clock)
-    labels = arrays.labels[np.asarray(indices, dtype=int)]
-    weight = engine.class_weights(labels).to(device) if cfg.train.class_weighting else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    schedule = engine.Schedule(0, 1)
-    steps_per_epoch = max(len(loader), 1)
-    steps, loss_sum, n_seen = 0, 0.0, 0
-    model.train()
-    if isinstance(loader.dataset, PatientDataset):
-        loader.dataset.set_epoch(0)
-    for i, batch in enumerate(loader):
-        lr = schedule.lr(cfg.train.lr, i / steps_per_epoch, cfg.train.schedule)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x = batch["image"].to(device, non_blocking=True).float()
-        y = batch["label"].to(device, non_blocking=True).long()
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
-        steps += 1
-        loss_sum += float(loss.detach()) * len(y)
-        n_seen += len(y)
-    return steps, loss_sum / max(n_seen, 1)
-
-
-@torch.no_grad()
-def mirror_recalibrate(
-    model: nn.Module,
-    arrays: SiteArrays,
-    indices: Sequence[int],
-    kind: ModelKind,
-    cfg: ExperimentConfig,
-    *,
-    seed: int,
-    device: torch.device,
-    clock: LoadClock,
-) -> None:
-    """``engine.recalibrate_batchnorm`` on ``device``."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns or not indices:
-        return
-    saved = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
-    for batch in TimedLoader(engine.make_loader(arrays, indices, kind, "eval", cfg, seed), clock):
-        x = batch["image"].to(device, non_blocking=True).float()
-        model(x.flatten(0, 1) if kind == "densenet2d" else x)
-    for bn, m in zip(bns, saved, strict=True):
-        bn.momentum = m
-    model.eval()
-
-
-@torch.no_grad()
-def mirror_predict(
-    model: nn.Module,
-    arrays: SiteArrays,
-    indices: Sequence[int],
-    kind: ModelKind,
-    cfg: ExperimentConfig,
-    *,
-    device: torch.device,
-    clock: LoadClock,
-) -> np.ndarray:
-    """``engine.predict`` on ``device`` (2D: slice probabilities averaged with ``slice_weights``)."""
-    model.eval()
-    sw = np.asarray(cfg.preprocess.d2.slice_weights, dtype=np.float64)
-    w = torch.tensor(sw / sw.sum(), dtype=torch.float32, device=device)
-    out: list[np.ndarray] = []
-    for batch in TimedLoader(engine.make_loader(arrays, indices, kind, "eval", cfg, seed=0), clock):
-        x = batch["image"].to(device, non_blocking=True).float()
-        if kind == "densenet2d":
-            b, n = x.shape[:2]
-            p = torch.softmax(model(x.flatten(0, 1)), dim=1)[:, 1].reshape(b, n)
-            out.append((p * w[:n] / w[:n].sum()).sum(dim=1).cpu().numpy())
-        else:
-            out.append(torch.softmax(model(x), dim=1)[:, 1].cpu().numpy())
-    return np.concatenate(out).astype(np.float64) if out else np.zeros(0, dtype=np.float64)
-
-
 # ---------------------------------------------------------------- phases
 
 
 @dataclass(frozen=True)
 class _Phases:
-    """Train / recalibrate / predict on CPU through the engine, elsewhere through the mirror."""
+    """Train / recalibrate / predict, each one call of ``common.engine`` timing its data wait."""
 
     model: nn.Module
     arrays: SiteArrays
     kind: ModelKind
     cfg: ExperimentConfig
     seed: int
-    device: torch.device
 
-    @property
-    def on_engine(self) -> bool:
-        return self.device.type == "cpu"
-
-    def train(self, indices: Sequence[int], clock: LoadClock) -> tuple[int, float]:
-        if self.on_engine:
-            with engine_loaders_timed(clock):
-                res = engine.train(
-                    self.model,
-                    self.arrays,
-                    indices,
-                    self.kind,
-                    self.cfg,
-                    epochs=1,
-                    schedule=engine.Schedule(0, 1),
-                    seed=self.seed,
-                    desc="bench",
-                )
-            return res.steps, res.loss
-        return mirror_train_epoch(
+    def train(self, indices: Sequence[int], wait: engine.DataWait) -> tuple[int, float]:
+        res = engine.train(
             self.model,
             self.arrays,
             indices,
             self.kind,
             self.cfg,
+            epochs=1,
+            schedule=engine.Schedule(0, 1),
             seed=self.seed,
-            device=self.device,
-            clock=clock,
+            desc="bench",
+            wait=wait,
+        )
+        return res.steps, res.loss
+
+    def recalibrate(self, indices: Sequence[int], wait: engine.DataWait) -> None:
+        engine.recalibrate_batchnorm(
+            self.model, self.arrays, indices, self.kind, self.cfg, self.seed, wait=wait
         )
 
-    def recalibrate(self, indices: Sequence[int], clock: LoadClock) -> None:
-        if self.on_engine:
-            with engine_loaders_timed(clock):
-                engine.recalibrate_batchnorm(self.model, self.arrays, indices, self.kind, self.cfg, self.seed)
-        else:
-            mirror_recalibrate(
-                self.model,
-                self.arrays,
-                indices,
-                self.kind,
-                self.cfg,
-                seed=self.seed,
-                device=self.device,
-                clock=clock,
-            )
-
-    def predict(self, indices: Sequence[int], clock: LoadClock) -> np.ndarray:
-        if self.on_engine:
-            with engine_loaders_timed(clock):
-                return engine.predict(self.model, self.arrays, indices, self.kind, self.cfg)
-        return mirror_predict(
-            self.model, self.arrays, indices, self.kind, self.cfg, device=self.device, clock=clock
-        )
+    def predict(self, indices: Sequence[int], wait: engine.DataWait) -> np.ndarray:
+        return engine.predict(self.model, self.arrays, indices, self.kind, self.cfg, wait=wait)
 
 
 def _sync(device: torch.device) -> None:
@@ -450,14 +258,12 @@ def memory_mib(field_name: str = "VmHWM", status: Path = Path("/proc/self/status
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def resolve_device(name: str) -> torch.device:
-    """``cpu`` or ``cuda[:i]``; asking for CUDA where torch has none is an error, not a silent CPU run."""
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BenchError(f"--device {name}: CUDA is not available to torch {torch.__version__}")
-    if device.type not in ("cpu", "cuda"):
-        raise BenchError(f"--device {name}: only cpu and cuda are supported")
-    return device
+def runtime(cfg: ExperimentConfig) -> Runtime:
+    """The spec's device resolved as a run would; an unusable one is a ``BenchError`` naming ``--device``."""
+    try:
+        return for_config(cfg)
+    except ConfigError as exc:
+        raise BenchError(str(exc).replace("train.device:", "--device:", 1)) from exc
 
 
 def warmup_patients(patients: int, batch: int, items_per_patient: int) -> int:
@@ -485,13 +291,14 @@ def measure(spec: Spec) -> Measurement:
     base_rss = memory_mib("VmRSS")
     if spec.threads > 0:
         engine.set_threads(spec.threads)
-    device = resolve_device(spec.device)
     cfg, recal = bench_config(spec)
+    rt = runtime(cfg)
+    device = rt.torch_device
     d3, d2 = cfg.preprocess.d3, cfg.preprocess.d2
     arrays = random_arrays(spec.patients, d3.size, d2.size, d2.n_slices, seed=spec.seed)
-    probe = engine.make_loader(arrays, [0], spec.kind, "train", cfg, 0)
+    probe = engine.make_loader(arrays, [0], spec.kind, "train", cfg, 0, rt)
     train_batch = int(probe.batch_size or 1)
-    eval_batch = int(engine.make_loader(arrays, [0], spec.kind, "eval", cfg, 0).batch_size or 1)
+    eval_batch = int(engine.make_loader(arrays, [0], spec.kind, "eval", cfg, 0, rt).batch_size or 1)
     items_per_patient = d2.n_slices if spec.kind == "densenet2d" else 1  # 2D trains on slices
 
     n_items = spec.patients * items_per_patient
@@ -503,20 +310,22 @@ def measure(spec: Spec) -> Measurement:
         )
 
     torch.manual_seed(spec.seed)
-    model = build_model(spec.kind, getattr(cfg.models, spec.kind)).to(device)
-    phases = _Phases(model, arrays, spec.kind, cfg, spec.seed, device)
+    model = build_model(spec.kind, getattr(cfg.models, spec.kind)).to(device)  # the engine keeps it there
+    phases = _Phases(model, arrays, spec.kind, cfg, spec.seed)
     indices = list(range(spec.patients))
 
     t0 = time.perf_counter()  # warm-up: one full training step, one recalibration and one prediction batch
-    phases.train(indices[: warmup_patients(spec.patients, train_batch, items_per_patient)], LoadClock())
+    phases.train(indices[: warmup_patients(spec.patients, train_batch, items_per_patient)], engine.DataWait())
     warm_eval = indices[: min(spec.patients, eval_batch)]
     if recal:
-        phases.recalibrate(warm_eval, LoadClock())
-    phases.predict(warm_eval, LoadClock())
+        phases.recalibrate(warm_eval, engine.DataWait())
+    phases.predict(warm_eval, engine.DataWait())
     _sync(device)
     warmup_s = time.perf_counter() - t0
 
-    train_clock, recal_clock, infer_clock = LoadClock(), LoadClock(), LoadClock()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    train_clock, recal_clock, infer_clock = engine.DataWait(), engine.DataWait(), engine.DataWait()
     t0 = time.perf_counter()
     steps, loss = phases.train(indices, train_clock)
     _sync(device)
@@ -546,7 +355,7 @@ def measure(spec: Spec) -> Measurement:
         threads=torch.get_num_threads(),
         num_workers=cfg.train.num_workers,
         device=str(device),
-        loop="common.engine" if phases.on_engine else "bench mirror of common.engine",
+        loop="common.engine",
         params=count_parameters(model),
         warmup_s=warmup_s,
         train_s=train_s,
@@ -560,6 +369,9 @@ def measure(spec: Spec) -> Measurement:
         peak_rss_mib=memory_mib("VmHWM"),
         load_avg_1m=os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"),
         gpu_peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+        device_name=rt.name,
+        amp=rt.amp,
+        augment_on=rt.augment_on,
     )
 
 

@@ -1,7 +1,8 @@
-"""The benchmark (``python -m bench``): one configuration measured, the report, the GPU mirror."""
+"""The benchmark (``python -m bench``): one configuration measured through the engine, the report."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import math
@@ -11,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -24,22 +24,10 @@ from bench.params import SECTIONS, BenchParams
 from bench.proctree import TreeSampler, descendants, parse_kib, parse_ppid, tree_sample
 from bench.report import format_report
 from bench.sections import latest_simulate_run
-from bench.throughput import (
-    BenchError,
-    LoadClock,
-    Spec,
-    bench_config,
-    measure,
-    mirror_predict,
-    mirror_recalibrate,
-    mirror_train_epoch,
-    random_arrays,
-    resolve_device,
-    warmup_patients,
-)
-from common import engine
+from bench.throughput import BenchError, Spec, bench_config, measure, runtime, warmup_patients
 from common.config import load_config, to_dict
-from common.models import build_model
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def test_one_configuration_measures_throughput_memory_and_prints_the_machine() -> None:
@@ -63,28 +51,32 @@ def test_one_configuration_measures_throughput_memory_and_prints_the_machine() -
     assert "WARNING" not in format_report(machine, [idle])
 
 
-def test_gpu_mirror_gives_the_engines_weights_and_probabilities_on_cpu() -> None:
-    """The device loop must stay a faithful copy of common.engine (checked where both can run)."""
-    spec = Spec(kind="densenet2d", preset="tiny", patients=6, arch="small")
-    cfg, _ = bench_config(spec)
-    arrays = random_arrays(6, 32, 32, 3, seed=1)
-    idx, cpu = list(range(6)), torch.device("cpu")
-    models = []
-    for _ in range(2):
-        torch.manual_seed(0)
-        models.append(build_model("densenet2d", cfg.models.densenet2d))
-    ref, mirror = models
-    res = engine.train(ref, arrays, idx, "densenet2d", cfg, epochs=1, schedule=engine.Schedule(0, 1), seed=3)
-    engine.recalibrate_batchnorm(ref, arrays, idx, "densenet2d", cfg, 3)
-    steps, loss = mirror_train_epoch(
-        mirror, arrays, idx, "densenet2d", cfg, seed=3, device=cpu, clock=LoadClock()
-    )
-    mirror_recalibrate(mirror, arrays, idx, "densenet2d", cfg, seed=3, device=cpu, clock=LoadClock())
-    assert (steps, loss) == (res.steps, res.loss)
-    for (name, a), b in zip(ref.state_dict().items(), mirror.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
-    got = mirror_predict(mirror, arrays, idx, "densenet2d", cfg, device=cpu, clock=LoadClock())
-    np.testing.assert_array_equal(got, engine.predict(ref, arrays, idx, "densenet2d", cfg))
+def test_the_gpu_section_path_runs_through_the_engine_on_cpu_tensors() -> None:
+    """What ``--device cuda`` measures (augmentation batched on the device), on the CPU at tiny size."""
+    result = measure(Spec(kind="densenet2d", preset="tiny", patients=4, arch="small", augment_on="device"))
+    assert (result.loop, result.device, result.device_name) == ("common.engine", "cpu", "cpu")
+    assert (result.amp, result.augment_on, result.gpu_peak_mib) == ("off", "device", None)
+    assert result.train_steps == 2 and 0 < result.train_load_s < result.train_s  # 12 slices, batch 8
+    machine = describe_machine("python -m bench --augment-on device")
+    text = format_report(machine, [result])
+    header = next(line for line in text.splitlines() if line.startswith("model"))
+    assert "amp" in header and "aug" in header and "GPU peak GiB" in header
+    row = next(line for line in text.splitlines() if line.startswith("densenet2d"))
+    assert " off " in row and " device " in row and row.rstrip().endswith("-")
+    with pytest.raises(BenchError, match=r"train\.amp: bf16 needs a CUDA device"):
+        measure(Spec(kind="densenet3d", preset="tiny", patients=4, arch="small", amp="bf16"))
+
+
+def test_the_bench_imports_no_unittest_mock_and_keeps_no_copy_of_the_engine() -> None:
+    for path in sorted(BENCH.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        assert not any(m == "unittest" or m.startswith("unittest.") for m in imported), path
+        defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+        assert not defined & {"mirror_train_epoch", "mirror_recalibrate", "mirror_predict"}, path
+        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        assert "mock" not in names and "patch" not in names, path  # torch imports unittest.mock itself
 
 
 def test_warmup_fills_a_batch_and_never_leaves_a_single_item() -> None:
@@ -104,9 +96,19 @@ def test_cli_defaults_and_refusals() -> None:
     assert {s.preset for s in full} == {"quick", "study"} and all(
         (s.patients, s.batch, s.threads) == (5, 4, 1) for s in full
     )
+    assert [
+        s.amp for s in specs(parse_args(["--device", "cuda", "--quick-only", "--kinds", "densenet3d"]))
+    ] == [
+        "off",
+        "auto",
+    ]
+    assert {s.amp for s in full} == {"off"}
+    with pytest.raises(SystemExit):
+        parse_args(["--amp", "half"])
     if not torch.cuda.is_available():
-        with pytest.raises(BenchError, match="CUDA is not available"):
-            resolve_device("cuda")
+        with pytest.raises(BenchError, match=r"^--device: cuda requested but no CUDA device"):
+            runtime(bench_config(Spec(kind="densenet3d", preset="tiny", patients=4, device="cuda"))[0])
+        assert main(["--device", "cuda", "--quick-only"]) == 2  # refused before anything is measured
     # 5 patients x 3 slices with batch 2 leaves one slice in the last batch: refused with a reason
     with pytest.raises(BenchError, match="single slice"):
         measure(

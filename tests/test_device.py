@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ CPU_ONLY = Offer((), "2.13.0+cpu", None)
 TWO_GPUS = Offer((("NVIDIA A100-SXM4-80GB", True), ("Tesla V100", False)), "2.13.0+cu128", "12.8")
 
 
-def with_train(cfg: ExperimentConfig, **kw: object) -> ExperimentConfig:
+def with_train(cfg: ExperimentConfig, **kw: Any) -> ExperimentConfig:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **kw))
 
 
@@ -42,7 +43,9 @@ def test_auto_is_the_cpu_without_a_gpu_and_the_first_gpu_with_one() -> None:
 
 
 def test_cuda_without_a_gpu_is_an_error_naming_the_key() -> None:
-    with pytest.raises(ConfigError, match=r"^train\.device: cuda requested but no CUDA device.*2\.13\.0\+cpu"):
+    with pytest.raises(
+        ConfigError, match=r"^train\.device: cuda requested but no CUDA device.*2\.13\.0\+cpu"
+    ):
         resolve("cuda", "auto", "auto", offer=CPU_ONLY)
     with pytest.raises(ConfigError, match=r"^--device: cuda:0 requested but no CUDA device"):
         resolve("cuda:0", "auto", "auto", offer=CPU_ONLY, key="--device")
@@ -63,7 +66,10 @@ def test_the_config_names_bad_device_keys_and_refuses_dp_with_amp(tmp_path: obje
         load_config("tiny", {"train": {"amp": "half"}})
     with pytest.raises(ConfigError, match=r"train\.augment_on: 'gpu' is not one of"):
         load_config("tiny", {"train": {"augment_on": "gpu"}})
-    dp = {"dp": {"enabled": True}, "models": {"densenet3d": {"norm": "group"}, "densenet2d": {"norm": "group"}}}
+    dp = {
+        "dp": {"enabled": True},
+        "models": {"densenet3d": {"norm": "group"}, "densenet2d": {"norm": "group"}},
+    }
     for amp in ("bf16", "fp16"):
         with pytest.raises(ConfigError, match=rf"train\.amp: {amp} is not compatible with DP-SGD"):
             load_config("tiny", {**dp, "train": {"amp": amp}})
@@ -84,7 +90,16 @@ def test_explicit_amp_on_the_cpu_is_refused() -> None:
     cfg = with_train(tiny_cfg(), device="cpu", amp="fp16")
     model = build_model("densenet3d", cfg.models.densenet3d)
     with pytest.raises(ConfigError, match=r"train\.amp: fp16 needs a CUDA device"):
-        train(model, tiny_arrays(8), list(range(8)), "densenet3d", cfg, epochs=1, schedule=Schedule(0, 1), seed=0)
+        train(
+            model,
+            tiny_arrays(8),
+            list(range(8)),
+            "densenet3d",
+            cfg,
+            epochs=1,
+            schedule=Schedule(0, 1),
+            seed=0,
+        )
 
 
 def test_runtime_autocast_and_scaler_follow_the_amp_choice() -> None:
@@ -125,7 +140,9 @@ def test_device_augmentation_path_trains_on_the_cpu_and_is_deterministic() -> No
     b_state, _ = _trained(cfg)
     assert all(torch.equal(a_state[k], b_state[k]) for k in a_state)
     workers_state, _ = _trained(with_train(tiny_cfg(), device="cpu", augment_on="workers"))
-    assert not all(torch.equal(a_state[k], workers_state[k]) for k in a_state)  # a different augmentation stream
+    assert not all(
+        torch.equal(a_state[k], workers_state[k]) for k in a_state
+    )  # a different augmentation stream
     assert np.isfinite(a_probs).all()
 
 
@@ -135,7 +152,9 @@ def test_data_wait_is_counted_and_the_model_stays_where_it_was() -> None:
     model = build_model("densenet3d", cfg.models.densenet3d)
     wait = DataWait()
     train(model, arrays, idx, "densenet3d", cfg, epochs=1, schedule=Schedule(0, 1), seed=0, wait=wait)
-    assert wait.batches == 2 + 1 and wait.seconds > 0  # two training batches of 8 and 2, one recalibration batch
+    assert (
+        wait.batches == 2 + 1 and wait.seconds > 0
+    )  # two training batches of 8 and 2, one recalibration batch
     recalibrate_batchnorm(model, arrays, idx, "densenet3d", cfg, 0, wait=wait)
     predict(model, arrays, idx, "densenet3d", cfg, wait=wait)
     assert wait.batches == 5
@@ -151,8 +170,9 @@ def _pattern(shape: tuple[int, ...]) -> torch.Tensor:
     """Two channels: a one-voxel dot off-centre (channel 0) and a binary box around it (channel 1)."""
     x = torch.zeros((1, 2, *shape))
     dot = tuple(s // 4 for s in shape)
+    box: tuple[Any, ...] = (0, 1, *(slice(d - 1, d + 2) for d in dot))
     x[(0, 0, *dot)] = 1.0
-    x[(0, 1, *(slice(d - 1, d + 2) for d in dot))] = 1.0
+    x[box] = 1.0
     return x
 
 
@@ -181,7 +201,9 @@ def test_a_quarter_turn_and_a_flip_land_the_dot_where_geometry_says() -> None:
     assert y[0, 1, 2, 2, 6] == 1.0 and y[0, 1].sum() == 27  # the box turned with it, still 27 voxels
 
     aug = BatchAugment(AugmentConfig(prob=1.0), 3, nearest_channels=[1])
-    flipped = aug.apply(x, Draw(torch.eye(3)[None], torch.zeros(1, 3), torch.tensor([False]), torch.tensor([True])))
+    flipped = aug.apply(
+        x, Draw(torch.eye(3)[None], torch.zeros(1, 3), torch.tensor([False]), torch.tensor([True]))
+    )
     assert torch.equal(flipped, x.flip(2))  # left-right = first spatial axis, exact
 
 
