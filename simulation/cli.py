@@ -86,9 +86,50 @@ def _experiment(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
 
     Raises ``ConfigError`` for a bad config; generates the synthetic cohort on first use.
     """
-    cfg = load_config(args.config or "quick")
+    gpus = getattr(args, "gpus_per_site", None)
+    cfg = load_config(args.config or "quick", {"federation": {"sim_gpus_per_site": gpus}} if gpus is not None else None)
     cohort_dir = ensure_cohort(cfg, Path.cwd())
     return with_sites(cfg, cfg.sites or cohort_sites(cohort_dir)), cohort_dir
+
+
+def simulation_resources(cfg: ExperimentConfig, cpus: int, gpus: int) -> dict[str, int | float]:
+    """Flower's simulation backend config: sites, each site's CPUs and, when configured, its GPU share.
+
+    ``federation.sim_gpus_per_site`` (e.g. 0.25: four sites share a GPU)
+    goes to ``client-resources-num-gpus`` when the machine has ``gpus``; at
+    0 (the default), or on a machine without a GPU, the key is left out and
+    the run is exactly the CPU one (Ray would otherwise schedule no site at
+    all).  Ray hides the GPUs from a site without a share, so on a GPU
+    machine a share is what lets ``train.device: auto`` find one.
+    """
+    federation: dict[str, int | float] = {
+        "num-supernodes": len(cfg.sites),
+        "client-resources-num-cpus": max(cfg.train.threads, 1),
+        "init-args-num-cpus": cpus,
+    }
+    if cfg.federation.sim_gpus_per_site > 0 and gpus > 0:
+        federation["client-resources-num-gpus"] = cfg.federation.sim_gpus_per_site
+    return federation
+
+
+def _gpus(cfg: ExperimentConfig) -> int:
+    """CUDA devices here when the run asks for any (torch is imported only then); raises ``ConfigError``."""
+    if cfg.federation.sim_gpus_per_site <= 0 and not cfg.train.device.startswith("cuda"):
+        return 0
+    import torch
+
+    from common.device import for_config
+
+    for_config(cfg)  # an explicit cuda without a GPU fails here, before any site starts
+    if cfg.train.device.startswith("cuda") and cfg.federation.sim_gpus_per_site <= 0:
+        raise ConfigError(
+            f"federation.sim_gpus_per_site: train.device {cfg.train.device} needs a GPU share per simulated site "
+            "(Ray hides the GPUs from a site without one): set it, e.g. 0.5, or --gpus-per-site 0.5"
+        )
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        print("warning: federation.sim_gpus_per_site is set but this machine has no CUDA device: sites run on the CPU")
+    return n
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -98,6 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         cfg, cohort_dir = _experiment(args)
+        gpus = _gpus(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -120,11 +162,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "sim-sites-file": str(run_dir / "simulation-sites.json"),
         "expected-sites": len(cfg.sites),
     }
-    federation = {
-        "num-supernodes": len(cfg.sites),
-        "client-resources-num-cpus": max(cfg.train.threads, 1),
-        "init-args-num-cpus": args.cpus,
-    }
+    federation = simulation_resources(cfg, args.cpus, gpus)
     print(f"Run folder: {run_dir}", flush=True)
     print(f"Plan {cfg.plan}: " + ", ".join(f"{s.name} ({s.role})" for s in cfg.sites), flush=True)
     flwr_home = run_dir / "flower"
@@ -265,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run folder (default: a new folder under runs/)")
     r.add_argument("--cpus", type=int, default=2, help="CPUs the simulation may use")
     r.add_argument("--baselines", action="store_true", help="also run the pooled and local-only baselines")
+    r.add_argument(
+        "--gpus-per-site",
+        type=float,
+        metavar="F",
+        help="share of a GPU per site (federation.sim_gpus_per_site; e.g. 0.5: two sites per GPU)",
+    )
     r.set_defaults(handler=cmd_run)
     b = sub.add_parser("baselines", help="pooled (centralised) and local-only fivefold baselines, no Flower")
     b.add_argument("--config", help="YAML file or preset name (default quick)")

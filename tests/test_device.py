@@ -231,3 +231,14 @@ def test_random_draws_stay_in_the_configured_ranges() -> None:
     assert float(d.shift.abs().max()) <= 2.0 + 1e-6  # 0.1 x 20 voxels
     det = torch.linalg.det(d.matrix)
     assert float(det.min()) >= 0.9**3 - 1e-4 and float(det.max()) <= 1.1**3 + 1e-4  # rotation x scale
+
+
+def test_simulated_sites_get_a_gpu_share_only_when_configured() -> None:
+    from simulation.cli import simulation_resources
+
+    cpu = simulation_resources(load_config("tiny"), 2, 0)
+    assert cpu == {"num-supernodes": 0, "client-resources-num-cpus": 1, "init-args-num-cpus": 2}
+    share = load_config("tiny", {"federation": {"sim_gpus_per_site": 0.25}})
+    assert simulation_resources(load_config("tiny"), 2, 1) == cpu  # no share asked: as on a CPU machine
+    assert simulation_resources(share, 2, 0) == cpu  # no GPU: Ray would otherwise schedule no site
+    assert simulation_resources(share, 16, 1)["client-resources-num-gpus"] == 0.25
