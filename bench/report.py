@@ -106,7 +106,7 @@ def format_report(
     if columns is GPU_COLUMNS:
         out += [
             "  amp: train.amp as resolved (off, bf16, or fp16 with a gradient scaler); aug: where the random",
-            "    augmentation ran (device: batched on the GPU, common.device_augment; workers: MONAI per item).",
+            "    augmentation ran (device: batched on the training device, common.device_augment; workers: MONAI per item).",
             "  GPU peak: torch.cuda.max_memory_allocated over the timed epoch, recalibration and prediction.",
         ]
     busy = [r for r in results if r.load_avg_1m > machine.usable_cpus]

@@ -94,7 +94,7 @@ def add_predict(sub: Subparsers) -> None:
     """Register ``predict --bundle B (--image CT --mask ROI | --manifest CSV | --site DIR)``."""
     p = sub.add_parser(
         "predict",
-        help="probability of malignancy for new patients, with a Grad-CAM heatmap (CPU)",
+        help="probability of malignancy for new patients, with a Grad-CAM heatmap (CPU or GPU)",
         description="Predict one patient (--image, --mask) or a batch (--manifest, --site) with a model "
         "bundle; exit status 1 if any patient could not be predicted.",
     )
@@ -110,6 +110,11 @@ def add_predict(sub: Subparsers) -> None:
     p.add_argument("--no-heatmap", action="store_true", help="skip Grad-CAM")
     p.add_argument("--cam-layer", help="Grad-CAM layer of the 3D model (default: chosen for the input size)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all)")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default: the first CUDA GPU if any, else the CPU), cpu, cuda or cuda:N",
+    )
     p.set_defaults(handler=lazy_handler("client.predict", "predict_cli"))
 
 

@@ -55,7 +55,7 @@ def feature_sizes(model: nn.Module, cube: int, layers: Sequence[str] = CAM_LAYER
     ]
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, 1, cube, cube, cube))
+            model.eval()(torch.zeros(1, 1, cube, cube, cube, device=next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
@@ -81,12 +81,13 @@ class CubeGradCAM:
                 f"Grad-CAM layer {layer!r} is not in the 3D model (try one of {list(CAM_LAYERS)})"
             )
         self.layer = layer
+        self.device = next(models[0].parameters()).device  # the fold models share one (client.predict)
         self._cams = [GradCAM(nn_module=m, target_layers=layer) for m in models]
 
     def __call__(self, cube: np.ndarray) -> np.ndarray:
-        """``cube`` (1, S, S, S) model input -> (S, S, S) float32 map in [0, 1]."""
-        x = torch.from_numpy(np.asarray(cube, dtype=np.float32))[None]
-        maps = [cam(x, class_idx=MALIGNANT).detach().numpy()[0, 0] for cam in self._cams]
+        """``cube`` (1, S, S, S) model input -> (S, S, S) float32 map in [0, 1], on the models' device."""
+        x = torch.from_numpy(np.asarray(cube, dtype=np.float32))[None].to(self.device)
+        maps = [cam(x, class_idx=MALIGNANT).detach().cpu().numpy()[0, 0] for cam in self._cams]
         out = np.mean(maps, axis=0)
         peak = float(out.max())
         return (out / peak if peak > 0 else out).astype(np.float32)

@@ -1,4 +1,4 @@
-"""``flower-client predict``: the federation's answer for new patients, on CPU, at any hospital.
+"""``flower-client predict``: the federation's answer for new patients, at any hospital (CPU or GPU).
 
 For each patient (one CT and its tumour ROI mask, optionally the
 radiologist's 9-point score):
@@ -45,6 +45,7 @@ import torch
 from common.bundle import BundleError, EnsembleSpec, ModelBundle, read_bundle
 from common.config import ExperimentConfig
 from common.dataset import ModelInputs, SiteArrays, model_inputs
+from common.device import Offer, Runtime, resolve
 from common.engine import predict as engine_predict
 from common.engine import set_threads
 from common.models import ModelKind
@@ -150,14 +151,24 @@ class Predictor:
         ensemble: str | None = None,
         heatmap: bool = True,
         cam_layer: str | None = None,
+        device: str = "auto",
     ) -> None:
         self.bundle = bundle
         cfg = bundle.config
+        # Where this machine predicts (``--device``), not where the sites trained; AMP as the bundle
+        # allows (autocast on a GPU unless it trained with amp: off); raises ConfigError naming --device.
+        amp = "off" if cfg.train.amp == "off" else "auto"
+        self.runtime: Runtime = resolve(device, amp, "workers", offer=Offer.probe(), key="--device")
         # One patient at a time: no DataLoader workers, whatever the training config said.
         self.cfg: ExperimentConfig = dataclasses.replace(
-            cfg, train=dataclasses.replace(cfg.train, num_workers=0)
+            cfg,
+            train=dataclasses.replace(
+                cfg.train, num_workers=0, device=self.runtime.device, amp=self.runtime.amp
+            ),
+            dp=dataclasses.replace(cfg.dp, enabled=False),  # prediction spends no privacy budget
         )
-        self.models = {kind: bundle.build(kind) for kind in bundle.kinds}
+        dev = self.runtime.torch_device
+        self.models = {kind: [m.to(dev) for m in bundle.build(kind)] for kind in bundle.kinds}
         names = {e.name for e in bundle.ensembles}
         if ensemble is not None and ensemble not in names:
             raise BundleError(
@@ -328,8 +339,8 @@ def read_patient_list(path: Path) -> tuple[list[PatientInput], list[str]]:
 # ---------------------------------------------------------------- printing and the CLI
 
 
-def describe(pred: Prediction, bundle: ModelBundle) -> str:
-    """The answer as a radiologist reads it."""
+def describe(pred: Prediction, bundle: ModelBundle, where: str = "CPU") -> str:
+    """The answer as a radiologist reads it (``where``: the device that computed it)."""
     lines = [f"patient {pred.patient_id}"]
     for kind in bundle.kinds:
         n = len(pred.fold_probabilities[kind])
@@ -354,7 +365,7 @@ def describe(pred: Prediction, bundle: ModelBundle) -> str:
         lines.append(f"  heatmap ({pred.cam_layer}): {pred.heatmap}  key slices: {pred.png}")
     lines += [f"  {w}" for w in pred.warnings]
     lines.append(
-        f"  time: {pred.seconds:.2f} s on CPU ({pred.cpu_seconds:.2f} s of CPU time, {torch.get_num_threads()} threads)"
+        f"  time: {pred.seconds:.2f} s on {where} ({pred.cpu_seconds:.2f} s of CPU time, {torch.get_num_threads()} threads)"
     )
     return "\n".join(lines)
 
@@ -408,7 +419,11 @@ def predict_cli(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         bundle = read_bundle(Path(args.bundle))
         predictor = Predictor(
-            bundle, ensemble=args.ensemble, heatmap=not args.no_heatmap, cam_layer=args.cam_layer
+            bundle,
+            ensemble=args.ensemble,
+            heatmap=not args.no_heatmap,
+            cam_layer=args.cam_layer,
+            device=getattr(args, "device", "auto"),
         )
     except (PredictionError, BundleError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -436,7 +451,8 @@ def predict_cli(args: argparse.Namespace) -> int:
         done.append(pred)
         rows.append(_csv_row(patient.patient_id, pred))
         _write_json(pred, bundle, out_dir)
-        print(describe(pred, bundle), flush=True)
+        rt = predictor.runtime
+        print(describe(pred, bundle, "CPU" if not rt.is_cuda else f"{rt.device} ({rt.name})"), flush=True)
     if len(patients) > 1 or args.manifest or args.site:
         table = out_dir / "predictions.csv"
         with table.open("w", newline="") as fh:
@@ -449,7 +465,8 @@ def predict_cli(args: argparse.Namespace) -> int:
             else "-"
         )
         print(
-            f"{len(done)} of {len(patients) + len(problems)} patients predicted ({mean} on CPU); table: {table}"
+            f"{len(done)} of {len(patients) + len(problems)} patients predicted ({mean} on "
+            f"{'CPU' if not predictor.runtime.is_cuda else predictor.runtime.device}); table: {table}"
         )
     for msg in problems:
         print(f"not predicted: {msg}", file=sys.stderr)

@@ -322,3 +322,19 @@ def test_grad_cam_lands_on_the_world_positions_of_the_cube() -> None:
     far = np.all((world < lo - step) | (world > hi + step), axis=1)
     assert not far.any()  # nothing is painted outside the cube
     assert inside.sum() > 1000
+
+
+def test_predict_device_choice(bundle_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--device``: auto/cpu predict here; a GPU that is not there is refused naming the flag."""
+    import torch
+
+    bundle = read_bundle(bundle_path)
+    cpu = Predictor(bundle, heatmap=False, device="cpu")
+    assert (cpu.runtime.device, cpu.runtime.amp, cpu.cfg.train.device) == ("cpu", "off", "cpu")
+    assert all(next(m.parameters()).device.type == "cpu" for ms in cpu.models.values() for m in ms)
+    if torch.cuda.is_available():
+        return
+    assert Predictor(bundle, heatmap=False, device="auto").runtime.device == "cpu"
+    args = ["predict", "--bundle", str(bundle_path), "--image", "x.nii.gz", "--mask", "m.nii.gz"]
+    assert client_main([*args, "--out", str(tmp_path), "--device", "cuda"]) == 2
+    assert re.search(r"error: --device: cuda requested but no CUDA device", capsys.readouterr().err)
