@@ -22,7 +22,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from common.config import ExperimentConfig, from_dict
+from common.config import ConfigError, ExperimentConfig, from_dict
+from common.device import for_config
 from common.gridstats import ClassHistogram
 from common.models import ModelKind
 from common.privacy import PrivacyBudgetExhausted
@@ -102,7 +103,7 @@ def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, 
             reason = f"{type(exc).__name__} at the site while handling {msg.metadata.message_type}"
             if isinstance(exc, SiteDataError):
                 reason = "site data failed validation (details in the site's log)"
-            elif isinstance(exc, PrivacyBudgetExhausted):
+            elif isinstance(exc, PrivacyBudgetExhausted | ConfigError):  # e.g. train.device: cuda without a GPU
                 reason = str(exc)
             return unavailable(msg, site, reason)
 
@@ -116,7 +117,8 @@ def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, 
 def siteinfo(msg: Message, context: Context) -> Message:
     """Validate and preprocess the site's data; reply with patient counts only."""
     runner, _ = _runner(msg, context)
-    return _reply(msg, runner.ctx.name, {"metrics": metric_record(runner.info())})
+    device = ConfigRecord(dict(for_config(runner.cfg).describe().items()))  # where it trains, no patient data
+    return _reply(msg, runner.ctx.name, {"metrics": metric_record(runner.info()), "device": device})
 
 
 @app.train()

@@ -311,6 +311,16 @@ def _metric_rows(score: str, entry: Mapping[str, Any]) -> list[tuple[Cell, ...]]
     return rows
 
 
+def _devices(devices: Mapping[str, Any]) -> str:
+    """``centre1: cuda:0 (NVIDIA H100), amp bf16; centre2: cpu`` from summary.json's ``devices``."""
+    parts = []
+    for site, d in sorted(devices.items()):
+        d = d if isinstance(d, dict) else {}
+        where, name, amp = str(d.get("device", "?")), str(d.get("name", "")), str(d.get("amp", "off"))
+        parts.append(f"{site}: {where}" + (f" ({name})" if name and name != where else "") + (f", amp {amp}" if amp != "off" else ""))
+    return "; ".join(parts)
+
+
 # -- sections ----------------------------------------------------------------------------------------------
 def header_section(summary: Mapping[str, Any], run_dir: Path, grid_bins: int | None) -> Section:
     """Plan, configuration, sites with roles and counts, time."""
@@ -328,6 +338,8 @@ def header_section(summary: Mapping[str, Any], run_dir: Path, grid_bins: int | N
     ]
     if "wall_seconds_total" in summary:
         facts.insert(5, ("wall time (incl. start-up)", _duration(_num(summary["wall_seconds_total"]))))
+    if isinstance(summary.get("devices"), dict) and summary["devices"]:
+        facts.insert(4, ("devices (as each site reported)", _devices(summary["devices"])))
     b.add(Table("run", "Run", "What was run, where and when.", ("item", "value"), tuple(facts)))
     sites = summary.get("sites", {})
     rows = tuple(

@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 
 from common.config import ExperimentConfig, SiteConfig, to_dict, with_sites
 from common.delong import PlacementSums, delong_from_sums
+from common.device import reported
 from common.engine import seed_everything
 from common.ensemble import ENSEMBLES, best_weights, mean_absolute_error_from_hist, simplex_grid
 from common.gridstats import ClassHistogram, pooled_metrics
@@ -82,6 +83,7 @@ class PlanRunner:
         self.sites: dict[int, SiteNode] = {}
         self.asked: set[int] = set()  # nodes asked who they are
         self.unavailable: dict[str, str] = {}
+        self.devices: dict[str, dict[str, str]] = {}  # site -> where it trains, as it reported (common.device)
         self.resumed: dict[str, int] = {}  # "<model>/fold<k>" -> rounds taken from an earlier process's checkpoints
         self.participation: dict[str, list[dict[str, Any]]] = {}
         self.selected: dict[str, dict[int, dict[str, Any]]] = {}
@@ -162,6 +164,8 @@ class PlanRunner:
         found: list[tuple[int, str, MetricRecord]] = []
         for r in self._send(nodes, f"{MessageType.QUERY}.siteinfo", {}, timeout=timeout):
             status = r.content.config_records["status"]
+            if "device" in r.content.config_records:
+                self.devices[str(status["site"])] = reported(r.content.config_records["device"])
             found.append((r.metadata.src_node_id, str(status["site"]), r.content.metric_records["metrics"]))
         return sorted(found, key=lambda t: t[1])
 
@@ -549,6 +553,7 @@ class PlanRunner:
             "config_digest": self.cfg.digest(),
             "sites": {s.site: {"role": s.role, "patients": s.patients, "benign": s.benign, "malignant": s.malignant} for s in self.sites.values()},
             "unavailable_sites": self.unavailable,
+            "devices": self.devices,
             "models": models,
             "selection": {k: {str(f): v for f, v in d.items()} for k, d in self.selected.items()},
             "rounds": self.participation,

@@ -324,10 +324,15 @@ def test_grad_cam_lands_on_the_world_positions_of_the_cube() -> None:
     assert inside.sum() > 1000
 
 
-def test_predict_device_choice(bundle_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``--device``: auto/cpu predict here; a GPU that is not there is refused naming the flag."""
+def test_predict_device_choice(
+    run_dir: Path, bundle_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Sites report where they train (summary.json); ``--device``: a GPU that is not there is refused."""
     import torch
 
+    devices = json.loads((run_dir / "summary.json").read_text())["devices"]
+    here = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert sorted(devices) == list(SITES) and all(d["device"] == here for d in devices.values())
     bundle = read_bundle(bundle_path)
     cpu = Predictor(bundle, heatmap=False, device="cpu")
     assert (cpu.runtime.device, cpu.runtime.amp, cpu.cfg.train.device) == ("cpu", "off", "cpu")

@@ -242,3 +242,29 @@ def test_simulated_sites_get_a_gpu_share_only_when_configured() -> None:
     assert simulation_resources(load_config("tiny"), 2, 1) == cpu  # no share asked: as on a CPU machine
     assert simulation_resources(share, 2, 0) == cpu  # no GPU: Ray would otherwise schedule no site
     assert simulation_resources(share, 16, 1)["client-resources-num-gpus"] == 0.25
+
+
+def test_a_sites_device_report_is_cleaned_and_shown_in_the_report_header() -> None:
+    from common.device import MAX_REPORTED_CHARS, reported
+    from common.report import _devices
+
+    hostile = {
+        "device": "cuda:0",
+        "name": "GPU\x1b[2J<script>" + "x" * 500,
+        "amp": 7,
+        "augment_on": ["device"],
+        "patient_ids": "p001,p002",
+    }
+    kept = reported(hostile)
+    assert set(kept) == {"device", "name"} and len(kept["name"]) == MAX_REPORTED_CHARS
+    assert "\x1b" not in kept["name"]
+    assert reported(Runtime("cpu", "cpu").describe()) == {
+        "device": "cpu",
+        "name": "cpu",
+        "amp": "off",
+        "augment_on": "workers",
+    }
+    line = _devices(
+        {"b": {"device": "cpu", "name": "cpu"}, "a": {"device": "cuda:0", "name": "H100", "amp": "bf16"}}
+    )
+    assert line == "a: cuda:0 (H100), amp bf16; b: cpu"
