@@ -21,6 +21,7 @@ import numpy as np
 from common import radiomics
 from common.config import ExperimentConfig
 from common.dataset import SiteArrays, preprocess_site
+from common.device import for_config
 from common.engine import fit_select, predict, seed_everything, set_threads
 from common.metrics import binary_metrics
 from common.models import ModelKind, build_model
@@ -130,6 +131,7 @@ def evaluate_setting(
 def run_baselines(cfg: ExperimentConfig, cache_dir: Path, *, pooled: bool = True, local: bool = True, models: Sequence[str] | None = None) -> dict[str, Any]:
     """The pooled and/or local-only baselines of ``cfg`` (sites and roles already resolved)."""
     set_threads(max(cfg.train.threads, 1) if cfg.train.threads > 0 else 0)
+    device = for_config(cfg).describe()  # the engine's device, checked before any preprocessing
     sites = load_sites(cfg, cache_dir)
     train_sites = [s for s in sites if s.role == "train"]
     external = [s for s in sites if s.role == "external"]
@@ -137,7 +139,7 @@ def run_baselines(cfg: ExperimentConfig, cache_dir: Path, *, pooled: bool = True
         models = [k for k in ("densenet3d", "densenet2d") if getattr(cfg.models, k).enabled]
         if cfg.models.radiomics:
             models = [*models, "radiomics"]
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"device": device}
     if pooled:
         out["pooled"] = evaluate_setting(cfg, train_sites, external, models)
     if local:
