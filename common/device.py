@@ -163,7 +163,11 @@ def placed(model: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Mo
     Callers keep their models on the CPU (codecs, checkpoints and state
     dicts read them there); on the CPU this is a no-op.
     """
-    home = next(model.parameters()).device
+    first = next(iter(model.parameters()), None)
+    if first is None:  # nothing to move (a parameter-free module)
+        yield model
+        return
+    home = first.device
     model.to(device)
     try:
         yield model
