@@ -111,3 +111,23 @@ def test_leave_one_centre_out_runs_one_pass_per_held_out_site(cohort: dict[str, 
         assert sorted(s for s, v in p["sites"].items() if v["role"] == "train") == sorted(set(SITES) - {held_out})
         assert p["models"]["densenet3d"]["external"]["pooled"]["n"] == 20
     assert grid.calls[("centre1", "train")] == 2  # trains in the two passes where it is not held out
+
+
+def test_sites_report_their_device_and_a_missing_gpu_is_their_reason(
+    cohort: dict[str, Path], sites_out: Path, tmp_path: Path
+) -> None:
+    import dataclasses
+
+    import torch
+
+    cfg = _cfg("federated")
+    runner = PlanRunner(InProcessGrid(cohort, sites_out), cfg, tmp_path / "run", "dev1")
+    runner.discover(3, 1)
+    here = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert sorted(runner.devices) == list(SITES) and {d["device"] for d in runner.devices.values()} == {here}
+    if torch.cuda.is_available():
+        return
+    cuda = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cuda"))
+    runner = PlanRunner(InProcessGrid(cohort, sites_out), cuda, tmp_path / "run2", "dev2")
+    assert runner.discover(3, 1) == {}
+    assert all("train.device: cuda requested but no CUDA device" in runner.unavailable[s] for s in SITES)
