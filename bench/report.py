@@ -107,6 +107,7 @@ def format_report(
         out += [
             "  amp: train.amp as resolved (off, bf16, or fp16 with a gradient scaler); aug: where the random",
             "    augmentation ran (device: batched on the training device, common.device_augment; workers: MONAI per item).",
+            "    With aug device, load % is the wait for the un-augmented batch; the augmentation counts as compute.",
             "  GPU peak: torch.cuda.max_memory_allocated over the timed epoch, recalibration and prediction.",
         ]
     busy = [r for r in results if r.load_avg_1m > machine.usable_cpus]
