@@ -41,6 +41,7 @@ import numpy as np
 from common.ensemble import ENSEMBLES
 from common.gridstats import ClassHistogram, ScoreGrid, auc, calibration_curve, net_benefit, roc_curve
 from common.plots import BarGroup, Panel, Series, bar_figure, confusion_figure, line_figure, png_bytes
+from common.protocol import ProtocolError, histograms_from_arrays
 
 __all__ = ["SCORE_LABELS", "Plot", "Table", "load_statistics", "load_summary", "render_report"]
 
@@ -177,19 +178,15 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
 
 def load_statistics(path: Path) -> dict[str, dict[str, ClassHistogram]]:
     """Pooled histograms ``{score: {subset: histogram}}`` from ``stats/final.npz``."""
-    fields: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     with np.load(path) as data:
-        for key in data.files:
-            parts = key.split("/")
-            if len(parts) != 3:
-                raise ValueError(f"{path}: array {key!r} is not named <score>/<subset>/<field>")
-            fields.setdefault((parts[0], parts[1]), {})[parts[2]] = data[key]
+        arrays = {key: data[key] for key in data.files}
+    try:
+        hists = histograms_from_arrays(arrays, depth=2)
+    except ProtocolError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
     out: dict[str, dict[str, ClassHistogram]] = {}
-    for (score, subset), arrays in sorted(fields.items()):
-        try:
-            out.setdefault(score, {})[subset] = ClassHistogram.from_arrays(arrays)
-        except ValueError as exc:
-            raise ValueError(f"{path}: histogram {score}/{subset}: {exc}") from exc
+    for (score, subset), h in sorted(hists.items()):
+        out.setdefault(score, {})[subset] = h
     return out
 
 

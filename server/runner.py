@@ -19,10 +19,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
 
 from common.config import ExperimentConfig, SiteConfig, to_dict, with_sites
@@ -31,15 +31,38 @@ from common.engine import seed_everything
 from common.ensemble import ENSEMBLES, best_weights, mean_absolute_error_from_hist, simplex_grid
 from common.gridstats import ClassHistogram, pooled_metrics
 from common.models import ModelKind, build_model
-from common.radiomics import FederatedLogit
-from common.records import (
-    ModelCodec,
-    arrays_from_record,
-    arrays_record,
-    config_record,
-    weights_from_record,
-    weights_record,
+from common.protocol import (
+    DELONG,
+    ENSEMBLE,
+    FEATSTATS,
+    FINAL,
+    PREDICT,
+    RADIOMICS,
+    READERS,
+    ROLE_EXTERNAL,
+    ROLE_TRAIN,
+    ROLES,
+    SITEINFO,
+    DelongRequest,
+    Empty,
+    EnsembleRequest,
+    FeatstatsReply,
+    FinalRequest,
+    FoldRequest,
+    Header,
+    HistogramSet,
+    MessageSpec,
+    PredictRequest,
+    ProtocolError,
+    RadiomicsRequest,
+    SiteInfoReply,
+    aggregate,
+    histograms_to_arrays,
+    reply_node,
+    status_of,
 )
+from common.radiomics import FederatedLogit
+from common.records import ModelCodec, weights_from_record, weights_record
 
 from .checkpoints import CheckpointStore
 from .meteredgrid import MeteredGrid
@@ -57,6 +80,15 @@ DELONG_PAIRS: tuple[tuple[str, str], ...] = (
     ("ensemble_2d3d_radiologist", "radiologist"),
     ("densenet3d", "densenet2d"),
 )
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A usable reply: the node and site it stands for, and its decoded body."""
+
+    node: int
+    site: str
+    body: Any
 
 
 @dataclass(frozen=True)
@@ -87,42 +119,40 @@ class PlanRunner:
         self.selected: dict[str, dict[int, dict[str, Any]]] = {}
 
     # -- messaging helpers ---------------------------------------------------------------
-    def _base(self) -> dict[str, Any]:
-        return {"experiment": to_dict(self.cfg), "run-id": self.run_id}
+    def _header(self) -> Header:
+        return Header(experiment=to_dict(self.cfg), run_id=self.run_id)
 
     def _send(
-        self, nodes: Iterable[int], mtype: str, extra: dict[str, Any], arrays: ArrayRecord | None = None, timeout: float | None = None
-    ) -> list[Message]:
-        values = self._base()
-        values.update(extra)
-        records: dict[str, Any] = {"config": config_record(values)}
-        if arrays is not None:
-            records["arrays"] = arrays
-        msgs = [Message(RecordDict(records), message_type=mtype, dst_node_id=n) for n in nodes]
+        self, nodes: Iterable[int], spec: MessageSpec, body: Any, timeout: float | None = None, dtype: str = "float32"
+    ) -> list[Answer]:
+        """Send one request to each node; the node, site and decoded body of every usable reply."""
+        header = self._header()
+        msgs = [spec.message(header, body, n, dtype=dtype) for n in nodes]
         timeout = self.timeout if timeout is None else timeout
         replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
-        good = []
+        good: list[Answer] = []
         answered = set()
-        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}  # ids are set once pushed
         for r in replies:
-            # a gone node's reply comes from the SuperLink itself, about the message sent to it
-            node = r.metadata.src_node_id if r.metadata.src_node_id in dst.values() else dst.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+            node = reply_node(r, msgs)
             answered.add(node)
             site = self.sites[node].site if node in self.sites else f"node-{node}"
             if r.has_error():
-                log.warning("%s: %s failed: %s", site, mtype, r.error.reason)
+                log.warning("%s: %s failed: %s", site, spec.type, r.error.reason)
                 continue
-            status = r.content.config_records.get("status")
+            status = status_of(r)
             if status is not None and node not in self.sites:  # discovery: the reply says who it is
-                site = str(status.get("site", site))
-            if status is not None and status.get("state") != "ok":
-                log.warning("%s: %s unavailable: %s", site, mtype, status.get("reason"))
-                self.unavailable.setdefault(site, str(status.get("reason")))
+                site = status.site or site
+            if status is not None and not status.ok:
+                log.warning("%s: %s unavailable: %s", site, spec.type, status.reason)
+                self.unavailable.setdefault(site, status.reason)
                 continue
-            good.append(r)
-        for n in set(msgs_n.metadata.dst_node_id for msgs_n in msgs) - answered:
+            try:
+                good.append(Answer(node, site, spec.read_reply(r)))
+            except ProtocolError as exc:
+                log.warning("%s: %s reply malformed, ignored: %s", site, spec.type, exc)
+        for n in set(m.metadata.dst_node_id for m in msgs) - answered:
             site = self.sites[n].site if n in self.sites else f"node-{n}"
-            log.warning("%s: no reply to %s within %.0f s", site, mtype, timeout)
+            log.warning("%s: no reply to %s within %.0f s", site, spec.type, timeout)
         return good
 
     # -- discovery -------------------------------------------------------------------
@@ -146,9 +176,9 @@ class PlanRunner:
                 node_id=node,
                 site=name,
                 role=roles[name],
-                patients=int(cast(int, m["patients"])),
-                benign=int(cast(int, m["benign"])),
-                malignant=int(cast(int, m["malignant"])),
+                patients=m.patients,
+                benign=m.benign,
+                malignant=m.malignant,
             )
         left_out = [n for n in nodes if n not in self.sites]
         if left_out:
@@ -157,12 +187,11 @@ class PlanRunner:
             log.info("site %-10s role %-8s patients %4d (benign %d, malignant %d)", s.site, s.role, s.patients, s.benign, s.malignant)
         return self.sites
 
-    def _siteinfo(self, nodes: list[int], timeout: float | None = None) -> list[tuple[int, str, MetricRecord]]:
+    def _siteinfo(self, nodes: list[int], timeout: float | None = None) -> list[tuple[int, str, SiteInfoReply]]:
         """(node, site, patient counts) of the nodes that answered ``siteinfo``, by site name."""
-        found: list[tuple[int, str, MetricRecord]] = []
-        for r in self._send(nodes, f"{MessageType.QUERY}.siteinfo", {}, timeout=timeout):
-            status = r.content.config_records["status"]
-            found.append((r.metadata.src_node_id, str(status["site"]), r.content.metric_records["metrics"]))
+        found: list[tuple[int, str, SiteInfoReply]] = []
+        for a in self._send(nodes, SITEINFO, Empty(), timeout=timeout):
+            found.append((a.node, a.site, a.body))
         return sorted(found, key=lambda t: t[1])
 
     def rejoin(self) -> dict[int, str]:
@@ -186,7 +215,7 @@ class PlanRunner:
                 self.sites[node] = dataclasses.replace(old, node_id=node)
                 self.unavailable.pop(name, None)
                 log.info("site %s rejoined (node %d, was %d)", name, node, old.node_id)
-        return self._nodes("train")
+        return self._nodes(ROLE_TRAIN)
 
     def _nodes(self, role: str) -> dict[int, str]:
         return {n: s.site for n, s in sorted(self.sites.items(), key=lambda t: t[1].site) if s.role == role}
@@ -201,7 +230,7 @@ class PlanRunner:
 
     def train_fold(self, kind: ModelKind, fold: int) -> dict[str, Any]:
         """Federated rounds for one fold; returns the selected round and its pooled validation AUC."""
-        train_nodes = self._nodes("train")
+        train_nodes = self._nodes(ROLE_TRAIN)
         if not train_nodes:
             raise FederationError("no training site is available")
         total = self.cfg.train.rounds
@@ -222,7 +251,7 @@ class PlanRunner:
             refresh=self.rejoin,
             total_rounds=total,
             round_offset=last,
-            base_config=self._base(),
+            header=self._header(),
             transport_dtype=self.cfg.federation.transport_dtype,
             min_sites=self.cfg.federation.min_sites,
             norm_bound_factor=self.cfg.federation.norm_bound_factor,
@@ -262,38 +291,34 @@ class PlanRunner:
 
     def train_radiomics(self, fold: int) -> None:
         """One-shot federated logistic regression on the handcrafted features, then prediction."""
-        nodes = list(self._nodes("train"))
-        moments: dict[str, np.ndarray] = {}
-        for r in self._send(nodes, f"{MessageType.QUERY}.featstats", {"fold": fold}):
-            for k, v in arrays_from_record(r.content.array_records["stats"]).items():
-                moments[k] = moments[k] + v if k in moments else v.astype(np.float64)
-        if not moments:
+        nodes = list(self._nodes(ROLE_TRAIN))
+        parts = [a.body for a in self._send(nodes, FEATSTATS, FoldRequest(fold=fold))]
+        if not parts:
             log.warning("radiomics fold %d: no site returned feature statistics", fold)
             return
-        mean, std = FederatedLogit.moments_to_mean_std(float(moments["n"][0]), moments["sum"], moments["sumsq"])
-        params, weights = [], []
-        for r in self._send(nodes, f"{MessageType.TRAIN}.radiomics", {"fold": fold}, arrays_record({"mean": mean, "std": std})):
-            params.append(arrays_from_record(r.content.array_records["arrays"])["params"])
-            weights.append(float(cast(float, r.content.metric_records["metrics"]["num-examples"])))
-        if not params:
+        moments: FeatstatsReply = parts[0]
+        for m in parts[1:]:
+            moments = moments + m
+        mean, std = FederatedLogit.moments_to_mean_std(float(moments.n[0]), moments.sum, moments.sumsq)
+        fits = [a.body for a in self._send(nodes, RADIOMICS, RadiomicsRequest(fold=fold, mean=mean, std=std))]
+        if not fits:
             log.warning("radiomics fold %d: no site returned a model", fold)
             return
-        avg = np.average(np.stack(params), axis=0, weights=weights)
+        avg = np.average(np.stack([f.params for f in fits]), axis=0, weights=[float(f.num_examples) for f in fits])
         model = FederatedLogit.from_params(avg, mean, std)
         self.ckpt.save("radiomics", fold, 1, model.pack_full().astype(np.float32), {"val_auc": None})
-        arrays = arrays_record({"weights": model.pack_full()})
-        for role in ("train", "external"):
+        for role in ROLES:
             targets = list(self._nodes(role))
             if targets:
-                self._send(targets, f"{MessageType.EVALUATE}.predict", {"model": "radiomics", "fold": fold, "round": 1, "role": role}, arrays)
+                self._send(targets, PREDICT, PredictRequest(weights=model.pack_full(), model="radiomics", fold=fold, round=1, role=role))
 
     def predict_fold(self, kind: ModelKind, fold: int, best: dict[str, Any]) -> None:
         vec = self.ckpt.load(kind, fold, int(best["round"]))
-        arrays = weights_record(vec, self.cfg.federation.transport_dtype)
-        for role in ("train", "external"):
+        for role in ROLES:
             nodes = list(self._nodes(role))
             if nodes:
-                self._send(nodes, f"{MessageType.EVALUATE}.predict", {"model": kind, "fold": fold, "round": int(best["round"]), "role": role}, arrays)
+                req = PredictRequest(weights=vec, model=kind, fold=fold, round=int(best["round"]), role=role)
+                self._send(nodes, PREDICT, req, dtype=self.cfg.federation.transport_dtype)
 
     # -- ensembles and final statistics -------------------------------------------------------
     def _ensembles(self) -> dict[str, tuple[str, ...]]:
@@ -306,15 +331,12 @@ class PlanRunner:
         step = self.cfg.evaluation.ensemble_grid_step
         candidates = {"+".join(m): simplex_grid(len(m), step).tolist() for m in ensembles.values()}
         bins = min(self.cfg.evaluation.grid_bins, 1000)
-        replies = self._send(list(self._nodes("train")), f"{MessageType.EVALUATE}.ensemble", {"candidates": candidates, "bins": bins, "role": "train"})
-        sums: dict[str, np.ndarray] = {}
-        for r in replies:
-            for k, v in arrays_from_record(r.content.array_records["stats"]).items():
-                sums[k] = sums[k] + v if k in sums else v.copy()
+        req = EnsembleRequest(candidates=candidates, bins=bins, role=ROLE_TRAIN)
+        sums = aggregate(a.body.histograms for a in self._send(list(self._nodes(ROLE_TRAIN)), ENSEMBLE, req))
         fitted: dict[str, dict[str, Any]] = {}
         for name, members in ensembles.items():
             key = "+".join(members)
-            hists = [ClassHistogram.from_arrays(_sub(sums, f"{key}/{i}/")) for i in range(len(candidates[key]))]
+            hists = [sums[(key, str(i))] for i in range(len(candidates[key]))]
             idx, auc = best_weights(hists, np.asarray(candidates[key]))
             w = candidates[key][idx]
             fitted[name] = {"members": list(members), "weights": [round(x, 6) for x in w], "val_auc": float(auc)}
@@ -325,21 +347,14 @@ class PlanRunner:
         """Pooled histograms per score and subset: ``fold<k>`` (internal test), ``external``."""
         weights = {"+".join(v["members"]): v["weights"] for v in fitted.values()}
         names = {"+".join(v["members"]): k for k, v in fitted.items()}
-        out: dict[str, dict[str, ClassHistogram]] = {}
-        for role in ("train", "external"):
+        sets: list[HistogramSet] = []
+        for role in ROLES:
             nodes = list(self._nodes(role))
-            if not nodes:
-                continue
-            for r in self._send(nodes, f"{MessageType.EVALUATE}.final", {"ensembles": weights, "role": role}):
-                arrs = arrays_from_record(r.content.array_records["stats"])
-                groups: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-                for k, v in arrs.items():
-                    score, subset, field = k.split("/")
-                    groups.setdefault((names.get(score, score), subset), {})[field] = v
-                for (score, subset), d in groups.items():
-                    h = ClassHistogram.from_arrays(d)
-                    per = out.setdefault(score, {})
-                    per[subset] = per[subset] + h if subset in per else h
+            if nodes:
+                sets += [a.body.histograms for a in self._send(nodes, FINAL, FinalRequest(ensembles=weights, role=role))]
+        out: dict[str, dict[str, ClassHistogram]] = {}
+        for (score, subset), h in aggregate(sets).items():
+            out.setdefault(names.get(score, score), {})[subset] = h
         return out
 
     # -- the whole plan ---------------------------------------------------------------------------
@@ -357,7 +372,7 @@ class PlanRunner:
             cfg = dataclasses.replace(self.cfg, plan="federated", external_sites=(held_out,))
             sub = PlanRunner(self.grid.inner, cfg, self.run_dir / f"loco-{held_out}", f"{self.run_id}-loco-{held_out}")
             sub.sites = {
-                n: dataclasses.replace(s, role="external" if s.site == held_out else "train") for n, s in self.sites.items()
+                n: dataclasses.replace(s, role=ROLE_EXTERNAL if s.site == held_out else ROLE_TRAIN) for n, s in self.sites.items()
             }
             log.info("leave-one-centre-out: %s held out", held_out)
             passes[held_out] = sub.run_plan(time.perf_counter())
@@ -367,7 +382,7 @@ class PlanRunner:
 
     def run_plan(self, t0: float) -> dict[str, Any]:
         """Train every model and fold, predict, fit the ensembles, write ``summary.json``."""
-        train = self._nodes("train")
+        train = self._nodes(ROLE_TRAIN)
         if len(train) < max(1, self.cfg.federation.min_sites):
             raise FederationError(
                 f"{len(train)} training site(s) available ({', '.join(train.values()) or 'none'}), "
@@ -403,15 +418,8 @@ class PlanRunner:
     def reader_statistics(self) -> dict[str, dict[str, ClassHistogram]]:
         """Pooled reader-study histograms: ``{tier: {"without_ai"|"with_ai": h}}``."""
         out: dict[str, dict[str, ClassHistogram]] = {}
-        for r in self._send(sorted(self.sites), f"{MessageType.EVALUATE}.readers", {}):
-            groups: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-            for k, v in arrays_from_record(r.content.array_records["stats"]).items():
-                _, tier, session, field = k.split("/")
-                groups.setdefault((tier, session), {})[field] = v
-            for (tier, session), d in groups.items():
-                h = ClassHistogram.from_arrays(d)
-                per = out.setdefault(tier, {})
-                per[session] = per[session] + h if session in per else h
+        for (tier, session), h in aggregate(a.body.histograms for a in self._send(sorted(self.sites), READERS, Empty())).items():
+            out.setdefault(tier, {})[session] = h
         return out
 
     def delong_tests(
@@ -422,22 +430,22 @@ class PlanRunner:
     ) -> dict[str, dict[str, Any]]:
         """Federated DeLong: step 1 the pooled histograms (already summed), step 2 placement sums."""
         site_name = {name: "+".join(v["members"]) for name, v in fitted.items()}
-        global_h: dict[str, ClassHistogram] = {}
+        global_h: HistogramSet = {}
         for score, subsets in final.items():
             folds = [h for s, h in subsets.items() if s.startswith("fold")]
             if folds:
-                global_h[f"{site_name.get(score, score)}/internal"] = ClassHistogram.aggregate(folds)
+                global_h[(site_name.get(score, score), "internal")] = ClassHistogram.aggregate(folds)
             if "external" in subsets:
-                global_h[f"{site_name.get(score, score)}/external"] = subsets["external"]
+                global_h[(site_name.get(score, score), "external")] = subsets["external"]
         for tier, sessions in readers.items():
             for session, h in sessions.items():
-                global_h[f"{session}/readers/{tier}"] = h
+                global_h[(session, f"readers/{tier}")] = h
         specs: list[list[str]] = []
         names: list[str] = []
         for subset in ("internal", "external"):
             for a, b in DELONG_PAIRS:
                 sa, sb = site_name.get(a, a), site_name.get(b, b)
-                if f"{sa}/{subset}" in global_h and f"{sb}/{subset}" in global_h:
+                if (sa, subset) in global_h and (sb, subset) in global_h:
                     specs.append([sa, sb, subset])
                     names.append(f"{subset}/{a} vs {b}")
         for tier in sorted(readers):
@@ -446,31 +454,24 @@ class PlanRunner:
                 names.append(f"readers/{tier}/with_ai vs without_ai")
         if not specs:
             return {}
-        needed = {f"{s}/{sub}" for s1, s2, sub in specs for s in (s1, s2)}
-        arrays = {f"{k}/{f}": v for k, h in global_h.items() if k in needed for f, v in h.to_arrays(include_sums=False).items()}
+        needed = {(s, sub) for s1, s2, sub in specs for s in (s1, s2)}
+        hists: HistogramSet = {name: h for name, h in global_h.items() if name in needed}
         ensembles = {"+".join(v["members"]): v["weights"] for v in fitted.values()}
         sums: dict[int, PlacementSums] = {}
-        for role in ("train", "external"):
+        for role in ROLES:
             nodes = list(self._nodes(role))
             if not nodes:
                 continue
-            extra = {"specs": specs, "ensembles": ensembles, "role": role}
-            for r in self._send(nodes, f"{MessageType.EVALUATE}.delong", extra, arrays_record(arrays)):
-                m = r.content.metric_records["metrics"]
-                per: dict[int, dict[str, Any]] = {}
-                for key, value in m.items():
-                    if "/" in key:
-                        idx, field = key.split("/", 1)
-                        per.setdefault(int(idx), {})[field] = value
-                for j, d in per.items():
-                    ps = PlacementSums.from_dict(d)
+            req = DelongRequest(histograms=hists, specs=specs, ensembles=ensembles, role=role)
+            for answer in self._send(nodes, DELONG, req):
+                for j, ps in answer.body.sums.items():
                     sums[j] = sums[j] + ps if j in sums else ps
         out: dict[str, dict[str, Any]] = {}
         for i, (s1, s2, subset) in enumerate(specs):
             if i not in sums:
                 continue
             try:
-                res = delong_from_sums(global_h[f"{s1}/{subset}"], global_h[f"{s2}/{subset}"], sums[i])
+                res = delong_from_sums(global_h[(s1, subset)], global_h[(s2, subset)], sums[i])
             except ValueError as exc:
                 log.warning("DeLong %s not computed: %s", names[i], exc)
                 continue
@@ -516,7 +517,7 @@ class PlanRunner:
         """Pooled grid statistics (never per patient) for the report: ``stats/final.npz``."""
         path = self.run_dir / "stats" / "final.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
-        flat = {f"{score}/{subset}/{k}": v for score, subsets in final.items() for subset, h in subsets.items() for k, v in h.to_arrays().items()}
+        flat = histograms_to_arrays({(score, subset): h for score, subsets in final.items() for subset, h in subsets.items()})
         np.savez_compressed(path, **flat)  # type: ignore[arg-type]
         return path
 
@@ -565,5 +566,4 @@ class PlanRunner:
         }
 
 
-def _sub(d: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-    return {k[len(prefix) :]: v for k, v in d.items() if k.startswith(prefix)}
+

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.protocol import Header
+
 
 @dataclass
 class RoundLog:
@@ -37,7 +39,7 @@ class FoldSession:
     train_nodes: dict[int, str]  # node id -> site name
     total_rounds: int
     round_offset: int
-    base_config: dict[str, Any]
+    header: Header
     transport_dtype: str = "float32"
     min_sites: int = 1
     norm_bound_factor: float = 10.0
