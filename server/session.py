@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from common.protocol import Header
+from common.protocol import Header, MessageSpec
 
 
 @dataclass
@@ -49,6 +49,7 @@ class FoldSession:
     rounds: dict[int, RoundLog] = field(default_factory=dict)
     last_val_stats: dict[str, Any] | None = None
     refresh: Callable[[], dict[int, str]] | None = None  # the training nodes now (sites may rejoin)
+    check: Callable[[MessageSpec, Any], None] | None = None  # the messenger's reply validators
 
     def log_for(self, server_round: int) -> RoundLog:
         r = server_round + self.round_offset

@@ -75,6 +75,11 @@ class GuardedFedAvg(FedAvg):
         """The site a reply stands for (a dead node's reply comes from the SuperLink: see ``reply_node``)."""
         return self.session.site_of(reply_node(reply, self._sent))
 
+    def _check(self, spec: MessageSpec, body: object) -> None:
+        """The messenger's reply validators (raise ProtocolError to drop the reply)."""
+        if self.session.check is not None:
+            self.session.check(spec, body)
+
     def _request(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> RoundRequest:
         s = self.session
         mu = config.get(PROXIMAL_MU, 0.0)  # FedProx's configure_train puts its mu here
@@ -149,6 +154,7 @@ class GuardedFedAvg(FedAvg):
             site = self._site(msg)
             try:
                 update = TRAIN.read_reply(msg)
+                self._check(TRAIN, update)
             except ProtocolError as exc:
                 rlog.dropped[site] = f"train: malformed reply ({exc})"
                 log.warning("[round %d] %s dropped: malformed reply (%s)", rlog.round, site, exc)
@@ -197,7 +203,9 @@ class GuardedFedAvg(FedAvg):
         for msg in self._split_replies(server_round, replies, "evaluate"):
             site = self._site(msg)
             try:
-                hists.append(EVALUATE.read_reply(msg).histogram)
+                stats = EVALUATE.read_reply(msg)
+                self._check(EVALUATE, stats)
+                hists.append(stats.histogram)
             except ProtocolError as exc:
                 rlog.dropped[site] = f"evaluate: malformed statistics ({exc})"
                 continue
