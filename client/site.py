@@ -24,6 +24,7 @@ from common.dataset import SiteArrays, preprocess_site
 from common.delong import PlacementSums, delong_step2_site
 from common.engine import diagnose, predict, set_threads
 from common.ensemble import combine
+from common.environment import environment
 from common.gridstats import ClassHistogram, ScoreGrid, add_noise, suppress_small_cells
 from common.models import ModelKind, build_model
 from common.privacy import PrivacyLedger
@@ -92,6 +93,7 @@ class SiteRunner:
             benign=int((a.labels == 0).sum()),
             malignant=int((a.labels == 1).sum()),
             refused=len(a.refused),
+            environment=environment(),
         )
 
     # -- models ------------------------------------------------------------------

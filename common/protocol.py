@@ -214,6 +214,9 @@ class SiteInfoReply:
     benign: int = wire("benign", Place.METRIC, "1 int", convert=int)
     malignant: int = wire("malignant", Place.METRIC, "1 int", convert=int)
     refused: int = wire("refused", Place.METRIC, "1 int", convert=int)
+    environment: dict[str, Any] | None = wire(
+        "environment", Place.JSON, "CPU, library versions, threads, device: ~0.5 KB text", default=None
+    )
 
 
 @dataclass(frozen=True)

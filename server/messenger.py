@@ -127,6 +127,7 @@ class Messenger:
                 log.warning("%s: %s reply rejected: %s", site, spec.type, exc)
                 continue
             good.append(Answer(node, site, decoded))
+        good.sort(key=lambda a: (a.site, a.node))  # pooled in site order, whatever order they answered in
         for n in {m.metadata.dst_node_id for m in msgs} - answered:
             log.warning("%s: no reply to %s within %.0f s", self.registry.site_of(n), spec.type, timeout)
         return good

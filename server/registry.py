@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from common.config import ExperimentConfig, SiteConfig, with_sites
 from common.protocol import ROLE_TRAIN, SITEINFO, Empty, SiteInfoReply
@@ -32,6 +32,7 @@ class SiteNode:
     patients: int
     benign: int
     malignant: int
+    environment: dict[str, Any] = field(default_factory=dict, compare=False)  # what its numbers depend on
 
 
 class SiteRegistry:
@@ -74,6 +75,7 @@ class SiteRegistry:
                 patients=m.patients,
                 benign=m.benign,
                 malignant=m.malignant,
+                environment=m.environment or {},
             )
         left_out = [n for n in nodes if n not in self.sites]
         if left_out:

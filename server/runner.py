@@ -27,10 +27,11 @@ from .checkpoints import CheckpointStore
 from .evaluation import Evaluator
 from .messenger import Messenger
 from .meteredgrid import MeteredGrid
+from .progress import Progress
 from .registry import SiteNode, SiteRegistry
 from .strategy import FederationError
 from .summary import SummaryWriter
-from .training import FoldTrainer, RoundHook
+from .training import FoldTrainer
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +40,18 @@ class PlanRunner:
     """Runs one experiment against the nodes connected to ``grid``."""
 
     def __init__(
-        self, grid: Grid, cfg: ExperimentConfig, run_dir: Path, run_id: str, on_round: RoundHook | None = None
+        self, grid: Grid, cfg: ExperimentConfig, run_dir: Path, run_id: str, progress: Progress | None = None
     ) -> None:
         self.grid = MeteredGrid(grid)
         self.cfg = cfg
         self.run_dir = run_dir
         self.run_id = run_id
-        self.on_round = on_round
+        self.progress = progress if progress is not None else Progress(cfg, run_dir)
         self.ckpt = CheckpointStore(run_dir / "checkpoints", cfg.digest())
         self.registry = SiteRegistry(cfg)
         header = Header(experiment=to_dict(cfg), run_id=run_id)
         self.messenger = Messenger(self.grid, self.registry, header, cfg.federation.round_timeout_s)
-        self.trainer = FoldTrainer(cfg, self.messenger, self.registry, self.ckpt, on_round)
+        self.trainer = FoldTrainer(cfg, self.messenger, self.registry, self.ckpt, self.progress)
         self.evaluator = Evaluator(cfg, self.messenger, self.registry)
         self.writer = SummaryWriter(cfg, run_dir)
         self.selected: dict[str, dict[int, dict[str, Any]]] = {}
@@ -67,22 +68,34 @@ class PlanRunner:
 
     def run(self, expected_sites: int, wait_s: float = 120.0) -> dict[str, Any]:
         t0 = time.perf_counter()
-        self.discover(expected_sites, wait_s)
-        if self.cfg.plan == "loco":
-            return self.run_loco(t0)
-        return self.run_plan(t0)
+        try:
+            self.progress.phase(
+                f"plan {self.cfg.plan}: waiting for {expected_sites} site(s), asking who they are"
+            )
+            self.discover(expected_sites, wait_s)
+            sites = sorted(self.registry.sites.values(), key=lambda s: s.site)
+            self.progress.phase(
+                f"{len(sites)} site(s): {', '.join(f'{s.site} ({s.role})' for s in sites) or 'none'}"
+            )
+            if self.cfg.plan == "loco":
+                return self.run_loco(t0)
+            return self.run_plan(t0)
+        finally:
+            self.progress.close()
 
     def run_loco(self, t0: float) -> dict[str, Any]:
         """Leave-one-centre-out: one full pass per site, that site external, the others training."""
         passes: dict[str, Any] = {}
-        for held_out in sorted({s.site for s in self.registry.sites.values()}):
+        held = sorted({s.site for s in self.registry.sites.values()})
+        self.progress.total *= max(len(held), 1)
+        for held_out in held:
             cfg = dataclasses.replace(self.cfg, plan="federated", external_sites=(held_out,))
             sub = PlanRunner(
                 self.grid.inner,
                 cfg,
                 self.run_dir / f"loco-{held_out}",
                 f"{self.run_id}-loco-{held_out}",
-                self.on_round,
+                self.progress,
             )
             sub.registry.sites = {
                 n: dataclasses.replace(s, role=ROLE_EXTERNAL if s.site == held_out else ROLE_TRAIN)
@@ -97,6 +110,7 @@ class PlanRunner:
             "wall_seconds": round(time.perf_counter() - t0, 1),
         }
         self.writer.write(summary)
+        self.progress.phase(f"summary written: {self.writer.path}")
         return summary
 
     def run_plan(self, t0: float) -> dict[str, Any]:
@@ -114,14 +128,25 @@ class PlanRunner:
             for fold in self.cfg.active_folds:
                 best = self.trainer.train_fold(kind, fold)
                 self.selected.setdefault(kind, {})[fold] = best
+                auc = best["val_auc"]
+                self.progress.phase(
+                    f"{kind} fold {fold}: selected round {best['round']} (pooled validation AUC "
+                    f"{'n/a' if auc is None else format(auc, '.4f')}); predicting at every site"
+                )
                 self.trainer.predict_fold(kind, fold, best)
         if self.cfg.models.radiomics:
+            self.progress.phase(
+                f"radiomics: federated logistic regression, folds {list(self.cfg.active_folds)}"
+            )
             for fold in self.cfg.active_folds:
                 self.trainer.train_radiomics(fold)
         ev = self.evaluator
+        self.progress.phase("evaluation: ensemble weights on pooled validation statistics")
         fitted = ev.fit_ensembles()
+        self.progress.phase("evaluation: final pooled statistics")
         final = ev.final_statistics(fitted)
         self.writer.save_statistics(final)
+        self.progress.phase("evaluation: reader study and DeLong")
         readers = ev.reader_statistics()
         exact = self.cfg.evaluation.min_cell_count <= 1 and self.cfg.evaluation.stats_noise <= 0
         if not exact:
@@ -142,4 +167,5 @@ class PlanRunner:
         summary["delong"] = {k: v for k, v in delong.items() if not k.startswith("readers/")}
         summary["resumed"] = self.trainer.resumed
         self.writer.write(summary)
+        self.progress.phase(f"summary written: {self.writer.path}")
         return summary

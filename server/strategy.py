@@ -148,7 +148,7 @@ class GuardedFedAvg(FedAvg):
         rlog.missing = sorted({self.session.site_of(m.metadata.dst_node_id) for m in self._sent} - answered)
         for site in rlog.missing:
             log.warning("[round %d] no reply from %s within the round timeout: left out", rlog.round, site)
-        good = self._split_replies(server_round, replies, "train")
+        good = sorted(self._split_replies(server_round, replies, "train"), key=self._site)  # order-free result
         vectors, weights, names, losses = [], [], [], []
         for msg in good:
             site = self._site(msg)
@@ -200,7 +200,7 @@ class GuardedFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rlog = self.session.log_for(server_round)
         hists: list[ClassHistogram] = []
-        for msg in self._split_replies(server_round, replies, "evaluate"):
+        for msg in sorted(self._split_replies(server_round, replies, "evaluate"), key=self._site):
             site = self._site(msg)
             try:
                 stats = EVALUATE.read_reply(msg)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from common.config import ExperimentConfig
+from common.environment import environment
 from common.gridstats import ClassHistogram, pooled_metrics
 from common.protocol import histograms_to_arrays
 
@@ -114,6 +115,11 @@ class SummaryWriter:
             "plan": self.cfg.plan,
             "config": self.cfg.name,
             "config_digest": self.cfg.digest(),
+            "seed": self.cfg.seed,
+            "environment": {
+                "server": environment(),
+                "sites": {s.site: s.environment for s in sorted(sites.values(), key=lambda s: s.site)},
+            },
             "sites": {
                 s.site: {"role": s.role, "patients": s.patients, "benign": s.benign, "malignant": s.malignant}
                 for s in sites.values()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -38,14 +37,13 @@ from common.records import ModelCodec, weights_from_record, weights_record
 
 from .checkpoints import CheckpointStore
 from .messenger import Messenger
+from .progress import Progress
 from .registry import SiteRegistry
 from .session import FoldSession, RoundLog
 from .strategies import make_strategy
 from .strategy import FederationError
 
 log = logging.getLogger(__name__)
-
-RoundHook = Callable[[FoldSession, RoundLog], None]
 
 
 class FoldTrainer:
@@ -57,13 +55,13 @@ class FoldTrainer:
         messenger: Messenger,
         registry: SiteRegistry,
         ckpt: CheckpointStore,
-        on_round: RoundHook | None = None,
+        progress: Progress | None = None,
     ) -> None:
         self.cfg = cfg
         self.messenger = messenger
         self.registry = registry
         self.ckpt = ckpt
-        self.on_round = on_round
+        self.progress = progress
         self.resumed: dict[
             str, int
         ] = {}  # "<model>/fold<k>" -> rounds taken from an earlier process's checkpoints
@@ -117,6 +115,10 @@ class FoldTrainer:
             )
             self._restore_round_logs(kind, fold)
         session = self.session(kind, fold, last)
+        if self.progress is not None:
+            self.progress.phase(
+                f"{kind} fold {fold}: training rounds {last + 1}-{total} at {', '.join(session.train_nodes.values())}"
+            )
         strategy = make_strategy(self.cfg.federation, session)
 
         def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -125,8 +127,8 @@ class FoldTrainer:
             rlog = session.log_for(server_round)
             self.ckpt.save(kind, fold, rlog.round, weights_from_record(arrays), asdict(rlog))
             self.participation.setdefault(f"{kind}/fold{fold}", []).append(asdict(rlog))
-            if self.on_round is not None:
-                self.on_round(session, rlog)
+            if self.progress is not None:
+                self.progress.round(session, rlog)
             return None
 
         if last < total:
@@ -158,6 +160,8 @@ class FoldTrainer:
             {k: v for k, v in self.ckpt.meta(kind, fold, r).items() if k in fields} for r in rounds
         ]
         self.resumed[key] = len(rounds)
+        if self.progress is not None:
+            self.progress.resumed(len(rounds))
 
     def predict_fold(self, kind: ModelKind, fold: int, best: dict[str, Any]) -> None:
         """Every site predicts with the selected fold model (rows stay at the sites)."""
