@@ -53,9 +53,11 @@ def environment() -> dict[str, Any]:
         from threadpoolctl import threadpool_info
 
         numpy_blas = ", ".join(
-            f"{i.get('internal_api')} {i.get('version')} ({i.get('num_threads')} threads)"
-            for i in threadpool_info()
-            if i.get("user_api") == "blas"
+            sorted(
+                f"{i.get('internal_api')} {i.get('version')} ({i.get('num_threads')} threads)"
+                for i in threadpool_info()
+                if i.get("user_api") == "blas"
+            )
         )
     except ImportError:
         pass
