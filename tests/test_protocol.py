@@ -220,3 +220,27 @@ def test_no_message_name_or_record_key_literal_outside_the_protocol_module() -> 
         and n.attr in ("config_records", "array_records", "metric_records", "content")
     }
     assert not direct, f"records read outside common/protocol.py: {sorted(direct)}"
+
+
+def test_the_messengers_reply_checks_reject_statistics_on_another_grid() -> None:
+    from typing import cast
+
+    from common.config import load_config
+    from common.protocol import FINAL, HistogramSetReply
+    from server.messenger import Messenger
+    from server.meteredgrid import MeteredGrid
+    from server.registry import SiteRegistry
+
+    cfg = load_config("tiny")
+    messenger = Messenger(cast(MeteredGrid, None), SiteRegistry(cfg), HEADER, timeout=1.0)
+    bins = cfg.evaluation.grid_bins
+    messenger.check(EVALUATE, EVALUATE.reply(_hist(0, bins), 30))
+    with pytest.raises(ProtocolError, match=f"10-bin grid, expected {bins}"):
+        messenger.check(EVALUATE, EVALUATE.reply(_hist(0, 10), 30))
+    with pytest.raises(ProtocolError, match="10-bin grid"):
+        messenger.check(
+            FINAL,
+            HistogramSetReply(
+                {("densenet3d", "fold0"): _hist(0, bins), ("radiologist", "fold0"): _hist(1, 10)}, 2
+            ),
+        )
