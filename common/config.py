@@ -169,7 +169,7 @@ class FederationConfig:
     server_lr: float = 0.01
     min_sites: int = 1
     round_timeout_s: float = 600.0
-    transport_dtype: Literal["float32", "float16"] = "float32"
+    transport_dtype: Literal["float32", "float16"] = "float16"  # same model: |dAUC| 0.0003 (docs/benchmarks.md)
     norm_bound_factor: float = 10.0
     trim_fraction: float = 0.2
 
