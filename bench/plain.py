@@ -1,7 +1,8 @@
 """The federation's computation in one plain process: the baseline of the overhead figures.
 
-Same engine calls, data, folds, seeds, schedule and FedAvg weights as the
-federated plan (``server.runner`` + ``client.site``), but no Flower, no
+Same engine calls, data, folds and FedAvg weights as the federated plan,
+and the same round code (``common.rounds``: seed formula and schedule) and
+aggregation (``server.aggregation``) as ``client.site`` and the strategy, but no Flower, no
 messages, no process per site: for each round every site trains its
 local epochs from the global weights in turn, the weighted mean becomes the
 new global model, and every site's validation patients are scored with it;
@@ -25,10 +26,11 @@ import numpy as np
 
 from common.config import load_config
 from common.dataset import preprocess_site
-from common.engine import Schedule, predict, seed_everything, set_threads, train
+from common.engine import predict, seed_everything, set_threads
 from common.metrics import binary_metrics
 from common.models import ModelKind, build_model
 from common.records import ModelCodec
+from common.rounds import local_round
 from common.splits import fivefold
 from server.aggregation import weighted_mean
 
@@ -52,7 +54,7 @@ def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> d
         pos = {p: i for i, p in enumerate(arrays.patient_ids)}
         sites.append((arrays, folds, pos))
     load_s = time.perf_counter() - t0
-    le, total = cfg.train.local_epochs, cfg.train.rounds
+    total = cfg.train.rounds
     out: dict[str, Any] = {"import_s": started - launched, "load_s": load_s, "threads": threads, "models": {}}
     kinds: list[ModelKind] = [k for k in ("densenet3d", "densenet2d") if getattr(cfg.models, k).enabled]  # type: ignore[misc]
     for kind in kinds:
@@ -68,16 +70,7 @@ def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> d
                 for arrays, folds, pos in sites:
                     model.load_state_dict({**model.state_dict(), **codec.unpack(global_vec)})
                     idx = [pos[p] for p in folds[fold].train]
-                    res = train(
-                        model,
-                        arrays,
-                        idx,
-                        kind,
-                        cfg,
-                        epochs=le,
-                        schedule=Schedule(start_epoch=(rnd - 1) * le, total_epochs=total * le),
-                        seed=cfg.seed * 1000 + fold * 100 + rnd,
-                    )
+                    res = local_round(model, arrays, idx, kind, cfg, fold=fold, rnd=rnd, total_rounds=total)
                     vectors.append(codec.pack(model.state_dict()))
                     weights.append(res.n_patients)
                 global_vec = weighted_mean(vectors, weights)

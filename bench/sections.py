@@ -340,6 +340,9 @@ def latest_simulate_run(runs: Path) -> dict[str, Any] | None:
     for path in runs.glob("*/summary.json"):
         try:
             s = json.loads(path.read_text())
+            launch = path.parent / "launch.json"  # the launching command's wall time, beside the summary
+            if launch.is_file():
+                s = {**json.loads(launch.read_text()), **s}
             cfg = load_config(path.parent / "config.yaml")
         except (OSError, json.JSONDecodeError, ConfigError):
             continue

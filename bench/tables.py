@@ -244,7 +244,7 @@ def e2e_table(r: Mapping[str, Any]) -> Table:
         (
             f"Prediction: {pred['tool']}, bundle of {pred['models']} ({fmt(pred['bundle_mb'], '.0f')} MB);"
             f" answered by {', '.join(pred['answered_by']) or '-'}.",
-            "The `make simulate` time is read from the run's summary.json (`wall_seconds_total`), not rerun here.",
+            "The `make simulate` time is read from the run's launch.json (`wall_seconds_total`, summary.json in older runs), not rerun here.",
         ),
     )
 

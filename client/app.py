@@ -18,22 +18,34 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from common.config import ConfigError, ExperimentConfig, from_dict
-from common.device import for_config
-from common.gridstats import ClassHistogram
 from common.models import ModelKind
 from common.privacy import PrivacyBudgetExhausted
-from common.records import (
-    arrays_from_record,
-    arrays_record,
-    config_json,
-    metric_record,
-    weights_from_record,
-    weights_record,
+from common.protocol import (
+    DELONG,
+    ENSEMBLE,
+    EVALUATE,
+    FEATSTATS,
+    FINAL,
+    PREDICT,
+    RADIOMICS,
+    READERS,
+    ROLE_EXTERNAL,
+    SITEINFO,
+    STATE_OK,
+    TRAIN,
+    DelongReply,
+    EnsembleReply,
+    EvaluateReply,
+    HistogramSetReply,
+    MessageSpec,
+    RadiomicsReply,
+    Status,
+    reply,
+    unavailable,
 )
 from common.sitedata import SiteDataError
 
@@ -61,18 +73,29 @@ def site_context(context: Context) -> SiteContext:
     if pid >= len(sites):
         raise SiteDataError(f"simulation partition {pid} has no site (run config lists {len(sites)})")
     s = sites[pid]
-    return SiteContext(name=s["name"], data_dir=Path(s["data_dir"]), out_dir=Path(s["out_dir"]), threads=int(s.get("threads", 1)))
+    return SiteContext(
+        name=s["name"],
+        data_dir=Path(s["data_dir"]),
+        out_dir=Path(s["out_dir"]),
+        threads=int(s.get("threads", 1)),
+    )
 
 
-def _runner(msg: Message, context: Context) -> tuple[SiteRunner, ConfigRecord]:
-    config = msg.content.config_records["config"]
-    cfg: ExperimentConfig = from_dict(config_json(config, "experiment"))
-    return SiteRunner(site_context(context), cfg, str(config["run-id"])), config
+def _runner(msg: Message, context: Context, spec: MessageSpec) -> tuple[SiteRunner, Any]:
+    header, body = spec.read_request(msg)
+    cfg: ExperimentConfig = from_dict(header.experiment)
+    return SiteRunner(site_context(context), cfg, header.run_id), body
 
 
-def _reply(msg: Message, site: str, records: dict[str, Any]) -> Message:
-    content = RecordDict({"status": ConfigRecord({"state": "ok", "site": site}), **records})
-    return Message(content, reply_to=msg)
+def _on(
+    spec: MessageSpec,
+) -> Callable[[Callable[[Message, Context], Message]], Callable[[Message, Context], Message]]:
+    """Register a handler for one message of the protocol (``@app.<action>(<name>)``)."""
+    register = getattr(app, spec.action)
+    return cast(
+        Callable[[Callable[[Message, Context], Message]], Callable[[Message, Context], Message]],
+        register(spec.name) if spec.name else register(),
+    )
 
 
 def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
@@ -84,10 +107,6 @@ def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, 
     every message this way with that reason, so the server learns why the
     site is out instead of waiting for it.
     """
-
-    def unavailable(msg: Message, site: str, reason: str) -> Message:
-        status = ConfigRecord({"state": "unavailable", "site": site, "reason": reason})
-        return Message(RecordDict({"status": status, "metrics": MetricRecord({"num-examples": 0})}), reply_to=msg)
 
     def wrapped(msg: Message, context: Context) -> Message:
         report_only = context.node_config.get("unavailable")
@@ -112,126 +131,95 @@ def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, 
     return wrapped
 
 
-@app.query("siteinfo")
+def _ok(msg: Message, runner: SiteRunner, body: Any, *, dtype: str = "float32") -> Message:
+    return reply(msg, Status(STATE_OK, runner.ctx.name), body, dtype=dtype)
+
+
+@_on(SITEINFO)
 @_safe
 def siteinfo(msg: Message, context: Context) -> Message:
     """Validate and preprocess the site's data; reply with patient counts only."""
-    runner, _ = _runner(msg, context)
-    device = ConfigRecord(dict(for_config(runner.cfg).describe().items()))  # where it trains, no patient data
-    return _reply(msg, runner.ctx.name, {"metrics": metric_record(runner.info()), "device": device})
+    runner, _ = _runner(msg, context, SITEINFO)
+    return _ok(msg, runner, runner.info())
 
 
-@app.train()
+@_on(TRAIN)
 @_safe
 def train(msg: Message, context: Context) -> Message:
     """Local epochs from the global model; ``num-examples`` is the number of training patients."""
-    runner, config = _runner(msg, context)
-    kind = cast(ModelKind, str(config["model"]))
-    flat, metrics = runner.train_round(
-        kind,
-        int(cast(int, config["fold"])),
-        weights_from_record(msg.content.array_records["arrays"]),
-        int(cast(int, config["global-round"])),
-        int(cast(int, config["total-rounds"])),
-        float(cast(float, config.get("proximal-mu", 0.0))),
+    runner, req = _runner(msg, context, TRAIN)
+    out = runner.train_round(
+        cast(ModelKind, req.model), req.fold, req.weights, req.global_round, req.total_rounds, req.proximal_mu
     )
-    dtype = str(runner.cfg.federation.transport_dtype)
-    return _reply(msg, runner.ctx.name, {"arrays": weights_record(flat, dtype), "metrics": metric_record(metrics)})
+    return _ok(msg, runner, out, dtype=str(runner.cfg.federation.transport_dtype))
 
 
-@app.evaluate()
+@_on(EVALUATE)
 @_safe
 def evaluate(msg: Message, context: Context) -> Message:
     """Validation-split grid statistics of the global model (no per-patient value)."""
-    runner, config = _runner(msg, context)
-    kind = cast(ModelKind, str(config["model"]))
-    fold, rnd = int(cast(int, config["fold"])), int(cast(int, config["global-round"]))
-    h = runner.validate_round(kind, fold, weights_from_record(msg.content.array_records["arrays"]), rnd)
-    n = int(h.neg.sum() + h.pos.sum())
-    return _reply(msg, runner.ctx.name, {"stats": arrays_record(h.to_arrays()), "metrics": metric_record({"num-examples": n})})
+    runner, req = _runner(msg, context, EVALUATE)
+    h = runner.validate_round(cast(ModelKind, req.model), req.fold, req.weights, req.global_round)
+    return _ok(msg, runner, EvaluateReply(histogram=h, num_examples=h.n))
 
 
-@app.evaluate("predict")
+@_on(PREDICT)
 @_safe
 def predict_fold(msg: Message, context: Context) -> Message:
     """Predict with a selected fold model; per-patient rows are written at the site only."""
-    runner, config = _runner(msg, context)
-    counts = runner.predict_fold(
-        cast(ModelKind, str(config["model"])),
-        int(cast(int, config["fold"])),
-        weights_from_record(msg.content.array_records["arrays"]),
-        int(cast(int, config["round"])),
-        str(config["role"]),
-    )
-    return _reply(msg, runner.ctx.name, {"metrics": metric_record(counts)})
+    runner, req = _runner(msg, context, PREDICT)
+    return _ok(msg, runner, runner.predict_fold(req.model, req.fold, req.weights, req.round, req.role))
 
 
-@app.evaluate("ensemble")
+@_on(ENSEMBLE)
 @_safe
 def ensemble_search(msg: Message, context: Context) -> Message:
     """Validation histograms for every candidate ensemble weight vector."""
-    runner, config = _runner(msg, context)
-    stats = runner.ensemble_search_stats(
-        str(config["role"]), config_json(config, "candidates"), int(cast(int, config["bins"]))
-    )
-    return _reply(msg, runner.ctx.name, {"stats": arrays_record(stats), "metrics": metric_record({"n-arrays": len(stats)})})
+    runner, req = _runner(msg, context, ENSEMBLE)
+    hists = runner.ensemble_search_stats(req.role, req.candidates, req.bins)
+    return _ok(msg, runner, EnsembleReply(histograms=hists, n_arrays=len(hists)))
 
 
-@app.evaluate("final")
+@_on(FINAL)
 @_safe
 def final(msg: Message, context: Context) -> Message:
     """Internal-test or external histograms of every score with the fitted ensemble weights."""
-    runner, config = _runner(msg, context)
-    stats = runner.final_stats(str(config["role"]), config_json(config, "ensembles"))
-    return _reply(msg, runner.ctx.name, {"stats": arrays_record(stats), "metrics": metric_record({"n-arrays": len(stats)})})
+    runner, req = _runner(msg, context, FINAL)
+    hists = runner.final_stats(req.role, req.ensembles)
+    return _ok(msg, runner, HistogramSetReply(histograms=hists, n_arrays=len(hists)))
 
 
-@app.evaluate("readers")
+@_on(READERS)
 @_safe
 def readers(msg: Message, context: Context) -> Message:
     """Reader-study grid statistics per tier and session (nothing when the site has no reader study)."""
-    runner, _ = _runner(msg, context)
-    stats = runner.reader_stats()
-    return _reply(msg, runner.ctx.name, {"stats": arrays_record(stats), "metrics": metric_record({"n-arrays": len(stats)})})
+    runner, _ = _runner(msg, context, READERS)
+    hists = runner.reader_stats()
+    return _ok(msg, runner, HistogramSetReply(histograms=hists, n_arrays=len(hists)))
 
 
-@app.evaluate("delong")
+@_on(DELONG)
 @_safe
 def delong(msg: Message, context: Context) -> Message:
     """DeLong step 2: placement-value sums against the global histograms (scalars only)."""
-    runner, config = _runner(msg, context)
-    arrays = arrays_from_record(msg.content.array_records["arrays"])
-    groups: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in arrays.items():
-        name, field = key.rsplit("/", 1)
-        groups.setdefault(name, {})[field] = value
-    hists = {name: ClassHistogram.from_arrays(d) for name, d in groups.items()}
-    role = str(config["role"])
-    sums = runner.delong_sums(
-        config_json(config, "specs"),
-        hists,
-        config_json(config, "ensembles"),
-        ("external",) if role == "external" else ("internal",),
-    )
-    sums["num-examples"] = 0
-    return _reply(msg, runner.ctx.name, {"metrics": metric_record(sums)})
+    runner, req = _runner(msg, context, DELONG)
+    subsets = (ROLE_EXTERNAL,) if req.role == ROLE_EXTERNAL else ("internal",)
+    sums = runner.delong_sums(req.specs, req.histograms, req.ensembles, subsets)
+    return _ok(msg, runner, DelongReply(sums=sums))
 
 
-@app.query("featstats")
+@_on(FEATSTATS)
 @_safe
 def feature_moments(msg: Message, context: Context) -> Message:
     """Counts, sums and sums of squares of the handcrafted features (training split of the fold)."""
-    runner, config = _runner(msg, context)
-    stats = runner.feature_moments(int(cast(int, config["fold"])))
-    return _reply(msg, runner.ctx.name, {"stats": arrays_record(stats), "metrics": metric_record({"num-examples": int(stats["n"][0])})})
+    runner, req = _runner(msg, context, FEATSTATS)
+    return _ok(msg, runner, runner.feature_moments(req.fold))
 
 
-@app.train("radiomics")
+@_on(RADIOMICS)
 @_safe
 def train_radiomics(msg: Message, context: Context) -> Message:
     """Fit the radiomics logistic regression locally on globally standardised features."""
-    runner, config = _runner(msg, context)
-    stats = arrays_from_record(msg.content.array_records["arrays"])
-    params, n = runner.fit_radiomics(int(cast(int, config["fold"])), stats["mean"], stats["std"])
-    return _reply(msg, runner.ctx.name, {"arrays": arrays_record({"params": params}), "metrics": metric_record({"num-examples": n})})
-
+    runner, req = _runner(msg, context, RADIOMICS)
+    params, n = runner.fit_radiomics(req.fold, req.mean, req.std)
+    return _ok(msg, runner, RadiomicsReply(params=params, num_examples=n))

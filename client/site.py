@@ -21,14 +21,18 @@ import torch
 
 from common.config import ExperimentConfig
 from common.dataset import SiteArrays, preprocess_site
-from common.delong import delong_step2_site
-from common.engine import Schedule, diagnose, predict, set_threads, train
+from common.delong import PlacementSums, delong_step2_site
+from common.device import for_config
+from common.engine import diagnose, predict, set_threads
 from common.ensemble import combine
+from common.environment import environment
 from common.gridstats import ClassHistogram, ScoreGrid, add_noise, suppress_small_cells
 from common.models import ModelKind, build_model
 from common.privacy import PrivacyLedger
+from common.protocol import FeatstatsReply, HistogramSet, PredictReply, SiteInfoReply, TrainReply
 from common.radiomics import FederatedLogit
 from common.records import ModelCodec
+from common.rounds import local_round
 from common.sitedata import read_reader_study, score_to_probability
 from common.splits import Fold, fivefold, save_splits
 
@@ -82,15 +86,17 @@ class SiteRunner:
         pos = {pid: i for i, pid in enumerate(self.arrays.patient_ids)}
         return [pos[p] for p in ids]
 
-    def info(self) -> dict[str, int]:
+    def info(self) -> SiteInfoReply:
         """Patient counts (aggregate only) for the server's plan."""
         a = self.arrays
-        return {
-            "patients": len(a),
-            "benign": int((a.labels == 0).sum()),
-            "malignant": int((a.labels == 1).sum()),
-            "refused": len(a.refused),
-        }
+        return SiteInfoReply(
+            patients=len(a),
+            benign=int((a.labels == 0).sum()),
+            malignant=int((a.labels == 1).sum()),
+            refused=len(a.refused),
+            environment=environment(),
+            device=dict(for_config(self.cfg).describe()),
+        )
 
     # -- models ------------------------------------------------------------------
     def _model_cfg(self, kind: ModelKind) -> Any:
@@ -134,35 +140,33 @@ class SiteRunner:
     # -- federated steps -------------------------------------------------------------
     def train_round(
         self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int, total_rounds: int, proximal_mu: float = 0.0
-    ) -> tuple[np.ndarray, dict[str, float]]:
+    ) -> TrainReply:
         """Local epochs on fold ``fold``'s training patients from the global weights."""
         model = self.load_model(kind, fold, flat, rnd - 1)
         idx = self._index(self.folds[fold].train)
-        le = self.cfg.train.local_epochs
-        res = train(
+        res = local_round(
             model,
             self.arrays,
             idx,
             kind,
             self.cfg,
-            epochs=le,
-            schedule=Schedule(start_epoch=(rnd - 1) * le, total_epochs=total_rounds * le),
-            seed=self.cfg.seed * 1000 + fold * 100 + rnd,
+            fold=fold,
+            rnd=rnd,
+            total_rounds=total_rounds,
             proximal_mu=proximal_mu,
             desc=f"{self.ctx.name} {kind} f{fold} r{rnd}",
             privacy=PrivacyLedger(self.run_dir / "state" / f"dp_{kind}_fold{fold}.json") if self.cfg.dp.enabled else None,
         )
         self._save_local(model, kind, fold, rnd)
-        metrics = {
-            "num-examples": res.n_patients,
-            "loss": res.loss,
-            "seconds": res.seconds,
-            "steps": res.steps,
-            "lr": res.lr_last,
-        }
-        if res.epsilon is not None:
-            metrics["epsilon"] = res.epsilon
-        return self.codec(kind).pack(model.state_dict()), metrics
+        return TrainReply(
+            weights=self.codec(kind).pack(model.state_dict()),
+            num_examples=res.n_patients,
+            loss=res.loss,
+            seconds=res.seconds,
+            steps=res.steps,
+            lr=res.lr_last,
+            epsilon=res.epsilon,
+        )
 
     def validate_round(self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int) -> ClassHistogram:
         """Validation-split statistics of the global model (for model selection across sites)."""
@@ -192,7 +196,7 @@ class SiteRunner:
     def _grid(self) -> ScoreGrid:
         return ScoreGrid(self.cfg.evaluation.grid_bins)
 
-    def predict_fold(self, kind: str, fold: int, flat: np.ndarray, rnd: int, role: str) -> dict[str, int]:
+    def predict_fold(self, kind: str, fold: int, flat: np.ndarray, rnd: int, role: str) -> PredictReply:
         """Predict with the selected fold model; per-patient rows are written here, locally.
 
         A training site predicts its fold-``fold`` validation and test
@@ -225,13 +229,13 @@ class SiteRunner:
             w = csv.writer(fh)
             w.writerow(["patient_id", "split", "label", "probability"])
             w.writerows(rows)
-        return {"predicted": len(rows)}
+        return PredictReply(predicted=len(rows))
 
     # -- the radiomics baseline, federated -----------------------------------------------------
-    def feature_moments(self, fold: int) -> dict[str, np.ndarray]:
+    def feature_moments(self, fold: int) -> FeatstatsReply:
         """Count, sum and sum of squares of the handcrafted features over the fold's training patients."""
         x = self.arrays.features[self._index(self.folds[fold].train)]
-        return {"n": np.asarray([x.shape[0]], np.float64), "sum": x.sum(axis=0), "sumsq": (x**2).sum(axis=0)}
+        return FeatstatsReply(np.asarray([x.shape[0]], np.float64), x.sum(axis=0), (x**2).sum(axis=0), x.shape[0])
 
     def fit_radiomics(self, fold: int, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, int]:
         """Logistic regression on globally standardised features; returns its parameters and n."""
@@ -287,7 +291,7 @@ class SiteRunner:
         labels = self.arrays.labels[self._index(tuple(ids))]
         return labels, scores
 
-    def ensemble_search_stats(self, role: str, candidates: dict[str, list[list[float]]], bins: int) -> dict[str, np.ndarray]:
+    def ensemble_search_stats(self, role: str, candidates: dict[str, list[list[float]]], bins: int) -> HistogramSet:
         """Validation histograms of every candidate weight vector of every ensemble.
 
         Only training sites have validation patients; an external site returns nothing.
@@ -295,7 +299,7 @@ class SiteRunner:
         if role == "external":
             return {}
         grid = ScoreGrid(bins)
-        out: dict[str, np.ndarray] = {}
+        out: HistogramSet = {}
         for name, weights in candidates.items():
             members = tuple(name.split("+"))
             total: list[ClassHistogram | None] = [None] * len(weights)
@@ -307,15 +311,14 @@ class SiteRunner:
                     total[i] = h if total[i] is None else total[i] + h  # type: ignore[operator]
             for i, hi in enumerate(total):
                 assert hi is not None
-                for key, arr in hi.to_arrays(include_sums=False).items():
-                    out[f"{name}/{i}/{key}"] = arr
+                out[(name, str(i))] = hi
         return out
 
-    def final_stats(self, role: str, ensembles: dict[str, list[float]]) -> dict[str, np.ndarray]:
+    def final_stats(self, role: str, ensembles: dict[str, list[float]]) -> HistogramSet:
         """Histograms of every score on internal-test folds (training site) or external patients."""
         enabled = self.scores_enabled()
         subsets = ["external"] if role == "external" else [f"fold{k}" for k in self.cfg.active_folds]
-        out: dict[str, np.ndarray] = {}
+        out: HistogramSet = {}
         for subset in subsets:
             split, fold = ("external", None) if subset == "external" else ("test", int(subset[4:]))
             y, scores = self.score_table(split, fold, enabled)
@@ -323,8 +326,7 @@ class SiteRunner:
                 members = name.split("+")
                 scores[name] = combine(np.stack([scores[m] for m in members], axis=1), np.asarray(w))
             for score, p in scores.items():
-                for key, arr in self.release(ClassHistogram.from_scores(y, p, self._grid())).to_arrays().items():
-                    out[f"{score}/{subset}/{key}"] = arr
+                out[(score, subset)] = self.release(ClassHistogram.from_scores(y, p, self._grid()))
         self._write_final(role, ensembles)
         return out
 
@@ -358,32 +360,31 @@ class SiteRunner:
         with_ai = np.asarray([score_to_probability(r.score_with_ai, mapping) for r in rows])
         return y, {"without_ai": without, "with_ai": with_ai}
 
-    def reader_stats(self) -> dict[str, np.ndarray]:
-        """Grid statistics of each reader tier and session (empty without a reader study)."""
+    def reader_stats(self) -> HistogramSet:
+        """Grid statistics ``(tier, session)`` of each reader tier and session (empty without a reader study)."""
         tiers = sorted({r.tier for r in read_reader_study(self.ctx.data_dir)})
-        out: dict[str, np.ndarray] = {}
+        out: HistogramSet = {}
         for tier in tiers:
             y, scores = self._reader_scores(tier)
             if y.size == 0:
                 continue
             for session, p in scores.items():
-                for key, arr in self.release(ClassHistogram.from_scores(y, p, self._grid())).to_arrays().items():
-                    out[f"readers/{tier}/{session}/{key}"] = arr
+                out[(tier, session)] = self.release(ClassHistogram.from_scores(y, p, self._grid()))
         return out
 
     def delong_sums(
         self,
         specs: list[list[str]],
-        global_hists: dict[str, ClassHistogram],
+        global_hists: HistogramSet,
         ensembles: dict[str, list[float]],
         subsets: tuple[str, ...],
-    ) -> dict[str, float]:
+    ) -> dict[int, PlacementSums]:
         """DeLong step 2: sums of this site's placement values against the global histograms.
 
         ``specs`` are ``[score1, score2, subset]``; only subsets this site
         holds are answered.  Returns scalars only (12 per comparison).
         """
-        out: dict[str, float] = {}
+        out: dict[int, PlacementSums] = {}
         cache: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
         for i, (s1, s2, subset) in enumerate(specs):
             if subset not in subsets and not subset.startswith("readers/"):
@@ -393,9 +394,7 @@ class SiteRunner:
             y, scores = cache[subset]
             if y.size == 0 or s1 not in scores or s2 not in scores:
                 continue
-            sums = delong_step2_site(y, scores[s1], scores[s2], global_hists[f"{s1}/{subset}"], global_hists[f"{s2}/{subset}"])
-            for key, value in sums.to_dict().items():
-                out[f"{i}/{key}"] = float(value)
+            out[i] = delong_step2_site(y, scores[s1], scores[s2], global_hists[(s1, subset)], global_hists[(s2, subset)])
         return out
 
     def _write_final(self, role: str, ensembles: dict[str, list[float]]) -> None:

@@ -180,7 +180,7 @@ class FederationConfig:
     round_timeout_s: float = 600.0
     # Flower simulation only: the fraction of a GPU each site's worker gets (0: none, CPU sites).
     sim_gpus_per_site: float = 0.0
-    transport_dtype: Literal["float32", "float16"] = "float32"
+    transport_dtype: Literal["float32", "float16"] = "float16"  # same model: |dAUC| 0.0003 (docs/benchmarks.md)
     norm_bound_factor: float = 10.0
     trim_fraction: float = 0.2
 

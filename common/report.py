@@ -41,6 +41,7 @@ import numpy as np
 from common.ensemble import ENSEMBLES
 from common.gridstats import ClassHistogram, ScoreGrid, auc, calibration_curve, net_benefit, roc_curve
 from common.plots import BarGroup, Panel, Series, bar_figure, confusion_figure, line_figure, png_bytes
+from common.protocol import ProtocolError, histograms_from_arrays
 
 __all__ = ["SCORE_LABELS", "Plot", "Table", "load_statistics", "load_summary", "render_report"]
 
@@ -154,8 +155,12 @@ class _Builder:
 
 
 # -- inputs -------------------------------------------------------------------------------------------
+BESIDE_SUMMARY: Mapping[str, str | None] = MappingProxyType({"launch.json": None, "baselines.json": "baselines"})
+"""Files the launching command writes beside ``summary.json``: merged at the top level, or under a key."""
+
+
 def load_summary(run_dir: Path) -> dict[str, Any]:
-    """``summary.json`` of a run folder, checked for the shape the report relies on."""
+    """``summary.json`` of a run folder with the files beside it, checked for the shape the report relies on."""
     path = Path(run_dir) / "summary.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no summary.json (is {run_dir} a finished run folder?)")
@@ -165,6 +170,17 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(summary, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(summary).__name__}")
+    for name, key in BESIDE_SUMMARY.items():  # written beside the summary by the launching command
+        side = path.parent / name
+        if side.is_file():
+            try:
+                extra = json.loads(side.read_text())
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{side}: not valid JSON ({exc})") from exc
+            if not isinstance(extra, dict):
+                raise ValueError(f"{side}: expected a JSON object, got {type(extra).__name__}")
+            for k, v in (extra if key is None else {key: extra}).items():
+                summary.setdefault(k, v)
     for key in ("models", "sites", "rounds", "selection", "communication"):
         value = summary.get(key, {})
         if not isinstance(value, dict):
@@ -177,19 +193,15 @@ def load_summary(run_dir: Path) -> dict[str, Any]:
 
 def load_statistics(path: Path) -> dict[str, dict[str, ClassHistogram]]:
     """Pooled histograms ``{score: {subset: histogram}}`` from ``stats/final.npz``."""
-    fields: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     with np.load(path) as data:
-        for key in data.files:
-            parts = key.split("/")
-            if len(parts) != 3:
-                raise ValueError(f"{path}: array {key!r} is not named <score>/<subset>/<field>")
-            fields.setdefault((parts[0], parts[1]), {})[parts[2]] = data[key]
+        arrays = {key: data[key] for key in data.files}
+    try:
+        hists = histograms_from_arrays(arrays, depth=2)
+    except ProtocolError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
     out: dict[str, dict[str, ClassHistogram]] = {}
-    for (score, subset), arrays in sorted(fields.items()):
-        try:
-            out.setdefault(score, {})[subset] = ClassHistogram.from_arrays(arrays)
-        except ValueError as exc:
-            raise ValueError(f"{path}: histogram {score}/{subset}: {exc}") from exc
+    for (score, subset), h in sorted(hists.items()):
+        out.setdefault(score, {})[subset] = h
     return out
 
 
@@ -322,8 +334,39 @@ def _devices(devices: Mapping[str, Any]) -> str:
 
 
 # -- sections ----------------------------------------------------------------------------------------------
+def _environment_text(env: Mapping[str, Any]) -> str:
+    """One party's machine and libraries in one line."""
+
+    def get(key: str) -> str:
+        value = env.get(key)
+        return "?" if value is None else str(value)
+
+    return (
+        f"{get('cpu')} ({get('cpu_capability')}, {get('cpu_count')} CPUs), {get('system')}; "
+        f"torch {get('torch')} (BLAS {get('torch_blas')}, MKL {get('mkl')}, oneDNN {get('onednn')}, "
+        f"{get('torch_threads')} threads); numpy {get('numpy')} ({get('numpy_blas')}); device {get('device')}; "
+        f"flwr {get('flwr')}, monai {get('monai')}, python {get('python')}"
+    )
+
+
+def _environment_facts(environment: Any) -> list[tuple[Cell, ...]]:
+    """What the numbers depend on besides config and seed, per party (identical parties in one row)."""
+    if not isinstance(environment, dict):
+        return []
+    parties: dict[str, Mapping[str, Any]] = {}
+    if isinstance(environment.get("server"), dict):
+        parties["server"] = environment["server"]
+    for site, env in (environment.get("sites") or {}).items():
+        if isinstance(env, dict) and env:
+            parties[str(site)] = env
+    groups: dict[str, list[str]] = {}
+    for party, env in parties.items():
+        groups.setdefault(_environment_text(env), []).append(party)
+    return [(f"machine ({', '.join(names)})", text) for text, names in groups.items()]
+
+
 def header_section(summary: Mapping[str, Any], run_dir: Path, grid_bins: int | None) -> Section:
-    """Plan, configuration, sites with roles and counts, time."""
+    """Plan, configuration, seed, machines and libraries, sites with roles and counts, time."""
     b = _Builder()
     finished = datetime.fromtimestamp((run_dir / "summary.json").stat().st_mtime, tz=timezone.utc)
     facts: list[tuple[Cell, ...]] = [
@@ -340,6 +383,9 @@ def header_section(summary: Mapping[str, Any], run_dir: Path, grid_bins: int | N
         facts.insert(5, ("wall time (incl. start-up)", _duration(_num(summary["wall_seconds_total"]))))
     if isinstance(summary.get("devices"), dict) and summary["devices"]:
         facts.insert(4, ("devices (as each site reported)", _devices(summary["devices"])))
+    if "seed" in summary:
+        facts.insert(3, ("seed", summary.get("seed")))
+    facts += _environment_facts(summary.get("environment"))
     b.add(Table("run", "Run", "What was run, where and when.", ("item", "value"), tuple(facts)))
     sites = summary.get("sites", {})
     rows = tuple(

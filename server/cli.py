@@ -37,12 +37,11 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import yaml
-
-    from common.config import ConfigError, load_config, to_dict
+    from common.config import ConfigError, load_config
 
     from .certs import existing
-    from .superlink import SuperLinkSpec, TLSFiles, enroll, flwr_run, superlink, write_connection
+    from .launch import RunLaunch, finish, timed_launch, write_config
+    from .superlink import SuperLinkSpec, TLSFiles
 
     try:
         cfg = load_config(args.config)
@@ -61,14 +60,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 2
         tls = TLSFiles(ca_cert=c.ca_cert.resolve(), cert=c.server_cert.resolve(), key=c.server_key.resolve())
     run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}-server").resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_config(run_dir, cfg)
     keys = sorted(Path(args.enroll).glob("*.pub")) if args.enroll else []
     if args.enroll and not keys:
         print(f"error: --enroll {args.enroll}: no *.pub key found", file=sys.stderr)
         return 2
     spec = SuperLinkSpec(host=args.host, port=args.port, tls=tls, supernode_auth=bool(keys))
-    flwr_home = run_dir / "flower"
     expected = args.expected_sites or len(cfg.sites) or 1
     run_config = {
         "config-path": str(run_dir / "config.yaml"),
@@ -78,39 +75,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         "discovery-timeout": float(args.discovery_timeout),
     }
     print(f"flower-server: SuperLink on {spec.address} ({'TLS' if tls else 'INSECURE'}); waiting for {expected} site(s); run folder {run_dir}", flush=True)
-    t0 = time.perf_counter()
-    with superlink(spec, flwr_home):
-        connect = SuperLinkSpec(host="127.0.0.1" if args.host in ("0.0.0.0", "") else args.host, port=args.port, tls=tls)
-        write_connection(flwr_home, "federation", connect)
-        for key in keys:
-            enroll(flwr_home, "federation", key.resolve())
-        if keys:
-            print(f"flower-server: SuperNode authentication on; enrolled {', '.join(k.stem for k in keys)}", flush=True)
-        rc = flwr_run(REPO, flwr_home, "federation", run_config, run_dir / "flower.log", timeout_s=args.run_timeout or None)
-    summary = run_dir / "summary.json"
-    if rc != 0 or not summary.is_file():
-        print(f"error: the run failed (flwr exit code {rc}, summary {'present' if summary.is_file() else 'missing'}); see {run_dir / 'flower.log'}", file=sys.stderr)
-        if cause := _failure_cause(run_dir / "flower.log"):
-            print(f"cause: {cause}", file=sys.stderr)
+    connect = SuperLinkSpec(host="127.0.0.1" if args.host in ("0.0.0.0", "") else args.host, port=args.port, tls=tls)
+    launch = RunLaunch(run_dir, spec, "federation", run_config, connect=connect, keys=tuple(keys), timeout_s=args.run_timeout or None)
+    rc, seconds = timed_launch(launch, lambda line: print(f"flower-server: {line}", flush=True))
+    data = finish(run_dir, rc, seconds)
+    if data is None:
         return 1
-    data = json.loads(summary.read_text())
-    print(f"flower-server: run finished in {time.perf_counter() - t0:.0f} s; sites: {', '.join(data.get('sites', {}))}")
+    print(f"flower-server: run finished in {seconds:.0f} s; sites: {', '.join(data.get('sites', {}))}")
     if data.get("plan") != "loco":
         from common.report import render_report
 
         print(f"report: {render_report(run_dir)}")
-    print(summary)
+    print(run_dir / "summary.json")
     return 0
-
-
-def _failure_cause(log_path: Path) -> str | None:
-    """The last exception line the ServerApp logged (``flwr run`` itself may exit 0 on a failed run)."""
-    import re
-
-    if not log_path.is_file():
-        return None
-    found = re.findall(r"^([\w.]*(?:Error|Exception): .+)$", log_path.read_text(errors="replace"), flags=re.MULTILINE)
-    return found[-1] if found else None
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.protocol import Header, MessageSpec
+
 
 @dataclass
 class RoundLog:
@@ -37,7 +39,7 @@ class FoldSession:
     train_nodes: dict[int, str]  # node id -> site name
     total_rounds: int
     round_offset: int
-    base_config: dict[str, Any]
+    header: Header
     transport_dtype: str = "float32"
     min_sites: int = 1
     norm_bound_factor: float = 10.0
@@ -47,6 +49,7 @@ class FoldSession:
     rounds: dict[int, RoundLog] = field(default_factory=dict)
     last_val_stats: dict[str, Any] | None = None
     refresh: Callable[[], dict[int, str]] | None = None  # the training nodes now (sites may rejoin)
+    check: Callable[[MessageSpec, Any], None] | None = None  # the messenger's reply validators
 
     def log_for(self, server_round: int) -> RoundLog:
         r = server_round + self.round_offset

@@ -13,18 +13,23 @@ import time
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.gridstats import ClassHistogram, pooled_metrics
-from common.records import (
-    arrays_from_record,
-    config_record,
-    metric_record,
-    weights_from_record,
-    weights_record,
+from common.protocol import (
+    EVALUATE,
+    NUM_EXAMPLES,
+    PROXIMAL_MU,
+    TRAIN,
+    MessageSpec,
+    ProtocolError,
+    RoundRequest,
+    reply_node,
+    status_of,
 )
+from common.records import metric_record, weights_from_record, weights_record
 
 from .aggregation import coordinate_median, screen_updates, trimmed_mean, weighted_mean
 from .session import FoldSession
@@ -61,39 +66,32 @@ class GuardedFedAvg(FedAvg):
             )
         return nodes
 
-    def _messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], mtype: str) -> list[Message]:
-        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        self._sent = tuple(Message(content=record, message_type=mtype, dst_node_id=n) for n in nodes)
+    def _messages(self, spec: MessageSpec, request: RoundRequest, nodes: list[int]) -> list[Message]:
+        s = self.session
+        self._sent = tuple(spec.message(s.header, request, n, dtype=s.transport_dtype) for n in nodes)
         return list(self._sent)
 
     def _site(self, reply: Message) -> str:
-        """The site a reply stands for.
+        """The site a reply stands for (a dead node's reply comes from the SuperLink: see ``reply_node``)."""
+        return self.session.site_of(reply_node(reply, self._sent))
 
-        When a node is gone (no heartbeat), the SuperLink itself answers in
-        its place, from its own node id: the site is then the destination of
-        the message that reply is about.
-        """
-        src = reply.metadata.src_node_id
-        if src not in self.session.train_nodes:
-            for m in self._sent:
-                if m.metadata.message_id == reply.metadata.reply_to_message_id:
-                    return self.session.site_of(m.metadata.dst_node_id)
-        return self.session.site_of(src)
+    def _check(self, spec: MessageSpec, body: object) -> None:
+        """The messenger's reply validators (raise ProtocolError to drop the reply)."""
+        if self.session.check is not None:
+            self.session.check(spec, body)
 
-    def _config(self, server_round: int, config: ConfigRecord) -> ConfigRecord:
+    def _request(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> RoundRequest:
         s = self.session
-        values = dict(s.base_config)
-        values.update(dict(config))
-        values.update(
-            {
-                "server-round": server_round,
-                "global-round": server_round + s.round_offset,
-                "total-rounds": s.total_rounds,
-                "model": s.model,
-                "fold": s.fold,
-            }
+        mu = config.get(PROXIMAL_MU, 0.0)  # FedProx's configure_train puts its mu here
+        return RoundRequest(
+            weights=weights_from_record(arrays),
+            model=s.model,
+            fold=s.fold,
+            server_round=server_round,
+            global_round=server_round + s.round_offset,
+            total_rounds=s.total_rounds,
+            proximal_mu=float(mu),  # type: ignore[arg-type]
         )
-        return config_record(values)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -105,8 +103,8 @@ class GuardedFedAvg(FedAvg):
             if node not in nodes:
                 rlog.dropped[site] = "not connected when the round started"
                 log.warning("[round %d] %s not connected: left out of this round", rlog.round, site)
-        self._global = weights_from_record(arrays)
-        wire = weights_record(self._global, self.session.transport_dtype)
+        request = self._request(server_round, arrays, config)
+        self._global = request.weights
         log.info(
             "[%s fold %d round %d/%d] training at %s",
             self.session.model,
@@ -115,14 +113,13 @@ class GuardedFedAvg(FedAvg):
             self.session.total_rounds,
             ", ".join(self.session.site_of(n) for n in nodes),
         )
-        return self._messages(wire, self._config(server_round, config), nodes, MessageType.TRAIN)
+        return self._messages(TRAIN, request, nodes)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         nodes = self._live_train_nodes(grid)
-        wire = weights_record(weights_from_record(arrays), self.session.transport_dtype)
-        return self._messages(wire, self._config(server_round, config), nodes, MessageType.EVALUATE)
+        return self._messages(EVALUATE, self._request(server_round, arrays, config), nodes)
 
     # -- aggregation ------------------------------------------------------------
     def _split_replies(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
@@ -134,11 +131,10 @@ class GuardedFedAvg(FedAvg):
                 rlog.dropped[site] = f"{phase}: error reply: {msg.error.reason}"
                 log.warning("[round %d] %s dropped (%s error: %s)", rlog.round, site, phase, msg.error.reason)
                 continue
-            status = msg.content.config_records.get("status")
-            if status is not None and status.get("state", "ok") != "ok":
-                reason = str(status.get("reason", ""))
-                rlog.dropped[site] = f"{phase}: site unavailable: {reason}"
-                log.warning("[round %d] %s unavailable: %s", rlog.round, site, reason)
+            status = status_of(msg)
+            if status is not None and not status.ok:
+                rlog.dropped[site] = f"{phase}: site unavailable: {status.reason}"
+                log.warning("[round %d] %s unavailable: %s", rlog.round, site, status.reason)
                 continue
             ok.append(msg)
         return ok
@@ -152,29 +148,30 @@ class GuardedFedAvg(FedAvg):
         rlog.missing = sorted({self.session.site_of(m.metadata.dst_node_id) for m in self._sent} - answered)
         for site in rlog.missing:
             log.warning("[round %d] no reply from %s within the round timeout: left out", rlog.round, site)
-        good = self._split_replies(server_round, replies, "train")
+        good = sorted(self._split_replies(server_round, replies, "train"), key=self._site)  # order-free result
         vectors, weights, names, losses = [], [], [], []
         for msg in good:
             site = self._site(msg)
             try:
-                vec = weights_from_record(msg.content.array_records[self.arrayrecord_key])
-                metrics = msg.content.metric_records["metrics"]
-                n = float(metrics["num-examples"])  # type: ignore[arg-type]
-            except (KeyError, ValueError, TypeError) as exc:
+                update = TRAIN.read_reply(msg)
+                self._check(TRAIN, update)
+            except ProtocolError as exc:
                 rlog.dropped[site] = f"train: malformed reply ({exc})"
                 log.warning("[round %d] %s dropped: malformed reply (%s)", rlog.round, site, exc)
                 continue
-            vectors.append(vec)
-            weights.append(n)
+            vectors.append(update.weights)
+            weights.append(float(update.num_examples))
             names.append(site)
-            if "epsilon" in metrics:
-                rlog.epsilon[site] = float(metrics["epsilon"])  # type: ignore[arg-type]
-            losses.append(float(metrics.get("loss", float("nan"))))  # type: ignore[arg-type]
+            if update.epsilon is not None:
+                rlog.epsilon[site] = update.epsilon
+            losses.append(update.loss)
         if not vectors:
             log.error("[round %d] no usable training update: the global model is unchanged", rlog.round)
             return None, None
         reference = self._reference(vectors[0].shape)
-        screen = screen_updates(vectors, reference, norm_bound_factor=self.session.norm_bound_factor, names=names)
+        screen = screen_updates(
+            vectors, reference, norm_bound_factor=self.session.norm_bound_factor, names=names
+        )
         for i, reason in screen.dropped.items():
             rlog.dropped[names[i]] = f"train: {reason}"
             log.warning("[round %d] update dropped: %s", rlog.round, reason)
@@ -192,7 +189,7 @@ class GuardedFedAvg(FedAvg):
         rlog.trained = [names[i] for i in screen.kept]
         rlog.train_loss = float(np.average([losses[i] for i in screen.kept], weights=kept_w))
         n_total = int(sum(kept_w))
-        return weights_record(agg), MetricRecord({"num-examples": n_total, "loss": rlog.train_loss})
+        return weights_record(agg), MetricRecord({NUM_EXAMPLES: n_total, "loss": rlog.train_loss})
 
     def _reference(self, shape: tuple[int, ...]) -> np.ndarray:
         ref = getattr(self, "_global", None)
@@ -202,19 +199,21 @@ class GuardedFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         rlog = self.session.log_for(server_round)
-        total: ClassHistogram | None = None
-        for msg in self._split_replies(server_round, replies, "evaluate"):
+        hists: list[ClassHistogram] = []
+        for msg in sorted(self._split_replies(server_round, replies, "evaluate"), key=self._site):
             site = self._site(msg)
             try:
-                h = ClassHistogram.from_arrays(arrays_from_record(msg.content.array_records["stats"]))
-            except (KeyError, ValueError) as exc:
+                stats = EVALUATE.read_reply(msg)
+                self._check(EVALUATE, stats)
+                hists.append(stats.histogram)
+            except ProtocolError as exc:
                 rlog.dropped[site] = f"evaluate: malformed statistics ({exc})"
                 continue
-            total = h if total is None else total + h
             rlog.evaluated.append(site)
         rlog.seconds = time.perf_counter() - self._round_started
-        if total is None:
+        if not hists:
             return None
+        total = ClassHistogram.aggregate(hists)
         m = pooled_metrics(total, self.session.threshold)
         rlog.val_auc = None if np.isnan(m.auc) else float(m.auc)
         rlog.val_n = int(m.n)
@@ -229,4 +228,4 @@ class GuardedFedAvg(FedAvg):
             ",".join(rlog.evaluated),
             rlog.seconds,
         )
-        return metric_record({"val-auc": m.auc if not np.isnan(m.auc) else -1.0, "num-examples": m.n})
+        return metric_record({"val-auc": m.auc if not np.isnan(m.auc) else -1.0, NUM_EXAMPLES: m.n})

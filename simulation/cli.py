@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import ConfigError, ExperimentConfig, SiteConfig, load_config, to_dict, with_sites
+from common.config import ConfigError, ExperimentConfig, SiteConfig, load_config, with_sites
 from common.processes import exit_on_sigterm
 from common.validation import validate_site
 
@@ -133,9 +133,8 @@ def _gpus(cfg: ExperimentConfig) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import yaml
-
-    from server.superlink import flwr_run, local_spec, superlink, write_connection
+    from server.launch import BASELINES_NAME, RunLaunch, finish, timed_launch, write_config
+    from server.superlink import local_spec
 
     try:
         cfg, cohort_dir = _experiment(args)
@@ -148,8 +147,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         report = validate_site(Path(s.data_dir))
         print(f"  validate {report.summary()}")
     run_dir = Path(args.out).resolve() if args.out else new_run_dir(root / "runs", cfg.name).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_config(run_dir, cfg)
     sim_sites = [
         {"name": s.name, "data_dir": str(Path(s.data_dir).resolve()), "out_dir": str(run_dir / "sites" / s.name), "threads": cfg.train.threads}
         for s in cfg.sites
@@ -165,20 +163,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     federation = simulation_resources(cfg, args.cpus, gpus)
     print(f"Run folder: {run_dir}", flush=True)
     print(f"Plan {cfg.plan}: " + ", ".join(f"{s.name} ({s.role})" for s in cfg.sites), flush=True)
-    flwr_home = run_dir / "flower"
-    spec = local_spec(simulation=True)
-    t0 = time.perf_counter()
-    with superlink(spec, flwr_home):
-        write_connection(flwr_home, "sim", spec)
-        rc = flwr_run(REPO, flwr_home, "sim", run_config, run_dir / "flower.log", federation)
-    seconds = time.perf_counter() - t0
-    summary = run_dir / "summary.json"
-    if rc != 0 or not summary.is_file():
-        print(f"error: the federated run failed (flwr exit code {rc}); see {run_dir / 'flower.log'}", file=sys.stderr)
+    launch = RunLaunch(run_dir, local_spec(simulation=True), "sim", run_config, federation_config=federation)
+    rc, seconds = timed_launch(launch, lambda line: print(line, flush=True))
+    data = finish(run_dir, rc, seconds, {"cohort": cohort_reference(cohort_dir)})
+    if data is None:
         return 1
-    data = json.loads(summary.read_text())
-    data["wall_seconds_total"] = round(seconds, 1)
-    data["cohort"] = cohort_reference(cohort_dir)
     if args.baselines or cfg.baselines.pooled or cfg.baselines.local:
         from .baselines import run_baselines
 
@@ -188,7 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         local = args.baselines or cfg.baselines.local
         data["baselines"] = run_baselines(cfg, run_dir / "baseline-cache", pooled=pooled, local=local)
         data["baselines"]["wall_seconds"] = round(time.perf_counter() - t1, 1)
-    summary.write_text(json.dumps(data, indent=2))
+        (run_dir / BASELINES_NAME).write_text(json.dumps(data["baselines"], indent=2))
     _print_summary(data)
     if data.get("plan") != "loco":
         from common.report import render_report

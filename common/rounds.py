@@ -1,0 +1,53 @@
+"""One site's local training in one federated round: the seed and schedule every caller shares.
+
+The ClientApp (``client.site``) and the plain-loop baseline (``bench.plain``)
+both train through :func:`local_round`, so the seed formula and the
+learning-rate schedule across rounds exist once: a change here changes the
+federated run and its baseline alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import ExperimentConfig
+from .dataset import SiteArrays
+from .engine import Schedule, TrainResult, train
+from .models import ModelKind
+
+
+def round_seed(seed: int, fold: int, rnd: int) -> int:
+    """The local-training seed of round ``rnd`` (1-based, counted over the whole run) of fold ``fold``."""
+    return seed * 1000 + fold * 100 + rnd
+
+
+def round_schedule(rnd: int, local_epochs: int, total_rounds: int) -> Schedule:
+    """Round ``rnd``'s place in the whole run's learning-rate schedule (epochs across rounds)."""
+    return Schedule(start_epoch=(rnd - 1) * local_epochs, total_epochs=total_rounds * local_epochs)
+
+
+def local_round(
+    model: Any,
+    arrays: SiteArrays,
+    indices: list[int],
+    kind: ModelKind,
+    cfg: ExperimentConfig,
+    *,
+    fold: int,
+    rnd: int,
+    total_rounds: int,
+    **kwargs: Any,
+) -> TrainResult:
+    """``train.local_epochs`` epochs of round ``rnd`` from the model's current (global) weights."""
+    le = cfg.train.local_epochs
+    return train(
+        model,
+        arrays,
+        indices,
+        kind,
+        cfg,
+        epochs=le,
+        schedule=round_schedule(rnd, le, total_rounds),
+        seed=round_seed(cfg.seed, fold, rnd),
+        **kwargs,
+    )

@@ -1,0 +1,133 @@
+"""Send a request to some sites and keep the usable replies: the server's one messaging path.
+
+Every exchange outside Flower's round loop goes through :meth:`Messenger.send`
+(the round loop's own replies reach :meth:`Messenger.check` through the
+strategy), so timeouts, error replies, ``unavailable`` sites, malformed
+replies and reply validation are handled in one place.  Validators are pure
+functions ``(spec, body, cfg) -> None`` that raise :class:`ProtocolError`
+(or ``ValueError``) to reject a reply; :meth:`Messenger.check` is the single
+call point, listed in :data:`REPLY_CHECKS`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from common.config import ExperimentConfig
+from common.gridstats import ClassHistogram
+from common.protocol import (
+    ENSEMBLE,
+    EVALUATE,
+    FINAL,
+    READERS,
+    Header,
+    MessageSpec,
+    ProtocolError,
+    reply_node,
+    status_of,
+)
+
+from .meteredgrid import MeteredGrid
+from .registry import SiteRegistry
+
+log = logging.getLogger(__name__)
+
+ReplyCheck = Callable[[MessageSpec, Any, ExperimentConfig], None]
+
+
+def check_grid_bins(spec: MessageSpec, body: Any, cfg: ExperimentConfig) -> None:
+    """Histograms must be on the grid the server asked for (a wrong grid would poison the pooled sums)."""
+    if spec in (EVALUATE, FINAL, READERS):
+        bins = cfg.evaluation.grid_bins
+    elif spec is ENSEMBLE:
+        bins = min(cfg.evaluation.grid_bins, 1000)
+    else:
+        return
+    hists: Iterable[ClassHistogram] = [body.histogram] if spec is EVALUATE else body.histograms.values()
+    wrong = sorted({h.bins for h in hists} - {bins})
+    if wrong:
+        raise ProtocolError(f"histograms on a {wrong[0]}-bin grid, expected {bins}")
+
+
+REPLY_CHECKS: tuple[ReplyCheck, ...] = (check_grid_bins,)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A usable reply: the node and site it stands for, and its decoded body."""
+
+    node: int
+    site: str
+    body: Any
+
+
+class Messenger:
+    """Requests out, decoded and validated replies in, every problem logged against its site."""
+
+    def __init__(
+        self,
+        grid: MeteredGrid,
+        registry: SiteRegistry,
+        header: Header,
+        timeout: float,
+        checks: Sequence[ReplyCheck] = REPLY_CHECKS,
+    ) -> None:
+        self.grid = grid
+        self.registry = registry
+        self.header = header
+        self.timeout = timeout
+        self.checks = tuple(checks)
+
+    def check(self, spec: MessageSpec, body: Any) -> None:
+        """Run every reply validator on a decoded reply; raises :class:`ProtocolError` to reject it."""
+        for fn in self.checks:
+            try:
+                fn(spec, body, self.registry.cfg)
+            except ProtocolError:
+                raise
+            except ValueError as exc:
+                raise ProtocolError(str(exc)) from exc
+
+    def send(
+        self,
+        nodes: Iterable[int],
+        spec: MessageSpec,
+        body: Any,
+        *,
+        timeout: float | None = None,
+        dtype: str = "float32",
+    ) -> list[Answer]:
+        """Send one request to each node; the node, site and decoded body of every usable reply."""
+        msgs = [spec.message(self.header, body, n, dtype=dtype) for n in nodes]
+        timeout = self.timeout if timeout is None else timeout
+        replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
+        good: list[Answer] = []
+        answered = set()
+        for r in replies:
+            node = reply_node(r, msgs)
+            answered.add(node)
+            site = self.registry.site_of(node)
+            if r.has_error():
+                log.warning("%s: %s failed: %s", site, spec.type, r.error.reason)
+                continue
+            status = status_of(r)
+            if status is not None and node not in self.registry.sites:  # discovery: the reply says who it is
+                site = status.site or site
+            if status is not None and not status.ok:
+                log.warning("%s: %s unavailable: %s", site, spec.type, status.reason)
+                self.registry.unavailable.setdefault(site, status.reason)
+                continue
+            try:
+                decoded = spec.read_reply(r)
+                self.check(spec, decoded)
+            except ProtocolError as exc:
+                log.warning("%s: %s reply rejected: %s", site, spec.type, exc)
+                continue
+            good.append(Answer(node, site, decoded))
+        good.sort(key=lambda a: (a.site, a.node))  # pooled in site order, whatever order they answered in
+        for n in {m.metadata.dst_node_id for m in msgs} - answered:
+            log.warning("%s: no reply to %s within %.0f s", self.registry.site_of(n), spec.type, timeout)
+        return good

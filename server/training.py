@@ -1,0 +1,204 @@
+"""Fold training: Flower's round loop per model and fold, checkpoints, selection, prediction.
+
+For each model and fold, Flower's ``Strategy.start()`` runs the rounds among
+the training sites; after every round the round's global model is
+checkpointed with its pooled validation statistics, and the round with the
+best pooled validation AUC is kept (the study's model selection, done across
+sites).  A fold finished by an earlier server process is not retrained; an
+interrupted one resumes after its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+
+from common.config import ExperimentConfig
+from common.engine import seed_everything
+from common.models import ModelKind, build_model
+from common.protocol import (
+    FEATSTATS,
+    PREDICT,
+    RADIOMICS,
+    ROLE_TRAIN,
+    ROLES,
+    FeatstatsReply,
+    FoldRequest,
+    PredictRequest,
+    RadiomicsRequest,
+)
+from common.radiomics import FederatedLogit
+from common.records import ModelCodec, weights_from_record, weights_record
+
+from .checkpoints import CheckpointStore
+from .messenger import Messenger
+from .progress import Progress
+from .registry import SiteRegistry
+from .session import FoldSession, RoundLog
+from .strategies import make_strategy
+from .strategy import FederationError
+
+log = logging.getLogger(__name__)
+
+
+class FoldTrainer:
+    """Trains and predicts fold models; keeps who took part in every round."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        messenger: Messenger,
+        registry: SiteRegistry,
+        ckpt: CheckpointStore,
+        progress: Progress | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.messenger = messenger
+        self.registry = registry
+        self.ckpt = ckpt
+        self.progress = progress
+        self.resumed: dict[
+            str, int
+        ] = {}  # "<model>/fold<k>" -> rounds taken from an earlier process's checkpoints
+        self.participation: dict[str, list[dict[str, Any]]] = {}
+
+    def initial_vector(self, kind: ModelKind) -> np.ndarray:
+        """The round-0 global model: the factory's initialisation under the run's seed."""
+        seed_everything(self.cfg.seed)
+        model = build_model(kind, getattr(self.cfg.models, kind))
+        codec = ModelCodec.for_state_dict(
+            model.state_dict(), exclude_norm=self.cfg.federation.strategy == "fedbn"
+        )
+        return codec.pack(model.state_dict())
+
+    def session(self, kind: ModelKind, fold: int, offset: int) -> FoldSession:
+        """What the strategy needs to know about this fold (rounds before ``offset`` are done)."""
+        return FoldSession(
+            model=kind,
+            fold=fold,
+            train_nodes=self.registry.nodes(ROLE_TRAIN),
+            refresh=lambda: self.registry.rejoin(self.messenger),
+            total_rounds=self.cfg.train.rounds,
+            round_offset=offset,
+            header=self.messenger.header,
+            transport_dtype=self.cfg.federation.transport_dtype,
+            min_sites=self.cfg.federation.min_sites,
+            norm_bound_factor=self.cfg.federation.norm_bound_factor,
+            threshold=self.cfg.evaluation.threshold,
+            check=self.messenger.check,
+        )
+
+    def train_fold(self, kind: ModelKind, fold: int) -> dict[str, Any]:
+        """Federated rounds for one fold; returns the selected round and its pooled validation AUC."""
+        if not self.registry.nodes(ROLE_TRAIN):
+            raise FederationError("no training site is available")
+        total = self.cfg.train.rounds
+        done = self.ckpt.finished(kind, fold)
+        if done is not None:
+            log.info("%s fold %d already finished (round %d selected): skipping", kind, fold, done["round"])
+            self._restore_round_logs(kind, fold)
+            return done
+        last = self.ckpt.last_round(kind, fold)
+        start_vec = self.ckpt.load(kind, fold, last) if last else self.initial_vector(kind)
+        if last:
+            log.info(
+                "%s fold %d: resuming after round %d of %d (earlier rounds not retrained)",
+                kind,
+                fold,
+                last,
+                total,
+            )
+            self._restore_round_logs(kind, fold)
+        session = self.session(kind, fold, last)
+        if self.progress is not None:
+            self.progress.phase(
+                f"{kind} fold {fold}: training rounds {last + 1}-{total} at {', '.join(session.train_nodes.values())}"
+            )
+        strategy = make_strategy(self.cfg.federation, session)
+
+        def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            if server_round == 0:
+                return None
+            rlog = session.log_for(server_round)
+            self.ckpt.save(kind, fold, rlog.round, weights_from_record(arrays), asdict(rlog))
+            self.participation.setdefault(f"{kind}/fold{fold}", []).append(asdict(rlog))
+            if self.progress is not None:
+                self.progress.round(session, rlog)
+            return None
+
+        if last < total:
+            strategy.start(
+                grid=self.messenger.grid,
+                initial_arrays=weights_record(start_vec),
+                num_rounds=total - last,
+                timeout=self.messenger.timeout,
+                train_config=ConfigRecord(),
+                evaluate_config=ConfigRecord(),
+                evaluate_fn=after_round,
+            )
+        best = self.ckpt.select_best(kind, fold)
+        log.info(
+            "%s fold %d: selected round %d (pooled validation AUC %s)",
+            kind,
+            fold,
+            best["round"],
+            best["val_auc"],
+        )
+        return best
+
+    def _restore_round_logs(self, kind: ModelKind, fold: int) -> None:
+        """Who took part in the rounds a previous server process finished, from their checkpoints."""
+        key = f"{kind}/fold{fold}"
+        rounds = self.ckpt.rounds(kind, fold)
+        fields = {f.name for f in dataclasses.fields(RoundLog)}
+        self.participation[key] = [
+            {k: v for k, v in self.ckpt.meta(kind, fold, r).items() if k in fields} for r in rounds
+        ]
+        self.resumed[key] = len(rounds)
+        if self.progress is not None:
+            self.progress.resumed(len(rounds))
+
+    def predict_fold(self, kind: ModelKind, fold: int, best: dict[str, Any]) -> None:
+        """Every site predicts with the selected fold model (rows stay at the sites)."""
+        vec = self.ckpt.load(kind, fold, int(best["round"]))
+        for role in ROLES:
+            nodes = list(self.registry.nodes(role))
+            if nodes:
+                req = PredictRequest(weights=vec, model=kind, fold=fold, round=int(best["round"]), role=role)
+                self.messenger.send(nodes, PREDICT, req, dtype=self.cfg.federation.transport_dtype)
+
+    def train_radiomics(self, fold: int) -> None:
+        """One-shot federated logistic regression on the handcrafted features, then prediction."""
+        nodes = list(self.registry.nodes(ROLE_TRAIN))
+        parts = [a.body for a in self.messenger.send(nodes, FEATSTATS, FoldRequest(fold=fold))]
+        if not parts:
+            log.warning("radiomics fold %d: no site returned feature statistics", fold)
+            return
+        moments: FeatstatsReply = parts[0]
+        for m in parts[1:]:
+            moments = moments + m
+        mean, std = FederatedLogit.moments_to_mean_std(float(moments.n[0]), moments.sum, moments.sumsq)
+        fits = [
+            a.body
+            for a in self.messenger.send(nodes, RADIOMICS, RadiomicsRequest(fold=fold, mean=mean, std=std))
+        ]
+        if not fits:
+            log.warning("radiomics fold %d: no site returned a model", fold)
+            return
+        avg = np.average(
+            np.stack([f.params for f in fits]), axis=0, weights=[float(f.num_examples) for f in fits]
+        )
+        model = FederatedLogit.from_params(avg, mean, std)
+        self.ckpt.save("radiomics", fold, 1, model.pack_full().astype(np.float32), {"val_auc": None})
+        for role in ROLES:
+            targets = list(self.registry.nodes(role))
+            if targets:
+                req = PredictRequest(
+                    weights=model.pack_full(), model="radiomics", fold=fold, round=1, role=role
+                )
+                self.messenger.send(targets, PREDICT, req)
