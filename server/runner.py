@@ -26,6 +26,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 
 from common.config import ExperimentConfig, SiteConfig, to_dict, with_sites
+from common.dataset import FEATURE_NAMES
 from common.delong import PlacementSums, delong_from_sums
 from common.engine import seed_everything
 from common.ensemble import ENSEMBLES, best_weights, mean_absolute_error_from_hist, simplex_grid
@@ -40,6 +41,16 @@ from common.records import (
     weights_from_record,
     weights_record,
 )
+from common.replycheck import (
+    ReplyLimits,
+    ReplyRejected,
+    check_delong_sums,
+    check_feature_moments,
+    check_num_examples,
+    check_params,
+    check_site_info,
+    histogram_groups,
+)
 
 from .checkpoints import CheckpointStore
 from .meteredgrid import MeteredGrid
@@ -49,6 +60,7 @@ from .strategy import FederationError
 
 log = logging.getLogger(__name__)
 
+READER_TIERS = ("junior", "mid", "senior")
 DELONG_PAIRS: tuple[tuple[str, str], ...] = (
     ("ensemble_3d_radiologist", "radiologist"),
     ("ensemble_3d_radiologist", "densenet3d"),
@@ -85,6 +97,8 @@ class PlanRunner:
         self.resumed: dict[str, int] = {}  # "<model>/fold<k>" -> rounds taken from an earlier process's checkpoints
         self.participation: dict[str, list[dict[str, Any]]] = {}
         self.selected: dict[str, dict[int, dict[str, Any]]] = {}
+        self.rejected: dict[str, list[str]] = {}  # site -> replies dropped by the reply checks, with why
+        self.limits = ReplyLimits(cfg.evaluation.grid_bins, cfg.evaluation.stats_noise)
 
     # -- messaging helpers ---------------------------------------------------------------
     def _base(self) -> dict[str, Any]:
@@ -125,6 +139,18 @@ class PlanRunner:
             log.warning("%s: no reply to %s within %.0f s", site, mtype, timeout)
         return good
 
+    def _reject(self, reply: Message, step: str, exc: Exception) -> None:
+        """Drop a site's reply for this step (it failed ``common.replycheck``), saying why; the run goes on."""
+        node = reply.metadata.src_node_id
+        site = self.sites[node].site if node in self.sites else f"node-{node}"
+        self.rejected.setdefault(site, []).append(f"{step}: {exc}")
+        log.warning("%s: %s reply rejected: %s", site, step, exc)
+
+    def _patients(self, reply: Message, per_site: int = 1) -> int | None:
+        """The count bound of a reply's histograms: the site's declared patients (x ``per_site``), noise allowed."""
+        node = self.sites.get(reply.metadata.src_node_id)
+        return self.limits.max_count(node.patients * per_site) if node is not None else None
+
     # -- discovery -------------------------------------------------------------------
     def discover(self, expected: int, wait_s: float) -> dict[int, SiteNode]:
         """Ask every connected node who it is; wait up to ``wait_s`` for ``expected`` nodes."""
@@ -162,6 +188,11 @@ class PlanRunner:
         found: list[tuple[int, str, MetricRecord]] = []
         for r in self._send(nodes, f"{MessageType.QUERY}.siteinfo", {}, timeout=timeout):
             status = r.content.config_records["status"]
+            try:
+                check_site_info(r.content.metric_records["metrics"])
+            except (KeyError, ReplyRejected) as exc:
+                self._reject(r, "siteinfo", exc)
+                continue
             found.append((r.metadata.src_node_id, str(status["site"]), r.content.metric_records["metrics"]))
         return sorted(found, key=lambda t: t[1])
 
@@ -226,6 +257,10 @@ class PlanRunner:
             transport_dtype=self.cfg.federation.transport_dtype,
             min_sites=self.cfg.federation.min_sites,
             norm_bound_factor=self.cfg.federation.norm_bound_factor,
+            max_update_norm=self.cfg.federation.max_update_norm,
+            grid_bins=self.cfg.evaluation.grid_bins,
+            stats_noise=self.cfg.evaluation.stats_noise,
+            site_patients={s.site: s.patients for s in self.sites.values()},
             threshold=self.cfg.evaluation.threshold,
         )
         strategy = make_strategy(self.cfg.federation, session)
@@ -265,7 +300,12 @@ class PlanRunner:
         nodes = list(self._nodes("train"))
         moments: dict[str, np.ndarray] = {}
         for r in self._send(nodes, f"{MessageType.QUERY}.featstats", {"fold": fold}):
-            for k, v in arrays_from_record(r.content.array_records["stats"]).items():
+            try:
+                checked = check_feature_moments(arrays_from_record(r.content.array_records["stats"]), len(FEATURE_NAMES), self._patients(r))
+            except (KeyError, ReplyRejected) as exc:
+                self._reject(r, "featstats", exc)
+                continue
+            for k, v in checked.items():
                 moments[k] = moments[k] + v if k in moments else v.astype(np.float64)
         if not moments:
             log.warning("radiomics fold %d: no site returned feature statistics", fold)
@@ -273,8 +313,14 @@ class PlanRunner:
         mean, std = FederatedLogit.moments_to_mean_std(float(moments["n"][0]), moments["sum"], moments["sumsq"])
         params, weights = [], []
         for r in self._send(nodes, f"{MessageType.TRAIN}.radiomics", {"fold": fold}, arrays_record({"mean": mean, "std": std})):
-            params.append(arrays_from_record(r.content.array_records["arrays"])["params"])
-            weights.append(float(cast(float, r.content.metric_records["metrics"]["num-examples"])))
+            try:
+                p = check_params(arrays_from_record(r.content.array_records["arrays"])["params"], len(FEATURE_NAMES) + 1)
+                w = check_num_examples(r.content.metric_records["metrics"]["num-examples"], self._patients(r))
+            except (KeyError, ReplyRejected) as exc:
+                self._reject(r, "radiomics", exc)
+                continue
+            params.append(p)
+            weights.append(w)
         if not params:
             log.warning("radiomics fold %d: no site returned a model", fold)
             return
@@ -308,9 +354,20 @@ class PlanRunner:
         bins = min(self.cfg.evaluation.grid_bins, 1000)
         replies = self._send(list(self._nodes("train")), f"{MessageType.EVALUATE}.ensemble", {"candidates": candidates, "bins": bins, "role": "train"})
         sums: dict[str, np.ndarray] = {}
+        expected = {(key, str(i)) for key, cands in candidates.items() for i in range(len(cands))}
         for r in replies:
-            for k, v in arrays_from_record(r.content.array_records["stats"]).items():
-                sums[k] = sums[k] + v if k in sums else v.copy()
+            try:
+                groups = histogram_groups(
+                    arrays_from_record(r.content.array_records["stats"]), 3, dataclasses.replace(self.limits, bins=bins),
+                    max_patients=self._patients(r), expected=expected,
+                )
+            except (KeyError, ReplyRejected) as exc:
+                self._reject(r, "ensemble", exc)
+                continue
+            for (key, i), fields in groups.items():
+                for field, v in fields.items():
+                    k = f"{key}/{i}/{field}"
+                    sums[k] = sums[k] + v if k in sums else v.copy()
         fitted: dict[str, dict[str, Any]] = {}
         for name, members in ensembles.items():
             key = "+".join(members)
@@ -330,12 +387,17 @@ class PlanRunner:
             nodes = list(self._nodes(role))
             if not nodes:
                 continue
+            subsets = {"external"} if role == "external" else {f"fold{k}" for k in self.cfg.active_folds}
+            scores = {"densenet3d", "densenet2d", "radiomics", "radiologist", *weights}
             for r in self._send(nodes, f"{MessageType.EVALUATE}.final", {"ensembles": weights, "role": role}):
-                arrs = arrays_from_record(r.content.array_records["stats"])
-                groups: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-                for k, v in arrs.items():
-                    score, subset, field = k.split("/")
-                    groups.setdefault((names.get(score, score), subset), {})[field] = v
+                try:
+                    checked = histogram_groups(arrays_from_record(r.content.array_records["stats"]), 3, self.limits, max_patients=self._patients(r))
+                    if any(score not in scores or subset not in subsets for score, subset in checked):
+                        raise ReplyRejected("statistics name a score or subset that was not requested")
+                except (KeyError, ReplyRejected) as exc:
+                    self._reject(r, "final", exc)
+                    continue
+                groups = {(names.get(score, score), subset): d for (score, subset), d in checked.items()}
                 for (score, subset), d in groups.items():
                     h = ClassHistogram.from_arrays(d)
                     per = out.setdefault(score, {})
@@ -404,10 +466,14 @@ class PlanRunner:
         """Pooled reader-study histograms: ``{tier: {"without_ai"|"with_ai": h}}``."""
         out: dict[str, dict[str, ClassHistogram]] = {}
         for r in self._send(sorted(self.sites), f"{MessageType.EVALUATE}.readers", {}):
-            groups: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-            for k, v in arrays_from_record(r.content.array_records["stats"]).items():
-                _, tier, session, field = k.split("/")
-                groups.setdefault((tier, session), {})[field] = v
+            try:  # each patient is read by several readers: the bound allows 50 readings per patient
+                checked = histogram_groups(arrays_from_record(r.content.array_records["stats"]), 4, self.limits, max_patients=self._patients(r, 50))
+                if any(head != "readers" or tier not in READER_TIERS or session not in ("without_ai", "with_ai") for head, tier, session in checked):
+                    raise ReplyRejected("reader statistics name an unknown tier or session")
+            except (KeyError, ReplyRejected) as exc:
+                self._reject(r, "readers", exc)
+                continue
+            groups = {(tier, session): d for (_, tier, session), d in checked.items()}
             for (tier, session), d in groups.items():
                 h = ClassHistogram.from_arrays(d)
                 per = out.setdefault(tier, {})
@@ -456,14 +522,13 @@ class PlanRunner:
                 continue
             extra = {"specs": specs, "ensembles": ensembles, "role": role}
             for r in self._send(nodes, f"{MessageType.EVALUATE}.delong", extra, arrays_record(arrays)):
-                m = r.content.metric_records["metrics"]
-                per: dict[int, dict[str, Any]] = {}
-                for key, value in m.items():
-                    if "/" in key:
-                        idx, field = key.split("/", 1)
-                        per.setdefault(int(idx), {})[field] = value
-                for j, d in per.items():
-                    ps = PlacementSums.from_dict(d)
+                try:
+                    per = check_delong_sums(r.content.metric_records["metrics"], len(specs), self._patients(r, 50))
+                    parsed = {j: PlacementSums.from_dict(d) for j, d in per.items()}
+                except (KeyError, ValueError) as exc:
+                    self._reject(r, "delong", exc)
+                    continue
+                for j, ps in parsed.items():
                     sums[j] = sums[j] + ps if j in sums else ps
         out: dict[str, dict[str, Any]] = {}
         for i, (s1, s2, subset) in enumerate(specs):
@@ -549,6 +614,7 @@ class PlanRunner:
             "config_digest": self.cfg.digest(),
             "sites": {s.site: {"role": s.role, "patients": s.patients, "benign": s.benign, "malignant": s.malignant} for s in self.sites.values()},
             "unavailable_sites": self.unavailable,
+            "rejected_replies": self.rejected,
             "models": models,
             "selection": {k: {str(f): v for f, v in d.items()} for k, d in self.selected.items()},
             "rounds": self.participation,

@@ -41,6 +41,12 @@ class FoldSession:
     transport_dtype: str = "float32"
     min_sites: int = 1
     norm_bound_factor: float = 10.0
+    max_update_norm: float = 0.0  # absolute bound on an update's distance to the global model (0: off)
+    grid_bins: int | None = None  # the grid every validation histogram must use (None: not checked)
+    stats_noise: float = 0.0  # the sites' Laplace scale on counts (phantom patients the count bound allows)
+    site_patients: dict[str, int] = field(
+        default_factory=dict
+    )  # site -> patients it declared (bounds its replies)
     robust: str = "mean"
     trim_fraction: float = 0.2
     threshold: float = 0.5

@@ -25,6 +25,7 @@ from common.records import (
     weights_from_record,
     weights_record,
 )
+from common.replycheck import ReplyLimits, check_num_examples
 
 from .aggregation import coordinate_median, screen_updates, trimmed_mean, weighted_mean
 from .session import FoldSession
@@ -61,7 +62,9 @@ class GuardedFedAvg(FedAvg):
             )
         return nodes
 
-    def _messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], mtype: str) -> list[Message]:
+    def _messages(
+        self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], mtype: str
+    ) -> list[Message]:
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         self._sent = tuple(Message(content=record, message_type=mtype, dst_node_id=n) for n in nodes)
         return list(self._sent)
@@ -159,7 +162,7 @@ class GuardedFedAvg(FedAvg):
             try:
                 vec = weights_from_record(msg.content.array_records[self.arrayrecord_key])
                 metrics = msg.content.metric_records["metrics"]
-                n = float(metrics["num-examples"])  # type: ignore[arg-type]
+                n = check_num_examples(metrics["num-examples"], self.session.site_patients.get(site))
             except (KeyError, ValueError, TypeError) as exc:
                 rlog.dropped[site] = f"train: malformed reply ({exc})"
                 log.warning("[round %d] %s dropped: malformed reply (%s)", rlog.round, site, exc)
@@ -168,13 +171,19 @@ class GuardedFedAvg(FedAvg):
             weights.append(n)
             names.append(site)
             if "epsilon" in metrics:
-                rlog.epsilon[site] = float(metrics["epsilon"])  # type: ignore[arg-type]
-            losses.append(float(metrics.get("loss", float("nan"))))  # type: ignore[arg-type]
+                rlog.epsilon[site] = _finite_or_nan(metrics["epsilon"])
+            losses.append(_finite_or_nan(metrics.get("loss", float("nan"))))
         if not vectors:
             log.error("[round %d] no usable training update: the global model is unchanged", rlog.round)
             return None, None
         reference = self._reference(vectors[0].shape)
-        screen = screen_updates(vectors, reference, norm_bound_factor=self.session.norm_bound_factor, names=names)
+        screen = screen_updates(
+            vectors,
+            reference,
+            norm_bound_factor=self.session.norm_bound_factor,
+            max_norm=self.session.max_update_norm,
+            names=names,
+        )
         for i, reason in screen.dropped.items():
             rlog.dropped[names[i]] = f"train: {reason}"
             log.warning("[round %d] update dropped: %s", rlog.round, reason)
@@ -205,10 +214,17 @@ class GuardedFedAvg(FedAvg):
         total: ClassHistogram | None = None
         for msg in self._split_replies(server_round, replies, "evaluate"):
             site = self._site(msg)
+            s = self.session
+            cap = ReplyLimits(s.grid_bins or 1, s.stats_noise).max_count(s.site_patients.get(site))
             try:
-                h = ClassHistogram.from_arrays(arrays_from_record(msg.content.array_records["stats"]))
-            except (KeyError, ValueError) as exc:
+                h = ClassHistogram.from_arrays(
+                    arrays_from_record(msg.content.array_records["stats"]), bins=s.grid_bins, max_patients=cap
+                )
+                if total is not None and h.bins != total.bins:
+                    raise ValueError(f"{h.bins} bins, the other sites sent {total.bins}")
+            except (KeyError, ValueError, TypeError) as exc:
                 rlog.dropped[site] = f"evaluate: malformed statistics ({exc})"
+                log.warning("[round %d] %s dropped: malformed statistics (%s)", rlog.round, site, exc)
                 continue
             total = h if total is None else total + h
             rlog.evaluated.append(site)
@@ -230,3 +246,12 @@ class GuardedFedAvg(FedAvg):
             rlog.seconds,
         )
         return metric_record({"val-auc": m.auc if not np.isnan(m.auc) else -1.0, "num-examples": m.n})
+
+
+def _finite_or_nan(value: object) -> float:
+    """A reported diagnostic (loss, epsilon) as a float; anything else becomes NaN."""
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+    return x if np.isfinite(x) else float("nan")
