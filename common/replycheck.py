@@ -42,7 +42,7 @@ MAX_SITE_PATIENTS = 1_000_000
 
 COUNT_KEYS = ("neg", "pos")
 SUM_KEYS = ("neg_sum", "pos_sum", "neg_sq", "pos_sq")
-_KEY_PART = re.compile(r"[A-Za-z0-9_.+-]+")
+_KEY_PART = re.compile(r"(?!\.+$)[A-Za-z0-9_.+-]+")
 # Sums of float64 scores in [0, 1] can exceed count * 1 by rounding only.
 _SUM_TOL = 1e-6
 

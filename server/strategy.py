@@ -223,7 +223,11 @@ class GuardedFedAvg(FedAvg):
                 if total is not None and h.bins != total.bins:
                     raise ValueError(f"{h.bins} bins, the other sites sent {total.bins}")
             except (KeyError, ValueError, TypeError) as exc:
-                rlog.dropped[site] = f"evaluate: malformed statistics ({exc})"
+                earlier = rlog.dropped.get(
+                    site
+                )  # e.g. its training update was dropped too: keep both reasons
+                reason = f"evaluate: malformed statistics ({exc})"
+                rlog.dropped[site] = f"{earlier}; {reason}" if earlier else reason
                 log.warning("[round %d] %s dropped: malformed statistics (%s)", rlog.round, site, exc)
                 continue
             total = h if total is None else total + h
