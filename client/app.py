@@ -36,7 +36,8 @@ from common.records import (
 )
 from common.sitedata import SiteDataError
 
-from .site import SiteContext, SiteRunner
+from .floor import PrivacyFloorViolation, load_floor
+from .site import RunIdRejected, SiteContext, SiteRunner
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -63,10 +64,14 @@ def site_context(context: Context) -> SiteContext:
     return SiteContext(name=s["name"], data_dir=Path(s["data_dir"]), out_dir=Path(s["out_dir"]), threads=int(s.get("threads", 1)))
 
 
-def _runner(msg: Message, context: Context) -> tuple[SiteRunner, ConfigRecord]:
+def _runner(msg: Message, context: Context, *, step: str = "") -> tuple[SiteRunner, ConfigRecord]:
+    """The site's runner for this message, once the request passed the site's privacy floor (``client.floor``)."""
     config = msg.content.config_records["config"]
     cfg: ExperimentConfig = from_dict(config_json(config, "experiment"))
-    return SiteRunner(site_context(context), cfg, str(config["run-id"])), config
+    ctx = site_context(context)
+    bins = int(cast(int, config["bins"])) if "bins" in config else None  # a grid the message itself asks for
+    load_floor(ctx.data_dir, context.node_config).check(cfg, bins=bins, step=step)
+    return SiteRunner(ctx, cfg, str(config["run-id"])), config
 
 
 def _reply(msg: Message, site: str, records: dict[str, Any]) -> Message:
@@ -102,7 +107,7 @@ def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, 
             reason = f"{type(exc).__name__} at the site while handling {msg.metadata.message_type}"
             if isinstance(exc, SiteDataError):
                 reason = "site data failed validation (details in the site's log)"
-            elif isinstance(exc, PrivacyBudgetExhausted):
+            elif isinstance(exc, PrivacyBudgetExhausted | PrivacyFloorViolation | RunIdRejected):
                 reason = str(exc)
             return unavailable(msg, site, reason)
 
@@ -197,13 +202,13 @@ def readers(msg: Message, context: Context) -> Message:
 @_safe
 def delong(msg: Message, context: Context) -> Message:
     """DeLong step 2: placement-value sums against the global histograms (scalars only)."""
-    runner, config = _runner(msg, context)
+    runner, config = _runner(msg, context, step="delong")
     arrays = arrays_from_record(msg.content.array_records["arrays"])
     groups: dict[str, dict[str, np.ndarray]] = {}
     for key, value in arrays.items():
         name, field = key.rsplit("/", 1)
         groups.setdefault(name, {})[field] = value
-    hists = {name: ClassHistogram.from_arrays(d) for name, d in groups.items()}
+    hists = {name: ClassHistogram.from_arrays(d, bins=runner.cfg.evaluation.grid_bins) for name, d in groups.items()}
     role = str(config["role"])
     sums = runner.delong_sums(
         config_json(config, "specs"),
