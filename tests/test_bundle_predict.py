@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -333,8 +334,10 @@ def test_predictions_equal_the_training_pipelines(
     pred = Predictor(bundle, heatmap=False).predict(PatientInput("P1", image, mask), tmp_path)
     site = tmp_path / "site"
     site.mkdir()
+    shutil.copy(image, site / "ct.nii.gz")  # manifest paths must stay inside the site folder
+    shutil.copy(mask, site / "roi.nii.gz")
     (site / "manifest.csv").write_text(
-        f"patient_id,label,image,mask,radiologist_score\nP1,1,{image},{mask},7\n"
+        "patient_id,label,image,mask,radiologist_score\nP1,1,ct.nii.gz,roi.nii.gz,7\n"
     )
     arrays = preprocess_site(site, bundle.config.preprocess, tmp_path / "cache")
     for kind in bundle.kinds:
