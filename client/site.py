@@ -326,11 +326,12 @@ class SiteRunner:
                 y, scores = self.score_table("val", k, members)
                 probs = np.stack([scores[m] for m in members], axis=1)
                 for i, w in enumerate(weights):
-                    h = self.release(ClassHistogram.from_scores(y, combine(probs, np.asarray(w)), grid))
+                    h = ClassHistogram.from_scores(y, combine(probs, np.asarray(w)), grid)
                     total[i] = h if total[i] is None else total[i] + h  # type: ignore[operator]
             for i, hi in enumerate(total):
                 assert hi is not None
-                for key, arr in hi.to_arrays(include_sums=False).items():
+                # released once over all folds: more patients per cell than fold by fold
+                for key, arr in self.release(hi).to_arrays(include_sums=False).items():
                     out[f"{name}/{i}/{key}"] = arr
         return out
 

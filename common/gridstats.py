@@ -412,8 +412,10 @@ def suppress_small_cells(h: ClassHistogram, min_count: int) -> ClassHistogram:
     class (a merged cell with one benign patient released that patient's
     score through ``neg_sum``).  So a released cell never stands for fewer
     than ``min_count`` patients of a class it reports, unless the site holds
-    fewer than ``min_count`` of that class in all (then one cell holds every
-    patient and reveals only the class totals, which ``siteinfo`` sends anyway).
+    fewer than ``min_count`` of that class in all (then one cell, at the mean
+    of all its patients, holds everyone).  A histogram of fewer than
+    ``min_count`` patients in all is released as one cell at the grid's
+    centre (0.5), which says nothing about any score.
     Totals and class counts stay exact; Brier, MAE and calibration means
     become grid approximations.  Blocks are contiguous score ranges released
     inside their own range, so pairs in different blocks keep their order and
@@ -426,6 +428,12 @@ def suppress_small_cells(h: ClassHistogram, min_count: int) -> ClassHistogram:
         return h
     grid = ScoreGrid(h.bins)
     mid = grid.midpoints()
+    if 0 < h.n < min_count:  # too few patients for any location to be safe: one cell at the grid's centre
+        at = int(grid.index(0.5))
+        neg = np.zeros(h.bins, dtype=np.int64)
+        pos = np.zeros(h.bins, dtype=np.int64)
+        neg[at], pos[at] = h.n_neg, h.n_pos
+        return ClassHistogram(h.bins, neg, pos, neg * mid, pos * mid, neg * mid**2, pos * mid**2)
 
     def settled(neg: int, pos: int) -> bool:
         return neg + pos >= min_count and all(c == 0 or c >= min_count for c in (neg, pos))

@@ -232,10 +232,12 @@ def test_suppress_small_cells_keeps_totals_and_releases_no_small_class_cell(site
     # blocks keep their order; only pairs inside a block become ties: the change is bounded
     assert abs(auc(s) - auc(h)) <= auc_bound(s) + 1e-12
     assert suppress_small_cells(h, 1) is h
-    # fewer than k patients in all: one cell at the overall mean, both classes in it
+    # fewer than k patients in all: one cell at the grid's centre, both classes in it (no score located)
     tiny = suppress_small_cells(ClassHistogram.from_scores([1, 1, 0, 0], [0.2, 0.4, 0.1, 0.5], GRID), 5)
-    at = GRID.index(0.3)
+    at = GRID.index(0.5)
     assert tiny.pos[at] == 2 and tiny.neg[at] == 2 and auc(tiny) == 0.5
+    lone = suppress_small_cells(ClassHistogram.from_scores([1], [0.8123], GRID), 3)
+    assert lone.pos[GRID.index(0.5)] == 1 and lone.n == 1
 
 
 def test_suppression_never_releases_a_lone_patients_score() -> None:
@@ -252,7 +254,9 @@ def test_suppression_never_releases_a_lone_patients_score() -> None:
         assert not np.any(np.isclose(released, score**2, rtol=0, atol=1e-12))
     assert (r.n_neg, r.n_pos) == (4, 6)
     # a class with fewer than k patients in all: one cell holds everyone
-    few = suppress_small_cells(ClassHistogram.from_scores([0, 0, 0, 0, 1], [0.1, 0.2, 0.3, 0.4, 0.9], GRID), 3)
+    few = suppress_small_cells(
+        ClassHistogram.from_scores([0, 0, 0, 0, 1], [0.1, 0.2, 0.3, 0.4, 0.9], GRID), 3
+    )
     assert np.count_nonzero(few.neg + few.pos) == 1
 
 
