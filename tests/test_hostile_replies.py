@@ -249,3 +249,56 @@ def test_a_hostile_site_with_two_sites_changes_nothing_and_is_recorded(
     np.testing.assert_array_equal(runner.ckpt.load("densenet3d", 0, 1), honest)
     # the pooled validation statistics are the honest site's alone
     assert rlog["val_n"] == grid.honest_val_n[0] > 0
+
+
+def _metrics_only(r: Message, **values: object) -> RecordDict:
+    return _with(r, metrics=dict(values))
+
+
+PLAN_ATTACKS: dict[str, Tamper] = {
+    "query.featstats": lambda r: _stats(r, lambda a: a.update(sum=np.full_like(a["sum"], np.nan))),
+    "train.radiomics": lambda r: _metrics_only(r, **{"num-examples": 1e12}),
+    "evaluate.ensemble": lambda r: _stats(
+        r, lambda a: [a.pop(k) for k in [k for k in a if k.split("/")[1] == "0"]]
+    ),
+    "evaluate.final": lambda r: _stats(
+        r, lambda a: a.update({k: v + 10**12 for k, v in a.items() if k.endswith("/pos")})
+    ),
+    "evaluate.readers": lambda r: _stats(r, lambda a: a.update({"readers/../x/neg": np.zeros(1000)})),
+    "evaluate.delong": lambda r: _metrics_only(r, **{"0/n_pos": 1e12}),
+}
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_hostile_site_in_every_plan_step_is_dropped_with_reasons_and_the_run_finishes(
+    cohort: dict[str, Path], sites_out: Path, tmp_path: Path
+) -> None:
+    cfg = load_config(
+        "tiny", {"run_folds": [0], "train": {"rounds": 1}, "models": {"densenet2d": {"enabled": False}}}
+    )
+    cfg = with_sites(cfg, tuple(SiteConfig(name=s) for s in SITES))
+    grid = HostileGrid(cohort, sites_out, bad_site="centre2", tamper=PLAN_ATTACKS)
+    summary = PlanRunner(grid, cfg, tmp_path / "run", "hostile-plan").run(expected_sites=2, wait_s=1)
+
+    steps = {reason.split(":")[0] for reason in summary["rejected_replies"]["centre2"]}
+    assert steps == {"featstats", "radiomics", "ensemble", "final", "readers", "delong"}
+    assert "centre1" not in summary["rejected_replies"]
+    # every pooled figure comes from the honest site alone: its fold-0 test patients
+    from common.splits import load_splits
+
+    _, folds = load_splits(sites_out / "centre1" / "hostile-plan" / "splits.json")
+    for score in ("densenet3d", "radiomics", "radiologist", "ensemble_3d_radiologist"):
+        assert summary["models"][score]["internal"]["pooled"]["n"] == len(folds[0].test), score
+    assert summary["delong"]  # computed from the honest site's placement sums
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_site_claiming_impossible_patient_counts_is_left_out(
+    cohort: dict[str, Path], sites_out: Path, tmp_path: Path
+) -> None:
+    cfg = with_sites(load_config("tiny"), tuple(SiteConfig(name=s) for s in SITES))
+    lie: Tamper = lambda r: _metrics_only(r, patients=10**12, benign=10**12, malignant=0)  # noqa: E731
+    grid = HostileGrid(cohort, sites_out, bad_site="centre2", tamper={"query.siteinfo": lie})
+    runner = PlanRunner(grid, cfg, tmp_path / "run", "hostile-info")
+    assert {s.site for s in runner.discover(expected=2, wait_s=1).values()} == {"centre1"}
+    assert "siteinfo: patients" in runner.rejected["centre2"][0]
