@@ -270,26 +270,36 @@ PLAN_ATTACKS: dict[str, Tamper] = {
 
 
 @pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(
+    "attacked",
+    [
+        ("query.featstats", "train.radiomics", "evaluate.ensemble", "evaluate.final", "evaluate.readers"),
+        # DeLong on its own: a site whose final statistics were dropped cannot place its patients
+        ("evaluate.delong",),
+    ],
+    ids=["statistics", "delong"],
+)
 def test_a_hostile_site_in_every_plan_step_is_dropped_with_reasons_and_the_run_finishes(
-    cohort: dict[str, Path], sites_out: Path, tmp_path: Path
+    attacked: tuple[str, ...], cohort: dict[str, Path], sites_out: Path, tmp_path: Path
 ) -> None:
-    cfg = load_config(
-        "tiny", {"run_folds": [0], "train": {"rounds": 1}, "models": {"densenet2d": {"enabled": False}}}
-    )
+    models = {"densenet2d": {"enabled": False}, "radiomics": "train.radiomics" in attacked}
+    cfg = load_config("tiny", {"run_folds": [0], "train": {"rounds": 1}, "models": models})
     cfg = with_sites(cfg, tuple(SiteConfig(name=s) for s in SITES))
-    grid = HostileGrid(cohort, sites_out, bad_site="centre2", tamper=PLAN_ATTACKS)
-    summary = PlanRunner(grid, cfg, tmp_path / "run", "hostile-plan").run(expected_sites=2, wait_s=1)
+    grid = HostileGrid(cohort, sites_out, bad_site="centre2", tamper={k: PLAN_ATTACKS[k] for k in attacked})
+    run_id = f"hostile-plan-{len(attacked)}"
+    summary = PlanRunner(grid, cfg, tmp_path / "run", run_id).run(expected_sites=2, wait_s=1)
 
     steps = {reason.split(":")[0] for reason in summary["rejected_replies"]["centre2"]}
-    assert steps == {"featstats", "radiomics", "ensemble", "final", "readers", "delong"}
+    assert steps == {k.split(".")[1] for k in attacked}
     assert "centre1" not in summary["rejected_replies"]
-    # every pooled figure comes from the honest site alone: its fold-0 test patients
-    from common.splits import load_splits
+    # DeLong needs every site's placement sums: without centre2's it is not computed (rather than wrong)
+    assert bool(summary["delong"]) == ("evaluate.delong" not in attacked)
+    if "evaluate.final" in attacked:  # every pooled figure comes from the honest site alone
+        from common.splits import load_splits
 
-    _, folds = load_splits(sites_out / "centre1" / "hostile-plan" / "splits.json")
-    for score in ("densenet3d", "radiomics", "radiologist", "ensemble_3d_radiologist"):
-        assert summary["models"][score]["internal"]["pooled"]["n"] == len(folds[0].test), score
-    assert summary["delong"]  # computed from the honest site's placement sums
+        _, folds = load_splits(sites_out / "centre1" / run_id / "splits.json")
+        for score in ("densenet3d", "radiomics", "radiologist", "ensemble_3d_radiologist"):
+            assert summary["models"][score]["internal"]["pooled"]["n"] == len(folds[0].test), score
 
 
 @pytest.mark.usefixtures("task_identity")
