@@ -234,8 +234,15 @@ def check_feature_moments(
     return {"n": n, "sum": total, "sumsq": sumsq}
 
 
-def check_params(value: Any, size: int, name: str = "parameters") -> NDArray[np.float64]:
-    """A model vector of a known length with finite values."""
+def check_params(
+    value: Any, size: int, name: str = "parameters", *, max_abs: float = math.inf
+) -> NDArray[np.float64]:
+    """A model vector of a known length with finite values, each at most ``max_abs`` in size.
+
+    ``max_abs`` bounds what one site adds to an average of few sites (e.g. the
+    radiomics logistic regression on standardised features, whose honest
+    coefficients are of order 1).
+    """
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
@@ -244,6 +251,8 @@ def check_params(value: Any, size: int, name: str = "parameters") -> NDArray[np.
         raise ReplyRejected(f"{name} have shape {arr.shape}, expected ({size},)")
     if not np.all(np.isfinite(arr)):
         raise ReplyRejected(f"{name} hold non-finite values")
+    if np.any(np.abs(arr) > max_abs):
+        raise ReplyRejected(f"{name} exceed {max_abs:g} in size")
     return arr
 
 

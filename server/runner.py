@@ -314,7 +314,7 @@ class PlanRunner:
         params, weights = [], []
         for r in self._send(nodes, f"{MessageType.TRAIN}.radiomics", {"fold": fold}, arrays_record({"mean": mean, "std": std})):
             try:
-                p = check_params(arrays_from_record(r.content.array_records["arrays"])["params"], len(FEATURE_NAMES) + 1)
+                p = check_params(arrays_from_record(r.content.array_records["arrays"])["params"], len(FEATURE_NAMES) + 1, max_abs=1e3)
                 w = check_num_examples(r.content.metric_records["metrics"]["num-examples"], self._patients(r))
             except (KeyError, ReplyRejected) as exc:
                 self._reject(r, "radiomics", exc)
@@ -368,6 +368,9 @@ class PlanRunner:
                 for field, v in fields.items():
                     k = f"{key}/{i}/{field}"
                     sums[k] = sums[k] + v if k in sums else v.copy()
+        if not sums:
+            log.warning("ensemble weights not fitted: no training site returned usable statistics")
+            return {}
         fitted: dict[str, dict[str, Any]] = {}
         for name, members in ensembles.items():
             key = "+".join(members)

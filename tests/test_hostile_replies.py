@@ -24,6 +24,7 @@ from common.replycheck import (
     check_feature_moments,
     check_histogram_arrays,
     check_num_examples,
+    check_params,
     check_site_info,
     histogram_groups,
 )
@@ -105,6 +106,13 @@ def test_grouped_statistics_need_well_formed_keys_and_exactly_the_requested_grou
         histogram_groups({"a/b/c/neg": np.zeros(100)}, 3, limits)
     with pytest.raises(ReplyRejected, match="malformed"):
         histogram_groups({"../x/neg": np.zeros(100)}, 3, limits)
+
+
+def test_model_parameters_must_be_finite_and_bounded() -> None:
+    assert check_params(np.ones(7), 7, max_abs=1e3).shape == (7,)
+    for bad in (np.ones(6), np.full(7, np.nan), np.full(7, 1e300)):
+        with pytest.raises(ReplyRejected):
+            check_params(bad, 7, max_abs=1e3)
 
 
 def test_feature_moments_and_delong_sums_are_checked() -> None:
