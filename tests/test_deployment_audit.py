@@ -3,8 +3,9 @@
 The hospitals' ``flower-client run`` connect to a recorder in front of the
 real ``flower-server``: it terminates TLS with the federation's server
 certificate (the test made the CA), records the plaintext each hospital
-sends, and forwards it over TLS to the SuperLink.  The recorded HTTP/2
-streams are reassembled (DATA frames per stream) and searched for anything
+sends, and forwards it over TLS to the SuperLink.  The recorded requests
+(Flower's fleet API over HTTP/1.1, or HTTP/2 DATA frames per stream) are
+reassembled and searched for anything
 per patient: an id, a path of the site folder, or the exact float64 bytes
 of any probability the sites hold in their own prediction files (what an
 unprotected histogram's lone-cell sum carries).
@@ -92,7 +93,7 @@ class Recorder:
 
 def http2_payloads(stream: bytes) -> Iterator[bytes]:
     """The DATA of each HTTP/2 stream a client sent (gRPC messages, frame headers removed)."""
-    pos = len(PREFACE) if stream.startswith(PREFACE) else 0
+    pos = len(PREFACE)
     data: dict[int, bytearray] = {}
     while pos + 9 <= len(stream):
         length = int.from_bytes(stream[pos : pos + 3], "big")
@@ -105,6 +106,43 @@ def http2_payloads(stream: bytes) -> Iterator[bytes]:
                 body = body[1 : len(body) - body[0]]
             data.setdefault(sid, bytearray()).extend(body)
     yield from (bytes(b) for b in data.values())
+
+
+def http1_payloads(stream: bytes) -> Iterator[bytes]:
+    """Each HTTP/1.1 request a client sent: its request line and headers, then its body (chunks joined)."""
+    pos = 0
+    while pos < len(stream):
+        end = stream.find(b"\r\n\r\n", pos)
+        if end < 0:
+            yield stream[pos:]
+            return
+        head = stream[pos:end]
+        yield head
+        headers = {
+            k.strip().lower(): v.strip()
+            for k, _, v in (line.partition(b":") for line in head.split(b"\r\n")[1:])
+        }
+        pos = end + 4
+        if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            body = bytearray()
+            while True:
+                eol = stream.index(b"\r\n", pos)
+                size = int(stream[pos:eol].split(b";")[0], 16)
+                pos = eol + 2
+                body += stream[pos : pos + size]
+                pos += size + 2
+                if size == 0:
+                    break
+            yield bytes(body)
+        else:
+            length = int(headers.get(b"content-length", b"0"))
+            yield stream[pos : pos + length]
+            pos += length
+
+
+def payloads(stream: bytes) -> Iterator[bytes]:
+    """Message bodies a client sent over one connection, HTTP/2 (gRPC) or HTTP/1.1 (Flower's REST fleet API)."""
+    return http2_payloads(stream) if stream.startswith(PREFACE) else http1_payloads(stream)
 
 
 def leaks(payloads: list[bytes], ids: set[str], paths: list[str], probabilities: np.ndarray) -> list[str]:
@@ -145,7 +183,11 @@ def test_the_leak_search_finds_an_unprotected_histogram_in_a_byte_stream() -> No
         len(part).to_bytes(3, "big") + b"\x00\x00" + (1).to_bytes(4, "big") + part
         for part in (blob[:7], blob[7:13], blob[13:])
     )
-    assert list(http2_payloads(frames)) == [blob]
+    assert list(payloads(frames)) == [blob]
+    chunked = b"POST /v1/fleet/push HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n7\r\n" + blob[:7]
+    chunked += b"\r\n" + f"{len(blob) - 7:x}".encode() + b"\r\n" + blob[7:] + b"\r\n0\r\n\r\n"
+    plain = b"POST /v1/fleet/pull HTTP/1.1\r\nContent-Length: 4\r\n\r\nabcd"
+    assert list(payloads(chunked + plain))[1::2] == [blob, b"abcd"]
 
 
 @pytest.mark.deployment
@@ -178,11 +220,11 @@ def test_a_deployment_run_at_the_site_floor_sends_nothing_per_patient(
     assert summary["models"]["densenet3d"]["internal"]["pooled"]["n"] > 0
 
     streams = [bytes(b) for b in recorder.sent if b]
-    assert streams and all(s.startswith(PREFACE) for s in streams)  # plaintext HTTP/2 was recorded
-    payloads = [p for s in streams for p in http2_payloads(s)]
-    assert sum(map(len, payloads)) > 100_000  # the model updates crossed the recorder
+    assert streams and all(s.startswith((PREFACE, b"POST ", b"GET ")) for s in streams)  # plaintext recorded
+    bodies = [p for s in streams for p in payloads(s)]
+    assert sum(map(len, bodies)) > 100_000  # the model updates crossed the recorder
     ids = {c.patient_id for s in sites for c in iter_cases(data / s)}
     paths = [str(data), str(tiny_cohort), str(lb.root / "sites"), ".nii"]
     probabilities = np.unique(np.concatenate([_site_probabilities(lb.site_out(s)) for s in sites]))
     assert probabilities.size > 30  # the sites' own per-patient outputs exist to compare with
-    assert leaks(payloads, ids, paths, probabilities) == []
+    assert leaks(bodies, ids, paths, probabilities) == []
