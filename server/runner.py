@@ -139,10 +139,10 @@ class PlanRunner:
             log.warning("%s: no reply to %s within %.0f s", site, mtype, timeout)
         return good
 
-    def _reject(self, reply: Message, step: str, exc: Exception) -> None:
+    def _reject(self, reply: Message, step: str, exc: Exception, site: str | None = None) -> None:
         """Drop a site's reply for this step (it failed ``common.replycheck``), saying why; the run goes on."""
         node = reply.metadata.src_node_id
-        site = self.sites[node].site if node in self.sites else f"node-{node}"
+        site = site or (self.sites[node].site if node in self.sites else f"node-{node}")
         self.rejected.setdefault(site, []).append(f"{step}: {exc}")
         log.warning("%s: %s reply rejected: %s", site, step, exc)
 
@@ -191,7 +191,7 @@ class PlanRunner:
             try:
                 check_site_info(r.content.metric_records["metrics"])
             except (KeyError, ReplyRejected) as exc:
-                self._reject(r, "siteinfo", exc)
+                self._reject(r, "siteinfo", exc, str(status.get("site", "")))
                 continue
             found.append((r.metadata.src_node_id, str(status["site"]), r.content.metric_records["metrics"]))
         return sorted(found, key=lambda t: t[1])

@@ -7,6 +7,7 @@ strategy and plan runner.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -245,7 +246,8 @@ def test_a_hostile_site_with_two_sites_changes_nothing_and_is_recorded(
     grid = HostileGrid(
         cohort, sites_out, bad_site="centre2", tamper={"train": train_tamper, "evaluate": eval_tamper}
     )
-    runner = PlanRunner(grid, cfg, tmp_path / "run", f"hostile-{train_attack}")
+    run_id = "hostile-" + re.sub(r"[^A-Za-z0-9._-]", "_", train_attack)  # sites refuse other run ids
+    runner = PlanRunner(grid, cfg, tmp_path / "run", run_id)
     runner.discover(expected=2, wait_s=1)
     runner.train_fold("densenet3d", 0)
 
