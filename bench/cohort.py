@@ -2,7 +2,7 @@
 
 Scaling "with the same total patients" needs the *same* patients at every
 site count, so the generator runs once, for 12 sites, and the 6- and 3-site
-cohorts regroup those site folders (symlinked images, concatenated
+cohorts regroup those site folders (hard-linked images, concatenated
 manifests and reader studies).  Sites are grouped by scanner profile, so a
 merged site still has one scanner, as a hospital would.  Everything is
 cached under one folder and regenerated only when the request changes.
@@ -146,8 +146,16 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]])
         w.writerows(rows)
 
 
+def _link(target: Path, link: Path) -> None:
+    """A hard link (a copy across file systems): site folders refuse symbolic links that leave them."""
+    try:
+        os.link(target, link)
+    except OSError:
+        shutil.copy2(target, link)
+
+
 def merge_site(sources: Sequence[Path], out: Path) -> None:
-    """One site folder holding every patient of ``sources`` (images and masks symlinked)."""
+    """One site folder holding every patient of ``sources`` (images and masks hard-linked)."""
     (out / "images").mkdir(parents=True)
     (out / "masks").mkdir()
     header: list[str] = []
@@ -164,7 +172,7 @@ def merge_site(sources: Sequence[Path], out: Path) -> None:
             for c, i in col.items():
                 target = (src / row[i]).resolve()
                 link = out / f"{c}s" / target.name
-                os.symlink(target, link)
+                _link(target, link)
                 row[i] = f"{c}s/{target.name}"
             rows.append(row)
         if (src / READER_STUDY).is_file():

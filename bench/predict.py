@@ -71,7 +71,7 @@ def bundle_for(run_dir: Path | None, work: Path, bundles: Path) -> tuple[Path, s
         path = bundles / f"{run_dir.name}.zip"
         try:
             if not path.is_file():
-                export_bundle(run_dir, path)
+                export_bundle(run_dir, path, bundles / "signing.key")
             return path, f"selected fold models of {run_dir.name}"
         except BundleError as exc:
             why = f"untrained fold models ({run_dir.name} cannot be bundled: {exc})"
@@ -79,7 +79,7 @@ def bundle_for(run_dir: Path | None, work: Path, bundles: Path) -> tuple[Path, s
         why = "untrained fold models (no finished make simulate run)"
     path = bundles / f"untrained-quick-{load_config('quick').digest()}.zip"
     if not path.is_file():
-        export_bundle(timing_run(work / "timing-run"), path)
+        export_bundle(timing_run(work / "timing-run"), path, bundles / "signing.key")
     return path, why
 
 
@@ -93,6 +93,8 @@ def time_prediction(run_dir: Path | None, work: Path, patients_dir: Path, bundle
         "predict",
         "--bundle",
         str(bundle),
+        "--trusted-key",
+        str(bundle.parent / "signing.key.pub"),
         "--site",
         str(patients_dir),
         "--out",

@@ -49,7 +49,8 @@ from common.protocol import (
 )
 from common.sitedata import SiteDataError
 
-from .site import SiteContext, SiteRunner
+from .floor import PrivacyFloorViolation, load_floor
+from .site import RunIdRejected, SiteContext, SiteRunner
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -82,9 +83,13 @@ def site_context(context: Context) -> SiteContext:
 
 
 def _runner(msg: Message, context: Context, spec: MessageSpec) -> tuple[SiteRunner, Any]:
+    """The site's runner for this message, once the request passed the site's privacy floor (``client.floor``)."""
     header, body = spec.read_request(msg)
     cfg: ExperimentConfig = from_dict(header.experiment)
-    return SiteRunner(site_context(context), cfg, header.run_id), body
+    ctx = site_context(context)
+    bins = getattr(body, "bins", None)  # a grid the message itself asks for (the ensemble search)
+    load_floor(ctx.data_dir, context.node_config).check(cfg, bins=bins, step=spec.name)
+    return SiteRunner(ctx, cfg, header.run_id), body
 
 
 def _on(
@@ -122,7 +127,7 @@ def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, 
             reason = f"{type(exc).__name__} at the site while handling {msg.metadata.message_type}"
             if isinstance(exc, SiteDataError):
                 reason = "site data failed validation (details in the site's log)"
-            elif isinstance(exc, PrivacyBudgetExhausted | ConfigError):  # e.g. train.device: cuda without a GPU
+            elif isinstance(exc, PrivacyBudgetExhausted | PrivacyFloorViolation | RunIdRejected | ConfigError):
                 reason = str(exc)
             return unavailable(msg, site, reason)
 
@@ -203,6 +208,9 @@ def readers(msg: Message, context: Context) -> Message:
 def delong(msg: Message, context: Context) -> Message:
     """DeLong step 2: placement-value sums against the global histograms (scalars only)."""
     runner, req = _runner(msg, context, DELONG)
+    bins = runner.cfg.evaluation.grid_bins
+    if any(h.bins != bins for h in req.histograms.values()):
+        raise ValueError(f"DeLong step 2: the server's histograms are not on this run's {bins}-bin grid")
     subsets = (ROLE_EXTERNAL,) if req.role == ROLE_EXTERNAL else ("internal",)
     sums = runner.delong_sums(req.specs, req.histograms, req.ensembles, subsets)
     return _ok(msg, runner, DelongReply(sums=sums))

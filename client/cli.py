@@ -99,6 +99,11 @@ def add_predict(sub: Subparsers) -> None:
         "bundle; exit status 1 if any patient could not be predicted.",
     )
     p.add_argument("--bundle", required=True, help="model bundle from `flower-server bundle`")
+    p.add_argument(
+        "--trusted-key",
+        required=True,
+        help="the coordinating site's bundle-signing public key (KEY.pub); a bundle it did not sign is refused",
+    )
     p.add_argument("--image", help="one patient's CT (NIfTI, Hounsfield units)")
     p.add_argument("--mask", help="that patient's tumour ROI mask (NIfTI, same grid as the CT)")
     p.add_argument("--radiologist-score", type=int, help="the radiologist's 9-point malignancy score (1-9, not 5)")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import gzip
 import json
 import logging
 import os
@@ -309,6 +310,9 @@ def write_image(nii: Path, dest: Path) -> nib.Nifti1Image:
     out.header.set_slope_inter(1.0, 0.0)
     for key in ("descrip", "aux_file", "db_name", "intent_name"):
         out.header[key] = b""
+    # Header extensions are free-form blocks (dcm2niix can write the DICOM header or a BIDS JSON
+    # into one): none is kept.
+    out.header.extensions.clear()
     dest.parent.mkdir(parents=True, exist_ok=True)
     nib.save(out, str(dest))
     return out
@@ -422,17 +426,79 @@ class Outcome:
     detail: str = ""
 
 
+LONG_SECRET = 8
+"""Identifiers this long are also searched in voxel bytes: a chance match there has odds ~1e-12 per file
+(shorter ones, e.g. a 3-letter name part, occur by chance in any CT's voxels)."""
+_CHUNK = 16 << 20
+
+
+def _gzip_header_fields(raw: bytes) -> bytes:
+    """The free-text fields of a gzip member header (FEXTRA, FNAME, FCOMMENT), which the gzip module skips."""
+    if len(raw) < 10 or raw[:2] != b"\x1f\x8b":
+        return b""
+    flags, pos, out = raw[3], 10, []
+    if flags & 4 and pos + 2 <= len(raw):
+        n = int.from_bytes(raw[pos : pos + 2], "little")
+        out.append(raw[pos + 2 : pos + 2 + n])
+        pos += 2 + n
+    for bit in (8, 16):
+        if flags & bit:
+            end = raw.find(b"\0", pos)
+            end = len(raw) if end < 0 else end
+            out.append(raw[pos:end])
+            pos = end + 1
+    return b"\0".join(out)
+
+
+def _found(blob: bytes, secrets: Sequence[str]) -> set[str]:
+    text = blob.decode("latin-1").lower()
+    return {s for s in secrets if s.lower() in text}
+
+
+def _nifti_leaks(p: Path, secrets: Sequence[str]) -> set[str]:
+    """Identifiers anywhere in a NIfTI file: gzip header, NIfTI header, every extension, voxels, trailing bytes.
+
+    The whole decompressed file is read (in chunks): everything but the voxel
+    block is searched for every identifier, the voxel block for the long ones.
+    """
+    img = nib.load(str(p))
+    hdr = img.header
+    offset = int(hdr["vox_offset"])  # type: ignore[index]
+    n_vox = int(np.prod(img.shape)) * np.dtype(hdr.get_data_dtype()).itemsize  # type: ignore[attr-defined]
+    found: set[str] = set()
+    with p.open("rb") as raw_fh:
+        found |= _found(_gzip_header_fields(raw_fh.read(65536)), secrets)
+    long = [s for s in secrets if len(s) >= LONG_SECRET]
+    overlap = max((len(s) for s in secrets), default=1)
+    opener = gzip.open if p.name.endswith(".gz") else open
+    with opener(p, "rb") as fh:
+        head = max(offset, 352)
+        found |= _found(fh.read(head), secrets)  # the header and every extension
+        left, tail = max(0, n_vox - (head - offset)), b""
+        while left > 0:
+            chunk = fh.read(min(_CHUNK, left))
+            if not chunk:
+                break
+            left -= len(chunk)
+            found |= _found(tail + chunk, long)
+            tail = chunk[-overlap:]
+        rest = fh.read()  # anything after the voxels
+        found |= _found(rest, secrets)
+    return found
+
+
 def _leaks(paths: Iterable[Path], secrets: Sequence[str]) -> list[str]:
-    """Which identifying values occur in the names or bytes of ``paths`` (NIfTI headers, sidecars)."""
+    """Which identifying values occur in the names or bytes of ``paths`` (whole NIfTI files, sidecars)."""
     hits: list[str] = []
     for p in paths:
         if not p.is_file():
             continue
-        blob = p.read_bytes()
-        if p.name.endswith(".nii.gz"):
-            blob = nib.load(str(p)).header.binaryblock  # type: ignore[attr-defined]  # the header: voxels are numbers
-        text = (p.name.encode() + b"\0" + blob).decode("latin-1").lower()
-        hits += [f"{s!r} in {p.name}" for s in secrets if s.lower() in text]
+        found = _found(p.name.encode(), secrets)
+        if p.name.endswith((".nii", ".nii.gz")):
+            found |= _nifti_leaks(p, secrets)
+        else:
+            found |= _found(p.read_bytes(), secrets)
+        hits += [f"{s!r} in {p.name}" for s in secrets if s in found]
     return hits
 
 

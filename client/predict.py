@@ -49,6 +49,7 @@ from common.device import Offer, Runtime, resolve
 from common.engine import predict as engine_predict
 from common.engine import set_threads
 from common.models import ModelKind
+from common.signing import load_public_key
 from common.sitedata import SiteDataError, load_volume, score_to_probability
 from common.validation import validate_image_mask
 
@@ -417,7 +418,7 @@ def predict_cli(args: argparse.Namespace) -> int:
     try:
         patients, problems = _patients(args)
         t0 = time.perf_counter()
-        bundle = read_bundle(Path(args.bundle))
+        bundle = read_bundle(Path(args.bundle), load_public_key(Path(args.trusted_key)))
         predictor = Predictor(
             bundle,
             ensemble=args.ensemble,

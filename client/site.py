@@ -12,6 +12,7 @@ import csv
 import functools
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -51,13 +52,35 @@ class SiteContext:
     threads: int = 1
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9._-]+")
+
+
+class RunIdRejected(ValueError):
+    """The server sent a run id that is not a plain folder name inside the site's output folder."""
+
+
+def run_folder(out_dir: Path, run_id: str) -> Path:
+    """The run's folder under ``out_dir``; the id comes from the server, so it must be a plain name.
+
+    ``[A-Za-z0-9._-]+``, not ``.`` or ``..``, and resolving inside ``out_dir``:
+    otherwise ``"../../x"`` or an absolute path would make the hospital write
+    its splits, per-patient predictions and model state anywhere.
+    """
+    if not RUN_ID.fullmatch(run_id) or set(run_id) == {"."}:
+        raise RunIdRejected(f"run id {run_id!r} refused: it must match [A-Za-z0-9._-]+ and not be '.' or '..'")
+    folder = out_dir / run_id
+    if not folder.resolve().is_relative_to(out_dir.resolve()):
+        raise RunIdRejected(f"run id {run_id!r} refused: its folder resolves outside the site's output folder")
+    return folder
+
+
 class SiteRunner:
     """One site's side of one run: training, validation, prediction, statistics."""
 
     def __init__(self, ctx: SiteContext, cfg: ExperimentConfig, run_id: str) -> None:
         self.ctx = ctx
         self.cfg = cfg
-        self.run_dir = ctx.out_dir / run_id
+        self.run_dir = run_folder(ctx.out_dir, run_id)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._codecs: dict[str, ModelCodec] = {}
         set_threads(ctx.threads)
@@ -307,11 +330,11 @@ class SiteRunner:
                 y, scores = self.score_table("val", k, members)
                 probs = np.stack([scores[m] for m in members], axis=1)
                 for i, w in enumerate(weights):
-                    h = self.release(ClassHistogram.from_scores(y, combine(probs, np.asarray(w)), grid))
+                    h = ClassHistogram.from_scores(y, combine(probs, np.asarray(w)), grid)
                     total[i] = h if total[i] is None else total[i] + h  # type: ignore[operator]
             for i, hi in enumerate(total):
                 assert hi is not None
-                out[(name, str(i))] = hi
+                out[(name, str(i))] = self.release(hi)  # released once over all folds: more patients per cell
         return out
 
     def final_stats(self, role: str, ensembles: dict[str, list[float]]) -> HistogramSet:

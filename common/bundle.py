@@ -17,7 +17,14 @@ the weights, so the training run folder is not needed:
   metrics of every score), ``source`` (run name, plan, site counts);
 * ``files``: the SHA-256 of every other file in the archive.
 
-Loading refuses another format, a format or preprocessing version this code
+``manifest.sig`` is the coordinating site's Ed25519 signature of the exact
+``manifest.json`` bytes (``common.signing``), so the checksums are signed
+too.  Loading first bounds every member's declared size (``MAX_MEMBER_BYTES``,
+``MAX_TOTAL_BYTES``, also inside each ``.npz``) before inflating anything,
+then verifies the signature against the public key the hospital trusts, and
+only then reads the manifest.  A bundle without a signature (every bundle
+written before signing existed) is refused: export it again with
+``flower-server bundle --signing-key``.  Loading then refuses another format, a format or preprocessing version this code
 does not implement (a model fed inputs from other transforms gives wrong
 answers silently), a missing, extra or altered file, and tensors that do not
 fit the architecture named in the config.  Writing is ``server.bundle``'s job
@@ -41,17 +48,25 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from torch import nn
 
 from common.config import ConfigError, ExperimentConfig, from_dict, to_dict
 from common.dataset import CACHE_VERSION
 from common.ensemble import combine
 from common.models import ModelKind, build_model
+from common.signing import fingerprint, sign, verify
 
 BUNDLE_FORMAT = "sacral-fl-model-bundle"
 FORMAT_VERSION = 1
 """Bump when the layout or meaning of a bundle changes; older readers then refuse newer bundles."""
 MANIFEST_NAME = "manifest.json"
+SIGNATURE_NAME = "manifest.sig"
+MAX_MEMBER_BYTES = 1 << 30
+"""Largest inflated member (and array file inside an ``.npz``): a study-size fold model is ~45 MB."""
+MAX_TOTAL_BYTES = 8 << 30
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_MEMBERS = 256
 MODEL_KINDS: tuple[ModelKind, ...] = ("densenet3d", "densenet2d")
 
 
@@ -169,8 +184,9 @@ def write_bundle(
     ensembles: Sequence[EnsembleSpec],
     metrics: Mapping[str, Any],
     source: Mapping[str, Any],
+    signing_key: Ed25519PrivateKey,
 ) -> Path:
-    """Write a bundle atomically (temp file, then rename); returns ``out``."""
+    """Write a bundle signed with ``signing_key`` atomically (temp file, then rename); returns ``out``."""
     out = Path(out)
     payload = {fm.file: _npz_bytes(t) for fm, t in models}
     folds: dict[str, list[dict[str, Any]]] = {}
@@ -195,11 +211,13 @@ def write_bundle(
         "source": dict(source),
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in payload.items()},
     }
+    manifest_bytes = json.dumps(manifest, indent=2).encode()
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr(MANIFEST_NAME, json.dumps(manifest, indent=2))
+            zf.writestr(MANIFEST_NAME, manifest_bytes)
+            zf.writestr(SIGNATURE_NAME, sign(manifest_bytes, signing_key))
             for name, data in payload.items():
                 zf.writestr(name, data)
         os.chmod(tmp, 0o644)  # a bundle is shared with other hospitals (mkstemp makes it 0600)
@@ -210,11 +228,53 @@ def write_bundle(
     return out
 
 
-def read_bundle(path: Path) -> ModelBundle:
-    """Open and verify a bundle (format, versions, checksums); raises ``BundleError``.
+def _check_sizes(zf: zipfile.ZipFile, path: Path, max_member_bytes: int) -> None:
+    """Refuse an archive whose declared sizes are too large, before anything is inflated.
 
-    The tensors are checked against the architecture when the models are built
-    (``ModelBundle.build``, done by ``client.predict.Predictor`` before any patient).
+    ``ZipFile.read`` stops at a member's declared size, so bounding the
+    declared sizes bounds the memory a crafted archive (a zip bomb) can take.
+    """
+    infos = zf.infolist()
+    names = [i.filename for i in infos]
+    if len(infos) > MAX_MEMBERS:
+        raise BundleError(f"{path}: {len(infos)} members, more than a bundle holds ({MAX_MEMBERS})")
+    if len(set(names)) != len(names):
+        raise BundleError(f"{path}: a member name appears twice (altered bundle?)")
+    for info in infos:
+        if info.file_size > max_member_bytes:
+            raise BundleError(
+                f"{path}: member {info.filename} would inflate to {info.file_size} bytes "
+                f"({info.compress_size} stored), above the {max_member_bytes}-byte cap; refused unread"
+            )
+    total = sum(i.file_size for i in infos)
+    if total > MAX_TOTAL_BYTES:
+        raise BundleError(f"{path}: members would inflate to {total} bytes in all, above {MAX_TOTAL_BYTES}")
+
+
+def _load_npz(data: bytes, where: str, max_member_bytes: int) -> dict[str, np.ndarray]:
+    """The arrays of one ``.npz`` member (itself a zip: its inner sizes are bounded as well), without pickle."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as inner:
+            declared = sum(i.file_size for i in inner.infolist())
+            if declared > max_member_bytes:
+                raise BundleError(
+                    f"{where}: arrays would inflate to {declared} bytes, above the {max_member_bytes}-byte cap"
+                )
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise BundleError(f"{where}: not a readable array file ({exc})") from exc
+
+
+def read_bundle(
+    path: Path, trusted_key: Ed25519PublicKey, *, max_member_bytes: int = MAX_MEMBER_BYTES
+) -> ModelBundle:
+    """Open and verify a bundle (sizes, signature, format, versions, checksums); raises ``BundleError``.
+
+    ``trusted_key``: the coordinating site's public key, as the hospital
+    received it (``common.signing.load_public_key``).  The tensors are checked
+    against the architecture when the models are built (``ModelBundle.build``,
+    done by ``client.predict.Predictor`` before any patient).
     """
     path = Path(path)
     try:
@@ -227,13 +287,33 @@ def read_bundle(path: Path) -> ModelBundle:
         names = set(zf.namelist())
         if MANIFEST_NAME not in names:
             raise BundleError(f"{path}: not a model bundle ({MANIFEST_NAME} missing)")
+        _check_sizes(zf, path, max_member_bytes)
+        if zf.getinfo(MANIFEST_NAME).file_size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{path}: {MANIFEST_NAME} is larger than {MAX_MANIFEST_BYTES} bytes")
+        if SIGNATURE_NAME not in names:
+            raise BundleError(
+                f"{path}: unsigned bundle refused ({SIGNATURE_NAME} missing): ask the coordinating site "
+                "for a bundle exported with `flower-server bundle --signing-key`"
+            )
         try:
-            manifest = json.loads(zf.read(MANIFEST_NAME))
-        except (ValueError, zipfile.BadZipFile) as exc:
+            manifest_bytes = zf.read(MANIFEST_NAME)
+            signature = zf.read(SIGNATURE_NAME)
+        except (zipfile.BadZipFile, OSError) as exc:
             raise BundleError(f"{path}: {MANIFEST_NAME} is unreadable ({exc})") from exc
+        if not verify(manifest_bytes, signature, trusted_key):
+            raise BundleError(
+                f"{path}: signature check failed: the bundle was altered or not signed by the trusted key "
+                f"{fingerprint(trusted_key)}; refused"
+            )
+        try:
+            manifest = json.loads(manifest_bytes)
+        except ValueError as exc:
+            raise BundleError(f"{path}: {MANIFEST_NAME} is unreadable ({exc})") from exc
+        if not isinstance(manifest, dict):
+            raise BundleError(f"{path}: {MANIFEST_NAME} is not a JSON object")
         check_compatible(manifest, path)
         files = cast(dict[str, str], manifest.get("files", {}))
-        unexpected = sorted(names - set(files) - {MANIFEST_NAME})
+        unexpected = sorted(names - set(files) - {MANIFEST_NAME, SIGNATURE_NAME})
         if unexpected:
             raise BundleError(f"{path}: files not listed in the manifest: {unexpected} (altered bundle?)")
         tensors: dict[str, dict[str, np.ndarray]] = {}
@@ -246,8 +326,7 @@ def read_bundle(path: Path) -> ModelBundle:
                     f"{path}: checksum mismatch for {name} (sha256 differs from the manifest): "
                     "the bundle is corrupt or was altered; export it again"
                 )
-            with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                tensors[name] = {k: z[k] for k in z.files}
+            tensors[name] = _load_npz(data, f"{path}: {name}", max_member_bytes)
     try:
         config = from_dict(manifest["config"])
     except (ConfigError, KeyError) as exc:

@@ -182,6 +182,7 @@ class FederationConfig:
     sim_gpus_per_site: float = 0.0
     transport_dtype: Literal["float32", "float16"] = "float16"  # same model: |dAUC| 0.0003 (docs/benchmarks.md)
     norm_bound_factor: float = 10.0
+    max_update_norm: float = 1e4  # absolute bound on an update's distance to the global model (0: off)
     trim_fraction: float = 0.2
 
 
@@ -258,6 +259,7 @@ class ExperimentConfig:
         _check(all(a < b for a, b in itertools.pairwise(m)), "evaluation.score_mapping", "must increase with the score")
         _check(0 < self.evaluation.threshold < 1, "evaluation.threshold", "must be in (0, 1)")
         _check(self.evaluation.grid_bins >= 100, "evaluation.grid_bins", "must be >= 100")
+        _check(self.federation.max_update_norm >= 0, "federation.max_update_norm", "must be >= 0 (0: off)")
         _check(
             self.evaluation.stats_noise == 0 or self.evaluation.grid_bins <= 200,
             "evaluation.stats_noise",

@@ -36,6 +36,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from common.metrics import Metrics, check_labels_scores
+from common.replycheck import check_histogram_arrays
 
 __all__ = [
     "ClassHistogram",
@@ -228,15 +229,22 @@ class ClassHistogram:
         return {k: np.array(getattr(self, k)) for k in keys}
 
     @staticmethod
-    def from_arrays(arrays: Mapping[str, ArrayLike]) -> ClassHistogram:
-        """Inverse of :meth:`to_arrays`; absent sums become NaN (metrics needing them are NaN)."""
-        missing = [k for k in _COUNT_KEYS if k not in arrays]
-        if missing:
-            raise ValueError(f"histogram record lacks {missing}; got keys {sorted(arrays)}")
-        bins = int(np.asarray(arrays["neg"]).size)
-        absent = np.full(bins, np.nan)
-        sums = [np.asarray(arrays.get(k, absent)) for k in _SUM_KEYS]
-        return ClassHistogram(bins, np.asarray(arrays["neg"]), np.asarray(arrays["pos"]), *sums)
+    def from_arrays(
+        arrays: Mapping[str, ArrayLike], *, bins: int | None = None, max_patients: int | None = None
+    ) -> ClassHistogram:
+        """Inverse of :meth:`to_arrays`; absent sums become NaN (metrics needing them are NaN).
+
+        The arrays usually come from another party, so they are checked first
+        (:func:`common.replycheck.check_histogram_arrays`: the grid's shape when
+        ``bins`` is given, whole non-negative counts, at most ``max_patients``,
+        finite sums possible for scores in [0, 1]); a bad one raises
+        :class:`common.replycheck.ReplyRejected` (a ``ValueError``).
+        """
+        checked = check_histogram_arrays(arrays, bins=bins, max_patients=max_patients)
+        n_bins = int(checked["neg"].size)
+        absent = np.full(n_bins, np.nan)
+        sums = [checked.get(k, absent) for k in _SUM_KEYS]
+        return ClassHistogram(n_bins, checked["neg"], checked["pos"], *sums)
 
 
 def _tail_counts(h: ClassHistogram) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
@@ -392,52 +400,69 @@ def add_noise(h: ClassHistogram, scale: float, rng: np.random.Generator) -> Clas
 
 
 def suppress_small_cells(h: ClassHistogram, min_count: int) -> ClassHistogram:
-    """Release no score cell holding fewer than ``min_count`` patients (both classes together).
+    """Release no cell in which a class holds fewer than ``min_count`` patients, and no exact score.
 
-    Rule: walking up the grid, adjacent occupied bins are merged until the
-    merged block holds ``>= min_count`` patients of either class; a short tail
-    joins the last block.  Each block is released in ONE bin (that of its
-    mean score) with its per-class counts, sums and sums of squares.  So no
-    released score value stands for fewer than ``min_count`` patients; the
-    total n, the class counts, Brier, MAE and calibration sums stay exact.
-    Blocks are contiguous score ranges released inside their own range, so
-    pairs in different blocks keep their order and the pairs of one block
-    become ties: the AUC changes by at most ``auc_bound`` of the released
-    histogram (half the fraction of benign/malignant pairs sharing a cell),
-    which the server can state.  The confusion matrix changes when a block
-    straddles the threshold.  An earlier per-class rule merged each class on
-    its own, which broke the cross-class order and inflated the pooled AUC by
-    0.05-0.09 on the quick run.  ``min_count <= 1`` returns ``h``.
+    Rule: walking up the grid, adjacent occupied bins are merged until, in
+    the merged block, each class holds either no patient or ``>= min_count``
+    (and the block ``>= min_count`` in all); a short tail joins the blocks
+    below it until the last block meets the rule too.  Each block is released
+    in ONE bin (that of its mean score) with its per-class counts, and its
+    sums replaced by ``count x that bin's midpoint`` (squares likewise): the
+    per-bin sums would otherwise hold the exact score of a lone patient of a
+    class (a merged cell with one benign patient released that patient's
+    score through ``neg_sum``).  So a released cell never stands for fewer
+    than ``min_count`` patients of a class it reports, unless the site holds
+    fewer than ``min_count`` of that class in all (then one cell, at the mean
+    of all its patients, holds everyone).  A histogram of fewer than
+    ``min_count`` patients in all is released as one cell at the grid's
+    centre (0.5), which says nothing about any score.
+    Totals and class counts stay exact; Brier, MAE and calibration means
+    become grid approximations.  Blocks are contiguous score ranges released
+    inside their own range, so pairs in different blocks keep their order and
+    the pairs of one block become ties: the AUC changes by at most
+    ``auc_bound`` of the released histogram.  (Merging each class on its own
+    would break the cross-class order: it inflated the pooled AUC by
+    0.05-0.09 on the quick run.)  ``min_count <= 1`` returns ``h``.
     """
     if min_count <= 1:
         return h
     grid = ScoreGrid(h.bins)
     mid = grid.midpoints()
-    total = h.neg + h.pos
+    if 0 < h.n < min_count:  # too few patients for any location to be safe: one cell at the grid's centre
+        at = int(grid.index(0.5))
+        neg = np.zeros(h.bins, dtype=np.int64)
+        pos = np.zeros(h.bins, dtype=np.int64)
+        neg[at], pos[at] = h.n_neg, h.n_pos
+        return ClassHistogram(h.bins, neg, pos, neg * mid, pos * mid, neg * mid**2, pos * mid**2)
+
+    def settled(neg: int, pos: int) -> bool:
+        return neg + pos >= min_count and all(c == 0 or c >= min_count for c in (neg, pos))
+
     blocks: list[list[int]] = []
     current: list[int] = []
-    acc = 0
-    for b in np.flatnonzero(total):
+    for b in np.flatnonzero(h.neg + h.pos):
         current.append(int(b))
-        acc += int(total[b])
-        if acc >= min_count:
+        if settled(int(h.neg[current].sum()), int(h.pos[current].sum())):
             blocks.append(current)
-            current, acc = [], 0
+            current = []
     if current:
-        if blocks:
-            blocks[-1].extend(current)
-        else:
-            blocks.append(current)
-    out: dict[str, NDArray[Any]] = {
-        k: np.zeros(h.bins, dtype=np.int64 if k in _COUNT_KEYS else np.float64) for k in _COUNT_KEYS + _SUM_KEYS
-    }
-    src = h.to_arrays()
-    for bins in blocks:
-        idx = np.asarray(bins)
-        n = int(total[idx].sum())
+        blocks.append(current)
+    # an unsettled last block takes in the blocks below it until it settles (or holds everything)
+    while len(blocks) > 1 and not settled(int(h.neg[blocks[-1]].sum()), int(h.pos[blocks[-1]].sum())):
+        tail = blocks.pop()
+        blocks[-1] = blocks[-1] + tail
+    neg = np.zeros(h.bins, dtype=np.int64)
+    pos = np.zeros(h.bins, dtype=np.int64)
+    for block in blocks:
+        idx = np.asarray(block)
+        n_neg, n_pos = int(h.neg[idx].sum()), int(h.pos[idx].sum())
         s_all = float(h.neg_sum[idx].sum() + h.pos_sum[idx].sum())
-        mean = s_all / n if math.isfinite(s_all) else float((mid[idx] * total[idx]).sum() / n)
+        mean = (
+            s_all / (n_neg + n_pos)
+            if math.isfinite(s_all)
+            else float((mid[idx] * (h.neg + h.pos)[idx]).sum() / (n_neg + n_pos))
+        )
         at = int(grid.index(np.clip(mean, 0.0, 1.0)))
-        for key in out:
-            out[key][at] += src[key][idx].sum()
-    return ClassHistogram(h.bins, out["neg"], out["pos"], out["neg_sum"], out["pos_sum"], out["neg_sq"], out["pos_sq"])
+        neg[at] += n_neg
+        pos[at] += n_pos
+    return ClassHistogram(h.bins, neg, pos, neg * mid, pos * mid, neg * mid**2, pos * mid**2)

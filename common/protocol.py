@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -99,6 +100,18 @@ class Wire:
     size: str
     depth: int = 0  # HISTOGRAMS: parts of a histogram's name
     counts_only: bool = False  # HISTOGRAM(S): no score sums (a third of the size)
+
+
+def _whole(value: Any) -> int:
+    """A count from another party: a finite whole number (NaN, inf and 2.5 are refused, not truncated)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise ValueError(f"{type(value).__name__} is not a number")
+    x = float(value)
+    if not math.isfinite(x):
+        raise ValueError(f"{x} is not finite")
+    if x != round(x):
+        raise ValueError(f"{x} is not a whole number")
+    return int(x)
 
 
 def wire(
@@ -218,7 +231,10 @@ class SiteInfoReply:
         "environment", Place.JSON, "CPU, library versions, threads, device: ~0.5 KB text", default=None
     )
     device: dict[str, Any] | None = wire(
-        "device", Place.JSON, "where it trains: device, its name, AMP, augmentation: ~0.1 KB text", default=None
+        "device",
+        Place.JSON,
+        "where it trains: device, its name, AMP, augmentation: ~0.1 KB text",
+        default=None,
     )
 
 
@@ -241,7 +257,7 @@ class RoundRequest:
 class TrainReply:
     weights: np.ndarray = wire(WEIGHTS_KEY, Place.WEIGHTS, _MODEL)
     num_examples: int = wire(
-        NUM_EXAMPLES, Place.METRIC, "1 int: training patients (the FedAvg weight)", convert=int
+        NUM_EXAMPLES, Place.METRIC, "1 int: training patients (the FedAvg weight)", convert=_whole
     )
     loss: float = wire("loss", Place.METRIC, "1 float", convert=float)
     seconds: float = wire("seconds", Place.METRIC, "1 float", convert=float)
@@ -255,7 +271,7 @@ class TrainReply:
 @dataclass(frozen=True)
 class EvaluateReply:
     histogram: ClassHistogram = wire("", Place.HISTOGRAM, _HIST)
-    num_examples: int = wire(NUM_EXAMPLES, Place.METRIC, "1 int: validation patients", convert=int)
+    num_examples: int = wire(NUM_EXAMPLES, Place.METRIC, "1 int: validation patients", convert=_whole)
 
 
 @dataclass(frozen=True)
@@ -319,7 +335,7 @@ class DelongRequest:
 @dataclass(frozen=True)
 class DelongReply:
     sums: dict[int, PlacementSums] = wire("", Place.PLACEMENTS, "12 scalars per comparison")
-    num_examples: int = wire(NUM_EXAMPLES, Place.METRIC, "1 int, always 0", convert=int, default=0)
+    num_examples: int = wire(NUM_EXAMPLES, Place.METRIC, "1 int, always 0", convert=_whole, default=0)
 
 
 @dataclass(frozen=True)
@@ -334,7 +350,7 @@ class FeatstatsReply:
     n: np.ndarray = wire("n", Place.ARRAY, "1 float", record=STATS)
     sum: np.ndarray = wire("sum", Place.ARRAY, "F floats", record=STATS)
     sumsq: np.ndarray = wire("sumsq", Place.ARRAY, "F floats", record=STATS)
-    num_examples: int = wire(NUM_EXAMPLES, Place.METRIC, "1 int", convert=int)
+    num_examples: int = wire(NUM_EXAMPLES, Place.METRIC, "1 int", convert=_whole)
 
     def __add__(self, other: FeatstatsReply) -> FeatstatsReply:
         return FeatstatsReply(
@@ -355,7 +371,7 @@ class RadiomicsRequest:
 @dataclass(frozen=True)
 class RadiomicsReply:
     params: np.ndarray = wire("params", Place.ARRAY, "F+1 floats")
-    num_examples: int = wire(NUM_EXAMPLES, Place.METRIC, "1 int", convert=int)
+    num_examples: int = wire(NUM_EXAMPLES, Place.METRIC, "1 int", convert=_whole)
 
 
 # -- encode / decode ------------------------------------------------------------------------------------------
@@ -428,7 +444,12 @@ def decode(content: RecordDict, cls: type[B]) -> B:
         has_default = fields[name].default is not dataclasses.MISSING
         try:
             if w.place in (Place.CONFIG, Place.JSON, Place.METRIC):
-                rec = _record(content, w.record, w.place)
+                try:
+                    rec = _record(content, w.record, w.place)
+                except ProtocolError:
+                    if has_default:  # an optional record left out altogether
+                        continue
+                    raise
                 if w.key not in rec:
                     if has_default:
                         continue
@@ -451,7 +472,7 @@ def decode(content: RecordDict, cls: type[B]) -> B:
                 values[name] = _placements(_record(content, w.record, w.place))
         except ProtocolError:
             raise
-        except (KeyError, ValueError, TypeError) as exc:
+        except (KeyError, ValueError, TypeError, OverflowError) as exc:
             raise ProtocolError(f"{cls.__name__}.{name}: {exc}") from exc
     return cls(**values)
 

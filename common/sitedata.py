@@ -86,6 +86,25 @@ def read_manifest_rows(site_dir: Path) -> tuple[list[str], list[dict[str, str]]]
     return header, rows
 
 
+def confined_path(site_dir: Path, relative: str) -> Path:
+    """``site_dir / relative``, refused (``SiteDataError``) unless it stays inside the site folder.
+
+    An absolute path, a ``..`` component, or a symbolic link whose target lies
+    outside the folder would let a manifest read (and preprocess, cache and
+    train on) any file the process can open.
+    """
+    rel = Path(relative)
+    if rel.is_absolute() or relative.startswith(("/", "\\")):
+        raise SiteDataError(f"path {relative!r} is absolute; manifest paths are relative to the site folder")
+    if ".." in rel.parts:
+        raise SiteDataError(f"path {relative!r} leaves the site folder ('..')")
+    root = Path(site_dir).resolve()
+    full = Path(site_dir) / rel
+    if not full.resolve().is_relative_to(root):
+        raise SiteDataError(f"path {relative!r} resolves outside the site folder (a symbolic link?)")
+    return full
+
+
 def case_from_row(site_dir: Path, row: dict[str, str]) -> Case:
     """Parse one manifest row; raises ``SiteDataError`` naming the patient."""
     pid = row.get("patient_id", "")
@@ -100,11 +119,15 @@ def case_from_row(site_dir: Path, row: dict[str, str]) -> Case:
         age = float(age_s) if age_s else None
     except ValueError as exc:
         raise SiteDataError(f"{where}: age {age_s!r} is not a number") from exc
+    try:
+        image, mask = confined_path(site_dir, row["image"]), confined_path(site_dir, row["mask"])
+    except SiteDataError as exc:
+        raise SiteDataError(f"{where}: {exc}") from None
     return Case(
         patient_id=pid,
         label=label,
-        image=Path(site_dir) / row["image"],
-        mask=Path(site_dir) / row["mask"],
+        image=image,
+        mask=mask,
         radiologist_score=score,
         age=age,
         sex=sex_s or None,

@@ -39,6 +39,7 @@ from common.sitedata import (
     SCORE_RANGE,
     Case,
     SiteDataError,
+    confined_path,
     load_nifti,
     read_manifest_rows,
     spacing_of,
@@ -202,7 +203,22 @@ def _check_row(row: dict[str, str], manifest: str) -> list[Problem]:
     for col in ("image", "mask"):
         if not row.get(col, ""):
             out.append(Problem("error", pid, manifest, "missing_file", f"no {col} path given"))
+        else:
+            try:
+                confined_path(Path(manifest).parent, row[col])
+            except SiteDataError as exc:
+                out.append(Problem("error", pid, manifest, "path_outside_site", f"{col}: {exc}"))
     return out
+
+
+def _confined(site_dir: Path, row: dict[str, str]) -> bool:
+    """Both paths of a row stay inside the site folder (a row that does not is never read)."""
+    try:
+        confined_path(site_dir, row["image"])
+        confined_path(site_dir, row["mask"])
+    except SiteDataError:
+        return False
+    return True
 
 
 def validate_row(row: dict[str, str], manifest: str) -> list[Problem]:
@@ -607,7 +623,7 @@ def validate_site(
         problems += _check_row(row, manifest)
     problems += _check_duplicates(rows, site_dir, manifest)
     if check_images:
-        todo = [r for r in rows if r.get("image") and r.get("mask")]
+        todo = [r for r in rows if r.get("image") and r.get("mask") and _confined(site_dir, r)]
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for found in pool.map(
                 _check_files_safely,

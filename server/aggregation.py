@@ -25,7 +25,7 @@ def weighted_mean(vectors: Sequence[np.ndarray], weights: Sequence[float]) -> np
     if not vectors:
         raise ValueError("no vectors to average")
     w = np.asarray(weights, dtype=np.float64)
-    if np.any(w < 0) or w.sum() <= 0:
+    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
         raise ValueError(f"weights must be >= 0 with a positive sum, got {w.tolist()}")
     acc = np.zeros(vectors[0].shape, dtype=np.float64)
     for v, wi in zip(vectors, w / w.sum(), strict=True):
@@ -52,6 +52,7 @@ def screen_updates(
     reference: np.ndarray,
     *,
     norm_bound_factor: float,
+    max_norm: float = 0.0,
     names: Sequence[str] | None = None,
 ) -> Screening:
     """Drop updates with the wrong shape or dtype, non-finite values or an outsized norm.
@@ -60,7 +61,9 @@ def screen_updates(
     model with the median distance of the round: an update more than
     ``norm_bound_factor`` times the median is dropped.  With fewer than three
     updates the median is not a meaningful reference, so only the absolute
-    checks apply.
+    checks apply; among them ``max_norm`` (when > 0) bounds every update's
+    distance to the global model, so that with two sites one cannot replace
+    the model with an arbitrary vector.
     """
     names = list(names) if names is not None else [str(i) for i in range(len(vectors))]
     dropped: dict[int, str] = {}
@@ -74,7 +77,11 @@ def screen_updates(
         elif not np.all(np.isfinite(v)):
             dropped[i] = f"{int(np.size(v) - np.isfinite(v).sum())} non-finite values"
         else:
-            norms[i] = float(np.linalg.norm(v.astype(np.float64) - reference.astype(np.float64)))
+            norm = float(np.linalg.norm(v.astype(np.float64) - reference.astype(np.float64)))
+            if max_norm > 0 and not norm <= max_norm:
+                dropped[i] = f"update norm {norm:.3g} > the absolute bound {max_norm:g}"
+            else:
+                norms[i] = norm
     if len(norms) >= 3 and norm_bound_factor > 0:
         med = float(np.median(list(norms.values())))
         bound = norm_bound_factor * max(med, 1e-12)

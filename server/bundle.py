@@ -15,20 +15,29 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from common.bundle import MODEL_KINDS, BundleError, EnsembleSpec, FoldModel, write_bundle
 from common.config import ConfigError, ExperimentConfig, load_config
 from common.ensemble import ENSEMBLES
 from common.models import build_model
 from common.records import ModelCodec
+from common.signing import SigningKeyError, create_signing_key, load_private_key
 
 from .checkpoints import CheckpointError, CheckpointStore
 
 log = logging.getLogger(__name__)
 
 
-def export_bundle(run_dir: Path, out: Path) -> Path:
-    """Write the bundle of the finished run in ``run_dir`` to ``out``; raises ``BundleError``."""
+def export_bundle(run_dir: Path, out: Path, signing_key: Path) -> Path:
+    """Write the bundle of the finished run in ``run_dir`` to ``out``, signed; raises ``BundleError``.
+
+    ``signing_key``: the coordinating site's Ed25519 private key (PEM); a
+    missing file is created (mode 0600) with its public key next to it
+    (``<key>.pub``), which the hospitals need to verify the bundle.
+    """
     run_dir = Path(run_dir)
+    key = _signing_key(Path(signing_key))
     cfg = _run_config(run_dir)
     summary = _summary(run_dir)
     if summary.get("plan") == "loco":
@@ -103,7 +112,13 @@ def export_bundle(run_dir: Path, out: Path) -> Path:
     # The bundle travels to other hospitals: the training sites' folders stay out of it.
     portable = dataclasses.replace(cfg, sites=(), external_sites=())
     path = write_bundle(
-        out, config=portable, models=models, ensembles=ensembles, metrics=metrics, source=source
+        out,
+        config=portable,
+        models=models,
+        ensembles=ensembles,
+        metrics=metrics,
+        source=source,
+        signing_key=key,
     )
     log.info(
         "bundle of %s written to %s (%d fold models, %d ensembles)",
@@ -113,6 +128,20 @@ def export_bundle(run_dir: Path, out: Path) -> Path:
         len(ensembles),
     )
     return path
+
+
+def _signing_key(path: Path) -> Ed25519PrivateKey:
+    try:
+        if not path.exists():
+            _, public = create_signing_key(path)
+            log.warning(
+                "new bundle-signing key %s; give %s to the hospitals (flower-client predict --trusted-key)",
+                path,
+                public,
+            )
+        return load_private_key(path)
+    except SigningKeyError as exc:
+        raise BundleError(str(exc)) from exc
 
 
 def _run_config(run_dir: Path) -> ExperimentConfig:

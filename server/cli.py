@@ -149,7 +149,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     from .bundle import export_bundle
 
     try:
-        path = export_bundle(Path(args.run_dir), Path(args.out))
+        path = export_bundle(Path(args.run_dir), Path(args.out), Path(args.signing_key))
     except BundleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -191,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     bd = sub.add_parser("bundle", help="export a finished run's selected models, ensembles and config as one model bundle")
     bd.add_argument("run_dir", metavar="RUN_DIR")
     bd.add_argument("--out", required=True, help="bundle file to write (e.g. sacral-model.zip)")
+    bd.add_argument("--signing-key", required=True, help="Ed25519 private key (PEM) that signs the bundle; created with KEY.pub if missing (hospitals get KEY.pub)")
     bd.set_defaults(handler=cmd_bundle)
     return p
 

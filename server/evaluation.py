@@ -23,6 +23,7 @@ from common.protocol import (
     ENSEMBLE,
     FINAL,
     READERS,
+    ROLE_EXTERNAL,
     ROLE_TRAIN,
     ROLES,
     DelongRequest,
@@ -32,6 +33,7 @@ from common.protocol import (
     HistogramSet,
     aggregate,
 )
+from common.replycheck import ReplyRejected
 
 from .messenger import Messenger
 from .registry import SiteRegistry
@@ -71,10 +73,24 @@ class Evaluator:
         candidates = {"+".join(m): simplex_grid(len(m), step).tolist() for m in ensembles.values()}
         bins = min(self.cfg.evaluation.grid_bins, 1000)
         req = EnsembleRequest(candidates=candidates, bins=bins, role=ROLE_TRAIN)
+        expected = {(key, str(i)) for key, cands in candidates.items() for i in range(len(cands))}
+
+        def covers_the_candidates(body: Any) -> None:
+            if set(body.histograms) != expected:
+                raise ReplyRejected(
+                    f"statistics cover {len(set(body.histograms) & expected)} of the {len(expected)} "
+                    "candidates asked for"
+                )
+
         sums = aggregate(
             a.body.histograms
-            for a in self.messenger.send(list(self.registry.nodes(ROLE_TRAIN)), ENSEMBLE, req)
+            for a in self.messenger.send(
+                list(self.registry.nodes(ROLE_TRAIN)), ENSEMBLE, req, validate=covers_the_candidates
+            )
         )
+        if not sums:
+            log.warning("ensemble weights not fitted: no training site returned usable statistics")
+            return {}
         fitted: dict[str, dict[str, Any]] = {}
         for name, members in ensembles.items():
             key = "+".join(members)
@@ -99,9 +115,18 @@ class Evaluator:
         for role in ROLES:
             nodes = list(self.registry.nodes(role))
             if nodes:
+                subsets = (
+                    {ROLE_EXTERNAL} if role == ROLE_EXTERNAL else {f"fold{k}" for k in self.cfg.active_folds}
+                )
+                scores = {"densenet3d", "densenet2d", "radiomics", "radiologist", *weights}
+
+                def requested(body: Any, subsets: set[str] = subsets, scores: set[str] = scores) -> None:
+                    if any(sc not in scores or sub not in subsets for sc, sub in body.histograms):
+                        raise ReplyRejected("statistics name a score or subset that was not requested")
+
+                req = FinalRequest(ensembles=weights, role=role)
                 sets += [
-                    a.body.histograms
-                    for a in self.messenger.send(nodes, FINAL, FinalRequest(ensembles=weights, role=role))
+                    a.body.histograms for a in self.messenger.send(nodes, FINAL, req, validate=requested)
                 ]
         out: dict[str, dict[str, ClassHistogram]] = {}
         for (score, subset), h in aggregate(sets).items():

@@ -16,13 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import ExperimentConfig
-from common.gridstats import ClassHistogram
 from common.protocol import (
-    ENSEMBLE,
-    EVALUATE,
-    FINAL,
-    READERS,
     Header,
     MessageSpec,
     ProtocolError,
@@ -32,27 +26,9 @@ from common.protocol import (
 
 from .meteredgrid import MeteredGrid
 from .registry import SiteRegistry
+from .replyguard import REPLY_CHECKS, ReplyCheck, ReplyContext
 
 log = logging.getLogger(__name__)
-
-ReplyCheck = Callable[[MessageSpec, Any, ExperimentConfig], None]
-
-
-def check_grid_bins(spec: MessageSpec, body: Any, cfg: ExperimentConfig) -> None:
-    """Histograms must be on the grid the server asked for (a wrong grid would poison the pooled sums)."""
-    if spec in (EVALUATE, FINAL, READERS):
-        bins = cfg.evaluation.grid_bins
-    elif spec is ENSEMBLE:
-        bins = min(cfg.evaluation.grid_bins, 1000)
-    else:
-        return
-    hists: Iterable[ClassHistogram] = [body.histogram] if spec is EVALUATE else body.histograms.values()
-    wrong = sorted({h.bins for h in hists} - {bins})
-    if wrong:
-        raise ProtocolError(f"histograms on a {wrong[0]}-bin grid, expected {bins}")
-
-
-REPLY_CHECKS: tuple[ReplyCheck, ...] = (check_grid_bins,)
 
 
 @dataclass(frozen=True)
@@ -80,16 +56,27 @@ class Messenger:
         self.header = header
         self.timeout = timeout
         self.checks = tuple(checks)
+        self.rejected: dict[str, list[str]] = {}  # site -> replies dropped by the checks, with why
 
-    def check(self, spec: MessageSpec, body: Any) -> None:
-        """Run every reply validator on a decoded reply; raises :class:`ProtocolError` to reject it."""
+    def check(self, spec: MessageSpec, body: Any, site: str | None = None) -> None:
+        """Run every reply validator on a decoded reply; raises :class:`ProtocolError` to reject it.
+
+        ``site``: the sender, whose declared patients bound its counts (unknown during discovery).
+        """
+        declared = next((s.patients for s in self.registry.sites.values() if s.site == site), None)
+        ctx = ReplyContext(self.registry.cfg, declared)
         for fn in self.checks:
             try:
-                fn(spec, body, self.registry.cfg)
+                fn(spec, body, ctx)
             except ProtocolError:
                 raise
             except ValueError as exc:
                 raise ProtocolError(str(exc)) from exc
+
+    def reject(self, site: str, step: str, reason: object) -> None:
+        """Record that ``site``'s reply to ``step`` was dropped and why (in the summary); the run goes on."""
+        self.rejected.setdefault(site, []).append(f"{step}: {reason}")
+        log.warning("%s: %s reply rejected: %s", site, step, reason)
 
     def send(
         self,
@@ -99,8 +86,12 @@ class Messenger:
         *,
         timeout: float | None = None,
         dtype: str = "float32",
+        validate: Callable[[Any], None] | None = None,
     ) -> list[Answer]:
-        """Send one request to each node; the node, site and decoded body of every usable reply."""
+        """Send one request to each node; the node, site and decoded body of every usable reply.
+
+        ``validate``: a check that needs the request (e.g. the reply covers exactly what was asked).
+        """
         msgs = [spec.message(self.header, body, n, dtype=dtype) for n in nodes]
         timeout = self.timeout if timeout is None else timeout
         replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
@@ -122,9 +113,11 @@ class Messenger:
                 continue
             try:
                 decoded = spec.read_reply(r)
-                self.check(spec, decoded)
-            except ProtocolError as exc:
-                log.warning("%s: %s reply rejected: %s", site, spec.type, exc)
+                self.check(spec, decoded, site)
+                if validate is not None:
+                    validate(decoded)
+            except (ProtocolError, ValueError) as exc:
+                self.reject(site, spec.name or spec.action, exc)
                 continue
             good.append(Answer(node, site, decoded))
         good.sort(key=lambda a: (a.site, a.node))  # pooled in site order, whatever order they answered in

@@ -69,6 +69,11 @@ class PlanRunner:
     def unavailable(self) -> dict[str, str]:
         return self.registry.unavailable
 
+    @property
+    def rejected(self) -> dict[str, list[str]]:
+        """Site -> its replies the checks dropped, with why (``server.replyguard``)."""
+        return self.messenger.rejected
+
     def discover(self, expected: int, wait_s: float) -> dict[int, SiteNode]:
         return self.registry.discover(self.messenger, expected, wait_s)
 
@@ -175,6 +180,7 @@ class PlanRunner:
         summary["reader_study"] = ev.reader_summary(readers, delong)
         summary["delong"] = {k: v for k, v in delong.items() if not k.startswith("readers/")}
         summary["resumed"] = self.trainer.resumed
+        summary["rejected_replies"] = self.messenger.rejected
         self.writer.write(summary)
         self.progress.phase(f"summary written: {self.writer.path}")
         return summary

@@ -43,13 +43,17 @@ class FoldSession:
     transport_dtype: str = "float32"
     min_sites: int = 1
     norm_bound_factor: float = 10.0
+    max_update_norm: float = 0.0  # absolute bound on an update's distance to the global model (0: off)
+    site_patients: dict[str, int] = field(
+        default_factory=dict
+    )  # site -> patients it declared (bounds its replies)
     robust: str = "mean"
     trim_fraction: float = 0.2
     threshold: float = 0.5
     rounds: dict[int, RoundLog] = field(default_factory=dict)
     last_val_stats: dict[str, Any] | None = None
     refresh: Callable[[], dict[int, str]] | None = None  # the training nodes now (sites may rejoin)
-    check: Callable[[MessageSpec, Any], None] | None = None  # the messenger's reply validators
+    check: Callable[[MessageSpec, Any, str], None] | None = None  # the messenger's reply validators (spec, body, site)
 
     def log_for(self, server_round: int) -> RoundLog:
         r = server_round + self.round_offset

@@ -30,6 +30,7 @@ from common.protocol import (
     status_of,
 )
 from common.records import metric_record, weights_from_record, weights_record
+from common.replycheck import check_num_examples
 
 from .aggregation import coordinate_median, screen_updates, trimmed_mean, weighted_mean
 from .session import FoldSession
@@ -75,10 +76,10 @@ class GuardedFedAvg(FedAvg):
         """The site a reply stands for (a dead node's reply comes from the SuperLink: see ``reply_node``)."""
         return self.session.site_of(reply_node(reply, self._sent))
 
-    def _check(self, spec: MessageSpec, body: object) -> None:
-        """The messenger's reply validators (raise ProtocolError to drop the reply)."""
+    def _check(self, spec: MessageSpec, body: object, site: str) -> None:
+        """The messenger's reply validators (raise ProtocolError or ValueError to drop the reply)."""
         if self.session.check is not None:
-            self.session.check(spec, body)
+            self.session.check(spec, body, site)
 
     def _request(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> RoundRequest:
         s = self.session
@@ -148,29 +149,36 @@ class GuardedFedAvg(FedAvg):
         rlog.missing = sorted({self.session.site_of(m.metadata.dst_node_id) for m in self._sent} - answered)
         for site in rlog.missing:
             log.warning("[round %d] no reply from %s within the round timeout: left out", rlog.round, site)
-        good = sorted(self._split_replies(server_round, replies, "train"), key=self._site)  # order-free result
+        good = sorted(
+            self._split_replies(server_round, replies, "train"), key=self._site
+        )  # order-free result
         vectors, weights, names, losses = [], [], [], []
         for msg in good:
             site = self._site(msg)
             try:
                 update = TRAIN.read_reply(msg)
-                self._check(TRAIN, update)
-            except ProtocolError as exc:
+                self._check(TRAIN, update, site)
+                n = check_num_examples(update.num_examples, self.session.site_patients.get(site))
+            except (ProtocolError, ValueError) as exc:
                 rlog.dropped[site] = f"train: malformed reply ({exc})"
                 log.warning("[round %d] %s dropped: malformed reply (%s)", rlog.round, site, exc)
                 continue
             vectors.append(update.weights)
-            weights.append(float(update.num_examples))
+            weights.append(n)
             names.append(site)
             if update.epsilon is not None:
-                rlog.epsilon[site] = update.epsilon
-            losses.append(update.loss)
+                rlog.epsilon[site] = _finite_or_nan(update.epsilon)
+            losses.append(_finite_or_nan(update.loss))
         if not vectors:
             log.error("[round %d] no usable training update: the global model is unchanged", rlog.round)
             return None, None
         reference = self._reference(vectors[0].shape)
         screen = screen_updates(
-            vectors, reference, norm_bound_factor=self.session.norm_bound_factor, names=names
+            vectors,
+            reference,
+            norm_bound_factor=self.session.norm_bound_factor,
+            max_norm=self.session.max_update_norm,
+            names=names,
         )
         for i, reason in screen.dropped.items():
             rlog.dropped[names[i]] = f"train: {reason}"
@@ -204,10 +212,15 @@ class GuardedFedAvg(FedAvg):
             site = self._site(msg)
             try:
                 stats = EVALUATE.read_reply(msg)
-                self._check(EVALUATE, stats)
+                self._check(EVALUATE, stats, site)
                 hists.append(stats.histogram)
-            except ProtocolError as exc:
-                rlog.dropped[site] = f"evaluate: malformed statistics ({exc})"
+            except (ProtocolError, ValueError) as exc:
+                earlier = rlog.dropped.get(
+                    site
+                )  # e.g. its training update was dropped too: keep both reasons
+                reason = f"evaluate: malformed statistics ({exc})"
+                rlog.dropped[site] = f"{earlier}; {reason}" if earlier else reason
+                log.warning("[round %d] %s dropped: malformed statistics (%s)", rlog.round, site, exc)
                 continue
             rlog.evaluated.append(site)
         rlog.seconds = time.perf_counter() - self._round_started
@@ -229,3 +242,12 @@ class GuardedFedAvg(FedAvg):
             rlog.seconds,
         )
         return metric_record({"val-auc": m.auc if not np.isnan(m.auc) else -1.0, NUM_EXAMPLES: m.n})
+
+
+def _finite_or_nan(value: object) -> float:
+    """A reported diagnostic (loss, epsilon) as a float; anything else becomes NaN."""
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+    return x if np.isfinite(x) else float("nan")

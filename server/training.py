@@ -89,6 +89,8 @@ class FoldTrainer:
             transport_dtype=self.cfg.federation.transport_dtype,
             min_sites=self.cfg.federation.min_sites,
             norm_bound_factor=self.cfg.federation.norm_bound_factor,
+            max_update_norm=self.cfg.federation.max_update_norm,
+            site_patients={s.site: s.patients for s in self.registry.sites.values()},
             threshold=self.cfg.evaluation.threshold,
             check=self.messenger.check,
         )

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import re
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -18,14 +19,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from client.cli import main as client_main
 from client.heatmap import cube_to_grid
 from client.predict import PatientInput, PredictionError, Predictor
-from common.bundle import FORMAT_VERSION, MANIFEST_NAME, BundleError, read_bundle
+from common.bundle import FORMAT_VERSION, MANIFEST_NAME, SIGNATURE_NAME, BundleError, read_bundle
 from common.config import SiteConfig, load_config, to_dict, with_sites
 from common.dataset import preprocess_site
 from common.engine import predict
+from common.signing import create_signing_key, load_private_key, load_public_key, sign
 from server.bundle import export_bundle
 from server.cli import main as server_main
 from server.runner import PlanRunner
@@ -62,8 +65,20 @@ def run_dir(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 @pytest.fixture(scope="module")
 def bundle_path(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / "model.zip"
-    assert server_main(["bundle", str(run_dir), "--out", str(out)]) == 0
+    key = out.parent / "signing.key"  # created by the first export, with signing.key.pub
+    assert server_main(["bundle", str(run_dir), "--out", str(out), "--signing-key", str(key)]) == 0
+    assert (key.stat().st_mode & 0o777) == 0o600
     return out
+
+
+@pytest.fixture(scope="module")
+def trusted(bundle_path: Path) -> Ed25519PublicKey:
+    """The coordinating site's public key as a hospital holds it."""
+    return load_public_key(bundle_path.parent / "signing.key.pub")
+
+
+def _pub(bundle_path: Path) -> str:
+    return str(bundle_path.parent / "signing.key.pub")
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +93,32 @@ def pelvis(shared_ct: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[P
     return image, path
 
 
-def _rewrite(src: Path, dst: Path, manifest_edit: dict[str, object] | None = None, corrupt: str = "") -> Path:
-    """Copy a bundle, changing manifest fields or flipping bytes of one member file."""
+def _rewrite(
+    src: Path,
+    dst: Path,
+    manifest_edit: dict[str, object] | None = None,
+    corrupt: str = "",
+    resign: bool = True,
+    drop: str = "",
+) -> Path:
+    """Copy a bundle, changing manifest fields or flipping bytes of one member file.
+
+    ``resign``: sign the edited manifest with the coordinating site's key (a
+    genuine bundle of another version); otherwise the old signature stays.
+    """
+    key = load_private_key(src.parent / "signing.key")
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        manifest = zin.read(MANIFEST_NAME)
+        if manifest_edit:
+            manifest = json.dumps({**json.loads(manifest), **manifest_edit}).encode()
         for name in zin.namelist():
+            if name == drop:
+                continue
             data = zin.read(name)
-            if name == MANIFEST_NAME and manifest_edit:
-                data = json.dumps({**json.loads(data), **manifest_edit}).encode()
+            if name == MANIFEST_NAME:
+                data = manifest
+            if name == SIGNATURE_NAME and resign:
+                data = sign(manifest, key)
             if name == corrupt:
                 arrays = dict(np.load(io.BytesIO(data)))
                 key = sorted(arrays)[0]
@@ -99,8 +133,10 @@ def _rewrite(src: Path, dst: Path, manifest_edit: dict[str, object] | None = Non
 # ---------------------------------------------------------------- bundle
 
 
-def test_bundle_holds_the_selected_fold_models_and_fitted_ensembles(run_dir: Path, bundle_path: Path) -> None:
-    bundle = read_bundle(bundle_path)
+def test_bundle_holds_the_selected_fold_models_and_fitted_ensembles(
+    run_dir: Path, bundle_path: Path, trusted: Ed25519PublicKey
+) -> None:
+    bundle = read_bundle(bundle_path, trusted)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert bundle.kinds == ("densenet3d", "densenet2d")
     for kind in bundle.kinds:
@@ -115,7 +151,9 @@ def test_bundle_holds_the_selected_fold_models_and_fitted_ensembles(run_dir: Pat
     assert bundle.manifest["source"]["sites"]["centre1"]["patients"] == 20
 
 
-def test_bundle_of_another_version_or_altered_is_refused(bundle_path: Path, tmp_path: Path) -> None:
+def test_bundle_of_another_version_or_altered_is_refused(
+    bundle_path: Path, trusted: Ed25519PublicKey, tmp_path: Path
+) -> None:
     newer = _rewrite(
         bundle_path,
         tmp_path / "newer.zip",
@@ -124,22 +162,79 @@ def test_bundle_of_another_version_or_altered_is_refused(bundle_path: Path, tmp_
     with pytest.raises(
         BundleError, match=r"incompatible bundle version: format 2 \(written by sacral-fl 9.0.0\).*upgrade"
     ):
-        read_bundle(newer)
+        read_bundle(newer, trusted)
     older = _rewrite(bundle_path, tmp_path / "older.zip", {"preprocessing_version": 0})
     with pytest.raises(
         BundleError, match="incompatible bundle version: its models were trained on preprocessing version 0"
     ):
-        read_bundle(older)
+        read_bundle(older, trusted)
     altered = _rewrite(bundle_path, tmp_path / "altered.zip", corrupt="models/densenet3d_fold1.npz")
     with pytest.raises(BundleError, match=r"checksum mismatch for models/densenet3d_fold1\.npz"):
-        read_bundle(altered)
+        read_bundle(altered, trusted)
     with pytest.raises(BundleError, match="not a model bundle"):
-        read_bundle(Path(__file__))
+        read_bundle(Path(__file__), trusted)
     config = json.loads(zipfile.ZipFile(bundle_path).read(MANIFEST_NAME))["config"]
     config["models"]["densenet3d"]["arch"] = "densenet121"  # weights of the small DenseNet, config of another
     relabelled = _rewrite(bundle_path, tmp_path / "relabelled.zip", {"config": config})
     with pytest.raises(BundleError, match=r"models/densenet3d_fold0\.npz: the weights do not fit the model"):
-        Predictor(read_bundle(relabelled), heatmap=False)
+        Predictor(read_bundle(relabelled, trusted), heatmap=False)
+
+
+def test_an_unsigned_tampered_or_foreign_bundle_is_refused(
+    bundle_path: Path, trusted: Ed25519PublicKey, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    unsigned = _rewrite(bundle_path, tmp_path / "unsigned.zip", drop=SIGNATURE_NAME)
+    with pytest.raises(BundleError, match="unsigned bundle refused"):
+        read_bundle(unsigned, trusted)
+    # the checksums live in the signed manifest: editing them (or anything else) breaks the signature
+    files = json.loads(zipfile.ZipFile(bundle_path).read(MANIFEST_NAME))["files"]
+    forged = _rewrite(
+        bundle_path,
+        tmp_path / "forged.zip",
+        {"files": {**files, "models/densenet3d_fold1.npz": "0" * 64}},
+        resign=False,
+    )
+    with pytest.raises(BundleError, match="signature check failed"):
+        read_bundle(forged, trusted)
+    _, other_pub = create_signing_key(tmp_path / "other.key")
+    with pytest.raises(BundleError, match="not signed by the trusted key"):
+        read_bundle(bundle_path, load_public_key(other_pub))
+    rc = client_main(
+        [
+            "predict",
+            "--bundle",
+            str(unsigned),
+            "--trusted-key",
+            _pub(bundle_path),
+            "--image",
+            "x",
+            "--mask",
+            "y",
+        ]
+    )
+    assert rc == 2 and "unsigned bundle refused" in capsys.readouterr().err
+    with pytest.raises(Exception, match="exists"):
+        create_signing_key(tmp_path / "other.key")  # never overwritten
+
+
+def test_a_member_that_would_inflate_past_the_cap_is_refused_unread(
+    bundle_path: Path, trusted: Ed25519PublicKey, tmp_path: Path
+) -> None:
+    """A zip-bomb-like member: 8 MB of zeros stored in a few kB; refused from its declared size."""
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bundle_path) as zin, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zout:
+        for name in zin.namelist():
+            zout.writestr(name, zin.read(name))
+        zout.writestr("models/zeros.npz", bytes(8 << 20))
+    assert bomb.stat().st_size < bundle_path.stat().st_size + 100_000
+    with pytest.raises(
+        BundleError, match=r"models/zeros\.npz would inflate to 8388608 bytes .*refused unread"
+    ):
+        read_bundle(bomb, trusted, max_member_bytes=4 << 20)
+    # the same cap applies to the arrays inside a (signed) .npz member
+    biggest = max(zipfile.ZipFile(bundle_path).infolist(), key=lambda i: i.file_size)
+    with pytest.raises(BundleError, match="cap"):
+        read_bundle(bundle_path, trusted, max_member_bytes=biggest.file_size - 1)
 
 
 def test_predict_refuses_an_incompatible_bundle_with_a_clear_message(
@@ -151,6 +246,8 @@ def test_predict_refuses_an_incompatible_bundle_with_a_clear_message(
             "predict",
             "--bundle",
             str(newer),
+            "--trusted-key",
+            _pub(bundle_path),
             "--image",
             str(pelvis[0]),
             "--mask",
@@ -168,7 +265,7 @@ def test_export_refuses_an_unfinished_run(run_dir: Path, tmp_path: Path) -> None
     partial.mkdir()
     (partial / "config.yaml").write_text((run_dir / "config.yaml").read_text())
     with pytest.raises(BundleError, match=r"summary\.json: not found: the run has not finished"):
-        export_bundle(partial, tmp_path / "b.zip")
+        export_bundle(partial, tmp_path / "b.zip", tmp_path / "signing.key")
 
 
 # ---------------------------------------------------------------- prediction
@@ -179,7 +276,17 @@ def test_predict_one_patient_on_the_real_pelvis_ct(
 ) -> None:
     image, mask = pelvis
     out = tmp_path / "out"
-    args = ["predict", "--bundle", str(bundle_path), "--image", str(image), "--mask", str(mask)]
+    args = [
+        "predict",
+        "--bundle",
+        str(bundle_path),
+        "--trusted-key",
+        _pub(bundle_path),
+        "--image",
+        str(image),
+        "--mask",
+        str(mask),
+    ]
     rc = client_main(
         [*args, "--radiologist-score", "7", "--patient-id", "P1", "--out", str(out), "--threads", "2"]
     )
@@ -219,16 +326,18 @@ def test_predict_one_patient_on_the_real_pelvis_ct(
 
 
 def test_predictions_equal_the_training_pipelines(
-    bundle_path: Path, pelvis: tuple[Path, Path], tmp_path: Path
+    bundle_path: Path, trusted: Ed25519PublicKey, pelvis: tuple[Path, Path], tmp_path: Path
 ) -> None:
     """Same preprocessing and engine as the federation: the site path gives the same probabilities."""
     image, mask = pelvis
-    bundle = read_bundle(bundle_path)
+    bundle = read_bundle(bundle_path, trusted)
     pred = Predictor(bundle, heatmap=False).predict(PatientInput("P1", image, mask), tmp_path)
     site = tmp_path / "site"
     site.mkdir()
+    shutil.copy(image, site / "ct.nii.gz")  # manifest paths must stay inside the site folder
+    shutil.copy(mask, site / "roi.nii.gz")
     (site / "manifest.csv").write_text(
-        f"patient_id,label,image,mask,radiologist_score\nP1,1,{image},{mask},7\n"
+        "patient_id,label,image,mask,radiologist_score\nP1,1,ct.nii.gz,roi.nii.gz,7\n"
     )
     arrays = preprocess_site(site, bundle.config.preprocess, tmp_path / "cache")
     for kind in bundle.kinds:
@@ -255,7 +364,18 @@ def test_batch_over_a_site_folder_continues_past_a_bad_case(
     out = tmp_path / "out"
     assert (
         client_main(
-            ["predict", "--bundle", str(bundle_path), "--site", str(site), "--out", str(out), "--no-heatmap"]
+            [
+                "predict",
+                "--bundle",
+                str(bundle_path),
+                "--trusted-key",
+                _pub(bundle_path),
+                "--site",
+                str(site),
+                "--out",
+                str(out),
+                "--no-heatmap",
+            ]
         )
         == 1
     )
@@ -282,7 +402,12 @@ def test_batch_over_a_site_folder_continues_past_a_bad_case(
     ],
 )
 def test_bad_inputs_are_refused_naming_file_and_patient(
-    bundle_path: Path, pelvis: tuple[Path, Path], tmp_path: Path, case: str, expected: str
+    bundle_path: Path,
+    trusted: Ed25519PublicKey,
+    pelvis: tuple[Path, Path],
+    tmp_path: Path,
+    case: str,
+    expected: str,
 ) -> None:
     image, _ = pelvis
     ct = nib.load(str(image))
@@ -296,7 +421,7 @@ def test_bad_inputs_are_refused_naming_file_and_patient(
         affine[:3, :3] = affine[:3, :3] @ np.array([[1, 0, 0], [0, 0.995, -0.0998], [0, 0.0998, 0.995]])
     mask = tmp_path / f"{case}.nii.gz"
     nib.save(nib.Nifti1Image(data, affine), str(mask))
-    predictor = Predictor(read_bundle(bundle_path), heatmap=False)
+    predictor = Predictor(read_bundle(bundle_path, trusted), heatmap=False)
     with pytest.raises(PredictionError, match=expected) as err:
         predictor.predict(PatientInput("P7", image, mask), tmp_path)
     assert f"{mask}" in str(err.value) and "patient P7" in str(err.value)

@@ -218,21 +218,46 @@ def test_candidate_search_is_fast() -> None:
     assert time.perf_counter() - start < 2.0  # O(bins) each: ~1 ms on a busy 2-core machine
 
 
-def test_suppress_small_cells_keeps_totals_and_brier(sites: list[Site]) -> None:
+def test_suppress_small_cells_keeps_totals_and_releases_no_small_class_cell(sites: list[Site]) -> None:
     h = ClassHistogram.from_scores(*sites[1], GRID)
     k = 5
     s = suppress_small_cells(h, k)
     assert (s.n_neg, s.n_pos) == (h.n_neg, h.n_pos)
-    total = s.neg + s.pos
-    assert not np.any((total > 0) & (total < k))  # no released score value stands for < k patients
-    assert brier(s) == pytest.approx(brier(h), rel=1e-12)
+    for counts in (s.neg, s.pos):  # per class: no released cell stands for 1..k-1 patients of a class
+        assert not np.any((counts > 0) & (counts < k))
+    # sums carry nothing beyond the counts: count x the released bin's midpoint
+    np.testing.assert_allclose(s.neg_sum, s.neg * GRID.midpoints())
+    np.testing.assert_allclose(s.pos_sq, s.pos * GRID.midpoints() ** 2)
+    assert brier(s) == pytest.approx(brier(h), abs=0.05)  # now a grid approximation
     # blocks keep their order; only pairs inside a block become ties: the change is bounded
     assert abs(auc(s) - auc(h)) <= auc_bound(s) + 1e-12
     assert suppress_small_cells(h, 1) is h
-    # fewer than k patients in all: one cell at the overall mean, both classes in it
+    # fewer than k patients in all: one cell at the grid's centre, both classes in it (no score located)
     tiny = suppress_small_cells(ClassHistogram.from_scores([1, 1, 0, 0], [0.2, 0.4, 0.1, 0.5], GRID), 5)
-    at = GRID.index(0.3)
+    at = GRID.index(0.5)
     assert tiny.pos[at] == 2 and tiny.neg[at] == 2 and auc(tiny) == 0.5
+    lone = suppress_small_cells(ClassHistogram.from_scores([1], [0.8123], GRID), 3)
+    assert lone.pos[GRID.index(0.5)] == 1 and lone.n == 1
+
+
+def test_suppression_never_releases_a_lone_patients_score() -> None:
+    """Finding 6: k = 3 once released a merged cell with one benign patient and its exact score in neg_sum."""
+    y = [1, 1, 1, 0, 1, 1, 1, 0, 0, 0]
+    s = [0.40, 0.405, 0.41, 0.4123, 0.42, 0.43, 0.44, 0.10, 0.11, 0.12]
+    h = ClassHistogram.from_scores(y, s, GRID)
+    r = suppress_small_cells(h, 3)
+    for counts in (r.neg, r.pos):
+        assert not np.any((counts > 0) & (counts < 3))
+    released = np.concatenate([r.neg_sum, r.pos_sum, r.neg_sq, r.pos_sq])
+    for score in s:  # no released number is a patient's score (or its square)
+        assert not np.any(np.isclose(released, score, rtol=0, atol=1e-12))
+        assert not np.any(np.isclose(released, score**2, rtol=0, atol=1e-12))
+    assert (r.n_neg, r.n_pos) == (4, 6)
+    # a class with fewer than k patients in all: one cell holds everyone
+    few = suppress_small_cells(
+        ClassHistogram.from_scores([0, 0, 0, 0, 1], [0.1, 0.2, 0.3, 0.4, 0.9], GRID), 3
+    )
+    assert np.count_nonzero(few.neg + few.pos) == 1
 
 
 def test_suppression_changes_auc_within_its_stated_bound_on_small_folds() -> None:

@@ -238,3 +238,42 @@ def test_dicom_seg_frame_is_placed_on_the_image_grid(tmp_path: Path) -> None:
         seg_to_mask(path, affine, (512, 512, 1), "", "patient T1")
     with pytest.raises(IngestError, match=r"segments: \{1: 'Liver'\}"):
         seg_to_mask(path, affine, (512, 512, 3), "Tumour", "patient T1")
+
+
+def _nifti_with_extension(path: Path, text: bytes) -> Path:
+    """A small CT-like NIfTI whose header carries a comment extension (as dcm2niix can write)."""
+    img = nib.Nifti1Image(np.full((8, 8, 4), 40, np.int16), np.eye(4))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", text))
+    nib.save(img, str(path))
+    return path
+
+
+def test_ingest_clears_header_extensions_and_scans_whole_files(tmp_path: Path) -> None:
+    """A patient's name in a NIfTI extension (past the 348-byte header) is found, and never written."""
+    from client.ingest import _leaks, write_image
+
+    secrets = ["Doe^Johnathan", "Johnathan", "HOSP-553311"]
+    src = _nifti_with_extension(tmp_path / "dcm2niix.nii", b"PatientName=Doe^Johnathan ID=HOSP-553311")
+    assert nib.load(str(src)).header.extensions  # the extension is there, after byte 348
+    assert b"Johnathan" not in src.read_bytes()[:348]
+    assert sorted(_leaks([src], secrets)) == sorted(f"{s!r} in dcm2niix.nii" for s in secrets)
+
+    out = tmp_path / "P001.nii.gz"
+    write_image(src, out)
+    written = nib.load(str(out))
+    assert not written.header.extensions  # type: ignore[attr-defined]
+    assert _leaks([out], secrets) == []
+    assert b"Johnathan" not in gzip.decompress(out.read_bytes())
+
+    # a long identifier hidden in the voxel bytes, or a name in the gzip header, is found as well
+    vox = tmp_path / "P002.nii.gz"
+    data = np.zeros(64, np.uint8)
+    data[10:21] = np.frombuffer(b"HOSP-553311", np.uint8)
+    nib.save(
+        nib.Nifti1Image(data.reshape((4, 4, 4), order="F"), np.eye(4)), str(vox)
+    )  # NIfTI is Fortran order
+    assert _leaks([vox], secrets) == ["'HOSP-553311' in P002.nii.gz"]
+    named = tmp_path / "P003.nii.gz"
+    with gzip.GzipFile(filename="Doe^Johnathan.nii", mode="wb", fileobj=named.open("wb")) as gz:
+        gz.write(gzip.decompress(out.read_bytes()))
+    assert "'Johnathan' in P003.nii.gz" in _leaks([named], secrets)
