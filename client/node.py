@@ -174,7 +174,7 @@ def keygen_cli(args: argparse.Namespace) -> int:
 
     try:
         private, public = make_keypair(Path(args.out), args.site)
-    except FileExistsError as exc:
+    except (FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"private key (keep at this hospital): {private}")

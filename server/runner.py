@@ -42,6 +42,7 @@ from common.records import (
 )
 
 from .checkpoints import CheckpointStore
+from .identity import SiteGate
 from .meteredgrid import MeteredGrid
 from .session import FoldSession, RoundLog
 from .strategies import make_strategy
@@ -72,8 +73,9 @@ class SiteNode:
 class PlanRunner:
     """Runs one experiment against the nodes connected to ``grid``."""
 
-    def __init__(self, grid: Grid, cfg: ExperimentConfig, run_dir: Path, run_id: str) -> None:
+    def __init__(self, grid: Grid, cfg: ExperimentConfig, run_dir: Path, run_id: str, gate: SiteGate | None = None) -> None:
         self.grid = MeteredGrid(grid)
+        self.gate = gate or SiteGate(None)  # who may speak for which site (server/identity.py)
         self.cfg = cfg
         self.run_dir = run_dir
         self.run_id = run_id
@@ -163,6 +165,7 @@ class PlanRunner:
         for r in self._send(nodes, f"{MessageType.QUERY}.siteinfo", {}, timeout=timeout):
             status = r.content.config_records["status"]
             found.append((r.metadata.src_node_id, str(status["site"]), r.content.metric_records["metrics"]))
+        found = self.gate.admit(self.grid, found, held={s.site: s.node_id for s in self.sites.values()})
         return sorted(found, key=lambda t: t[1])
 
     def rejoin(self) -> dict[int, str]:
@@ -355,7 +358,7 @@ class PlanRunner:
         passes: dict[str, Any] = {}
         for held_out in sorted({s.site for s in self.sites.values()}):
             cfg = dataclasses.replace(self.cfg, plan="federated", external_sites=(held_out,))
-            sub = PlanRunner(self.grid.inner, cfg, self.run_dir / f"loco-{held_out}", f"{self.run_id}-loco-{held_out}")
+            sub = PlanRunner(self.grid.inner, cfg, self.run_dir / f"loco-{held_out}", f"{self.run_id}-loco-{held_out}", self.gate)
             sub.sites = {
                 n: dataclasses.replace(s, role="external" if s.site == held_out else "train") for n, s in self.sites.items()
             }
