@@ -48,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from common.config import ConfigError, load_config, to_dict
     from common.hosts import is_loopback
 
-    from .certs import existing
+    from .certs import existing, make_certificates
     from .enrolment import Enrolment, EnrolmentError
     from .proxy import FleetProxy, find_nginx, fleet_proxy
     from .superlink import SuperLinkSpec, TLSFiles, enroll, flwr_run, free_port, superlink, write_connection
@@ -121,8 +121,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The SuperLink (Fleet, Control and Runtime APIs on one port) listens on loopback only; the
     # public port is nginx's, which forwards the Fleet API alone (server/proxy.py).
     if nginx is not None:
-        link = SuperLinkSpec(host="127.0.0.1", port=free_port(), tls=None, supernode_auth=registry is not None)
-        proxy: FleetProxy | None = FleetProxy(host=args.host, port=args.port, backend_port=link.port, tls=tls)
+        inner = make_certificates(flwr_home / "loopback-tls", hosts=("localhost", "127.0.0.1"), days=30, force=True)
+        inner_tls = TLSFiles(ca_cert=inner.ca_cert, cert=inner.server_cert, key=inner.server_key)
+        link = SuperLinkSpec(host="127.0.0.1", port=free_port(), tls=inner_tls, supernode_auth=registry is not None)
+        proxy: FleetProxy | None = FleetProxy(args.host, args.port, link.port, tls, backend_ca=inner.ca_cert)
     else:
         link = SuperLinkSpec(host="127.0.0.1", port=args.port, tls=tls, supernode_auth=registry is not None)
         proxy = None

@@ -9,6 +9,10 @@ nginx's: it terminates TLS with the server certificate and forwards only
 runtime, health, docs) is answered 404 by nginx itself.  The path forwarded
 is nginx's normalised ``$uri`` (dot segments and ``%`` escapes resolved, no
 query string), so what the SuperLink sees is exactly what was allowed.
+
+The loopback hop is TLS too (Flower requires TLS for SuperNode
+authentication), with a throwaway CA and certificate for ``localhost`` made
+at every start (``backend_ca``), which nginx verifies.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class FleetProxy:
     port: int
     backend_port: int
     tls: TLSFiles | None
+    backend_ca: Path  # the CA of the SuperLink's loopback certificate (for localhost)
 
     @property
     def listen(self) -> str:
@@ -103,7 +108,11 @@ http {{
       limit_except POST {{
         deny all;
       }}
-      proxy_pass http://superlink$uri;
+      proxy_pass https://superlink$uri;
+      proxy_ssl_verify on;
+      proxy_ssl_trusted_certificate {self.backend_ca};
+      proxy_ssl_name localhost;
+      proxy_ssl_session_reuse on;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Host $host;
