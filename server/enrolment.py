@@ -86,10 +86,14 @@ class Enrolment:
 
     @classmethod
     def load(cls, path: Path) -> Enrolment:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.get("sites", {}).values()):
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise EnrolmentError(f"{path}: not an enrolment registry ({exc})") from None
+        sites = data.get("sites") if isinstance(data, dict) else None
+        if not isinstance(sites, dict) or not all(isinstance(v, str) for v in sites.values()):
             raise EnrolmentError(f"{path}: not an enrolment registry")
-        return cls(dict(data["sites"]))
+        return cls(dict(sites))
 
     def save(self, path: Path) -> None:
         """Written to a temporary file and renamed: the ServerApp never reads half a registry."""

@@ -70,6 +70,10 @@ def test_registry_binds_one_key_to_one_site(keys: dict[str, Path], tmp_path: Pat
         reg.with_key("centre1", keys["outsider"].read_bytes())  # nor a site take a second key
     with pytest.raises(EnrolmentError, match="site name"):
         Enrolment({"../centre1": "ab"})
+    for bad in ('{"sites": ["centre1"]}', "[]", "{"):
+        (tmp_path / "bad.json").write_text(bad)
+        with pytest.raises(EnrolmentError, match="not an enrolment registry"):
+            Enrolment.load(tmp_path / "bad.json")
     (folder / "centre4.pub").write_bytes(keys["centre1"].read_bytes())
     with pytest.raises(EnrolmentError, match=r"centre4\.pub"):
         Enrolment.from_key_dir(folder)

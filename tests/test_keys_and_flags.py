@@ -137,3 +137,11 @@ def test_client_refuses_a_malformed_approved_digest(tmp_path: Path, capsys: pyte
         ["run", str(tmp_path), "--site", "c1", "--server", "127.0.0.1:1", "--insecure", "--approve-app", "abc"]
     )
     assert rc == 2 and "an app digest is 64 hex digits" in capsys.readouterr().err
+
+
+def test_enrolling_a_key_needs_a_server_that_runs_with_enrolment(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, pub = make_keypair(tmp_path / "keys", "centre4")
+    assert server_main(["enroll", str(pub), "--run-dir", str(tmp_path / "run")]) == 1
+    assert "does not run with --enroll" in capsys.readouterr().err
