@@ -113,6 +113,11 @@ http {{
       proxy_ssl_trusted_certificate {self.backend_ca};
       proxy_ssl_name localhost;
       proxy_ssl_session_reuse on;
+      # streamed both ways, never through temporary files: workers (nobody, when started
+      # as root) may not be able to enter the run folder
+      proxy_request_buffering off;
+      proxy_buffering off;
+      proxy_max_temp_file_size 0;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
       proxy_set_header Host $host;

@@ -63,8 +63,8 @@ def backend(tmp_path: Path) -> Iterator[tuple[int, list[str], TLSFiles]]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             seen.append(self.path)
-            self.rfile.read(int(self.headers.get("content-length", 0)))
-            body = f"backend: {self.path}".encode()
+            size = len(self.rfile.read(int(self.headers.get("content-length", 0))))
+            body = (f"backend: {self.path}" + (f" ({size} bytes)" if size > 1 else "")).encode()
             self.send_response(200)
             self.send_header("content-length", str(len(body)))
             self.end_headers()
@@ -88,11 +88,11 @@ def backend(tmp_path: Path) -> Iterator[tuple[int, list[str], TLSFiles]]:
         server.server_close()
 
 
-def _request(port: int, ca: Path, method: str, path: str) -> tuple[int, str]:
+def _request(port: int, ca: Path, method: str, path: str, size: int = 1) -> tuple[int, str]:
     ctx = ssl.create_default_context(cafile=str(ca))
-    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
     try:
-        conn.request(method, path, body=b"x" if method == "POST" else None)  # the path goes out as written
+        conn.request(method, path, body=b"x" * size if method == "POST" else None)  # the path goes out as written
         res = conn.getresponse()
         return res.status, res.read().decode(errors="replace")
     finally:
@@ -112,6 +112,10 @@ def test_real_nginx_forwards_the_fleet_api_and_nothing_else(
     with fleet_proxy(proxy, tmp_path / "nginx", nginx):
         status, body = _request(proxy.port, public.ca_cert, "POST", "/v1/fleet/pull-messages")
         assert (status, body) == (200, "backend: /v1/fleet/pull-messages")
+        # a model-sized body (far above nginx's in-memory buffer) goes through too, even when the
+        # nginx workers (nobody, under root) cannot enter this test's private folder
+        status, body = _request(proxy.port, public.ca_cert, "POST", "/v1/fleet/push-object", 6_000_000)
+        assert (status, body) == (200, "backend: /v1/fleet/push-object (6000000 bytes)")
         assert _request(proxy.port, public.ca_cert, "POST", "/v1/fleet/push-object?debug=1") == (
             200,
             "backend: /v1/fleet/push-object",  # no query string reaches the SuperLink
@@ -119,6 +123,6 @@ def test_real_nginx_forwards_the_fleet_api_and_nothing_else(
         refused = {p: _request(proxy.port, public.ca_cert, "POST", p)[0] for p in CONTROL + ELSEWHERE + SMUGGLED}
         assert set(refused.values()) <= {400, 404}, refused
         assert _request(proxy.port, public.ca_cert, "GET", "/v1/fleet/pull-messages")[0] == 403
-    assert seen == ["/v1/fleet/pull-messages", "/v1/fleet/push-object"], seen
+    assert seen == ["/v1/fleet/pull-messages", "/v1/fleet/push-object", "/v1/fleet/push-object"], seen
     access = (tmp_path / "nginx" / "access.log").read_text()
     assert "/v1/control/start-run" in access  # refused requests are on record at the coordinating site

@@ -138,8 +138,8 @@ def test_only_enrolled_hospitals_under_their_own_names_running_the_approved_app(
     lb.keygen("centre1", "centre2", "centre3")
     lb.keygen("intruder", enroll=False)
     run_dir = lb.root / "run"
-    cfg = lb.write_config(tiny_experiment(["centre1", "centre2"], rounds=1, round_timeout_s=120.0, min_sites=1))
-    lb.server(cfg, run_dir, "--run-timeout", str(RUN_S), expected=3, discovery_s=240)
+    cfg = lb.write_config(tiny_experiment(["centre1", "centre2"], rounds=1, round_timeout_s=300.0, min_sites=1))
+    lb.server(cfg, run_dir, "--run-timeout", str(RUN_S), expected=3, discovery_s=300)
     lb.client("centre1", tiny_cohort / "centre1")  # enrolled, its own name, the approved app: trains
     lb.client("centre2", tiny_cohort / "centre2", "--approve-app", "0" * 64)  # pinned to another app
     lb.client("centre1", tiny_cohort / "centre3", key="centre3", role="impostor")  # centre3's key, centre1's name
@@ -147,7 +147,8 @@ def test_only_enrolled_hospitals_under_their_own_names_running_the_approved_app(
     summary = lb.finished(run_dir, RUN_S + 60)
 
     assert set(summary["sites"]) == {"centre1"}
-    assert [r["trained"] for r in summary["rounds"]["densenet3d/fold0"]] == [["centre1"]]
+    rounds = summary["rounds"]["densenet3d/fold0"]
+    assert [r["trained"] for r in rounds] == [["centre1"]], rounds
     assert summary["models"]["densenet3d"]["internal"]["pooled"]["n"] > 0
     flower_log = (run_dir / "flower.log").read_text(errors="replace")
     assert re.search(r"refused node \d+ claiming site centre1: its key is enrolled for site centre3, not centre1", flower_log)
