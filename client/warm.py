@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 log = logging.getLogger("flower-client.warm")
 
-# Third-party libraries the ClientApp needs (the project's modules are loaded from the FAB per message).
+# Third-party libraries the ClientApp needs (the project's own modules are imported per message, in the child).
 PRELOAD = (
     "torch",
     "monai.networks.nets",
