@@ -22,7 +22,9 @@ def fab(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     return build_fab_from_disk(stage_app(REPO, tmp_path_factory.mktemp("stage") / "app"))
 
 
-def rezip(fab: bytes, change: dict[str, bytes | None] | None = None, compression: int = zipfile.ZIP_DEFLATED) -> bytes:
+def rezip(
+    fab: bytes, change: dict[str, bytes | None] | None = None, compression: int = zipfile.ZIP_DEFLATED
+) -> bytes:
     """The FAB's members written again (another compression; ``change``: member -> new bytes or None to drop)."""
     change = change or {}
     out = io.BytesIO()
@@ -45,7 +47,9 @@ def test_local_digest_is_the_digest_of_the_fab_the_server_ships(fab: bytes) -> N
 def test_digest_ignores_compression_and_the_senders_manifest(fab: bytes) -> None:
     digest = fab_digest(fab)
     assert fab_digest(rezip(fab, compression=zipfile.ZIP_STORED)) == digest
-    assert fab_digest(rezip(fab, {MANIFEST: b"client/app.py,0000,0"})) == digest  # a lying manifest changes nothing
+    assert (
+        fab_digest(rezip(fab, {MANIFEST: b"client/app.py,0000,0"})) == digest
+    )  # a lying manifest changes nothing
 
 
 def test_any_change_to_the_code_is_another_app(fab: bytes) -> None:
@@ -63,4 +67,6 @@ def test_refusal_says_why_and_accepts_only_the_approved_app(fab: bytes) -> None:
     other = "0" * 64
     reason = refusal(fab, other)
     assert reason.startswith("app not approved at this site") and digest in reason and other in reason
-    assert refusal(b"not a zip file", digest).startswith("app not approved at this site: not a Flower app bundle")
+    assert refusal(b"not a zip file", digest).startswith(
+        "app not approved at this site: not a Flower app bundle"
+    )

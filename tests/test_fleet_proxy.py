@@ -23,7 +23,12 @@ from server.certs import make_certificates
 from server.proxy import FLEET_PATH, FleetProxy, find_nginx, fleet_proxy
 from server.superlink import TLSFiles
 
-CONTROL = ["/v1/control/register-node", "/v1/control/list-nodes", "/v1/control/list-runs", "/v1/control/start-run"]
+CONTROL = [
+    "/v1/control/register-node",
+    "/v1/control/list-nodes",
+    "/v1/control/list-runs",
+    "/v1/control/start-run",
+]
 ELSEWHERE = ["/v1/runtime/get-nodes", "/health", "/docs", "/openapi.json", "/"]
 SMUGGLED = [
     "/v1/fleet/../control/start-run",
@@ -92,7 +97,9 @@ def _request(port: int, ca: Path, method: str, path: str, size: int = 1) -> tupl
     ctx = ssl.create_default_context(cafile=str(ca))
     conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
     try:
-        conn.request(method, path, body=b"x" * size if method == "POST" else None)  # the path goes out as written
+        conn.request(
+            method, path, body=b"x" * size if method == "POST" else None
+        )  # the path goes out as written
         res = conn.getresponse()
         return res.status, res.read().decode(errors="replace")
     finally:
@@ -103,11 +110,17 @@ def test_real_nginx_forwards_the_fleet_api_and_nothing_else(
     tmp_path: Path, backend: tuple[int, list[str], TLSFiles]
 ) -> None:
     nginx = find_nginx()
-    assert nginx is not None, "nginx is not installed: `make venv` installs it (Debian: apt-get install nginx-light)"
+    assert nginx is not None, (
+        "nginx is not installed: `make venv` installs it (Debian: apt-get install nginx-light)"
+    )
     port, seen, inner = backend
     public = make_certificates(tmp_path / "public")
     proxy = FleetProxy(
-        "127.0.0.1", free_port(), port, TLSFiles(public.ca_cert, public.server_cert, public.server_key), inner.ca_cert
+        "127.0.0.1",
+        free_port(),
+        port,
+        TLSFiles(public.ca_cert, public.server_cert, public.server_key),
+        inner.ca_cert,
     )
     with fleet_proxy(proxy, tmp_path / "nginx", nginx):
         status, body = _request(proxy.port, public.ca_cert, "POST", "/v1/fleet/pull-messages")
@@ -120,7 +133,9 @@ def test_real_nginx_forwards_the_fleet_api_and_nothing_else(
             200,
             "backend: /v1/fleet/push-object",  # no query string reaches the SuperLink
         )
-        refused = {p: _request(proxy.port, public.ca_cert, "POST", p)[0] for p in CONTROL + ELSEWHERE + SMUGGLED}
+        refused = {
+            p: _request(proxy.port, public.ca_cert, "POST", p)[0] for p in CONTROL + ELSEWHERE + SMUGGLED
+        }
         assert set(refused.values()) <= {400, 404}, refused
         assert _request(proxy.port, public.ca_cert, "GET", "/v1/fleet/pull-messages")[0] == 403
     assert seen == ["/v1/fleet/pull-messages", "/v1/fleet/push-object", "/v1/fleet/push-object"], seen

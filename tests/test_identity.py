@@ -134,7 +134,11 @@ def _cfg():  # type: ignore[no-untyped-def]
 
 @pytest.mark.usefixtures("task_identity")
 def test_discovery_admits_each_enrolled_hospital_under_its_name_only(
-    keys: dict[str, Path], tiny_cohort: Path, sites_out: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    keys: dict[str, Path],
+    tiny_cohort: Path,
+    sites_out: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     registry = tmp_path / "enrolment.json"
     Enrolment({s: key_fingerprint(keys[s].read_bytes()) for s in SITES}).save(registry)
@@ -143,7 +147,9 @@ def test_discovery_admits_each_enrolled_hospital_under_its_name_only(
         sites_out,
         node_keys={100 + i: flower_form(keys[s]) for i, s in enumerate(SITES)},
     )
-    grid.add_node(98, claims="centre1", data_of="centre3", key=flower_form(keys["centre3"]))  # another site's key
+    grid.add_node(
+        98, claims="centre1", data_of="centre3", key=flower_form(keys["centre3"])
+    )  # another site's key
     grid.add_node(99, claims="centre2", data_of="centre3", key=flower_form(keys["outsider"]))  # not enrolled
     gate = SiteGate(registry)
     runner = PlanRunner(grid, _cfg(), tmp_path / "run", "id1", gate=gate)

@@ -50,7 +50,9 @@ def test_private_files_are_created_0600_and_not_replaced(tmp_path: Path) -> None
 
 
 @pytest.mark.usefixtures("open_umask")
-def test_certs_never_overwrites_the_ca_key_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_certs_never_overwrites_the_ca_key_without_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "certs"
     assert server_main(["certs", "--out", str(out)]) == 0
     assert mode(out / "ca.key") == 0o600 and mode(out / "server.key") == 0o600
@@ -101,12 +103,16 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
 
 
 def test_server_refuses_insecure_off_loopback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc, err = _run(["--insecure", "--host", "0.0.0.0", "--open-enrolment", "--run-dir", str(tmp_path)], capsys)
+    rc, err = _run(
+        ["--insecure", "--host", "0.0.0.0", "--open-enrolment", "--run-dir", str(tmp_path)], capsys
+    )
     assert rc == 2 and "--insecure is for a test on this machine only" in err
     assert not list(tmp_path.iterdir())  # refused before anything was written or started
 
 
-def test_server_requires_enrolment_unless_told_open(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_server_requires_enrolment_unless_told_open(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc, err = _run(["--insecure", "--run-dir", str(tmp_path)], capsys)
     assert rc == 2 and "enrolment is on by default" in err
     empty = tmp_path / "keys"
@@ -121,20 +127,35 @@ def test_server_refuses_a_public_host_without_nginx(
     monkeypatch.setattr("server.proxy.find_nginx", lambda: None)
     certs = make_certificates(tmp_path / "certs").ca_cert.parent
     rc, err = _run(
-        ["--host", "0.0.0.0", "--certs", str(certs), "--open-enrolment", "--run-dir", str(tmp_path / "r")], capsys
+        ["--host", "0.0.0.0", "--certs", str(certs), "--open-enrolment", "--run-dir", str(tmp_path / "r")],
+        capsys,
     )
     assert rc == 2 and "nginx not found: refusing to expose the SuperLink on 0.0.0.0" in err
     assert not (tmp_path / "r").exists()
 
 
-def test_client_refuses_insecure_to_a_remote_server(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_client_refuses_insecure_to_a_remote_server(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc = client_main(["run", str(tmp_path), "--site", "centre1", "--server", "192.0.2.10:9092", "--insecure"])
     assert rc == 2 and "--insecure is for a test on this machine only" in capsys.readouterr().err
 
 
-def test_client_refuses_a_malformed_approved_digest(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_client_refuses_a_malformed_approved_digest(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     rc = client_main(
-        ["run", str(tmp_path), "--site", "c1", "--server", "127.0.0.1:1", "--insecure", "--approve-app", "abc"]
+        [
+            "run",
+            str(tmp_path),
+            "--site",
+            "c1",
+            "--server",
+            "127.0.0.1:1",
+            "--insecure",
+            "--approve-app",
+            "abc",
+        ]
     )
     assert rc == 2 and "an app digest is 64 hex digits" in capsys.readouterr().err
 

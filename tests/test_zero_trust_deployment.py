@@ -69,15 +69,23 @@ def main(grid, context):
 def flwr_json(home: Path, *argv: str) -> dict[str, Any]:
     """One ``flwr ... --format json`` call; its JSON answer (``flwr`` exits 0 even when the call failed)."""
     res = subprocess.run(
-        [str(BIN / "flwr"), *argv, "--format", "json"], env=flower_env(home), capture_output=True, text=True, timeout=180
+        [str(BIN / "flwr"), *argv, "--format", "json"],
+        env=flower_env(home),
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     start = res.stdout.find("{")
-    assert start >= 0, f"flwr {argv[0]}: no JSON answer (exit {res.returncode}): {res.stdout[-500:]} {res.stderr[-500:]}"
+    assert start >= 0, (
+        f"flwr {argv[0]}: no JSON answer (exit {res.returncode}): {res.stdout[-500:]} {res.stderr[-500:]}"
+    )
     answer: dict[str, Any] = json.loads(res.stdout[start:])
     return answer
 
 
-def control_attempts(home: Path, connection: str, key: Path, app: Path, marker: Path) -> dict[str, dict[str, Any]]:
+def control_attempts(
+    home: Path, connection: str, key: Path, app: Path, marker: Path
+) -> dict[str, dict[str, Any]]:
     """The four control actions against ``connection`` in ``home``'s flwr configuration."""
     return {
         "register a node key": flwr_json(home, "supernode", "register", str(key), connection),
@@ -98,7 +106,9 @@ def test_an_outsider_with_only_the_ca_certificate_can_do_nothing(
     cfg = lb.write_config(tiny_experiment(["centre1", "centre2"], rounds=1, round_timeout_s=60.0))
     lb.server(cfg, run_dir, expected=2, discovery_s=900, enrol=enrolment == "enrolled hospitals")
     own = run_dir / "flower"
-    wait_for("the server's run started", lambda: "Successfully started run" in _read(run_dir / "flower.log"), 300)
+    wait_for(
+        "the server's run started", lambda: "Successfully started run" in _read(run_dir / "flower.log"), 300
+    )
 
     outsider = lb.root / "outsider-home"  # another user's home: only ca.crt and its own key and app
     app = outsider / "app"
@@ -120,13 +130,17 @@ def test_an_outsider_with_only_the_ca_certificate_can_do_nothing(
 
     # the coordinating site itself, over its loopback connection to the SuperLink, is served
     runs = flwr_json(own, "ls", "federation")
-    assert runs.get("success") is True and len(runs["runs"]) == 1, runs  # only its own run; none of the outsider's
+    assert runs.get("success") is True and len(runs["runs"]) == 1, (
+        runs
+    )  # only its own run; none of the outsider's
     nodes = flwr_json(own, "supernode", "list", "federation")
     assert nodes.get("success") is True
     assert len(nodes["nodes"]) == (2 if enrolment == "enrolled hospitals" else 0), nodes  # no outsider key
     access = (own / "proxy" / "access.log").read_text()
     for path in ("register-node", "list-nodes", "list-runs", "start-run"):
-        assert re.search(rf'"POST /v1/control/{path} HTTP/1.1" 404 ', access), f"{path} not refused at the proxy"
+        assert re.search(rf'"POST /v1/control/{path} HTTP/1.1" 404 ', access), (
+            f"{path} not refused at the proxy"
+        )
     if enrolment == "open enrolment":
         assert "--open-enrolment: any node may join" in lb.log("server")
 
@@ -138,11 +152,15 @@ def test_only_enrolled_hospitals_under_their_own_names_running_the_approved_app(
     lb.keygen("centre1", "centre2", "centre3")
     lb.keygen("intruder", enroll=False)
     run_dir = lb.root / "run"
-    cfg = lb.write_config(tiny_experiment(["centre1", "centre2"], rounds=1, round_timeout_s=300.0, min_sites=1))
+    cfg = lb.write_config(
+        tiny_experiment(["centre1", "centre2"], rounds=1, round_timeout_s=300.0, min_sites=1)
+    )
     lb.server(cfg, run_dir, "--run-timeout", str(RUN_S), expected=3, discovery_s=300)
     lb.client("centre1", tiny_cohort / "centre1")  # enrolled, its own name, the approved app: trains
     lb.client("centre2", tiny_cohort / "centre2", "--approve-app", "0" * 64)  # pinned to another app
-    lb.client("centre1", tiny_cohort / "centre3", key="centre3", role="impostor")  # centre3's key, centre1's name
+    lb.client(
+        "centre1", tiny_cohort / "centre3", key="centre3", role="impostor"
+    )  # centre3's key, centre1's name
     lb.client("centre3", tiny_cohort / "centre3", key="intruder", role="intruder")  # a key never enrolled
     summary = lb.finished(run_dir, RUN_S + 60)
 
@@ -151,7 +169,10 @@ def test_only_enrolled_hospitals_under_their_own_names_running_the_approved_app(
     assert [r["trained"] for r in rounds] == [["centre1"]], rounds
     assert summary["models"]["densenet3d"]["internal"]["pooled"]["n"] > 0
     flower_log = (run_dir / "flower.log").read_text(errors="replace")
-    assert re.search(r"refused node \d+ claiming site centre1: its key is enrolled for site centre3, not centre1", flower_log)
+    assert re.search(
+        r"refused node \d+ claiming site centre1: its key is enrolled for site centre3, not centre1",
+        flower_log,
+    )
     assert "Failed to activate SuperNode" in lb.log("intruder")
     assert "app not approved at this site" in lb.log("centre2")  # the hospital says why ...
     assert "app not approved at this site" in flower_log  # ... and so does the reply the server logged
