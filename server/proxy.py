@@ -18,8 +18,10 @@ at every start (``backend_ca``), which nginx verifies.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -34,6 +36,7 @@ log = logging.getLogger(__name__)
 
 # The Fleet API's routes are /v1/fleet/<lower-case-name> (register-node, pull-messages, push-object, ...).
 FLEET_PATH = r"^/v1/fleet/[a-z][a-z-]*$"
+PR_SET_PDEATHSIG = 1  # prctl(2)
 NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
 
 
@@ -133,30 +136,63 @@ http {{
 """
 
 
+def _die_with_parent() -> None:
+    """In the nginx child before exec: SIGTERM when flower-server dies, however it dies (Linux).
+
+    Without it a killed flower-server left nginx serving its port and
+    forwarding to a SuperLink that was gone: hospitals got 502 instead of a
+    refused connection, so they never rejoined the restarted server, whose
+    own nginx found the port taken.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _pid_in(pidfile: Path) -> int | None:
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
 @contextlib.contextmanager
 def fleet_proxy(
-    proxy: FleetProxy, workdir: Path, nginx: Path | None = None, start_timeout_s: float = 30.0
+    proxy: FleetProxy,
+    workdir: Path,
+    nginx: Path | None = None,
+    start_timeout_s: float = 30.0,
+    port_free_wait_s: float = 15.0,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Run nginx for the duration of the ``with`` block; always stopped afterwards."""
+    """Run nginx for the duration of the ``with`` block; always stopped afterwards, and with this process.
+
+    Ready once nginx has bound the port and written its own pid: a port that
+    something else holds is an error, never mistaken for ours.
+    """
     binary = nginx or find_nginx()
     if binary is None:
         raise ProxyError("nginx not found (Debian: apt-get install nginx-light)")
+    check_host = "127.0.0.1" if proxy.host in ("0.0.0.0", "::", "") else proxy.host
+    deadline = time.monotonic() + port_free_wait_s
+    while port_open(check_host, proxy.port):  # e.g. a proxy of a run that is still shutting down
+        if time.monotonic() > deadline:
+            raise ProxyError(f"{proxy.listen} is in use by another process (a leftover nginx or SuperLink?)")
+        time.sleep(0.5)
     (workdir / "tmp").mkdir(parents=True, exist_ok=True)
     conf = workdir / "nginx.conf"
     conf.write_text(proxy.config(workdir))
+    pidfile = workdir / "nginx.pid"
+    pidfile.unlink(missing_ok=True)
     out = (workdir / "nginx.stdout").open("wb")
     cmd = [str(binary), "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")]
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent
+    )
     try:
-        check_host = "127.0.0.1" if proxy.host in ("0.0.0.0", "::", "") else proxy.host
         deadline = time.monotonic() + start_timeout_s
-        while not port_open(check_host, proxy.port):
+        while not (_pid_in(pidfile) == proc.pid and port_open(check_host, proxy.port)):
             if proc.poll() is not None:
-                err = (
-                    (workdir / "error.log").read_text(errors="replace")[-800:]
-                    if (workdir / "error.log").is_file()
-                    else ""
-                )
+                log_file = workdir / "error.log"
+                err = log_file.read_text(errors="replace")[-800:] if log_file.is_file() else ""
                 raise ProxyError(f"nginx exited with code {proc.returncode}: {err.strip()}")
             if time.monotonic() > deadline:
                 raise ProxyError(f"nginx did not open {proxy.listen} within {start_timeout_s:.0f} s")

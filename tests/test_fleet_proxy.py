@@ -10,7 +10,13 @@ public --host without it.
 from __future__ import annotations
 
 import http.client
+import os
+import signal
+import socket
 import ssl
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,8 +26,11 @@ import pytest
 
 from common.processes import free_port
 from server.certs import make_certificates
-from server.proxy import FLEET_PATH, FleetProxy, find_nginx, fleet_proxy
+from server.proxy import FLEET_PATH, FleetProxy, ProxyError, find_nginx, fleet_proxy
 from server.superlink import TLSFiles
+from tests.loopback import wait_for
+
+REPO = Path(__file__).resolve().parents[1]
 
 CONTROL = [
     "/v1/control/register-node",
@@ -141,3 +150,67 @@ def test_real_nginx_forwards_the_fleet_api_and_nothing_else(
     assert seen == ["/v1/fleet/pull-messages", "/v1/fleet/push-object", "/v1/fleet/push-object"], seen
     access = (tmp_path / "nginx" / "access.log").read_text()
     assert "/v1/control/start-run" in access  # refused requests are on record at the coordinating site
+
+
+def test_a_port_held_by_another_process_is_an_error_never_taken_for_the_proxy(tmp_path: Path) -> None:
+    proxy, _ = _proxy(tmp_path, 4444)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", proxy.port))
+        squatter.listen()
+        with (
+            pytest.raises(ProxyError, match="in use by another process"),
+            fleet_proxy(proxy, tmp_path / "nginx", port_free_wait_s=0.5),
+        ):
+            pass
+
+
+def test_nginx_goes_when_flower_server_is_killed(tmp_path: Path) -> None:
+    """SIGKILL of the process that started nginx (a crashed flower-server) takes nginx and its port with it."""
+    proxy, _ = _proxy(tmp_path, 4444)
+    assert proxy.tls is not None
+    tls = proxy.tls
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from server.proxy import FleetProxy, fleet_proxy
+        from server.superlink import TLSFiles
+        tls = TLSFiles(Path({str(tls.ca_cert)!r}), Path({str(tls.cert)!r}), Path({str(tls.key)!r}))
+        proxy = FleetProxy("127.0.0.1", {proxy.port}, 4444, tls, Path({str(proxy.backend_ca)!r}))
+        with fleet_proxy(proxy, Path({str(tmp_path / "nginx")!r})):
+            print("ready", flush=True)
+            time.sleep(600)
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == "ready"
+        master = int((tmp_path / "nginx" / "nginx.pid").read_text())
+        assert Path(f"/proc/{master}").exists()
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(timeout=30)
+        wait_for("nginx gone with its parent", lambda: not _alive(master), 30, poll_s=0.2)
+        wait_for("the port released", lambda: not _listening(proxy.port), 30, poll_s=0.2)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(timeout=10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
