@@ -159,7 +159,29 @@ class Loopback:
                 )
             except (OSError, IndexError):  # gone meanwhile, or not ours to read
                 continue
+        if role in (None, "server"):
+            found.update(self._nginx())
         return found
+
+    def _nginx(self) -> dict[int, str]:
+        """The server's nginx: it rewrites its environment (its process title), so find it by its folder."""
+        masters: dict[int, str] = {}
+        parents: dict[int, int] = {}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if stat[0] == "Z":
+                continue
+            parents[int(d.name)] = int(stat[1])
+            if cmd.startswith("nginx: master process") and str(self.root) in cmd:
+                masters[int(d.name)] = cmd
+        workers = {pid: "nginx: worker process" for pid, ppid in parents.items() if ppid in masters}
+        return masters | workers
 
     def crash(self, role: str) -> None:
         """SIGKILL every process of ``role`` at once, as when its machine or container dies."""
