@@ -90,6 +90,13 @@ def add_keygen(sub: Subparsers) -> None:
     register(sub)
 
 
+def add_app_digest(sub: Subparsers) -> None:
+    """Register ``app-digest``."""
+    from .node import add_app_digest as register
+
+    register(sub)
+
+
 def add_predict(sub: Subparsers) -> None:
     """Register ``predict --bundle B (--image CT --mask ROI | --manifest CSV | --site DIR)``."""
     p = sub.add_parser(
@@ -137,7 +144,7 @@ def add_ingest(sub: Subparsers) -> None:
     p.set_defaults(handler=lazy_handler("client.ingest", "ingest_cli"))
 
 
-COMMANDS: tuple[Registrar, ...] = (add_validate, add_run, add_keygen, add_ingest, add_predict)
+COMMANDS: tuple[Registrar, ...] = (add_validate, add_run, add_keygen, add_app_digest, add_ingest, add_predict)
 
 
 def build_parser(commands: Sequence[Registrar] = COMMANDS) -> argparse.ArgumentParser:

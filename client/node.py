@@ -21,11 +21,46 @@ import sys
 import time
 from pathlib import Path
 
+from common.hosts import host_of, is_loopback
 from common.processes import exit_on_sigterm, flower_env, free_port, terminate_group
 from common.validation import SiteReport, validate_site
 
 log = logging.getLogger(__name__)
 RETRY_S = 10.0
+REPO = Path(__file__).resolve().parents[1]
+
+
+def approved_app(explicit: str | None) -> str:
+    """The app digest this site runs: ``--approve-app``, else this installation's own ('' after an error)."""
+    from common.appdigest import AppDigestError, local_app_digest
+
+    from .approval import DIGEST
+
+    if explicit:
+        if not DIGEST.fullmatch(explicit):
+            print(f"error: --approve-app {explicit!r}: an app digest is 64 hex digits (`flower-client app-digest`)", file=sys.stderr)
+            return ""
+        print(f"approved app: {explicit} (--approve-app); runs of any other app are refused", flush=True)
+        return explicit
+    try:
+        digest = local_app_digest(REPO)
+    except AppDigestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ""
+    print(f"approved app: {digest} (this installation's code); runs of any other app are refused", flush=True)
+    return digest
+
+
+def app_digest_cli(args: argparse.Namespace) -> int:
+    """Print the app digest of this installation: what the coordinating site's `flower-server run` must show."""
+    from common.appdigest import AppDigestError, local_app_digest
+
+    try:
+        print(local_app_digest(REPO))
+    except AppDigestError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _q(value: str) -> str:
@@ -76,10 +111,11 @@ def supernode_command(
     return cmd
 
 
-def warm_command(port: int, supernode_pid: int) -> list[str]:
-    """The SuperExec beside the SuperNode: libraries imported once, one forked process per message."""
+def warm_command(port: int, supernode_pid: int, approved: str) -> list[str]:
+    """The SuperExec beside the SuperNode: libraries imported once, one forked process per message, approved app only."""
     address = f"127.0.0.1:{port}"  # the runtime API listens on loopback only
-    return [sys.executable, "-m", "client.warm", "--runtime-api-address", address, "--supernode-pid", str(supernode_pid)]
+    return [sys.executable, "-m", "client.warm", "--runtime-api-address", address, "--supernode-pid", str(supernode_pid),
+            "--approved-app", approved]  # fmt: skip
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -102,6 +138,12 @@ def run_cli(args: argparse.Namespace) -> int:
         return 2
     if not args.insecure and not args.root_cert:
         print("error: TLS is on by default: give --root-cert CA.crt (or --insecure for a local test)", file=sys.stderr)
+        return 2
+    if args.insecure and not is_loopback(host_of(args.server)):
+        print(f"error: --insecure is for a test on this machine only: refused for --server {args.server}", file=sys.stderr)
+        return 2
+    approved = approved_app(args.approve_app)
+    if not approved:
         return 2
     root_cert = Path(args.root_cert).resolve() if args.root_cert else None
     if root_cert is not None and not root_cert.is_file():
@@ -131,7 +173,7 @@ def run_cli(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.max_wait if args.max_wait > 0 else float("inf")
     while True:
         proc = subprocess.Popen(cmd, env=flower_env(flwr_home), start_new_session=True)
-        warm = subprocess.Popen(warm_command(port, proc.pid), env=flower_env(flwr_home), start_new_session=True)
+        warm = subprocess.Popen(warm_command(port, proc.pid, approved), env=flower_env(flwr_home), start_new_session=True)
         try:
             rc = proc.wait()
         finally:
@@ -166,6 +208,10 @@ def add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     p.add_argument("--port", type=int, default=0, help="local port of the SuperNode's runtime API (default: free)")
     p.add_argument("--max-wait", type=float, default=0.0, help="give up connecting after this many seconds (default: keep retrying)")
+    p.add_argument(
+        "--approve-app", metavar="DIGEST",
+        help="run only this app (its digest, 64 hex digits); default: this installation's own (`flower-client app-digest`)",
+    )
     p.set_defaults(handler=run_cli)
 
 
@@ -174,7 +220,7 @@ def keygen_cli(args: argparse.Namespace) -> int:
 
     try:
         private, public = make_keypair(Path(args.out), args.site)
-    except FileExistsError as exc:
+    except (FileExistsError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"private key (keep at this hospital): {private}")
@@ -187,3 +233,11 @@ def add_keygen(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     p.add_argument("--out", required=True)
     p.add_argument("--site", required=True)
     p.set_defaults(handler=keygen_cli)
+
+
+def add_app_digest(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "app-digest",
+        help="print this installation's app digest (compare it with the one `flower-server run` prints)",
+    )
+    p.set_defaults(handler=app_digest_cli)

@@ -7,13 +7,13 @@ of CPU per message on 2 cores, for a site that gets 2 messages per round
 and about 6 more for the plan's evaluation.  This one runs beside
 ``flower-supernode --isolation process``: it imports those libraries once,
 asks the SuperNode's runtime API for tasks, and for each task forks a child
-that runs Flower's own ``run_clientapp`` (pull the message, load the
-ClientApp from the run's FAB, reply, exit).  Isolation stays Flower's: one
-process per message, nothing kept between messages, the ClientApp's code
-always the FAB's (project modules are not preloaded).  Only the import of
-third-party libraries is shared, copy-on-write.
+that checks the run's app against the digest the hospital approved and runs
+this installation's ClientApp (``client/approval.py``: never the code the
+server sent), replies and exits.  Isolation stays Flower's: one process per
+message, nothing kept between messages.  Only the import of third-party
+libraries is shared, copy-on-write.
 
-``python -m client.warm --runtime-api-address HOST:PORT --supernode-pid PID``
+``python -m client.warm --runtime-api-address HOST:PORT --supernode-pid PID --approved-app DIGEST``
 (``flower-client run`` starts it); it exits when the SuperNode does.
 """
 
@@ -29,7 +29,7 @@ from collections.abc import Sequence
 
 log = logging.getLogger("flower-client.warm")
 
-# Third-party libraries the ClientApp needs (the project's modules are loaded from the FAB per message).
+# Third-party libraries the ClientApp needs (the project's own modules are imported per message, in the child).
 PRELOAD = (
     "torch",
     "monai.networks.nets",
@@ -72,22 +72,14 @@ def reap(children: set[int]) -> None:
                 log.warning("ClientApp process %d exited with %d", pid, code)
 
 
-def run_task(runtime_api_address: str, token: str) -> int:
-    """In a forked child: run one task with Flower's ClientApp runtime; never returns (``os._exit``)."""
+def run_task(runtime_api_address: str, token: str, approved: str) -> int:
+    """In a forked child: run one task, approved app only (``client/approval.py``); never returns (``os._exit``)."""
     code = 1
     try:
-        from flwr.supernode.runtime.run_clientapp import run_clientapp
+        from .approval import run_task as run_approved
 
-        run_clientapp(
-            runtime_api_address=runtime_api_address,
-            token=token,
-            insecure=True,  # the runtime API is the SuperNode's loopback port, as with Flower's SuperExec
-            certificates=None,
-            parent_pid=os.getppid(),
-            runtime_dependency_install=False,
-        )
-        code = 0
-    except SystemExit as exc:  # run_clientapp ends with flwr_exit
+        code = run_approved(runtime_api_address, token, approved)
+    except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
         log.exception("ClientApp task failed")
@@ -97,7 +89,7 @@ def run_task(runtime_api_address: str, token: str) -> int:
         os._exit(code)  # skip the parent's atexit handlers and the interpreter teardown
 
 
-def serve(runtime_api_address: str, supernode_pid: int, poll_s: float = 0.1) -> int:
+def serve(runtime_api_address: str, supernode_pid: int, approved: str, poll_s: float = 0.1) -> int:
     """Acquire tasks from the SuperNode and fork one child per task until the SuperNode exits."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
@@ -126,7 +118,7 @@ def serve(runtime_api_address: str, supernode_pid: int, poll_s: float = 0.1) -> 
             if res.HasField("task") and res.token:
                 pid = os.fork()
                 if pid == 0:
-                    run_task(runtime_api_address, res.token)
+                    run_task(runtime_api_address, res.token, approved)
                 children.add(pid)
                 tasks += 1
                 log.info("task %d: ClientApp process %d", res.task.task_id, pid)
@@ -146,12 +138,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m client.warm", description=(__doc__ or "").split("\n")[0])
     p.add_argument("--runtime-api-address", required=True, help="the SuperNode's runtime API, HOST:PORT")
     p.add_argument("--supernode-pid", type=int, required=True, help="exit when this process is gone")
+    p.add_argument("--approved-app", required=True, help="the app digest this site runs (common/appdigest.py)")
     p.add_argument("--poll", type=float, default=0.1, help="seconds between task requests when idle")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     log.info("preloaded %d libraries in %.1f s", len(PRELOAD), preload())
-    return serve(args.runtime_api_address, args.supernode_pid, args.poll)
+    log.info("approved app digest %s: other runs are refused", args.approved_app)
+    return serve(args.runtime_api_address, args.supernode_pid, args.approved_app, args.poll)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 
 Why a check of its own: the Flower processes are children of
 ``flower-server``/``flower-client``, so a running container does not prove a
-running federation process.  ``server`` passes once the SuperLink accepts TCP
-connections on its port (``$SACRAL_FL_PORT``, default 9092); ``client`` passes
+running federation process.  ``server`` passes once the public fleet port
+(nginx in front of the loopback SuperLink; ``$SACRAL_FL_PORT``, default 9092)
+accepts TCP connections; ``client`` passes
 while a ``flower-supernode`` process runs in the container (a hospital opens
 no port, so there is nothing to connect to).  Standard library only, so that
 it stays cheap to run every 30 s; exit status 0 healthy, 1 not (Docker

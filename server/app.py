@@ -3,7 +3,9 @@
 Run config keys (``[tool.flwr.app.config]``, overridable with
 ``flwr run --run-config``): ``config-path`` (YAML file or preset name),
 ``run-dir`` (where checkpoints and results go), ``expected-sites`` and
-``discovery-timeout`` (how long to wait for the hospitals to connect).
+``discovery-timeout`` (how long to wait for the hospitals to connect) and
+``enrolment-file`` (the site -> key registry that ``flower-server run``
+writes; without it any key may speak for a site not yet connected).
 Sites and their roles come from the config's ``sites`` list; sites not
 listed there join as training sites unless the plan says otherwise.
 """
@@ -19,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.config import load_config
 
+from .identity import SiteGate
 from .runner import PlanRunner
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,8 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = Path(str(rc.get("run-dir") or "runs/server"))
     run_dir.mkdir(parents=True, exist_ok=True)
     _progress_logging()
-    runner = PlanRunner(grid, cfg, run_dir, run_id=str(rc.get("run-id") or run_dir.name))
+    enrolment = str(rc.get("enrolment-file") or "")  # absent: open enrolment (simulation, tests)
+    gate = SiteGate(Path(enrolment) if enrolment else None)
+    runner = PlanRunner(grid, cfg, run_dir, run_id=str(rc.get("run-id") or run_dir.name), gate=gate)
     expected = int(cast(int, rc.get("expected-sites", 0))) or len(cfg.sites) or 1
     runner.run(expected_sites=expected, wait_s=float(cast(float, rc.get("discovery-timeout", 120.0))))

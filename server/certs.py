@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from common.keyfile import write_private
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,9 @@ def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP384R1())
 
 
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    os.chmod(path, 0o600)
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey, force: bool) -> None:
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    write_private(path, pem, force=force)
 
 
 def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
@@ -51,9 +50,20 @@ def _san(hosts: Sequence[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
-def make_certificates(out_dir: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"), days: int = 365) -> CertPaths:
-    """Write ``ca.crt``/``ca.key`` and ``server.crt``/``server.key`` (keys mode 0600)."""
+def make_certificates(
+    out_dir: Path, hosts: Sequence[str] = ("localhost", "127.0.0.1"), days: int = 365, *, force: bool = False
+) -> CertPaths:
+    """Write ``ca.crt``/``ca.key`` and ``server.crt``/``server.key`` (keys created mode 0600).
+
+    Refuses, before writing anything, when any of the four files exists:
+    replacing ``ca.key`` silently would orphan every certificate it signed.
+    ``force`` replaces them (each key atomically).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    paths = CertPaths(out_dir / "ca.crt", out_dir / "ca.key", out_dir / "server.crt", out_dir / "server.key")
+    present = [str(p) for p in (paths.ca_cert, paths.ca_key, paths.server_cert, paths.server_key) if p.exists()]
+    if present and not force:
+        raise FileExistsError(f"{', '.join(present)}: exist; not overwritten (pass --force to issue new ones)")
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = _key()
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sacral-fl federation CA")])
@@ -85,11 +95,10 @@ def make_certificates(out_dir: Path, hosts: Sequence[str] = ("localhost", "127.0
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    paths = CertPaths(out_dir / "ca.crt", out_dir / "ca.key", out_dir / "server.crt", out_dir / "server.key")
+    _write_key(paths.ca_key, ca_key, force)
+    _write_key(paths.server_key, srv_key, force)
     paths.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(paths.ca_key, ca_key)
     paths.server_cert.write_bytes(srv_cert.public_bytes(serialization.Encoding.PEM))
-    _write_key(paths.server_key, srv_key)
     return paths
 
 

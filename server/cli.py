@@ -29,7 +29,11 @@ def cmd_certs(args: argparse.Namespace) -> int:
     from .certs import make_certificates
 
     hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-    paths = make_certificates(Path(args.out), hosts=hosts, days=args.days)
+    try:
+        paths = make_certificates(Path(args.out), hosts=hosts, days=args.days, force=args.force)
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"CA certificate (give to every hospital): {paths.ca_cert}")
     print(f"server certificate for {', '.join(hosts)}: {paths.server_cert}")
     print(f"private keys (keep at the coordinating site, mode 0600): {paths.ca_key}, {paths.server_key}")
@@ -37,16 +41,40 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from common.appdigest import local_app_digest
     from common.config import ConfigError, load_config
+    from common.hosts import is_loopback
 
-    from .certs import existing
-    from .launch import RunLaunch, finish, timed_launch, write_config
-    from .superlink import SuperLinkSpec, TLSFiles
+    from .certs import existing, make_certificates
+    from .enrolment import Enrolment, EnrolmentError
+    from .launch import REPO, RunLaunch, finish, timed_launch, write_config
+    from .proxy import FleetProxy, find_nginx
+    from .superlink import SuperLinkSpec, TLSFiles, free_port
 
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    local_only = is_loopback(args.host)
+    if args.insecure and not local_only:
+        print(f"error: --insecure is for a test on this machine only: refused with --host {args.host}", file=sys.stderr)
+        return 2
+    nginx = find_nginx()
+    if nginx is None and not local_only:
+        print(
+            f"error: nginx not found: refusing to expose the SuperLink on {args.host} (its control API, which starts "
+            "runs and registers keys, would be public). Install nginx (Debian: apt-get install nginx-light), "
+            "or use --host 127.0.0.1 for a test on this machine.",
+            file=sys.stderr,
+        )
+        return 2
+    if args.open_enrolment == bool(args.enroll):
+        print(
+            "error: enrolment is on by default: give --enroll DIR (one <site>.pub per hospital, from "
+            "`flower-client keygen --site <site>`), or --open-enrolment for a local test (not both)",
+            file=sys.stderr,
+        )
         return 2
     tls = None
     if not args.insecure:
@@ -59,25 +87,67 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         tls = TLSFiles(ca_cert=c.ca_cert.resolve(), cert=c.server_cert.resolve(), key=c.server_key.resolve())
+    registry = None
+    if args.enroll:
+        try:
+            registry = Enrolment.from_key_dir(Path(args.enroll))
+        except (EnrolmentError, OSError) as exc:
+            print(f"error: --enroll {args.enroll}: {exc}", file=sys.stderr)
+            return 2
+        if not registry.sites:
+            print(f"error: --enroll {args.enroll}: no <site>.pub key found", file=sys.stderr)
+            return 2
     run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}-server").resolve()
     write_config(run_dir, cfg)
-    keys = sorted(Path(args.enroll).glob("*.pub")) if args.enroll else []
-    if args.enroll and not keys:
-        print(f"error: --enroll {args.enroll}: no *.pub key found", file=sys.stderr)
-        return 2
-    spec = SuperLinkSpec(host=args.host, port=args.port, tls=tls, supernode_auth=bool(keys))
+    flwr_home = run_dir / "flower"
     expected = args.expected_sites or len(cfg.sites) or 1
-    run_config = {
+    run_config: dict[str, object] = {
         "config-path": str(run_dir / "config.yaml"),
         "run-dir": str(run_dir),
         "run-id": run_dir.name,
         "expected-sites": expected,
         "discovery-timeout": float(args.discovery_timeout),
     }
-    print(f"flower-server: SuperLink on {spec.address} ({'TLS' if tls else 'INSECURE'}); waiting for {expected} site(s); run folder {run_dir}", flush=True)
-    connect = SuperLinkSpec(host="127.0.0.1" if args.host in ("0.0.0.0", "") else args.host, port=args.port, tls=tls)
-    launch = RunLaunch(run_dir, spec, "federation", run_config, connect=connect, keys=tuple(keys), timeout_s=args.run_timeout or None)
-    rc, seconds = timed_launch(launch, lambda line: print(f"flower-server: {line}", flush=True))
+    if registry is not None:
+        registry.save(run_dir / "enrolment.json")
+        run_config["enrolment-file"] = str(run_dir / "enrolment.json")
+    else:
+        (run_dir / "enrolment.json").unlink(missing_ok=True)
+        log.warning("OPEN ENROLMENT: any SuperNode may join and claim any site not yet connected (tests only)")
+        print(
+            "flower-server: WARNING: --open-enrolment: any node may join and name itself; for tests only",
+            file=sys.stderr,
+            flush=True,
+        )
+    # The SuperLink (Fleet, Control and Runtime APIs on one port) listens on loopback only; the
+    # public port is nginx's, which forwards the Fleet API alone (server/proxy.py).
+    auth = registry is not None
+    if nginx is not None:
+        inner = make_certificates(flwr_home / "loopback-tls", hosts=("localhost", "127.0.0.1"), days=30, force=True)
+        inner_tls = TLSFiles(ca_cert=inner.ca_cert, cert=inner.server_cert, key=inner.server_key)
+        link = SuperLinkSpec(host="127.0.0.1", port=free_port(), tls=inner_tls, supernode_auth=auth)
+        proxy: FleetProxy | None = FleetProxy(args.host, args.port, link.port, tls, backend_ca=inner.ca_cert)
+    else:
+        link = SuperLinkSpec(host="127.0.0.1", port=args.port, tls=tls, supernode_auth=auth)
+        proxy = None
+        log.warning("nginx not found: SuperLink serves every API on %s (loopback test mode)", link.address)
+    public = f"{proxy.listen} (nginx: fleet API only)" if proxy else f"{link.address} (no proxy: loopback test mode)"
+    say = lambda line: print(f"flower-server: {line}", flush=True)  # noqa: E731
+    say(f"hospitals connect to {public}, {'TLS' if tls else 'INSECURE'}; SuperLink on {link.address}")
+    say(f"app digest {local_app_digest(REPO)} (hospitals approve it: `flower-client app-digest`)")
+    say(f"waiting for {expected} site(s); run folder {run_dir}")
+    keys = tuple((Path(args.enroll) / f"{site}.pub").resolve() for site in registry.sites) if registry else ()
+    launch = RunLaunch(
+        run_dir,
+        link,
+        "federation",
+        run_config,
+        keys=keys,
+        timeout_s=args.run_timeout or None,
+        proxy=proxy,
+        nginx=nginx,
+    )
+    rc, seconds = timed_launch(launch, say)
     data = finish(run_dir, rc, seconds)
     if data is None:
         return 1
@@ -130,12 +200,24 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    """Enrol one more hospital key with a server started with ``--enroll`` (same run folder)."""
+    """Enrol one more hospital key with a server started with ``--enroll`` (same run folder).
+
+    The key file's name is the site it speaks for (``<site>.pub``); the site
+    is bound to it in the run's ``enrolment.json`` before the SuperLink
+    learns the key, so the node is admitted only under that name.
+    """
+    from .enrolment import Enrolment, EnrolmentError
     from .superlink import SuperLinkError, enroll
 
+    run_dir, key = Path(args.run_dir), Path(args.public_key).resolve()
+    registry_file = run_dir / "enrolment.json"
+    if not registry_file.is_file():
+        print(f"error: {registry_file} not found: the server in {run_dir} does not run with --enroll", file=sys.stderr)
+        return 1
     try:
-        enroll(Path(args.run_dir) / "flower", "federation", Path(args.public_key).resolve())
-    except SuperLinkError as exc:
+        Enrolment.load(registry_file).with_key(key.stem, key.read_bytes()).save(registry_file)
+        enroll(run_dir / "flower", "federation", key)
+    except (EnrolmentError, OSError, SuperLinkError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"enrolled {args.public_key}")
@@ -164,11 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="start the SuperLink and run the experiment plan")
     r.add_argument("--config", required=True, help="experiment YAML or preset name")
     r.add_argument("--run-dir", help="results folder (default: a new folder under runs/)")
-    r.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on")
-    r.add_argument("--port", type=int, default=9092, help="the SuperLink's port (hospitals connect here)")
+    r.add_argument(
+        "--host", default="127.0.0.1",
+        help="address of the public fleet port (nginx); 0.0.0.0 for every interface. The SuperLink itself stays on 127.0.0.1",
+    )
+    r.add_argument("--port", type=int, default=9092, help="the public fleet port (hospitals connect here)")
     r.add_argument("--certs", help="folder with ca.crt, server.crt, server.key (TLS, the default)")
-    r.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
-    r.add_argument("--enroll", help="folder of hospitals' public keys (*.pub): only these SuperNodes may join")
+    r.add_argument("--insecure", action="store_true", help="no TLS (a test on this machine only: needs a loopback --host)")
+    r.add_argument("--enroll", help="folder of hospitals' public keys, <site>.pub: only these may join, each as its site")
+    r.add_argument(
+        "--open-enrolment", action="store_true",
+        help="TESTS ONLY: no enrolment; any node may join and claim any site not yet connected",
+    )
     r.add_argument("--expected-sites", type=int, default=0, help="wait for this many sites (default: the config's sites)")
     r.add_argument("--discovery-timeout", type=float, default=300.0, help="seconds to wait for the sites to connect")
     r.add_argument("--run-timeout", type=float, default=0.0, help="give up on the whole run after this many seconds")
@@ -177,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True)
     c.add_argument("--hosts", default="localhost,127.0.0.1", help="names/addresses hospitals use to reach the server")
     c.add_argument("--days", type=int, default=365)
+    c.add_argument("--force", action="store_true", help="replace existing certificates and keys (ca.key included)")
     c.set_defaults(handler=cmd_certs)
     en = sub.add_parser("enroll", help="enrol a hospital's public key with the running server")
     en.add_argument("public_key", metavar="KEY.pub")

@@ -46,6 +46,8 @@ class RunLaunch:
     federation_config: Mapping[str, object] | None = None
     keys: tuple[Path, ...] = ()  # hospitals' public keys to enrol (SuperNode authentication)
     timeout_s: float | None = None
+    proxy: Any = None  # proxy.FleetProxy: nginx on the public port, the Fleet API only (deployment)
+    nginx: Path | None = None  # the nginx binary that serves ``proxy``
 
 
 def write_config(run_dir: Path, cfg: ExperimentConfig) -> Path:
@@ -93,10 +95,16 @@ def follow(path: Path, echo: Callable[[str], None], interval_s: float = 0.5) -> 
 
 def launch(spec: RunLaunch, echo: Callable[[str], None] = print) -> int:
     """Start the SuperLink, enrol keys, ``flwr run`` the plan while echoing its progress; the exit code."""
+    from .proxy import fleet_proxy
     from .superlink import enroll, flwr_run, superlink, write_connection
 
     flwr_home = spec.run_dir / "flower"
-    with superlink(spec.listen, flwr_home):
+    public = (
+        fleet_proxy(spec.proxy, flwr_home / "proxy", spec.nginx)
+        if spec.proxy is not None and spec.nginx is not None
+        else contextlib.nullcontext()
+    )
+    with superlink(spec.listen, flwr_home), public:
         write_connection(flwr_home, spec.connection, spec.connect or spec.listen)
         for key in spec.keys:
             enroll(flwr_home, spec.connection, key.resolve())

@@ -19,6 +19,8 @@ from common.config import ExperimentConfig, SiteConfig, with_sites
 from common.device import reported
 from common.protocol import ROLE_TRAIN, SITEINFO, Empty, SiteInfoReply
 
+from .identity import SiteGate
+
 if TYPE_CHECKING:
     from .messenger import Messenger
 
@@ -40,8 +42,9 @@ class SiteNode:
 class SiteRegistry:
     """Node id -> site, the nodes already asked, the sites unavailable and why."""
 
-    def __init__(self, cfg: ExperimentConfig) -> None:
+    def __init__(self, cfg: ExperimentConfig, gate: SiteGate | None = None) -> None:
         self.cfg = cfg
+        self.gate = gate if gate is not None else SiteGate(None)  # who may speak for which site (server/identity.py)
         self.sites: dict[int, SiteNode] = {}
         self.asked: set[int] = set()  # nodes asked who they are
         self.unavailable: dict[str, str] = {}
@@ -99,6 +102,7 @@ class SiteRegistry:
     ) -> list[tuple[int, str, SiteInfoReply]]:
         """(node, site, patient counts) of the nodes that answered ``siteinfo``, by site name."""
         found = [(a.node, a.site, a.body) for a in messenger.send(nodes, SITEINFO, Empty(), timeout=timeout)]
+        found = self.gate.admit(messenger.grid, found, held={s.site: s.node_id for s in self.sites.values()})
         return sorted(found, key=lambda t: t[1])
 
     def rejoin(self, messenger: Messenger) -> dict[int, str]:

@@ -25,6 +25,7 @@ from common.protocol import ROLE_EXTERNAL, ROLE_TRAIN, Header
 
 from .checkpoints import CheckpointStore
 from .evaluation import Evaluator
+from .identity import SiteGate
 from .messenger import Messenger
 from .meteredgrid import MeteredGrid
 from .progress import Progress
@@ -40,15 +41,22 @@ class PlanRunner:
     """Runs one experiment against the nodes connected to ``grid``."""
 
     def __init__(
-        self, grid: Grid, cfg: ExperimentConfig, run_dir: Path, run_id: str, progress: Progress | None = None
+        self,
+        grid: Grid,
+        cfg: ExperimentConfig,
+        run_dir: Path,
+        run_id: str,
+        progress: Progress | None = None,
+        gate: SiteGate | None = None,
     ) -> None:
         self.grid = MeteredGrid(grid)
+        self.gate = gate or SiteGate(None)  # who may speak for which site (server/identity.py)
         self.cfg = cfg
         self.run_dir = run_dir
         self.run_id = run_id
         self.progress = progress if progress is not None else Progress(cfg, run_dir)
         self.ckpt = CheckpointStore(run_dir / "checkpoints", cfg.digest())
-        self.registry = SiteRegistry(cfg)
+        self.registry = SiteRegistry(cfg, self.gate)
         header = Header(experiment=to_dict(cfg), run_id=run_id)
         self.messenger = Messenger(self.grid, self.registry, header, cfg.federation.round_timeout_s)
         self.trainer = FoldTrainer(cfg, self.messenger, self.registry, self.ckpt, self.progress)
@@ -110,6 +118,7 @@ class PlanRunner:
                 self.run_dir / f"loco-{held_out}",
                 f"{self.run_id}-loco-{held_out}",
                 self.progress,
+                self.gate,
             )
             sub.registry.sites = {
                 n: dataclasses.replace(s, role=ROLE_EXTERNAL if s.site == held_out else ROLE_TRAIN)

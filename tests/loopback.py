@@ -96,21 +96,26 @@ class Loopback:
         return proc
 
     def server(
-        self, config: Path, run_dir: Path, *extra: str, expected: int = 3, discovery_s: float = 180.0
+        self, config: Path, run_dir: Path, *extra: str, expected: int = 3, discovery_s: float = 180.0, enrol: bool = True
     ) -> subprocess.Popen[bytes]:
-        """``flower-server run`` on this loopback's port, enrolling every hospital key made here."""
+        """``flower-server run`` on this loopback's port, enrolling every hospital key made here (or ``--open-enrolment``)."""
+        enrolment = ["--enroll", str(self.enrolled)] if enrol else ["--open-enrolment"]
         cmd = [str(BIN / "flower-server"), "run", "--config", str(config), "--run-dir", str(run_dir), "--host", "127.0.0.1",
-               "--port", str(self.port), "--certs", str(self.certs), "--enroll", str(self.enrolled),
+               "--port", str(self.port), "--certs", str(self.certs), *enrolment,
                "--expected-sites", str(expected), "--discovery-timeout", str(discovery_s), *extra]  # fmt: skip
         return self._start("server", cmd)
 
-    def client(self, site: str, data: Path) -> subprocess.Popen[bytes]:
-        """``flower-client run`` for ``site`` with its own key (made by :meth:`keygen`) and output folder."""
+    def client(
+        self, site: str, data: Path, *extra: str, key: str | None = None, role: str | None = None
+    ) -> subprocess.Popen[bytes]:
+        """``flower-client run`` as ``site`` with the key pair ``key`` (default: the site's own, made by
+        :meth:`keygen`); ``role`` names the process and its output folder (default: the site)."""
+        role = role or site
         # one torch thread per hospital: here they all share this machine's cores
         cmd = [str(BIN / "flower-client"), "run", str(data), "--site", site, "--server", f"127.0.0.1:{self.port}",
-               "--root-cert", str(self.certs / "ca.crt"), "--auth-key", str(self.keys / site),
-               "--out", str(self.site_out(site)), "--threads", "1"]  # fmt: skip
-        return self._start(site, cmd)
+               "--root-cert", str(self.certs / "ca.crt"), "--auth-key", str(self.keys / (key or site)),
+               "--out", str(self.site_out(role)), "--threads", "1", *extra]  # fmt: skip
+        return self._start(role, cmd)
 
     def site_out(self, site: str) -> Path:
         return self.root / "sites" / site
@@ -154,7 +159,29 @@ class Loopback:
                 )
             except (OSError, IndexError):  # gone meanwhile, or not ours to read
                 continue
+        if role in (None, "server"):
+            found.update(self._nginx())
         return found
+
+    def _nginx(self) -> dict[int, str]:
+        """The server's nginx: it rewrites its environment (its process title), so find it by its folder."""
+        masters: dict[int, str] = {}
+        parents: dict[int, int] = {}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if stat[0] == "Z":
+                continue
+            parents[int(d.name)] = int(stat[1])
+            if cmd.startswith("nginx: master process") and str(self.root) in cmd:
+                masters[int(d.name)] = cmd
+        workers = {pid: "nginx: worker process" for pid, ppid in parents.items() if ppid in masters}
+        return masters | workers
 
     def crash(self, role: str) -> None:
         """SIGKILL every process of ``role`` at once, as when its machine or container dies."""

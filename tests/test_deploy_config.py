@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import ipaddress
 import re
 import shlex
 import socket
@@ -33,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 HOSPITALS = ("hospital1", "hospital2", "hospital3")
+KEY_JOBS = tuple(f"{h}-key" for h in HOSPITALS)
 TORCH_PIN = "torch==2.13.0"
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 NEVER_IN_IMAGE = ("data", "runs", ".venv", "tests")
@@ -186,7 +188,7 @@ def load_healthcheck() -> ModuleType:
 
 
 def test_compose_has_the_coordinating_site_three_hospitals_and_the_certs_job(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"certs", "server", *HOSPITALS}
+    assert set(compose["services"]) == {"certs", "server", *HOSPITALS, *KEY_JOBS}
 
 
 def test_every_service_builds_the_project_image_from_the_repo_root(compose: dict[str, Any]) -> None:
@@ -206,7 +208,12 @@ def test_every_service_builds_the_project_image_from_the_repo_root(compose: dict
             f"compose service {name}: image {svc.get('image')!r}"
         )
     roles = {name: svc["build"]["target"] for name, svc in compose["services"].items()}
-    assert roles == {"certs": "server", "server": "server", **dict.fromkeys(HOSPITALS, "client")}
+    assert roles == {
+        "certs": "server",
+        "server": "server",
+        **dict.fromkeys(HOSPITALS, "client"),
+        **dict.fromkeys(KEY_JOBS, "client"),
+    }
 
 
 def test_nothing_runs_without_tls(compose_raw: dict[str, Any]) -> None:
@@ -224,8 +231,14 @@ def test_server_command_is_accepted_by_flower_server_with_tls(compose: dict[str,
     assert argv[0] == "flower-server", f"compose server runs {argv[0]!r}"
     args = parse(server_parser(), argv[1:], "deploy/compose.yaml server")
     assert args.command == "run" and not args.insecure
-    assert args.certs and args.port == PORT and args.host == "0.0.0.0"
+    assert args.certs and args.port == PORT and args.host == "0.0.0.0"  # nginx's address in the container
     assert args.expected_sites == len(HOSPITALS)
+    assert args.enroll and not args.open_enrolment, "enrolment must be on: --enroll DIR"
+    enrolled = next(m for m in mounts(svc) if m.target == args.enroll)
+    assert enrolled.kind == "volume" and enrolled.read_only
+    for job in KEY_JOBS:
+        assert svc["depends_on"][job]["condition"] == "service_completed_successfully", job
+        assert enrolled.source in {m.source for m in mounts(compose["services"][job])}, job
     tls = next(m for m in mounts(svc) if m.target == args.certs)
     assert tls.kind == "volume" and tls.read_only, "the server's TLS folder must be a read-only volume"
     cfg = next(m for m in mounts(svc) if m.target == args.config)
@@ -249,6 +262,9 @@ def test_hospital_commands_are_accepted_by_flower_client_with_the_ca(compose: di
         assert args.site == name, f"{name}: --site {args.site!r} differs from the service name"
         assert args.server == f"server:{PORT}", f"{name}: --server {args.server!r}"
         by_target = {m.target: m for m in mounts(svc)}
+        key_dir = str(Path(args.auth_key).parent) if args.auth_key else ""
+        assert key_dir in by_target and by_target[key_dir].read_only, f"{name}: its enrolled key, read-only"
+        assert Path(args.auth_key).name == name, f"{name}: the key made for another site"
         data = by_target.get(args.site_dir)
         assert data is not None and data.kind == "bind", (
             f"{name}: the site folder {args.site_dir} is not a bind mount"
@@ -279,9 +295,15 @@ def test_hospitals_see_only_the_ca_certificate(compose: dict[str, Any]) -> None:
     for name in HOSPITALS:
         volumes = {m.source for m in mounts(compose["services"][name]) if m.kind == "volume"}
         assert ca_volume in volumes, f"{name}: does not mount the CA volume {ca_volume!r}"
+        # its own key pair is shared with its own key job only
+        own_key = {m.source for m in mounts(compose["services"][f"{name}-key"]) if m.target == "/key"}
         others = {
-            m.source for svc, s in compose["services"].items() if svc not in HOSPITALS for m in mounts(s)
+            m.source
+            for svc, s in compose["services"].items()
+            if svc not in HOSPITALS and svc != f"{name}-key"
+            for m in mounts(s)
         } - {ca_volume}
+        volumes -= own_key
         assert not volumes & others, (
             f"{name}: mounts volumes of other services: {volumes & others} (keys must not reach hospitals)"
         )
@@ -290,11 +312,12 @@ def test_hospitals_see_only_the_ca_certificate(compose: dict[str, Any]) -> None:
 def test_only_the_server_publishes_a_port(compose: dict[str, Any]) -> None:
     published = []
     for p in compose["services"]["server"].get("ports", []):
-        published.append(
-            int(p["target"]) if isinstance(p, dict) else int(str(p).rsplit(":", 1)[-1].split("/")[0])
-        )
+        assert isinstance(p, str) and p.count(":") == 2, f"server port {p!r}: give the host address"
+        host_ip, _, target = p.split(":")
+        assert host_ip == "127.0.0.1", f"server port {p!r}: published on {host_ip} by default, not loopback"
+        published.append(int(target.split("/")[0]))
     assert published == [PORT]
-    for name in ("certs", *HOSPITALS):
+    for name in ("certs", *HOSPITALS, *KEY_JOBS):
         svc = compose["services"][name]
         assert not svc.get("ports") and not svc.get("expose"), f"{name} must not publish a port"
 
@@ -316,6 +339,7 @@ def test_certs_job_makes_a_certificate_for_the_names_hospitals_dial(compose: dic
 def test_startup_order_restarts_and_limits(compose: dict[str, Any]) -> None:
     services = compose["services"]
     assert services["server"]["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+    assert all(services["server"]["depends_on"][j]["condition"] == "service_completed_successfully" for j in KEY_JOBS)
     assert services["server"].get("healthcheck", {}).get("test"), (
         "the hospitals wait for the server's health check"
     )
@@ -353,23 +377,38 @@ def test_site_names_match_the_experiment_config(compose: dict[str, Any]) -> None
     assert tuple(s.name for s in cfg.sites) == HOSPITALS
 
 
-def test_dockerfile_installs_pinned_cpu_torch_before_the_project() -> None:
+def test_dockerfile_installs_the_hashed_lock_with_cpu_torch_before_the_project() -> None:
     runs = [i for i in dockerfile() if i.keyword == "RUN"]
-    torch_at = [k for k, i in enumerate(runs) if TORCH_PIN in i.args]
-    project_at = [k for k, i in enumerate(runs) if re.search(r"pip install (-e )?\.(\s|$)", i.args)]
-    assert torch_at, f"deploy/Dockerfile: no RUN installs {TORCH_PIN}"
-    assert f"--index-url {TORCH_CPU_INDEX}" in runs[torch_at[0]].args, "torch must come from the CPU index"
-    assert project_at, "deploy/Dockerfile: the project is never pip-installed"
-    assert torch_at[0] < project_at[0], (
-        "torch must be installed before the project (else pip pulls a CUDA build)"
-    )
-    for k, run in enumerate(runs):
+    lock_at = [k for k, i in enumerate(runs) if "-r /tmp/requirements.lock" in i.args]
+    project_at = [k for k, i in enumerate(runs) if re.search(r"pip install .*(-e )?\.(\s|$)", i.args)]
+    assert lock_at, "deploy/Dockerfile: no RUN installs requirements.lock"
+    lock_run = runs[lock_at[0]].args
+    for flag in ("--require-hashes", "--no-deps", f"--index-url {TORCH_CPU_INDEX}"):
+        assert flag in lock_run, f"deploy/Dockerfile: the lock install lacks {flag}"
+    assert project_at and lock_at[0] < project_at[0], "the lock must be installed before the project"
+    assert "--no-deps" in runs[project_at[0]].args, "the project install must add nothing outside the lock"
+    for run in runs:
         for step in run.args.split("&&"):
             words = shlex.split(step)
-            if k != torch_at[0] and words[:2] == ["pip", "install"]:
+            if words[:2] == ["pip", "install"]:
                 assert not any(w.startswith("torch") for w in words), (
-                    f"deploy/Dockerfile: a second torch install: {step}"
+                    f"deploy/Dockerfile: torch installed outside the lock: {step}"
                 )
+
+
+def test_lock_file_pins_every_distribution_by_hash_and_torch_to_the_cpu_build() -> None:
+    text = (REPO / "requirements.lock").read_text().replace("\\\n", " ")
+    entries = [ln.split() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    assert len(entries) > 20
+    names = set()
+    for words in entries:
+        assert re.fullmatch(r"[A-Za-z0-9._-]+==[^\s=]+", words[0]), f"requirements.lock: not an exact pin: {words}"
+        assert any(re.fullmatch(r"--hash=sha256:[0-9a-f]{64}", w) for w in words[1:]), f"no hash: {words[0]}"
+        names.add(words[0].split("==")[0].lower())
+    assert f"{TORCH_PIN}+cpu" in {w[0] for w in entries}, "torch must be the CPU build 2.13.0"
+    assert not any(n.startswith("nvidia") or "cuda" in n for n in names), "a CUDA package in the lock"
+    assert {"flwr", "monai", "opacus", "setuptools"} <= names
+    assert "sacral-fl" not in names
 
 
 def test_dockerfile_copies_only_named_sources() -> None:
@@ -384,7 +423,7 @@ def test_dockerfile_copies_only_named_sources() -> None:
         top = Path(src.rstrip("/")).parts[0]
         assert src not in (".", "./", "*") and top not in NEVER_IN_IMAGE, f"deploy/Dockerfile copies {src}"
         assert (REPO / src).exists(), f"deploy/Dockerfile copies {src}, which the repository does not have"
-    for needed in ("pyproject.toml", "README.md", "common/", "client/", "server/", "simulation/"):
+    for needed in ("requirements.lock", "pyproject.toml", "README.md", "common/", "client/", "server/", "simulation/"):
         assert needed in sources, f"deploy/Dockerfile does not copy {needed}"
 
 
@@ -679,6 +718,10 @@ def test_server_job_runs_flower_server_with_tls_from_the_secret() -> None:
     assert args.command == "run" and not args.insecure and args.port == PORT and args.host == "0.0.0.0"
     mounts_by_path = {m["mountPath"]: m for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
+    assert args.enroll and not args.open_enrolment, "enrolment must be on: --enroll DIR"
+    enrolled = mounts_by_path[args.enroll]
+    assert enrolled.get("readOnly") is True
+    assert volumes[enrolled["name"]]["configMap"]["name"] == "sacral-fl-enrolled"
     tls = mounts_by_path[args.certs]
     assert tls.get("readOnly") is True
     secret = volumes[tls["name"]]["secret"]
@@ -716,3 +759,17 @@ def test_service_exposes_the_server_port_to_the_job_pods() -> None:
     }
     target = port.get("targetPort", port["port"])
     assert port["port"] == PORT and container_ports.get(target, target) == PORT
+
+
+def test_k8s_inbound_is_limited_to_listed_sources() -> None:
+    (svc,) = k8s_by_kind("Service")
+    ranges = svc["spec"].get("loadBalancerSourceRanges") or []
+    assert ranges and all(ipaddress.ip_network(r) for r in ranges), "loadBalancerSourceRanges must be set"
+    assert "0.0.0.0/0" not in ranges
+    (policy,) = k8s_by_kind("NetworkPolicy")
+    for rule in policy["spec"]["ingress"]:
+        sources = rule.get("from") or []
+        assert sources, "a NetworkPolicy ingress rule without `from` admits every source"
+        for src in sources:
+            cidr = src.get("ipBlock", {}).get("cidr")
+            assert cidr and ipaddress.ip_network(cidr).prefixlen > 0, f"ingress from {src}"

@@ -48,7 +48,8 @@ def test_the_supernode_leaves_the_clientapp_processes_to_the_warm_superexec(tmp_
         port=9555,
     )
     assert cmd[cmd.index("--isolation") + 1] == "process" and cmd[cmd.index("--port") + 1] == "9555"
-    warm = warm_command(9555, 1234)
+    warm = warm_command(9555, 1234, "a" * 64)
     assert warm[1:3] == ["-m", "client.warm"]
+    assert warm[warm.index("--approved-app") + 1] == "a" * 64
     assert warm[warm.index("--runtime-api-address") + 1] == "127.0.0.1:9555"
     assert warm[warm.index("--supernode-pid") + 1] == "1234"
