@@ -157,7 +157,7 @@ def test_readers_on_different_cases_are_skipped_not_analysed() -> None:
 
 
 def test_cov_from_pairs_rejects_missing_pairs() -> None:
-    with pytest.raises(ValueError, match="no variance|missing"):
+    with pytest.raises(ValueError, match=r"no variance|missing"):
         cov_from_pairs(3, {(0, 1): (1.0, 1.0, 0.5)})
     with pytest.raises(ValueError, match="missing"):
         cov_from_pairs(3, {(0, 1): (1.0, 1.0, 0.5), (1, 2): (1.0, 1.0, 0.5)})
