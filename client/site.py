@@ -26,6 +26,7 @@ from common.engine import Schedule, diagnose, predict, set_threads, train
 from common.ensemble import combine
 from common.gridstats import ClassHistogram, ScoreGrid, add_noise, suppress_small_cells
 from common.models import ModelKind, build_model
+from common.mrmc import MRMC_PREFIX, reading_key
 from common.privacy import PrivacyLedger
 from common.radiomics import FederatedLogit
 from common.records import ModelCodec
@@ -45,6 +46,11 @@ class SiteContext:
     data_dir: Path
     out_dir: Path
     threads: int = 1
+
+
+def _reader_name(reader: str) -> str:
+    """A reader id as it travels in statistic names (no ``/`` or ``@``, which separate fields)."""
+    return reader.replace("/", "_").replace("@", "_")
 
 
 class SiteRunner:
@@ -315,9 +321,16 @@ class SiteRunner:
         """Histograms of every score on internal-test folds (training site) or external patients."""
         enabled = self.scores_enabled()
         subsets = ["external"] if role == "external" else [f"fold{k}" for k in self.cfg.active_folds]
+        if role != "external":  # validation patients: the operating threshold is chosen on them
+            subsets += [f"val{k}" for k in self.cfg.active_folds]
         out: dict[str, np.ndarray] = {}
         for subset in subsets:
-            split, fold = ("external", None) if subset == "external" else ("test", int(subset[4:]))
+            if subset == "external":
+                split, fold = "external", None
+            elif subset.startswith("val"):
+                split, fold = "val", int(subset[3:])
+            else:
+                split, fold = "test", int(subset[4:])
             y, scores = self.score_table(split, fold, enabled)
             for name, w in ensembles.items():
                 members = name.split("+")
@@ -338,6 +351,8 @@ class SiteRunner:
         """
         if subset.startswith("readers/"):
             return self._reader_scores(subset.split("/", 1)[1])
+        if subset.startswith(MRMC_PREFIX):
+            return self._reader_matrix(subset[len(MRMC_PREFIX) :])
         enabled = self.scores_enabled()
         if subset == "external":
             y, scores = self.score_table("external", None, enabled)
@@ -369,6 +384,7 @@ class SiteRunner:
             for session, p in scores.items():
                 for key, arr in self.release(ClassHistogram.from_scores(y, p, self._grid())).to_arrays().items():
                     out[f"readers/{tier}/{session}/{key}"] = arr
+        out.update(self.mrmc_stats())
         return out
 
     def delong_sums(
@@ -386,7 +402,7 @@ class SiteRunner:
         out: dict[str, float] = {}
         cache: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
         for i, (s1, s2, subset) in enumerate(specs):
-            if subset not in subsets and not subset.startswith("readers/"):
+            if subset not in subsets and not subset.startswith(("readers/", MRMC_PREFIX)):
                 continue
             if subset not in cache:
                 cache[subset] = self.subset_scores(subset, ensembles)
@@ -396,6 +412,52 @@ class SiteRunner:
             sums = delong_step2_site(y, scores[s1], scores[s2], global_hists[f"{s1}/{subset}"], global_hists[f"{s2}/{subset}"])
             for key, value in sums.to_dict().items():
                 out[f"{i}/{key}"] = float(value)
+        return out
+
+    # -- multi-reader multi-case analysis: per-reader statistics ---------------------------------
+    def _reader_groups(self) -> dict[str, list[Any]]:
+        """Reader-study rows per tier, and of every tier together (``all``) when there are several."""
+        rows = read_reader_study(self.ctx.data_dir)
+        groups: dict[str, list[Any]] = {}
+        for r in rows:
+            groups.setdefault(r.tier, []).append(r)
+        if len(groups) > 1:
+            groups["all"] = rows
+        return groups
+
+    def _reader_matrix(self, group: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Labels and each reader's readings (``reader@session``) of the cases every reader of ``group`` read.
+
+        The Obuchowski-Rockette analysis needs a fully crossed design: a case
+        one reader of the group did not read is left out for all of them.
+        """
+        mapping = self.cfg.evaluation.score_mapping
+        pos = {pid: i for i, pid in enumerate(self.arrays.patient_ids)}
+        rows = [r for r in self._reader_groups().get(group, []) if r.patient_id in pos]
+        readers = sorted({_reader_name(r.reader) for r in rows})
+        by: dict[tuple[str, str], Any] = {(r.patient_id, _reader_name(r.reader)): r for r in rows}
+        cases = sorted(p for p in {r.patient_id for r in rows} if all((p, rd) in by for rd in readers))
+        y = np.asarray([self.arrays.labels[pos[p]] for p in cases], dtype=np.int64)
+        scores: dict[str, np.ndarray] = {}
+        for rd in readers:
+            scores[reading_key(rd, "without_ai")] = np.asarray(
+                [score_to_probability(by[(p, rd)].score_without_ai, mapping) for p in cases]
+            )
+            scores[reading_key(rd, "with_ai")] = np.asarray(
+                [score_to_probability(by[(p, rd)].score_with_ai, mapping) for p in cases]
+            )
+        return y, scores
+
+    def mrmc_stats(self) -> dict[str, np.ndarray]:
+        """Grid statistics of every reader's readings: ``mrmc/<group>/<reader>@<session>/<field>``."""
+        out: dict[str, np.ndarray] = {}
+        for group in self._reader_groups():
+            y, scores = self._reader_matrix(group)
+            if y.size == 0:
+                continue
+            for reading, p in scores.items():
+                for key, arr in self.release(ClassHistogram.from_scores(y, p, self._grid())).to_arrays().items():
+                    out[f"{MRMC_PREFIX}{group}/{reading}/{key}"] = arr
         return out
 
     def _write_final(self, role: str, ensembles: dict[str, list[float]]) -> None:

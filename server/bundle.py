@@ -102,8 +102,10 @@ def export_bundle(run_dir: Path, out: Path) -> Path:
     }
     # The bundle travels to other hospitals: the training sites' folders stay out of it.
     portable = dataclasses.replace(cfg, sites=(), external_sites=())
+    thresholds = {k: float(v["threshold"]) for k, v in (summary.get("thresholds") or {}).items()}
     path = write_bundle(
-        out, config=portable, models=models, ensembles=ensembles, metrics=metrics, source=source
+        out, config=portable, models=models, ensembles=ensembles, metrics=metrics, source=source,
+        thresholds=thresholds,
     )
     log.info(
         "bundle of %s written to %s (%d fold models, %d ensembles)",

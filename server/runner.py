@@ -25,12 +25,14 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from common.clinical import clinical_summary
 from common.config import ExperimentConfig, SiteConfig, to_dict, with_sites
 from common.delong import PlacementSums, delong_from_sums
 from common.engine import seed_everything
 from common.ensemble import ENSEMBLES, best_weights, mean_absolute_error_from_hist, simplex_grid
 from common.gridstats import ClassHistogram, pooled_metrics
 from common.models import ModelKind, build_model
+from common.mrmc import MRMC_PREFIX, mrmc_results, mrmc_specs
 from common.radiomics import FederatedLogit
 from common.records import (
     ModelCodec,
@@ -85,6 +87,10 @@ class PlanRunner:
         self.resumed: dict[str, int] = {}  # "<model>/fold<k>" -> rounds taken from an earlier process's checkpoints
         self.participation: dict[str, list[dict[str, Any]]] = {}
         self.selected: dict[str, dict[int, dict[str, Any]]] = {}
+        self.site_hists: dict[str, dict[str, dict[str, ClassHistogram]]] = {}  # site -> score -> subset
+        self.mrmc_hists: dict[str, dict[str, ClassHistogram]] = {}  # reader group -> reader@session
+        self._mrmc_parts: dict[tuple[int, str, str], dict[str, np.ndarray]] = {}
+        self.thresholds: dict[str, float] = {}  # score -> operating threshold chosen on validation
 
     # -- messaging helpers ---------------------------------------------------------------
     def _base(self) -> dict[str, Any]:
@@ -226,7 +232,7 @@ class PlanRunner:
             transport_dtype=self.cfg.federation.transport_dtype,
             min_sites=self.cfg.federation.min_sites,
             norm_bound_factor=self.cfg.federation.norm_bound_factor,
-            threshold=self.cfg.evaluation.threshold,
+            threshold=self.cfg.evaluation.fixed_threshold,
         )
         strategy = make_strategy(self.cfg.federation, session)
 
@@ -340,6 +346,8 @@ class PlanRunner:
                     h = ClassHistogram.from_arrays(d)
                     per = out.setdefault(score, {})
                     per[subset] = per[subset] + h if subset in per else h
+                    site = self.sites[r.metadata.src_node_id].site if r.metadata.src_node_id in self.sites else f"node-{r.metadata.src_node_id}"
+                    self.site_hists.setdefault(site, {}).setdefault(score, {})[subset] = h
         return out
 
     # -- the whole plan ---------------------------------------------------------------------------
@@ -391,9 +399,16 @@ class PlanRunner:
         if not exact:
             log.warning("statistics are protected (min cell count / noise): DeLong's exact protocol is skipped")
         delong = self.delong_tests(final, readers, fitted) if exact else {}
+        clinical = clinical_summary(final, self.site_hists, ev.threshold, ev.calibration_bins)
+        self.thresholds = {s: float(v["threshold"]) for s, v in clinical["thresholds"].items()}
         summary = self.summary(final, fitted, time.perf_counter() - t0)
+        summary.update(clinical)
         summary["reader_study"] = self.reader_summary(readers, delong)
-        summary["delong"] = {k: v for k, v in delong.items() if not k.startswith("readers/")}
+        if self.mrmc_hists:
+            summary["reader_study"]["mrmc"] = (
+                mrmc_results(self.mrmc_hists, delong) if exact else {"skipped": "statistics are protected (min cell count / noise)"}
+            )
+        summary["delong"] = {k: v for k, v in delong.items() if not k.startswith(("readers/", MRMC_PREFIX))}
         summary["resumed"] = self.resumed
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("summary written to %s", self.run_dir / "summary.json")
@@ -406,6 +421,10 @@ class PlanRunner:
         for r in self._send(sorted(self.sites), f"{MessageType.EVALUATE}.readers", {}):
             groups: dict[tuple[str, str], dict[str, np.ndarray]] = {}
             for k, v in arrays_from_record(r.content.array_records["stats"]).items():
+                if k.startswith(MRMC_PREFIX):  # per-reader histograms for the multi-reader analysis
+                    _, group, reading, field = k.split("/")
+                    self._add_mrmc(group, reading, field, v, r.metadata.src_node_id)
+                    continue
                 _, tier, session, field = k.split("/")
                 groups.setdefault((tier, session), {})[field] = v
             for (tier, session), d in groups.items():
@@ -444,6 +463,10 @@ class PlanRunner:
             if {"without_ai", "with_ai"} <= set(readers[tier]):
                 specs.append(["with_ai", "without_ai", f"readers/{tier}"])
                 names.append(f"readers/{tier}/with_ai vs without_ai")
+        mrmc_h, mrmc_s, mrmc_n = mrmc_specs(self._mrmc_finished())
+        global_h.update(mrmc_h)
+        specs += mrmc_s
+        names += mrmc_n
         if not specs:
             return {}
         needed = {f"{s}/{sub}" for s1, s2, sub in specs for s in (s1, s2)}
@@ -478,9 +501,22 @@ class PlanRunner:
             log.info("DeLong %s: AUC %.4f vs %.4f, z %.3f, p %.4g", names[i], res.auc1, res.auc2, res.z, res.p)
         return out
 
+    def _add_mrmc(self, group: str, reading: str, field: str, value: np.ndarray, node: int) -> None:
+        """Collect one site's per-reader arrays; summed into histograms by ``_mrmc_finished``."""
+        self._mrmc_parts.setdefault((node, group, reading), {})[field] = value
+
+    def _mrmc_finished(self) -> dict[str, dict[str, ClassHistogram]]:
+        """Per-reader global histograms ``{group: {reader@session: h}}`` (sites summed)."""
+        if not self.mrmc_hists:
+            for (_, group, reading), d in sorted(self._mrmc_parts.items()):
+                h = ClassHistogram.from_arrays(d)
+                per = self.mrmc_hists.setdefault(group, {})
+                per[reading] = per[reading] + h if reading in per else h
+        return self.mrmc_hists
+
     def reader_summary(self, readers: dict[str, dict[str, ClassHistogram]], delong: dict[str, dict[str, Any]]) -> dict[str, Any]:
         """The study's Table 3 per tier, and Figure 5's mean absolute error, from pooled histograms."""
-        thr = self.cfg.evaluation.threshold
+        thr = self.cfg.evaluation.fixed_threshold
         out: dict[str, Any] = {}
         for tier, sessions in sorted(readers.items()):
             entry: dict[str, Any] = {}
@@ -489,7 +525,9 @@ class PlanRunner:
             if "without_ai" in entry and "with_ai" in entry:
                 entry["mae_improvement"] = entry["without_ai"]["mae"] - entry["with_ai"]["mae"]
             if f"readers/{tier}/with_ai vs without_ai" in delong:
-                entry["delong"] = delong[f"readers/{tier}/with_ai vs without_ai"]
+                # every (patient, reader) reading pooled: readers count as more cases; descriptive only,
+                # the multi-reader test is reader_study["mrmc"]
+                entry["pooled_readings_delong"] = dict(delong[f"readers/{tier}/with_ai vs without_ai"], descriptive=True)
             out[tier] = entry
         return out
 
@@ -521,9 +559,9 @@ class PlanRunner:
         return path
 
     def summary(self, final: dict[str, dict[str, ClassHistogram]], fitted: dict[str, dict[str, Any]], seconds: float) -> dict[str, Any]:
-        thr = self.cfg.evaluation.threshold
         models: dict[str, Any] = {}
         for score, subsets in final.items():
+            thr = self.thresholds.get(score, self.cfg.evaluation.fixed_threshold)
             folds = sorted((s for s in subsets if s.startswith("fold")), key=lambda s: int(s[4:]))
             entry: dict[str, Any] = {}
             if folds:
