@@ -38,7 +38,7 @@ equals the single reader's DeLong one (the variance does not shrink).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +47,19 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
 from common.delong import placements
+from common.gridstats import ClassHistogram
 from common.metrics import check_labels_scores, nan_to_none
 
-__all__ = ["ORResult", "cov_from_pairs", "delong_cov", "or_analysis"]
+__all__ = [
+    "ORResult",
+    "cov_from_pairs",
+    "delong_cov",
+    "mrmc_histograms",
+    "mrmc_results",
+    "mrmc_specs",
+    "or_analysis",
+    "reading_key",
+]
 
 
 def delong_cov(y: ArrayLike, scores: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
@@ -316,6 +326,38 @@ MRMC_PREFIX = "mrmc/"
 def reading_key(reader: str, session: str) -> str:
     """One reader's readings under one session, as named on the wire (``reader@session``)."""
     return f"{reader}@{session}"
+
+
+def mrmc_histograms(
+    parts: Iterable[tuple[str, str, Any]], bins: int
+) -> tuple[dict[str, dict[str, ClassHistogram]], list[str]]:
+    """Sum the sites' per-reader arrays ``(site, "mrmc/<group>/<reader@session>/<field>", array)``.
+
+    Returns ``{group: {reading: global histogram}}`` and the problems found; a
+    malformed key, an invalid histogram or one on another grid than the run's
+    ``bins`` drops that site's reading (named in the problem), never the run.
+    """
+    fields: dict[tuple[str, str, str], dict[str, Any]] = {}
+    problems: list[str] = []
+    for site, key, value in parts:
+        bits = key.split("/")
+        if len(bits) != 4 or bits[0] + "/" != MRMC_PREFIX or "@" not in bits[2] or not all(bits):
+            problems.append(
+                f"{site}: reader statistic {key!r} is not mrmc/<group>/<reader>@<session>/<field>"
+            )
+            continue
+        fields.setdefault((site, bits[1], bits[2]), {})[bits[3]] = value
+    out: dict[str, dict[str, ClassHistogram]] = {}
+    for (site, group, reading), d in sorted(fields.items()):
+        try:
+            h = ClassHistogram.from_arrays(d)
+            if h.bins != bins:
+                raise ValueError(f"{h.bins} bins, the run's grid has {bins}")
+            per = out.setdefault(group, {})
+            per[reading] = per[reading] + h if reading in per else h
+        except ValueError as exc:
+            problems.append(f"{site}: reader statistics {group}/{reading} dropped: {exc}")
+    return out, problems
 
 
 def mrmc_specs(

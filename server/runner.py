@@ -32,7 +32,7 @@ from common.engine import seed_everything
 from common.ensemble import ENSEMBLES, best_weights, mean_absolute_error_from_hist, simplex_grid
 from common.gridstats import ClassHistogram, pooled_metrics
 from common.models import ModelKind, build_model
-from common.mrmc import MRMC_PREFIX, mrmc_results, mrmc_specs
+from common.mrmc import MRMC_PREFIX, mrmc_histograms, mrmc_results, mrmc_specs
 from common.radiomics import FederatedLogit
 from common.records import (
     ModelCodec,
@@ -89,7 +89,7 @@ class PlanRunner:
         self.selected: dict[str, dict[int, dict[str, Any]]] = {}
         self.site_hists: dict[str, dict[str, dict[str, ClassHistogram]]] = {}  # site -> score -> subset
         self.mrmc_hists: dict[str, dict[str, ClassHistogram]] = {}  # reader group -> reader@session
-        self._mrmc_parts: dict[tuple[int, str, str], dict[str, np.ndarray]] = {}
+        self._mrmc_parts: list[tuple[str, str, np.ndarray]] = []  # (site, key, array) from the readers replies
         self.thresholds: dict[str, float] = {}  # score -> operating threshold chosen on validation
 
     # -- messaging helpers ---------------------------------------------------------------
@@ -404,7 +404,7 @@ class PlanRunner:
         summary = self.summary(final, fitted, time.perf_counter() - t0)
         summary.update(clinical)
         summary["reader_study"] = self.reader_summary(readers, delong)
-        if self.mrmc_hists:
+        if self._mrmc_finished():
             summary["reader_study"]["mrmc"] = (
                 mrmc_results(self.mrmc_hists, delong) if exact else {"skipped": "statistics are protected (min cell count / noise)"}
             )
@@ -422,8 +422,8 @@ class PlanRunner:
             groups: dict[tuple[str, str], dict[str, np.ndarray]] = {}
             for k, v in arrays_from_record(r.content.array_records["stats"]).items():
                 if k.startswith(MRMC_PREFIX):  # per-reader histograms for the multi-reader analysis
-                    _, group, reading, field = k.split("/")
-                    self._add_mrmc(group, reading, field, v, r.metadata.src_node_id)
+                    node = r.metadata.src_node_id
+                    self._mrmc_parts.append((self.sites[node].site if node in self.sites else f"node-{node}", k, v))
                     continue
                 _, tier, session, field = k.split("/")
                 groups.setdefault((tier, session), {})[field] = v
@@ -501,17 +501,12 @@ class PlanRunner:
             log.info("DeLong %s: AUC %.4f vs %.4f, z %.3f, p %.4g", names[i], res.auc1, res.auc2, res.z, res.p)
         return out
 
-    def _add_mrmc(self, group: str, reading: str, field: str, value: np.ndarray, node: int) -> None:
-        """Collect one site's per-reader arrays; summed into histograms by ``_mrmc_finished``."""
-        self._mrmc_parts.setdefault((node, group, reading), {})[field] = value
-
     def _mrmc_finished(self) -> dict[str, dict[str, ClassHistogram]]:
-        """Per-reader global histograms ``{group: {reader@session: h}}`` (sites summed)."""
-        if not self.mrmc_hists:
-            for (_, group, reading), d in sorted(self._mrmc_parts.items()):
-                h = ClassHistogram.from_arrays(d)
-                per = self.mrmc_hists.setdefault(group, {})
-                per[reading] = per[reading] + h if reading in per else h
+        """Per-reader global histograms ``{group: {reader@session: h}}`` (sites summed, bad parts dropped)."""
+        if not self.mrmc_hists and self._mrmc_parts:
+            self.mrmc_hists, problems = mrmc_histograms(self._mrmc_parts, self.cfg.evaluation.grid_bins)
+            for problem in problems:
+                log.warning("multi-reader analysis: %s", problem)
         return self.mrmc_hists
 
     def reader_summary(self, readers: dict[str, dict[str, ClassHistogram]], delong: dict[str, dict[str, Any]]) -> dict[str, Any]:

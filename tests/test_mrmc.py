@@ -11,7 +11,15 @@ import pytest
 
 from common.delong import PlacementSums, delong_from_sums, delong_pooled, delong_step2_site
 from common.gridstats import ClassHistogram, ScoreGrid
-from common.mrmc import cov_from_pairs, delong_cov, mrmc_results, mrmc_specs, or_analysis, reading_key
+from common.mrmc import (
+    cov_from_pairs,
+    delong_cov,
+    mrmc_histograms,
+    mrmc_results,
+    mrmc_specs,
+    or_analysis,
+    reading_key,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vandyke.csv"
 
@@ -163,3 +171,31 @@ def test_cov_from_pairs_rejects_missing_pairs() -> None:
         cov_from_pairs(3, {(0, 1): (1.0, 1.0, 0.5), (1, 2): (1.0, 1.0, 0.5)})
     c = cov_from_pairs(2, {(0, 1): (2.0, 3.0, 0.5)})
     assert c.tolist() == [[2.0, 0.5], [0.5, 3.0]]
+
+
+def test_hostile_reader_statistics_are_dropped_with_a_reason_not_a_crash() -> None:
+    grid = ScoreGrid(100)
+    y = np.array([0, 0, 1, 1])
+    good = ClassHistogram.from_scores(y, np.array([0.1, 0.3, 0.6, 0.9]), grid).to_arrays()
+    parts = [("honest", f"mrmc/junior/A@without_ai/{k}", v) for k, v in good.items()]
+    parts += [("honest", f"mrmc/junior/A@with_ai/{k}", v) for k, v in good.items()]
+    parts += [
+        ("evil", "mrmc/junior/A@with_ai", good["neg"]),  # too few fields
+        ("evil", "mrmc/../../etc/passwd/neg", good["neg"]),
+        ("evil", "mrmc/junior/noreader/neg", good["neg"]),  # no reader@session
+        ("evil", "mrmc/junior/B@with_ai/neg", -good["neg"]),  # negative counts
+        ("evil", "mrmc/junior/B@with_ai/pos", good["pos"]),
+        ("evil", "mrmc/junior/C@with_ai/neg", np.ones(7)),  # another grid
+        ("evil", "mrmc/junior/C@with_ai/pos", np.ones(7)),
+        ("evil", "mrmc/junior/D@with_ai/neg", good["neg"]),  # a reader with one session only
+        ("evil", "mrmc/junior/D@with_ai/pos", good["pos"]),
+        ("evil2", "mrmc/junior/A@with_ai/neg", np.ones(7)),  # cannot be added to the honest grid
+        ("evil2", "mrmc/junior/A@with_ai/pos", np.ones(7)),
+    ]
+    hists, problems = mrmc_histograms(parts, 100)
+    assert set(hists["junior"]) == {"A@without_ai", "A@with_ai", "D@with_ai"}
+    assert hists["junior"]["A@with_ai"].n == 4  # the honest site's; the other grids dropped
+    assert len(problems) == 6 and all(p.startswith(("evil:", "evil2:")) for p in problems)
+    # D has no without_ai session: it takes no part; A alone is analysed
+    _, specs, _ = mrmc_specs(hists)
+    assert {s[0] for s in specs} | {s[1] for s in specs} == {"A@without_ai", "A@with_ai"}
