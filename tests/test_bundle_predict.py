@@ -322,3 +322,21 @@ def test_grad_cam_lands_on_the_world_positions_of_the_cube() -> None:
     far = np.all((world < lo - step) | (world > hi + step), axis=1)
     assert not far.any()  # nothing is painted outside the cube
     assert inside.sum() > 1000
+
+
+# ---------------------------------------------------------------- operating thresholds
+
+
+def test_bundle_carries_the_run_thresholds_and_refuses_hostile_ones(
+    run_dir: Path, bundle_path: Path, tmp_path: Path
+) -> None:
+    bundle = read_bundle(bundle_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    chosen = {k: v["threshold"] for k, v in summary["thresholds"].items()}
+    assert chosen and bundle.manifest["thresholds"] == chosen
+    for score, t in chosen.items():
+        assert bundle.threshold_for(score) == t
+    assert bundle.threshold_for("no-such-score") == bundle.threshold == 0.5
+    for bad in ({"densenet3d": 1.5}, {"densenet3d": "0.3"}, {"densenet3d": True}, ["densenet3d", 0.3], {"x": float("nan")}):
+        with pytest.raises(BundleError, match="threshold"):
+            read_bundle(_rewrite(bundle_path, tmp_path / "bad.zip", {"thresholds": bad}))
