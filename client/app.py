@@ -184,6 +184,20 @@ def final(msg: Message, context: Context) -> Message:
     return _reply(msg, runner.ctx.name, {"stats": arrays_record(stats), "metrics": metric_record({"n-arrays": len(stats)})})
 
 
+@app.evaluate("crosssite")
+@_safe
+def cross_site(msg: Message, context: Context) -> Message:
+    """Cross-site evaluation: one model's grid statistics on this site's test patients (weights in, counts out)."""
+    runner, config = _runner(msg, context)
+    h = runner.cross_site_stats(
+        cast(ModelKind, str(config["model"])),
+        int(cast(int, config["fold"])),
+        weights_from_record(msg.content.array_records["arrays"]),
+        str(config["role"]),
+    )
+    return _reply(msg, runner.ctx.name, {"stats": arrays_record(h.to_arrays()), "metrics": metric_record({"num-examples": h.n})})
+
+
 @app.evaluate("readers")
 @_safe
 def readers(msg: Message, context: Context) -> Message:

@@ -414,6 +414,19 @@ class SiteRunner:
                 out[f"{i}/{key}"] = float(value)
         return out
 
+    # -- cross-site evaluation ---------------------------------------------------------------
+    def cross_site_stats(self, kind: ModelKind, fold: int, flat: np.ndarray, role: str) -> ClassHistogram:
+        """One model's statistics on this site's fold-``fold`` test patients (all patients at an external site).
+
+        The model may come from another site (its local-only model) or be the
+        global one; nothing is written, only the histogram leaves.
+        """
+        model = self.load_model(kind, fold, flat)
+        ids = tuple(self.arrays.patient_ids) if role == "external" else self.folds[fold].test
+        idx = self._index(ids)
+        probs = predict(model, self.arrays, idx, kind, self.cfg)
+        return self.release(ClassHistogram.from_scores(self.arrays.labels[idx], probs, self._grid()))
+
     # -- multi-reader multi-case analysis: per-reader statistics ---------------------------------
     def _reader_groups(self) -> dict[str, list[Any]]:
         """Reader-study rows per tier, and of every tier together (``all``) when there are several."""

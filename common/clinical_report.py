@@ -199,6 +199,58 @@ def _forest(summary: Mapping[str, Any], rows: list[tuple[Any, ...]]) -> Plot | N
     )
 
 
+def _cross_site(summary: Mapping[str, Any]) -> list[Any]:
+    """The model x site AUC matrix as a table and a heat map (``evaluation.cross_site``)."""
+    cs = summary.get("cross_site")
+    if not isinstance(cs, dict) or not cs.get("matrix"):
+        return []
+    sites = [str(s) for s in cs.get("sites", [])]
+    models = [str(m) for m in cs.get("models", [])]
+    matrix = cs["matrix"]
+    rows = []
+    values = np.full((len(models), len(sites)), np.nan)
+    for i, m in enumerate(models):
+        for j, s in enumerate(sites):
+            cell = (matrix.get(m) or {}).get(s) or {}
+            lo, hi = _ci(cell.get("auc_ci"))
+            a = _num(cell.get("auc"))
+            values[i, j] = np.nan if a is None else a
+            rows.append((m, s, (cs.get("roles") or {}).get(s), cell.get("n"), a, lo, hi))
+    fig = Figure(figsize=(1.6 + 1.1 * len(sites), 1.0 + 0.45 * len(models)), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(values, vmin=0.5, vmax=1.0, cmap="viridis", aspect="auto")
+    for i in range(len(models)):
+        for j in range(len(sites)):
+            text = "-" if np.isnan(values[i, j]) else f"{values[i, j]:.3f}"
+            ax.text(
+                j, i, text, ha="center", va="center", color="w" if values[i, j] < 0.8 else "k", fontsize=8
+            )
+    ax.set_xticks(range(len(sites)), sites, fontsize=8)
+    ax.set_yticks(range(len(models)), models, fontsize=8)
+    ax.set_xlabel("evaluated at")
+    fig.colorbar(im, ax=ax, label="AUC")
+    kind = _label(str(cs.get("model", "")))
+    return [
+        Table(
+            "cross_site",
+            "Cross-site evaluation",
+            f"{kind}: each training site's local-only model and the global model evaluated at every site "
+            "(training sites: their test patients of every fold; external sites: all their patients); "
+            "AUC with 95% DeLong CI.",
+            ("model", "evaluated_at", "role", "n", "auc", "auc_ci_low", "auc_ci_high"),
+            tuple(rows),
+            group_column="model",
+        ),
+        Plot(
+            "cross_site",
+            "Cross-site AUC matrix",
+            f"{kind}: AUC of each model (rows) at each site (columns).",
+            png_bytes(fig),
+        ),
+    ]
+
+
 def clinical_section(summary: Mapping[str, Any]) -> Section:
     """Operating points, calibration, per-centre table and forest plot."""
     blocks: list[Any] = []
@@ -248,4 +300,5 @@ def clinical_section(summary: Mapping[str, Any]) -> Section:
             blocks.append(forest)
     else:
         blocks.append(Note("No per-centre statistics in this run's summary."))
+    blocks += _cross_site(summary)
     return Section("clinical", "Operating point, calibration, centres", tuple(blocks))

@@ -185,6 +185,8 @@ class EvaluationConfig:
     score_mapping: tuple[float, ...] = (0.05, 0.15, 0.25, 0.40, 0.50, 0.60, 0.75, 0.85, 0.95)
     min_cell_count: int = 0
     stats_noise: float = 0.0
+    # evaluate every training site's local-only model and the global model at every site
+    cross_site: bool = False
 
     @property
     def threshold_rule(self) -> Any:
@@ -250,6 +252,13 @@ class ExperimentConfig:
             parse_threshold(self.evaluation.threshold)
         except ValueError as exc:
             raise ConfigError(f"evaluation.threshold: {exc}") from None
+        _check(
+            not self.evaluation.cross_site or (self.federation.strategy != "fedbn" and not self.dp.enabled),
+            "evaluation.cross_site",
+            "needs whole models and one privacy ledger per site: not with federation.strategy fedbn "
+            "(normalisation layers stay at each site) or dp.enabled (local-only training would spend budget "
+            "outside the run's ledger)",
+        )
         cb = self.evaluation.calibration_bins
         _check(
             cb >= 3 and self.evaluation.grid_bins % cb == 0,

@@ -401,6 +401,10 @@ class PlanRunner:
         delong = self.delong_tests(final, readers, fitted) if exact else {}
         clinical = clinical_summary(final, self.site_hists, ev.threshold, ev.calibration_bins)
         self.thresholds = {s: float(v["threshold"]) for s, v in clinical["thresholds"].items()}
+        if ev.cross_site and kinds:
+            from .crosssite import cross_site_evaluation
+
+            clinical["cross_site"] = cross_site_evaluation(self, kinds[0])
         summary = self.summary(final, fitted, time.perf_counter() - t0)
         summary.update(clinical)
         summary["reader_study"] = self.reader_summary(readers, delong)

@@ -52,6 +52,9 @@ def test_config_parses_the_rule_once_and_names_the_key() -> None:
         load_config("tiny", {"evaluation": {"threshold": "median"}})
     with pytest.raises(ConfigError, match=r"evaluation\.calibration_bins"):
         load_config("tiny", {"evaluation": {"calibration_bins": 7}})  # does not divide the 1000-bin grid
+    assert load_config("tiny", {"evaluation": {"cross_site": True}}).evaluation.cross_site
+    with pytest.raises(ConfigError, match=r"evaluation\.cross_site"):
+        load_config("tiny", {"evaluation": {"cross_site": True}, "federation": {"strategy": "fedbn"}})
 
 
 def _per_patient_rates(y: np.ndarray, s: np.ndarray, t: float) -> tuple[float, float]:

@@ -41,7 +41,7 @@ def run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
             "models": {"densenet2d": {"enabled": False}},
             "train": {"rounds": 1},
             "federation": {"round_timeout_s": 60.0},
-            "evaluation": {"threshold": "youden", "calibration_bins": 5},
+            "evaluation": {"threshold": "youden", "calibration_bins": 5, "cross_site": True},
         },
     )
     cfg = with_sites(cfg, tuple(SiteConfig(name=s) for s in SITES))
@@ -51,7 +51,14 @@ def run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         for key in ("_run_id", "_node_id", "_task_id"):
             mp.setattr(TaskIdentity, key, 1)
         summary = PlanRunner(grid, cfg, out / "run", "c1").run(expected_sites=3, wait_s=1)
-    return {"summary": summary, "cfg": cfg, "sites": out / "sites", "run": out / "run", "cohort": tiny_cohort}
+    return {
+        "summary": summary,
+        "cfg": cfg,
+        "sites": out / "sites",
+        "run": out / "run",
+        "cohort": tiny_cohort,
+        "grid": grid,
+    }
 
 
 def _predictions(run: dict[str, Any], site: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -162,7 +169,7 @@ def test_multi_reader_analysis_equals_the_per_patient_or_analysis(run: dict[str,
 def test_report_shows_forest_plot_threshold_and_table3_with_or_p(run: dict[str, Any]) -> None:
     html = render_report(run["run"]).read_text()
     folder = run["run"] / "report"
-    assert (folder / "forest_centres.png").is_file()
+    assert (folder / "forest_centres.png").is_file() and (folder / "cross_site.png").is_file()
     assert "Threshold rule (evaluation.threshold): youden" in html
     with (folder / "table3_reader_study.csv").open() as fh:
         t3 = list(csv.DictReader(fh))
@@ -170,6 +177,25 @@ def test_report_shows_forest_plot_threshold_and_table3_with_or_p(run: dict[str, 
     junior_with = next(r for r in t3 if r["tier"] == "junior" and r["session"] == "with AI")
     assert int(junior_with["patients"]) == 60 and int(junior_with["readers"]) == 2
     assert float(junior_with["or_p"]) == pytest.approx(run["summary"]["reader_study"]["mrmc"]["junior"]["p"])
-    for name in ("operating_points", "calibration", "centres", "table3_mrmc"):
+    for name in ("operating_points", "calibration", "centres", "table3_mrmc", "cross_site"):
         assert (folder / f"{name}.csv").is_file(), name
     assert "Calibration curves" in html and "in 5 equal-width bins" in html
+
+
+def test_cross_site_matrix_holds_the_global_and_the_local_models_at_every_site(run: dict[str, Any]) -> None:
+    cs, bins = run["summary"]["cross_site"], run["cfg"].evaluation.grid_bins
+    assert cs["model"] == "densenet3d" and cs["sites"] == list(SITES)
+    assert cs["models"] == ["global", "local:centre1"]  # the study plan trains at centre1 only
+    # the global model at each site: the same patients and probabilities as the run's own predictions
+    for site, split in (("centre1", "test"), ("centre2", "external"), ("centre3", "external")):
+        y, p = _predictions(run, site, split)
+        cell = cs["matrix"]["global"][site]
+        assert cell["n"] == y.size
+        assert cell["auc"] == pytest.approx(delong_ci(y, _q(p, bins)).auc, abs=1e-12)
+        assert cell["auc_ci"] == pytest.approx(list(delong_ci(y, _q(p, bins)).ci), abs=1e-9)
+        assert cs["matrix"]["local:centre1"][site]["n"] == y.size
+    # local-only training went to centre1 alone (two trainings: the federation's and the local one)
+    grid = run["grid"]
+    assert grid.calls[("centre1", "train")] == 2
+    assert grid.calls[("centre2", "train")] == grid.calls[("centre3", "train")] == 0
+    assert (run["sites"] / "centre1" / "c1-local-centre1" / "splits.json").is_file()
