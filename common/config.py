@@ -249,9 +249,15 @@ class ExperimentConfig:
         from common.threshold import parse_threshold
 
         try:
-            parse_threshold(self.evaluation.threshold)
+            rule = parse_threshold(self.evaluation.threshold)
         except ValueError as exc:
             raise ConfigError(f"evaluation.threshold: {exc}") from None
+        bins = self.evaluation.grid_bins
+        _check(
+            not rule.fixed or abs(rule.value * bins - round(rule.value * bins)) < 1e-6,
+            "evaluation.threshold",
+            f"a fixed threshold must lie on the score grid (a multiple of 1/{bins}) for exact confusion matrices",
+        )
         _check(
             not self.evaluation.cross_site or (self.federation.strategy != "fedbn" and not self.dp.enabled),
             "evaluation.cross_site",

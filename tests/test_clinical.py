@@ -50,6 +50,8 @@ def test_config_parses_the_rule_once_and_names_the_key() -> None:
     assert load_config("tiny", {"evaluation": {"threshold": 0.3}}).evaluation.fixed_threshold == 0.3
     with pytest.raises(ConfigError, match=r"evaluation\.threshold"):
         load_config("tiny", {"evaluation": {"threshold": "median"}})
+    with pytest.raises(ConfigError, match="score grid"):
+        load_config("tiny", {"evaluation": {"threshold": 0.12345}})
     with pytest.raises(ConfigError, match=r"evaluation\.calibration_bins"):
         load_config("tiny", {"evaluation": {"calibration_bins": 7}})  # does not divide the 1000-bin grid
     assert load_config("tiny", {"evaluation": {"cross_site": True}}).evaluation.cross_site
