@@ -194,6 +194,8 @@ def cross_site(msg: Message, context: Context) -> Message:
         int(cast(int, config["fold"])),
         weights_from_record(msg.content.array_records["arrays"]),
         str(config["role"]),
+        str(config["name"]),
+        [int(k) for k in config_json(config, "folds")],
     )
     return _reply(msg, runner.ctx.name, {"stats": arrays_record(h.to_arrays()), "metrics": metric_record({"num-examples": h.n})})
 

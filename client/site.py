@@ -415,17 +415,33 @@ class SiteRunner:
         return out
 
     # -- cross-site evaluation ---------------------------------------------------------------
-    def cross_site_stats(self, kind: ModelKind, fold: int, flat: np.ndarray, role: str) -> ClassHistogram:
-        """One model's statistics on this site's fold-``fold`` test patients (all patients at an external site).
+    def cross_site_stats(
+        self, kind: ModelKind, fold: int, flat: np.ndarray, role: str, name: str, folds: list[int]
+    ) -> ClassHistogram:
+        """One fold model's statistics at this site, for the cross-site matrix.
 
-        The model may come from another site (its local-only model) or be the
-        global one; nothing is written, only the histogram leaves.
+        A training site scores its fold-``fold`` test patients (each patient is
+        in one fold's test set, so the server may sum the folds).  An external
+        site scores all its patients with every fold model and, as in the main
+        evaluation, averages the folds: it keeps each fold's probabilities on
+        its own disk and answers the histogram of the mean once the last of
+        ``folds`` has come (an empty histogram before).  The model may be the
+        global one or another site's local-only model; only counts leave.
         """
         model = self.load_model(kind, fold, flat)
         ids = tuple(self.arrays.patient_ids) if role == "external" else self.folds[fold].test
         idx = self._index(ids)
         probs = predict(model, self.arrays, idx, kind, self.cfg)
-        return self.release(ClassHistogram.from_scores(self.arrays.labels[idx], probs, self._grid()))
+        labels = self.arrays.labels[idx]
+        if role == "external":
+            store = self.run_dir / "crosssite"
+            store.mkdir(parents=True, exist_ok=True)
+            safe = "".join(c if c.isalnum() else "_" for c in name)
+            np.save(store / f"{safe}_{kind}_fold{fold}.npy", probs)
+            if fold != max(folds):
+                return ClassHistogram.zeros(self.cfg.evaluation.grid_bins)
+            probs = np.mean([np.load(store / f"{safe}_{kind}_fold{k}.npy") for k in folds], axis=0)
+        return self.release(ClassHistogram.from_scores(labels, probs, self._grid()))
 
     # -- multi-reader multi-case analysis: per-reader statistics ---------------------------------
     def _reader_groups(self) -> dict[str, list[Any]]:

@@ -136,7 +136,7 @@ def _calibration_table(summary: Mapping[str, Any]) -> Table | None:
                 )
             )
     return Table(
-        "calibration",
+        "calibration_stats",
         "Calibration",
         "Calibration slope (logistic recalibration on logit p; 1 is ideal) and intercept "
         "(calibration-in-the-large, slope fixed at 1; 0 is ideal), fitted exactly on the pooled score grid; "
@@ -233,7 +233,7 @@ def _cross_site(summary: Mapping[str, Any]) -> list[Any]:
     kind = _label(str(cs.get("model", "")))
     return [
         Table(
-            "cross_site",
+            "cross_site_auc",
             "Cross-site evaluation",
             f"{kind}: each training site's local-only model and the global model evaluated at every site "
             "(training sites: their test patients of every fold; external sites: all their patients); "
@@ -243,7 +243,7 @@ def _cross_site(summary: Mapping[str, Any]) -> list[Any]:
             group_column="model",
         ),
         Plot(
-            "cross_site",
+            "cross_site_heatmap",
             "Cross-site AUC matrix",
             f"{kind}: AUC of each model (rows) at each site (columns).",
             png_bytes(fig),

@@ -7,9 +7,11 @@ a separate run id so the site keeps its federated state apart); the round
 with the best validation AUC at that site is kept, as the federation keeps
 the best pooled one.  Then each model (the selected global fold model and
 every local one) goes to every site, which returns the grid histogram of its
-fold test patients (an external site: all its patients).  Histograms are
-summed over folds per (model, site): the result is a model x site matrix of
-AUCs with DeLong CIs.  Weights travel; patients never.
+fold test patients, summed over folds (each patient is in one test set); an
+external site scores all its patients with every fold model and answers
+the histogram of the fold-averaged probabilities, as in the main
+evaluation.  The result is a model x site matrix of AUCs with DeLong CIs, each
+patient counted once.  Weights travel; patients never.
 """
 
 from __future__ import annotations
@@ -83,11 +85,12 @@ def cross_site_evaluation(runner: PlanRunner, kind: ModelKind) -> dict[str, Any]
                 models.setdefault(local_name(site), {})[k] = vec
     hists: dict[str, dict[str, ClassHistogram]] = {}
     for name, per_fold in models.items():
-        for k, vec in per_fold.items():
+        for k, vec in sorted(per_fold.items()):
             for role, nodes in (("train", train), ("external", external)):
                 if not nodes:
                     continue
-                extra = {"model": kind, "fold": k, "role": role}
+                # external sites average the fold models (answering after the last fold), as the main evaluation
+                extra = {"model": kind, "fold": k, "role": role, "name": name, "folds": sorted(per_fold)}
                 for r in runner._send(
                     list(nodes), f"{MessageType.EVALUATE}.crosssite", extra, weights_record(vec, dtype)
                 ):

@@ -169,7 +169,7 @@ def test_multi_reader_analysis_equals_the_per_patient_or_analysis(run: dict[str,
 def test_report_shows_forest_plot_threshold_and_table3_with_or_p(run: dict[str, Any]) -> None:
     html = render_report(run["run"]).read_text()
     folder = run["run"] / "report"
-    assert (folder / "forest_centres.png").is_file() and (folder / "cross_site.png").is_file()
+    assert (folder / "forest_centres.png").is_file() and (folder / "cross_site_heatmap.png").is_file()
     assert "Threshold rule (evaluation.threshold): youden" in html
     with (folder / "table3_reader_study.csv").open() as fh:
         t3 = list(csv.DictReader(fh))
@@ -177,7 +177,7 @@ def test_report_shows_forest_plot_threshold_and_table3_with_or_p(run: dict[str, 
     junior_with = next(r for r in t3 if r["tier"] == "junior" and r["session"] == "with AI")
     assert int(junior_with["patients"]) == 60 and int(junior_with["readers"]) == 2
     assert float(junior_with["or_p"]) == pytest.approx(run["summary"]["reader_study"]["mrmc"]["junior"]["p"])
-    for name in ("operating_points", "calibration", "centres", "table3_mrmc", "cross_site"):
+    for name in ("operating_points", "calibration_stats", "centres", "table3_mrmc", "cross_site_auc"):
         assert (folder / f"{name}.csv").is_file(), name
     assert "Calibration curves" in html and "in 5 equal-width bins" in html
 
@@ -193,7 +193,7 @@ def test_cross_site_matrix_holds_the_global_and_the_local_models_at_every_site(r
         assert cell["n"] == y.size
         assert cell["auc"] == pytest.approx(delong_ci(y, _q(p, bins)).auc, abs=1e-12)
         assert cell["auc_ci"] == pytest.approx(list(delong_ci(y, _q(p, bins)).ci), abs=1e-9)
-        assert cs["matrix"]["local:centre1"][site]["n"] == y.size
+        assert cs["matrix"]["local:centre1"][site]["n"] == y.size  # each patient once
     # local-only training went to centre1 alone (two trainings: the federation's and the local one)
     grid = run["grid"]
     assert grid.calls[("centre1", "train")] == 2
