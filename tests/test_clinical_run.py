@@ -37,7 +37,7 @@ def run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         "tiny",
         {
             "plan": "study",
-            "run_folds": [0],
+            "run_folds": [0, 1],
             "models": {"densenet2d": {"enabled": False}},
             "train": {"rounds": 1},
             "federation": {"round_timeout_s": 60.0},
@@ -62,10 +62,22 @@ def run(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 
 def _predictions(run: dict[str, Any], site: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    path = run["sites"] / site / "c1" / "predictions" / "densenet3d_fold0.csv"
-    with path.open() as fh:
-        rows = [r for r in csv.DictReader(fh) if r["split"] == split]
-    return np.array([int(r["label"]) for r in rows]), np.array([float(r["probability"]) for r in rows])
+    """One site's labels and 3D probabilities: test/val patients of both folds, or external (fold mean)."""
+    per_fold = []
+    for k in (0, 1):
+        with (run["sites"] / site / "c1" / "predictions" / f"densenet3d_fold{k}.csv").open() as fh:
+            rows = [r for r in csv.DictReader(fh) if r["split"] == split]
+        per_fold.append(
+            (
+                [r["patient_id"] for r in rows],
+                [int(r["label"]) for r in rows],
+                [float(r["probability"]) for r in rows],
+            )
+        )
+    if split == "external":
+        assert per_fold[0][0] == per_fold[1][0]
+        return np.array(per_fold[0][1]), np.mean([f[2] for f in per_fold], axis=0)
+    return np.array(per_fold[0][1] + per_fold[1][1]), np.array(per_fold[0][2] + per_fold[1][2])
 
 
 def _q(s: np.ndarray, bins: int) -> np.ndarray:
@@ -187,6 +199,7 @@ def test_cross_site_matrix_holds_the_global_and_the_local_models_at_every_site(r
     assert cs["model"] == "densenet3d" and cs["sites"] == list(SITES)
     assert cs["models"] == ["global", "local:centre1"]  # the study plan trains at centre1 only
     # the global model at each site: the same patients and probabilities as the run's own predictions
+    # (external: the two fold models averaged, each patient once)
     for site, split in (("centre1", "test"), ("centre2", "external"), ("centre3", "external")):
         y, p = _predictions(run, site, split)
         cell = cs["matrix"]["global"][site]
@@ -196,6 +209,6 @@ def test_cross_site_matrix_holds_the_global_and_the_local_models_at_every_site(r
         assert cs["matrix"]["local:centre1"][site]["n"] == y.size  # each patient once
     # local-only training went to centre1 alone (two trainings: the federation's and the local one)
     grid = run["grid"]
-    assert grid.calls[("centre1", "train")] == 2
+    assert grid.calls[("centre1", "train")] == 4  # two folds, federated and local-only
     assert grid.calls[("centre2", "train")] == grid.calls[("centre3", "train")] == 0
     assert (run["sites"] / "centre1" / "c1-local-centre1" / "splits.json").is_file()
