@@ -26,9 +26,9 @@ from common.engine import Schedule, diagnose, predict, set_threads, train
 from common.ensemble import combine
 from common.gridstats import ClassHistogram, ScoreGrid, add_noise, suppress_small_cells
 from common.models import ModelKind, build_model
-from common.mrmc import MRMC_PREFIX, reading_key
 from common.privacy import PrivacyLedger
 from common.radiomics import FederatedLogit
+from common.readerstudy import MRMC_PREFIX, reading_key
 from common.records import ModelCodec
 from common.sitedata import read_reader_study, score_to_probability
 from common.splits import Fold, fivefold, save_splits

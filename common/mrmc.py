@@ -29,7 +29,8 @@ normal/chi-square reference distributions (for J = 1 it is DeLong's test).
 The covariance matrix comes from the same two federated steps as
 ``common.delong``: per-(reader, modality) global histograms, then per-site
 sums of placement values for each pair of readings (``delong_step2_site`` on
-every pair); :func:`cov_from_pairs` assembles it.  :func:`delong_cov` is the
+every pair; bookkeeping in ``common.readerstudy``); :func:`cov_from_pairs`
+assembles it.  :func:`delong_cov` is the
 per-patient reference.  Identical duplicated readers give ``MS(T:R) = 0``,
 ``Cov2 = Var`` and ``Cov3 = Cov1``: the standard error of the difference
 equals the single reader's DeLong one (the variance does not shrink).
@@ -38,7 +39,7 @@ equals the single reader's DeLong one (the variance does not shrink).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,19 +48,9 @@ from numpy.typing import ArrayLike, NDArray
 from scipy import stats
 
 from common.delong import placements
-from common.gridstats import ClassHistogram
 from common.metrics import check_labels_scores, nan_to_none
 
-__all__ = [
-    "ORResult",
-    "cov_from_pairs",
-    "delong_cov",
-    "mrmc_histograms",
-    "mrmc_results",
-    "mrmc_specs",
-    "or_analysis",
-    "reading_key",
-]
+__all__ = ["ORResult", "cov_from_pairs", "delong_cov", "or_analysis"]
 
 
 def delong_cov(y: ArrayLike, scores: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
@@ -317,132 +308,3 @@ def _f_test(ms_t: float, den: float, df1: int, df2: float, diff: float) -> tuple
     if math.isfinite(df2):
         return f_stat, float(stats.f.sf(f_stat, df1, df2))
     return f_stat, float(stats.chi2.sf(f_stat * df1, df1))
-
-
-# -- the federated protocol's bookkeeping (pure: the server sends, the sites answer) ----------------
-MRMC_PREFIX = "mrmc/"
-
-
-def reading_key(reader: str, session: str) -> str:
-    """One reader's readings under one session, as named on the wire (``reader@session``)."""
-    return f"{reader}@{session}"
-
-
-def mrmc_histograms(
-    parts: Iterable[tuple[str, str, Any]], bins: int
-) -> tuple[dict[str, dict[str, ClassHistogram]], list[str]]:
-    """Sum the sites' per-reader arrays ``(site, "mrmc/<group>/<reader@session>/<field>", array)``.
-
-    Returns ``{group: {reading: global histogram}}`` and the problems found; a
-    malformed key, an invalid histogram or one on another grid than the run's
-    ``bins`` drops that site's reading (named in the problem), never the run.
-    """
-    fields: dict[tuple[str, str, str], dict[str, Any]] = {}
-    problems: list[str] = []
-    for site, key, value in parts:
-        bits = key.split("/")
-        if len(bits) != 4 or bits[0] + "/" != MRMC_PREFIX or "@" not in bits[2] or not all(bits):
-            problems.append(
-                f"{site}: reader statistic {key!r} is not mrmc/<group>/<reader>@<session>/<field>"
-            )
-            continue
-        fields.setdefault((site, bits[1], bits[2]), {})[bits[3]] = value
-    out: dict[str, dict[str, ClassHistogram]] = {}
-    for (site, group, reading), d in sorted(fields.items()):
-        try:
-            h = ClassHistogram.from_arrays(d)
-            if h.bins != bins:
-                raise ValueError(f"{h.bins} bins, the run's grid has {bins}")
-            per = out.setdefault(group, {})
-            per[reading] = per[reading] + h if reading in per else h
-        except ValueError as exc:
-            problems.append(f"{site}: reader statistics {group}/{reading} dropped: {exc}")
-    return out, problems
-
-
-def mrmc_specs(
-    hists: Mapping[str, Mapping[str, Any]],
-    sessions: Sequence[str] = ("without_ai", "with_ai"),
-) -> tuple[dict[str, Any], list[list[str]], list[str]]:
-    """DeLong step-2 specs for every pair of readings of every reader group.
-
-    ``hists[group][reading]`` are the global histograms (``reading = reader@session``).
-    Returns the histograms to send keyed ``"<reading>/mrmc/<group>"``, the specs
-    ``[reading_a, reading_b, "mrmc/<group>"]`` (``a <= b``; ``a == b`` gives the variance
-    of a lone reading) and their names ``"mrmc/<group>/<a> vs <b>"``.
-    """
-    global_h: dict[str, Any] = {}
-    specs: list[list[str]] = []
-    names: list[str] = []
-    for group, readings in sorted(hists.items()):
-        keys = _ordered_keys(readings, sessions)
-        if not keys:
-            continue
-        subset = f"{MRMC_PREFIX}{group}"
-        for k in keys:
-            global_h[f"{k}/{subset}"] = readings[k]
-        for a in range(len(keys)):
-            for b in range(a + 1 if len(keys) > 1 else a, len(keys)):
-                specs.append([keys[a], keys[b], subset])
-                names.append(f"{subset}/{keys[a]} vs {keys[b]}")
-    return global_h, specs, names
-
-
-def _ordered_keys(readings: Mapping[str, Any], sessions: Sequence[str]) -> list[str]:
-    """Modality-major order (``i * J + j``) over readers who have every session."""
-    readers = sorted({k.rsplit("@", 1)[0] for k in readings})
-    full = [r for r in readers if all(reading_key(r, s) in readings for s in sessions)]
-    return [reading_key(r, s) for s in sessions for r in full]
-
-
-def mrmc_results(
-    hists: Mapping[str, Mapping[str, Any]],
-    pairs: Mapping[str, Mapping[str, Any]],
-    sessions: Sequence[str] = ("without_ai", "with_ai"),
-    alpha: float = 0.05,
-) -> dict[str, dict[str, Any]]:
-    """OR analysis per reader group from the pairwise DeLong results named by :func:`mrmc_specs`.
-
-    ``pairs[name]`` is a ``DeLongResult.to_dict()``.  A group whose readers did not
-    read the same cases, or whose pairs are incomplete, gets ``{"skipped": why}``.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for group, readings in sorted(hists.items()):
-        keys = _ordered_keys(readings, sessions)
-        if not keys:
-            out[group] = {"skipped": "no reader has readings in every session"}
-            continue
-        counts = {(int(readings[k].n_pos), int(readings[k].n_neg)) for k in keys}
-        if len(counts) != 1:
-            out[group] = {
-                "skipped": "the readers of this group did not read the same cases (not fully crossed)"
-            }
-            continue
-        n_pos, n_neg = counts.pop()
-        subset = f"{MRMC_PREFIX}{group}"
-        found: dict[tuple[int, int], tuple[float, float, float]] = {}
-        auc = np.full(len(keys), np.nan)
-        for a in range(len(keys)):
-            for b in range(a + 1 if len(keys) > 1 else a, len(keys)):
-                r = pairs.get(f"{subset}/{keys[a]} vs {keys[b]}")
-                if r is None or r.get("var1") is None or r.get("var2") is None or r.get("cov") is None:
-                    continue
-                found[(a, b)] = (float(r["var1"]), float(r["var2"]), float(r["cov"]))
-                auc[a], auc[b] = float(r["auc1"]), float(r["auc2"])
-        try:
-            cov = cov_from_pairs(len(keys), found)
-        except ValueError as exc:
-            out[group] = {"skipped": f"incomplete DeLong covariances ({exc})"}
-            continue
-        readers = [k.rsplit("@", 1)[0] for k in keys[: len(keys) // len(sessions)]]
-        res = or_analysis(
-            auc.reshape(len(sessions), len(readers)),
-            cov,
-            modalities=sessions,
-            readers=readers,
-            n_pos=n_pos,
-            n_neg=n_neg,
-            alpha=alpha,
-        )
-        out[group] = res.to_dict()
-    return out

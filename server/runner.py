@@ -32,8 +32,8 @@ from common.engine import seed_everything
 from common.ensemble import ENSEMBLES, best_weights, mean_absolute_error_from_hist, simplex_grid
 from common.gridstats import ClassHistogram, pooled_metrics
 from common.models import ModelKind, build_model
-from common.mrmc import MRMC_PREFIX, mrmc_histograms, mrmc_results, mrmc_specs
 from common.radiomics import FederatedLogit
+from common.readerstudy import MRMC_PREFIX, mrmc_histograms, mrmc_results, mrmc_specs
 from common.records import (
     ModelCodec,
     arrays_from_record,

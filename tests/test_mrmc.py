@@ -11,15 +11,8 @@ import pytest
 
 from common.delong import PlacementSums, delong_from_sums, delong_pooled, delong_step2_site
 from common.gridstats import ClassHistogram, ScoreGrid
-from common.mrmc import (
-    cov_from_pairs,
-    delong_cov,
-    mrmc_histograms,
-    mrmc_results,
-    mrmc_specs,
-    or_analysis,
-    reading_key,
-)
+from common.mrmc import cov_from_pairs, delong_cov, or_analysis
+from common.readerstudy import mrmc_histograms, mrmc_results, mrmc_specs, reading_key
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vandyke.csv"
 
