@@ -104,7 +104,12 @@ def export_bundle(run_dir: Path, out: Path) -> Path:
     portable = dataclasses.replace(cfg, sites=(), external_sites=())
     thresholds = {k: float(v["threshold"]) for k, v in (summary.get("thresholds") or {}).items()}
     path = write_bundle(
-        out, config=portable, models=models, ensembles=ensembles, metrics=metrics, source=source,
+        out,
+        config=portable,
+        models=models,
+        ensembles=ensembles,
+        metrics=metrics,
+        source=source,
         thresholds=thresholds,
     )
     log.info(

@@ -337,6 +337,12 @@ def test_bundle_carries_the_run_thresholds_and_refuses_hostile_ones(
     for score, t in chosen.items():
         assert bundle.threshold_for(score) == t
     assert bundle.threshold_for("no-such-score") == bundle.threshold == 0.5
-    for bad in ({"densenet3d": 1.5}, {"densenet3d": "0.3"}, {"densenet3d": True}, ["densenet3d", 0.3], {"x": float("nan")}):
+    for bad in (
+        {"densenet3d": 1.5},
+        {"densenet3d": "0.3"},
+        {"densenet3d": True},
+        ["densenet3d", 0.3],
+        {"x": float("nan")},
+    ):
         with pytest.raises(BundleError, match="threshold"):
             read_bundle(_rewrite(bundle_path, tmp_path / "bad.zip", {"thresholds": bad}))
