@@ -468,3 +468,27 @@ def test_predict_device_choice(
     args = ["predict", "--bundle", str(bundle_path), "--image", "x.nii.gz", "--mask", "m.nii.gz"]
     assert client_main([*args, "--out", str(tmp_path), "--device", "cuda"]) == 2
     assert re.search(r"error: --device: cuda requested but no CUDA device", capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------- operating thresholds
+
+
+def test_bundle_carries_the_run_thresholds_and_refuses_hostile_ones(
+    run_dir: Path, bundle_path: Path, tmp_path: Path
+) -> None:
+    bundle = read_bundle(bundle_path)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    chosen = {k: v["threshold"] for k, v in summary["thresholds"].items()}
+    assert chosen and bundle.manifest["thresholds"] == chosen
+    for score, t in chosen.items():
+        assert bundle.threshold_for(score) == t
+    assert bundle.threshold_for("no-such-score") == bundle.threshold == 0.5
+    for bad in (
+        {"densenet3d": 1.5},
+        {"densenet3d": "0.3"},
+        {"densenet3d": True},
+        ["densenet3d", 0.3],
+        {"x": float("nan")},
+    ):
+        with pytest.raises(BundleError, match="threshold"):
+            read_bundle(_rewrite(bundle_path, tmp_path / "bad.zip", {"thresholds": bad}))
