@@ -79,7 +79,7 @@ def check_histograms(spec: MessageSpec, body: Any, ctx: ReplyContext) -> None:
     if spec is READERS:  # one reader's readings: each case at most once
         for group, reading in body.readings:
             reader, at, session = reading.rpartition("@")
-            if not (group and reader and at and session):
+            if not (group and reader and at and session) or "/" in reading:
                 raise ReplyRejected("reader statistics are not named (<group>, <reader>@<session>)")
         _check_set(body.readings.items(), bins, ctx.max_count(bins), spec)
 

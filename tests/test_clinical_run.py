@@ -212,3 +212,9 @@ def test_cross_site_matrix_holds_the_global_and_the_local_models_at_every_site(r
     assert grid.calls[("centre1", "train")] == 4  # two folds, federated and local-only
     assert grid.calls[("centre2", "train")] == grid.calls[("centre3", "train")] == 0
     assert (run["sites"] / "centre1" / "c1-local-centre1" / "splits.json").is_file()
+
+
+def test_every_honest_reply_passes_the_reply_checks(run: dict[str, Any]) -> None:
+    """Validation subsets, per-reader histograms and cross-site replies of honest sites are all accepted."""
+    assert run["summary"]["rejected_replies"] == {}
+    assert run["summary"]["reader_study"]["mrmc"]
