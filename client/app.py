@@ -51,6 +51,7 @@ from common.protocol import (
 )
 from common.sitedata import SiteDataError
 
+from .clinical import SiteClinical
 from .floor import PrivacyFloorViolation, load_floor
 from .site import RunIdRejected, SiteContext, SiteRunner
 
@@ -201,7 +202,9 @@ def final(msg: Message, context: Context) -> Message:
 def cross_site(msg: Message, context: Context) -> Message:
     """Cross-site evaluation: one model's grid statistics on this site's test patients (weights in, counts out)."""
     runner, req = _runner(msg, context, CROSSSITE)
-    h = runner.cross_site_stats(cast(ModelKind, req.model), req.fold, req.weights, req.role, req.name, req.folds)
+    h = SiteClinical(runner).cross_site_stats(
+        cast(ModelKind, req.model), req.fold, req.weights, req.role, req.name, req.folds
+    )
     return _ok(msg, runner, EvaluateReply(histogram=h, num_examples=h.n))
 
 
@@ -210,7 +213,7 @@ def cross_site(msg: Message, context: Context) -> Message:
 def readers(msg: Message, context: Context) -> Message:
     """Reader-study grid statistics per tier and session (nothing when the site has no reader study)."""
     runner, _ = _runner(msg, context, READERS)
-    hists, readings = runner.reader_stats(), runner.mrmc_stats()
+    hists, readings = runner.reader_stats(), SiteClinical(runner).mrmc_stats()
     return _ok(msg, runner, ReadersReply(histograms=hists, readings=readings, n_arrays=len(hists) + len(readings)))
 
 

@@ -32,11 +32,13 @@ from common.models import ModelKind, build_model
 from common.privacy import PrivacyLedger
 from common.protocol import FeatstatsReply, HistogramSet, PredictReply, SiteInfoReply, TrainReply
 from common.radiomics import FederatedLogit
-from common.readerstudy import MRMC_PREFIX, reading_key
+from common.readerstudy import MRMC_PREFIX
 from common.records import ModelCodec
 from common.rounds import local_round
 from common.sitedata import read_reader_study, score_to_probability
 from common.splits import Fold, fivefold, save_splits
+
+from .clinical import SiteClinical
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +75,6 @@ def run_folder(out_dir: Path, run_id: str) -> Path:
     if not folder.resolve().is_relative_to(out_dir.resolve()):
         raise RunIdRejected(f"run id {run_id!r} refused: its folder resolves outside the site's output folder")
     return folder
-
-
-def _reader_name(reader: str) -> str:
-    """A reader id as it travels in statistic names (no ``/`` or ``@``, which separate fields)."""
-    return reader.replace("/", "_").replace("@", "_")
 
 
 class SiteRunner:
@@ -377,7 +374,7 @@ class SiteRunner:
         if subset.startswith("readers/"):
             return self._reader_scores(subset.split("/", 1)[1])
         if subset.startswith(MRMC_PREFIX):
-            return self._reader_matrix(subset[len(MRMC_PREFIX) :])
+            return SiteClinical(self).reader_matrix(subset[len(MRMC_PREFIX) :])
         enabled = self.scores_enabled()
         if subset == "external":
             y, scores = self.score_table("external", None, enabled)
@@ -433,80 +430,6 @@ class SiteRunner:
             if y.size == 0 or s1 not in scores or s2 not in scores:
                 continue
             out[i] = delong_step2_site(y, scores[s1], scores[s2], global_hists[(s1, subset)], global_hists[(s2, subset)])
-        return out
-
-    # -- cross-site evaluation ---------------------------------------------------------------
-    def cross_site_stats(
-        self, kind: ModelKind, fold: int, flat: np.ndarray, role: str, name: str, folds: list[int]
-    ) -> ClassHistogram:
-        """One fold model's statistics at this site, for the cross-site matrix.
-
-        A training site scores its fold-``fold`` test patients (each patient is
-        in one fold's test set, so the server may sum the folds).  An external
-        site scores all its patients with every fold model and, as in the main
-        evaluation, averages the folds: it keeps each fold's probabilities on
-        its own disk and answers the histogram of the mean once the last of
-        ``folds`` has come (an empty histogram before).  The model may be the
-        global one or another site's local-only model; only counts leave.
-        """
-        model = self.load_model(kind, fold, flat)
-        ids = tuple(self.arrays.patient_ids) if role == "external" else self.folds[fold].test
-        idx = self._index(ids)
-        probs = predict(model, self.arrays, idx, kind, self.cfg)
-        labels = self.arrays.labels[idx]
-        if role == "external":
-            store = self.run_dir / "crosssite"
-            store.mkdir(parents=True, exist_ok=True)
-            safe = "".join(c if c.isalnum() else "_" for c in name)
-            np.save(store / f"{safe}_{kind}_fold{fold}.npy", probs)
-            if fold != max(folds):
-                return ClassHistogram.zeros(self.cfg.evaluation.grid_bins)
-            probs = np.mean([np.load(store / f"{safe}_{kind}_fold{k}.npy") for k in folds], axis=0)
-        return self.release(ClassHistogram.from_scores(labels, probs, self._grid()))
-
-    # -- multi-reader multi-case analysis: per-reader statistics ---------------------------------
-    def _reader_groups(self) -> dict[str, list[Any]]:
-        """Reader-study rows per tier, and of every tier together (``all``) when there are several."""
-        rows = read_reader_study(self.ctx.data_dir)
-        groups: dict[str, list[Any]] = {}
-        for r in rows:
-            groups.setdefault(r.tier, []).append(r)
-        if len(groups) > 1:
-            groups["all"] = rows
-        return groups
-
-    def _reader_matrix(self, group: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Labels and each reader's readings (``reader@session``) of the cases every reader of ``group`` read.
-
-        The Obuchowski-Rockette analysis needs a fully crossed design: a case
-        one reader of the group did not read is left out for all of them.
-        """
-        mapping = self.cfg.evaluation.score_mapping
-        pos = {pid: i for i, pid in enumerate(self.arrays.patient_ids)}
-        rows = [r for r in self._reader_groups().get(group, []) if r.patient_id in pos]
-        readers = sorted({_reader_name(r.reader) for r in rows})
-        by: dict[tuple[str, str], Any] = {(r.patient_id, _reader_name(r.reader)): r for r in rows}
-        cases = sorted(p for p in {r.patient_id for r in rows} if all((p, rd) in by for rd in readers))
-        y = np.asarray([self.arrays.labels[pos[p]] for p in cases], dtype=np.int64)
-        scores: dict[str, np.ndarray] = {}
-        for rd in readers:
-            scores[reading_key(rd, "without_ai")] = np.asarray(
-                [score_to_probability(by[(p, rd)].score_without_ai, mapping) for p in cases]
-            )
-            scores[reading_key(rd, "with_ai")] = np.asarray(
-                [score_to_probability(by[(p, rd)].score_with_ai, mapping) for p in cases]
-            )
-        return y, scores
-
-    def mrmc_stats(self) -> HistogramSet:
-        """Grid statistics ``(group, reader@session)`` of every reader's readings (released like any other)."""
-        out: HistogramSet = {}
-        for group in self._reader_groups():
-            y, scores = self._reader_matrix(group)
-            if y.size == 0:
-                continue
-            for reading, p in scores.items():
-                out[(group, reading)] = self.release(ClassHistogram.from_scores(y, p, self._grid()))
         return out
 
     def _write_final(self, role: str, ensembles: dict[str, list[float]]) -> None:
