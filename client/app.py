@@ -25,6 +25,7 @@ from common.config import ConfigError, ExperimentConfig, from_dict
 from common.models import ModelKind
 from common.privacy import PrivacyBudgetExhausted
 from common.protocol import (
+    CROSSSITE,
     DELONG,
     ENSEMBLE,
     EVALUATE,
@@ -43,12 +44,14 @@ from common.protocol import (
     HistogramSetReply,
     MessageSpec,
     RadiomicsReply,
+    ReadersReply,
     Status,
     reply,
     unavailable,
 )
 from common.sitedata import SiteDataError
 
+from .clinical import SiteClinical
 from .floor import PrivacyFloorViolation, load_floor
 from .site import RunIdRejected, SiteContext, SiteRunner
 
@@ -194,13 +197,24 @@ def final(msg: Message, context: Context) -> Message:
     return _ok(msg, runner, HistogramSetReply(histograms=hists, n_arrays=len(hists)))
 
 
+@_on(CROSSSITE)
+@_safe
+def cross_site(msg: Message, context: Context) -> Message:
+    """Cross-site evaluation: one model's grid statistics on this site's test patients (weights in, counts out)."""
+    runner, req = _runner(msg, context, CROSSSITE)
+    h = SiteClinical(runner).cross_site_stats(
+        cast(ModelKind, req.model), req.fold, req.weights, req.role, req.name, req.folds
+    )
+    return _ok(msg, runner, EvaluateReply(histogram=h, num_examples=h.n))
+
+
 @_on(READERS)
 @_safe
 def readers(msg: Message, context: Context) -> Message:
     """Reader-study grid statistics per tier and session (nothing when the site has no reader study)."""
     runner, _ = _runner(msg, context, READERS)
-    hists = runner.reader_stats()
-    return _ok(msg, runner, HistogramSetReply(histograms=hists, n_arrays=len(hists)))
+    hists, readings = runner.reader_stats(), SiteClinical(runner).mrmc_stats()
+    return _ok(msg, runner, ReadersReply(histograms=hists, readings=readings, n_arrays=len(hists) + len(readings)))
 
 
 @_on(DELONG)

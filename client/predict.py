@@ -357,10 +357,11 @@ def describe(pred: Prediction, bundle: ModelBundle, where: str = "CPU") -> str:
             lines.append(
                 f"  {spec.name:<28s} {pred.probabilities[spec.name]:.3f}   ({spec.describe()}; validation AUC {auc}){mark}"
             )
-    side = "malignant" if pred.probability >= bundle.threshold else "benign"
+    threshold = bundle.threshold_for(pred.answered_by)
+    side = "malignant" if pred.probability >= threshold else "benign"
     lines.append(
         f"  probability of malignancy: {pred.probability:.3f} from {pred.answered_by} "
-        f"({side} side of the study threshold {bundle.threshold:.2f})"
+        f"({side} side of the operating threshold {threshold:.3f})"
     )
     if pred.heatmap is not None:
         lines.append(f"  heatmap ({pred.cam_layer}): {pred.heatmap}  key slices: {pred.png}")
@@ -377,6 +378,8 @@ def _write_json(pred: Prediction, bundle: ModelBundle, out_dir: Path) -> Path:
         "bundle": str(bundle.path),
         "bundle_files": bundle.manifest.get("files"),
         "source": bundle.manifest.get("source"),
+        "threshold": bundle.threshold_for(pred.answered_by),
+        "malignant": pred.probability >= bundle.threshold_for(pred.answered_by),
     }
     path.write_text(json.dumps({**pred.to_dict(), **meta}, indent=2))
     return path

@@ -32,10 +32,13 @@ from common.models import ModelKind, build_model
 from common.privacy import PrivacyLedger
 from common.protocol import FeatstatsReply, HistogramSet, PredictReply, SiteInfoReply, TrainReply
 from common.radiomics import FederatedLogit
+from common.readerstudy import MRMC_PREFIX
 from common.records import ModelCodec
 from common.rounds import local_round
 from common.sitedata import read_reader_study, score_to_probability
 from common.splits import Fold, fivefold, save_splits
+
+from .clinical import SiteClinical
 
 log = logging.getLogger(__name__)
 
@@ -341,9 +344,16 @@ class SiteRunner:
         """Histograms of every score on internal-test folds (training site) or external patients."""
         enabled = self.scores_enabled()
         subsets = ["external"] if role == "external" else [f"fold{k}" for k in self.cfg.active_folds]
+        if role != "external":  # validation patients: the operating threshold is chosen on them
+            subsets += [f"val{k}" for k in self.cfg.active_folds]
         out: HistogramSet = {}
         for subset in subsets:
-            split, fold = ("external", None) if subset == "external" else ("test", int(subset[4:]))
+            if subset == "external":
+                split, fold = "external", None
+            elif subset.startswith("val"):
+                split, fold = "val", int(subset[3:])
+            else:
+                split, fold = "test", int(subset[4:])
             y, scores = self.score_table(split, fold, enabled)
             for name, w in ensembles.items():
                 members = name.split("+")
@@ -363,6 +373,8 @@ class SiteRunner:
         """
         if subset.startswith("readers/"):
             return self._reader_scores(subset.split("/", 1)[1])
+        if subset.startswith(MRMC_PREFIX):
+            return SiteClinical(self).reader_matrix(subset[len(MRMC_PREFIX) :])
         enabled = self.scores_enabled()
         if subset == "external":
             y, scores = self.score_table("external", None, enabled)
@@ -410,7 +422,7 @@ class SiteRunner:
         out: dict[int, PlacementSums] = {}
         cache: dict[str, tuple[np.ndarray, dict[str, np.ndarray]]] = {}
         for i, (s1, s2, subset) in enumerate(specs):
-            if subset not in subsets and not subset.startswith("readers/"):
+            if subset not in subsets and not subset.startswith(("readers/", MRMC_PREFIX)):
                 continue
             if subset not in cache:
                 cache[subset] = self.subset_scores(subset, ensembles)

@@ -37,6 +37,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -133,7 +134,13 @@ class ModelBundle:
 
     @property
     def threshold(self) -> float:
-        return self.config.evaluation.threshold
+        """The fixed threshold of the run's config (0.5 when it chose thresholds on validation)."""
+        return self.config.evaluation.fixed_threshold
+
+    def threshold_for(self, score: str) -> float:
+        """The operating threshold the run chose for ``score`` on validation, else :attr:`threshold`."""
+        chosen = self.manifest.get("thresholds") or {}
+        return float(chosen.get(score, self.threshold))
 
     def build(self, kind: ModelKind) -> list[nn.Module]:
         """The fold models of ``kind``, weights loaded, in eval mode (CPU).
@@ -185,6 +192,7 @@ def write_bundle(
     metrics: Mapping[str, Any],
     source: Mapping[str, Any],
     signing_key: Ed25519PrivateKey,
+    thresholds: Mapping[str, float] | None = None,
 ) -> Path:
     """Write a bundle signed with ``signing_key`` atomically (temp file, then rename); returns ``out``."""
     out = Path(out)
@@ -206,7 +214,8 @@ def write_bundle(
             for e in ensembles
         },
         "score_mapping": list(config.evaluation.score_mapping),
-        "threshold": config.evaluation.threshold,
+        "threshold": config.evaluation.fixed_threshold,
+        "thresholds": {k: float(v) for k, v in (thresholds or {}).items()},
         "metrics": dict(metrics),
         "source": dict(source),
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in payload.items()},
@@ -350,10 +359,21 @@ def read_bundle(
         EnsembleSpec(name, tuple(e["members"]), tuple(float(w) for w in e["weights"]), e.get("val_auc"))
         for name, e in cast(dict[str, dict[str, Any]], manifest.get("ensembles", {})).items()
     )
+    _check_thresholds(manifest.get("thresholds", {}), path)
     bundle = ModelBundle(path, manifest, config, folds, ensembles, tensors)
     if not bundle.kinds:
         raise BundleError(f"{path}: the bundle holds no model")
     return bundle
+
+
+def _check_thresholds(chosen: Any, path: Path) -> None:
+    """Operating thresholds must be probabilities in (0, 1), one per named score."""
+    if not isinstance(chosen, dict):
+        raise BundleError(f"{path}: 'thresholds' in the manifest must map score names to numbers")
+    for name, t in chosen.items():
+        ok = isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) and 0.0 < t < 1.0
+        if not (isinstance(name, str) and ok):
+            raise BundleError(f"{path}: operating threshold {t!r} of {name!r} is not a probability in (0, 1)")
 
 
 def check_compatible(manifest: Mapping[str, Any], path: Path) -> None:

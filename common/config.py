@@ -188,13 +188,30 @@ class FederationConfig:
 
 @dataclass(frozen=True)
 class EvaluationConfig:
-    threshold: float = 0.5
+    # a fixed probability, or a rule applied to pooled validation statistics:
+    # "youden", "sensitivity:0.9", "specificity:0.9" (common/threshold.py)
+    threshold: float | str = 0.5
     grid_bins: int = 10000
     calibration_bins: int = 10
     ensemble_grid_step: float = 0.05
     score_mapping: tuple[float, ...] = (0.05, 0.15, 0.25, 0.40, 0.50, 0.60, 0.75, 0.85, 0.95)
     min_cell_count: int = 0
     stats_noise: float = 0.0
+    # evaluate every training site's local-only model and the global model at every site
+    cross_site: bool = False
+
+    @property
+    def threshold_rule(self) -> Any:
+        """The parsed ``threshold`` (a ``common.threshold.ThresholdRule``)."""
+        from common.threshold import parse_threshold
+
+        return parse_threshold(self.threshold)
+
+    @property
+    def fixed_threshold(self) -> float:
+        """The threshold where none is chosen on validation (round logs, reader study): the fixed one, or 0.5."""
+        rule = self.threshold_rule
+        return float(rule.value) if rule.fixed else 0.5
 
 
 @dataclass(frozen=True)
@@ -257,7 +274,31 @@ class ExperimentConfig:
         _check(len(m) == 9, "evaluation.score_mapping", "needs 9 probabilities, one per score 1-9")
         _check(all(0.0 <= p <= 1.0 for p in m), "evaluation.score_mapping", "values must be probabilities")
         _check(all(a < b for a, b in itertools.pairwise(m)), "evaluation.score_mapping", "must increase with the score")
-        _check(0 < self.evaluation.threshold < 1, "evaluation.threshold", "must be in (0, 1)")
+        from common.threshold import parse_threshold
+
+        try:
+            rule = parse_threshold(self.evaluation.threshold)
+        except ValueError as exc:
+            raise ConfigError(f"evaluation.threshold: {exc}") from None
+        bins = self.evaluation.grid_bins
+        _check(
+            not rule.fixed or abs(rule.value * bins - round(rule.value * bins)) < 1e-6,
+            "evaluation.threshold",
+            f"a fixed threshold must lie on the score grid (a multiple of 1/{bins}) for exact confusion matrices",
+        )
+        _check(
+            not self.evaluation.cross_site or (self.federation.strategy != "fedbn" and not self.dp.enabled),
+            "evaluation.cross_site",
+            "needs whole models and one privacy ledger per site: not with federation.strategy fedbn "
+            "(normalisation layers stay at each site) or dp.enabled (local-only training would spend budget "
+            "outside the run's ledger)",
+        )
+        cb = self.evaluation.calibration_bins
+        _check(
+            cb >= 3 and self.evaluation.grid_bins % cb == 0,
+            "evaluation.calibration_bins",
+            f"must be >= 3 (Hosmer-Lemeshow has groups - 2 degrees of freedom) and divide grid_bins ({self.evaluation.grid_bins})",
+        )
         _check(self.evaluation.grid_bins >= 100, "evaluation.grid_bins", "must be >= 100")
         _check(self.federation.max_update_norm >= 0, "federation.max_update_norm", "must be >= 0 (0: off)")
         _check(

@@ -66,7 +66,7 @@ def _as_confusion(cm: ArrayLike) -> ConfusionMatrix:
 def metrics_from_confusion(cm: ArrayLike) -> dict[str, float]:
     """Threshold metrics from ``[[TN, FP], [FN, TP]]``; 0/0 gives NaN.
 
-    Returns precision, recall (= sensitivity), f1, accuracy and specificity.
+    Returns precision (= PPV), recall (= sensitivity), f1, accuracy, specificity and NPV.
     F1 is computed as ``2TP / (2TP + FP + FN)``, which equals the harmonic
     mean of precision and recall whenever both are defined and stays defined
     when only one is.
@@ -78,6 +78,7 @@ def metrics_from_confusion(cm: ArrayLike) -> dict[str, float]:
         "f1": ratio(2 * tp, 2 * tp + fp + fn),
         "accuracy": ratio(tp + tn, tn + fp + fn + tp),
         "specificity": ratio(tn, tn + fp),
+        "npv": ratio(tn, tn + fn),
     }
 
 
@@ -97,6 +98,8 @@ class Metrics:
     n: int
     n_pos: int
     threshold: float
+    ppv: float = float("nan")
+    npv: float = float("nan")
 
     @classmethod
     def from_confusion(cls, cm: ArrayLike, auc: float, brier: float, threshold: float) -> Metrics:
@@ -117,6 +120,8 @@ class Metrics:
             n=tn + fp + fn + tp,
             n_pos=fn + tp,
             threshold=float(threshold),
+            ppv=ratios["precision"],
+            npv=ratios["npv"],
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,6 +130,8 @@ class Metrics:
             "auc": nan_to_none(self.auc),
             "f1": nan_to_none(self.f1),
             "precision": nan_to_none(self.precision),
+            "ppv": nan_to_none(self.ppv),
+            "npv": nan_to_none(self.npv),
             "recall": nan_to_none(self.recall),
             "sensitivity": nan_to_none(self.sensitivity),
             "specificity": nan_to_none(self.specificity),

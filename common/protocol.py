@@ -44,6 +44,7 @@ ARRAYS = "arrays"  # a model vector or model parameters (ArrayRecord)
 STATS = "stats"  # aggregate statistics: histograms, moments (ArrayRecord)
 METRICS = "metrics"  # scalars (MetricRecord)
 STATUS = "status"  # every reply: state, site, reason (ConfigRecord)
+MRMC = "mrmc"  # per-reader histograms for the multi-reader analysis (ArrayRecord)
 
 NUM_EXAMPLES = "num-examples"  # the FedAvg weight; Flower's own strategies read it
 PROXIMAL_MU = "proximal-mu"  # where Flower's FedProx puts its mu in the train config
@@ -124,9 +125,12 @@ def wire(
     depth: int = 0,
     counts_only: bool = False,
     default: Any = dataclasses.MISSING,
+    default_factory: Callable[[], Any] | None = None,
 ) -> Any:
     """A body field and where it travels (``record`` defaults by place)."""
     meta = {"wire": Wire(key, place, record or _RECORD_OF[place], convert, size, depth, counts_only)}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
     if default is dataclasses.MISSING:
         return field(metadata=meta)
     return field(default=default, metadata=meta)
@@ -304,6 +308,34 @@ class HistogramSetReply:
 
 
 @dataclass(frozen=True)
+class ReadersReply:
+    """Reader-study histograms per tier and session, and per reader for the multi-reader analysis."""
+
+    histograms: HistogramSet = wire("", Place.HISTOGRAMS, _HIST + " per (tier, session)", depth=2)
+    readings: HistogramSet = wire(
+        "",
+        Place.HISTOGRAMS,
+        _HIST + " per (group, reader@session): the cases every reader of the group read",
+        record=MRMC,
+        depth=2,
+        default_factory=dict,
+    )
+    n_arrays: int = wire("n-arrays", Place.METRIC, "1 int", convert=int, default=0)
+
+
+@dataclass(frozen=True)
+class CrossSiteRequest:
+    """One fold model (the global one or a site's local-only one) to score at a site."""
+
+    weights: np.ndarray = wire(WEIGHTS_KEY, Place.WEIGHTS, _MODEL)
+    model: str = wire("model", Place.CONFIG, "name", convert=str)
+    fold: int = wire("fold", Place.CONFIG, "1 int", convert=int)
+    role: str = wire("role", Place.CONFIG, "train | external", convert=str)
+    name: str = wire("name", Place.CONFIG, "global | local:<site>", convert=str)
+    folds: list[int] = wire("folds", Place.JSON, "the folds of this model (external sites average them)")
+
+
+@dataclass(frozen=True)
 class EnsembleReply:
     histograms: HistogramSet = wire(
         "", Place.HISTOGRAMS, "2 count arrays of `bins` per (ensemble, candidate)", depth=2, counts_only=True
@@ -327,7 +359,12 @@ class DelongRequest:
         depth=2,
         counts_only=True,
     )
-    specs: list[list[str]] = wire("specs", Place.JSON, "[score1, score2, subset] per comparison")
+    specs: list[list[str]] = wire(
+        "specs",
+        Place.JSON,
+        "[score1, score2, subset] per comparison (subset `internal`, `external`, `readers/<tier>`, "
+        "or `mrmc/<group>` with scores `<reader>@<session>`)",
+    )
     ensembles: dict[str, list[float]] = wire("ensembles", Place.JSON, "fitted weights per ensemble")
     role: str = wire("role", Place.CONFIG, "train | external", convert=str)
 
@@ -441,7 +478,8 @@ def decode(content: RecordDict, cls: type[B]) -> B:
 
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for name, w in _wires(cls):
-        has_default = fields[name].default is not dataclasses.MISSING
+        f = fields[name]
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         try:
             if w.place in (Place.CONFIG, Place.JSON, Place.METRIC):
                 try:
@@ -467,6 +505,8 @@ def decode(content: RecordDict, cls: type[B]) -> B:
             elif w.place is Place.HISTOGRAM:
                 values[name] = ClassHistogram.from_arrays(arrays(w.record))
             elif w.place is Place.HISTOGRAMS:
+                if has_default and w.record not in content.array_records:  # an optional set left out
+                    continue
                 values[name] = histograms_from_arrays(arrays(w.record), w.depth)
             elif w.place is Place.PLACEMENTS:
                 values[name] = _placements(_record(content, w.record, w.place))
@@ -577,18 +617,30 @@ FINAL = MessageSpec(
     HistogramSetReply,
     _SERVER,
     _ROLE,
-    "internal-test or external histograms of every score",
+    "histograms of every score: internal-test (`fold<k>`) and validation (`val<k>`, where the operating "
+    "threshold is chosen) at training sites, `external` at external sites",
     _RELEASE,
 )
 READERS = MessageSpec(
     MessageType.EVALUATE,
     "readers",
     Empty,
-    HistogramSetReply,
+    ReadersReply,
     _SERVER,
     _ALL,
-    "reader-study histograms per tier and session",
+    "reader-study histograms per tier and session, and per reader (Obuchowski-Rockette multi-reader analysis)",
     _RELEASE,
+)
+CROSSSITE = MessageSpec(
+    MessageType.EVALUATE,
+    "crosssite",
+    CrossSiteRequest,
+    EvaluateReply,
+    _SERVER,
+    _ROLE,
+    "cross-site evaluation (evaluation.cross_site): one fold model, global or a site's local-only one, "
+    "on the site's internal-test patients (external: fold-averaged, answered after the last fold)",
+    _RELEASE + "; model weights travel to the sites, patients never",
 )
 DELONG = MessageSpec(
     MessageType.EVALUATE,
@@ -630,6 +682,7 @@ MESSAGES: tuple[MessageSpec, ...] = (
     FINAL,
     READERS,
     DELONG,
+    CROSSSITE,
     FEATSTATS,
     RADIOMICS,
 )

@@ -492,22 +492,59 @@ def table3_section(summary: Mapping[str, Any]) -> Section:
         b.note("No reader study in this run.")
         return Section("table3", "Table 3 — reader study", tuple(b.blocks))
     keys = ("auc", "sensitivity", "specificity", "precision", "accuracy", "mae")
+    raw = study.get("mrmc")
+    mrmc: dict[str, Any] = raw if isinstance(raw, dict) else {}
     rows = []
     for tier, arms in study.items():
-        p = _num((arms.get("delong") or {}).get("p")) if isinstance(arms, dict) else None
+        if tier == "mrmc":
+            continue
+        found = mrmc.get(tier)
+        orr: dict[str, Any] = found if isinstance(found, dict) else {}
+        p = _num(orr.get("p"))
+        patients, readers = orr.get("patients"), len(orr.get("readers") or []) or None
         for arm, label in (("without_ai", "without AI"), ("with_ai", "with AI")):
             m = arms.get(arm) if isinstance(arms, dict) else None
             if not isinstance(m, dict):
                 b.note(f"Reader study, {tier}: no '{arm}' session.")
                 continue
-            rows.append((tier, label, m.get("n"), *(_num(m.get(k)) for k in keys), p if arm == "with_ai" else None))
+            mean_auc = _num(((orr.get("mean_auc") or {}).get(arm) or {}).get("auc"))
+            rows.append((tier, label, patients, readers, m.get("n"), mean_auc, *(_num(m.get(k)) for k in keys),
+                         p if arm == "with_ai" else None))
     b.add(Table(
         "table3_reader_study",
         "Table 3. Reader study on the external set",
-        "Each tier's readers without and with the 3D model's prediction; MAE = mean |probability − label|; "
-        "p = DeLong test of with vs without AI.",
-        ("tier", "session", "n", *keys, "delong_p"), tuple(rows), group_column="tier",
+        "Each tier's readers without and with the 3D model's prediction: patients and readers of the "
+        "multi-reader analysis, readings = patients x readers; reader_mean_auc = the readers' mean AUC; the other "
+        "metrics pool every reading (descriptive); MAE = mean |probability − label|; or_p = Obuchowski-Rockette "
+        "test of with vs without AI (random readers and cases, DeLong covariances, Hillis df; fixed readers "
+        "when a tier has one reader).",
+        ("tier", "session", "patients", "readers", "readings", "reader_mean_auc", *keys, "or_p"), tuple(rows),
+        group_column="tier",
     ))
+    or_rows = []
+    for group, r in mrmc.items():
+        if not isinstance(r, dict):
+            continue
+        if "skipped" in r:
+            b.note(f"Multi-reader analysis, {group}: skipped: {r['skipped']}.")
+            continue
+        ma = r.get("mean_auc") or {}
+        d = r.get("difference") or {}
+        lo, hi = _pair(d.get("ci"))
+        wo, wi = ma.get("without_ai") or {}, ma.get("with_ai") or {}
+        or_rows.append((group, r.get("method"), r.get("patients"), len(r.get("readers") or []), _num(wo.get("auc")),
+                        *_pair(wo.get("ci")), _num(wi.get("auc")), *_pair(wi.get("ci")), _num(d.get("estimate")),
+                        lo, hi, _num(r.get("F")), _num(r.get("df2")), _num(r.get("p"))))
+    if or_rows:
+        b.add(Table(
+            "table3_mrmc",
+            "Table 3b. Multi-reader multi-case analysis (Obuchowski-Rockette)",
+            "Reader-averaged AUC without and with AI with 95% CIs, their difference (with − without) with its 95% "
+            "CI, F, denominator df and p; RRRC = random readers and cases, FRRC = fixed readers.",
+            ("group", "method", "patients", "readers", "auc_without_ai", "ci_low_without", "ci_high_without",
+             "auc_with_ai", "ci_low_with", "ci_high_with", "difference", "diff_ci_low", "diff_ci_high", "F", "df2",
+             "p"), tuple(or_rows),
+        ))
     return Section("table3", "Table 3 — reader study", tuple(b.blocks))
 
 
@@ -542,12 +579,12 @@ def _listed(a: np.ndarray) -> list[float | None]:
     return [None if not math.isfinite(float(x)) else float(x) for x in a]
 
 
-def curve_data(h: ClassHistogram) -> dict[str, Any]:
+def curve_data(h: ClassHistogram, calibration_bins: int = CALIBRATION_BINS) -> dict[str, Any]:
     """ROC, calibration and decision curve of one score on one patient set (all from the histogram)."""
     fpr, tpr, _ = roc_curve(h)
     out: dict[str, Any] = {"n": h.n, "n_pos": h.n_pos, "auc": auc(h), "roc": {"fpr": fpr, "tpr": tpr}}
-    if h.bins % CALIBRATION_BINS == 0:
-        mean_pred, observed, counts = calibration_curve(h, CALIBRATION_BINS)
+    if h.bins % calibration_bins == 0:
+        mean_pred, observed, counts = calibration_curve(h, calibration_bins)
         out["calibration"] = {"mean_predicted": mean_pred, "observed": observed, "counts": counts}
     thresholds = _grid_thresholds(h.bins)
     if thresholds.size:
@@ -613,7 +650,8 @@ def figures_section(
         sets: dict[str, dict[str, ClassHistogram]] = {"internal pooled": {}, "external": {}}
     else:
         sets = evaluation_sets(stats)
-    curves = {subset: {s: curve_data(h) for s, h in hists.items()} for subset, hists in sets.items()}
+    cal_bins = int(summary.get("calibration_bins") or CALIBRATION_BINS)  # evaluation.calibration_bins of the run
+    curves = {subset: {s: curve_data(h, cal_bins) for s, h in hists.items()} for subset, hists in sets.items()}
     present = {subset: c for subset, c in curves.items() if c}
     for subset in curves:
         if stats is not None and not curves[subset]:
@@ -625,11 +663,11 @@ def figures_section(
                    png_bytes(line_figure([_roc_panel(k, c) for k, c in present.items()]))))
         if any("calibration" in c for cs in present.values() for c in cs.values()):
             b.add(Plot("calibration", "Calibration curves",
-                       f"Observed fraction malignant vs mean predicted probability in {CALIBRATION_BINS} equal-width "
+                       f"Observed fraction malignant vs mean predicted probability in {cal_bins} equal-width "
                        f"bins (empty bins omitted), {pooled}.",
                        png_bytes(line_figure([_calibration_panel(k, c) for k, c in present.items()], shared_legend=True))))
         else:
-            b.note(f"Calibration skipped: the score grid is not a multiple of {CALIBRATION_BINS} bins.")
+            b.note(f"Calibration skipped: the score grid is not a multiple of {cal_bins} bins.")
         b.add(Plot("decision_curves", "Decision curves",
                    f"Net benefit of treating patients whose probability is at or above each threshold, against "
                    f"treating all or none, {pooled}.",
@@ -1018,12 +1056,15 @@ def render_report(run_dir: Path) -> Path:
         log.warning("%s not found: the report has no curves", stats_path)
     bins = next((h.bins for subsets in (stats or {}).values() for h in subsets.values()), None)
     try:
+        from common.clinical_report import clinical_section  # it builds on this module's blocks
+
         figures, curves = figures_section(summary, stats)
         sections = [
             header_section(summary, run_dir, bins),
             table2_section(summary),
             table4_section(summary),
             table3_section(summary),
+            clinical_section(summary),
             figures,
             training_section(summary),
             baselines_section(summary),

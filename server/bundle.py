@@ -111,6 +111,7 @@ def export_bundle(run_dir: Path, out: Path, signing_key: Path) -> Path:
     }
     # The bundle travels to other hospitals: the training sites' folders stay out of it.
     portable = dataclasses.replace(cfg, sites=(), external_sites=())
+    thresholds = {k: float(v["threshold"]) for k, v in (summary.get("thresholds") or {}).items()}
     path = write_bundle(
         out,
         config=portable,
@@ -119,6 +120,7 @@ def export_bundle(run_dir: Path, out: Path, signing_key: Path) -> Path:
         metrics=metrics,
         source=source,
         signing_key=key,
+        thresholds=thresholds,
     )
     log.info(
         "bundle of %s written to %s (%d fold models, %d ensembles)",

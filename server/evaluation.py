@@ -33,6 +33,7 @@ from common.protocol import (
     HistogramSet,
     aggregate,
 )
+from common.readerstudy import MRMC_PREFIX, mrmc_histograms, mrmc_results, mrmc_specs
 from common.replycheck import ReplyRejected
 
 from .messenger import Messenger
@@ -57,6 +58,8 @@ class Evaluator:
         self.cfg = cfg
         self.messenger = messenger
         self.registry = registry
+        self.site_hists: dict[str, dict[str, dict[str, ClassHistogram]]] = {}  # site -> score -> subset
+        self.mrmc_hists: dict[str, dict[str, ClassHistogram]] = {}  # reader group -> reader@session
 
     def _ensembles(self) -> dict[str, tuple[str, ...]]:
         on = {
@@ -108,15 +111,19 @@ class Evaluator:
         return fitted
 
     def final_statistics(self, fitted: dict[str, dict[str, Any]]) -> dict[str, dict[str, ClassHistogram]]:
-        """Pooled histograms per score and subset: ``fold<k>`` (internal test), ``external``."""
+        """Pooled histograms per score and subset: ``fold<k>`` (internal test), ``val<k>`` (validation,
+        where the operating threshold is chosen), ``external``; each site's own kept in :attr:`site_hists`."""
         weights = {"+".join(v["members"]): v["weights"] for v in fitted.values()}
         names = {"+".join(v["members"]): k for k, v in fitted.items()}
         sets: list[HistogramSet] = []
         for role in ROLES:
             nodes = list(self.registry.nodes(role))
             if nodes:
+                folds = self.cfg.active_folds
                 subsets = (
-                    {ROLE_EXTERNAL} if role == ROLE_EXTERNAL else {f"fold{k}" for k in self.cfg.active_folds}
+                    {ROLE_EXTERNAL}
+                    if role == ROLE_EXTERNAL
+                    else {f"fold{k}" for k in folds} | {f"val{k}" for k in folds}
                 )
                 scores = {"densenet3d", "densenet2d", "radiomics", "radiologist", *weights}
 
@@ -125,9 +132,11 @@ class Evaluator:
                         raise ReplyRejected("statistics name a score or subset that was not requested")
 
                 req = FinalRequest(ensembles=weights, role=role)
-                sets += [
-                    a.body.histograms for a in self.messenger.send(nodes, FINAL, req, validate=requested)
-                ]
+                for a in self.messenger.send(nodes, FINAL, req, validate=requested):
+                    sets.append(a.body.histograms)
+                    per_site = self.site_hists.setdefault(a.site, {})
+                    for (score, subset), h in a.body.histograms.items():
+                        per_site.setdefault(names.get(score, score), {})[subset] = h
         out: dict[str, dict[str, ClassHistogram]] = {}
         for (score, subset), h in aggregate(sets).items():
             out.setdefault(names.get(score, score), {})[subset] = h
@@ -135,13 +144,30 @@ class Evaluator:
 
     # -- reader study and DeLong (two-step, aggregate statistics only) -------------------------
     def reader_statistics(self) -> dict[str, dict[str, ClassHistogram]]:
-        """Pooled reader-study histograms: ``{tier: {"without_ai"|"with_ai": h}}``."""
+        """Pooled reader-study histograms ``{tier: {"without_ai"|"with_ai": h}}``; per-reader ones in
+        :attr:`mrmc_hists` (``{group: {reader@session: h}}``) for the multi-reader analysis."""
+        answers = self.messenger.send(sorted(self.registry.sites), READERS, Empty())
         out: dict[str, dict[str, ClassHistogram]] = {}
-        for (tier, session), h in aggregate(
-            a.body.histograms for a in self.messenger.send(sorted(self.registry.sites), READERS, Empty())
-        ).items():
+        for (tier, session), h in aggregate(a.body.histograms for a in answers).items():
             out.setdefault(tier, {})[session] = h
+        parts = [
+            (a.site, f"{MRMC_PREFIX}{group}/{reading}/{fld}", arr)
+            for a in answers
+            for (group, reading), h in a.body.readings.items()
+            for fld, arr in h.to_arrays().items()
+        ]
+        self.mrmc_hists, problems = mrmc_histograms(parts, self.cfg.evaluation.grid_bins)
+        for problem in problems:
+            log.warning("multi-reader analysis: %s", problem)
         return out
+
+    def mrmc_summary(self, delong: dict[str, dict[str, Any]], exact: bool) -> dict[str, Any] | None:
+        """The Obuchowski-Rockette analysis per reader group (``reader_study["mrmc"]``), None without readers."""
+        if not self.mrmc_hists:
+            return None
+        if not exact:
+            return {"skipped": "statistics are protected (min cell count / noise)"}
+        return mrmc_results(self.mrmc_hists, delong)
 
     def delong_tests(
         self,
@@ -173,6 +199,12 @@ class Evaluator:
             if {"without_ai", "with_ai"} <= set(readers[tier]):
                 specs.append(["with_ai", "without_ai", f"readers/{tier}"])
                 names.append(f"readers/{tier}/with_ai vs without_ai")
+        mrmc_h, mrmc_s, mrmc_n = mrmc_specs(self.mrmc_hists)
+        for key, h in mrmc_h.items():  # "<reader@session>/mrmc/<group>"
+            reading, subset = key.split("/", 1)
+            global_h[(reading, subset)] = h
+        specs += mrmc_s
+        names += mrmc_n
         if not specs:
             return {}
         needed = {(s, sub) for s1, s2, sub in specs for s in (s1, s2)}
@@ -206,7 +238,7 @@ class Evaluator:
         self, readers: dict[str, dict[str, ClassHistogram]], delong: dict[str, dict[str, Any]]
     ) -> dict[str, Any]:
         """The study's Table 3 per tier, and Figure 5's mean absolute error, from pooled histograms."""
-        thr = self.cfg.evaluation.threshold
+        thr = self.cfg.evaluation.fixed_threshold
         out: dict[str, Any] = {}
         for tier, sessions in sorted(readers.items()):
             entry: dict[str, Any] = {}
@@ -215,6 +247,10 @@ class Evaluator:
             if "without_ai" in entry and "with_ai" in entry:
                 entry["mae_improvement"] = entry["without_ai"]["mae"] - entry["with_ai"]["mae"]
             if f"readers/{tier}/with_ai vs without_ai" in delong:
-                entry["delong"] = delong[f"readers/{tier}/with_ai vs without_ai"]
+                # every (patient, reader) reading pooled: readers count as more cases; descriptive only,
+                # the multi-reader test is reader_study["mrmc"]
+                entry["pooled_readings_delong"] = dict(
+                    delong[f"readers/{tier}/with_ai vs without_ai"], descriptive=True
+                )
             out[tier] = entry
         return out

@@ -20,6 +20,7 @@ from common.config import ExperimentConfig
 from common.dataset import FEATURE_NAMES
 from common.gridstats import ClassHistogram
 from common.protocol import (
+    CROSSSITE,
     DELONG,
     ENSEMBLE,
     EVALUATE,
@@ -68,13 +69,24 @@ def _grid_bins(spec: MessageSpec, cfg: ExperimentConfig) -> int:
 
 def check_histograms(spec: MessageSpec, body: Any, ctx: ReplyContext) -> None:
     """Histograms on the grid the server asked for, whole counts within the site's patients, possible sums."""
-    if spec not in (EVALUATE, FINAL, READERS, ENSEMBLE):
+    if spec not in (EVALUATE, CROSSSITE, FINAL, READERS, ENSEMBLE):
         return
     bins = _grid_bins(spec, ctx.cfg)
     hists: Iterable[tuple[Any, ClassHistogram]] = (
-        [("validation", body.histogram)] if spec is EVALUATE else body.histograms.items()
+        [("validation", body.histogram)] if spec in (EVALUATE, CROSSSITE) else body.histograms.items()
     )
-    cap = ctx.max_count(bins, READINGS_PER_PATIENT if spec is READERS else 1)
+    _check_set(hists, bins, ctx.max_count(bins, READINGS_PER_PATIENT if spec is READERS else 1), spec)
+    if spec is READERS:  # one reader's readings: each case at most once
+        for group, reading in body.readings:
+            reader, at, session = reading.rpartition("@")
+            if not (group and reader and at and session) or "/" in reading:
+                raise ReplyRejected("reader statistics are not named (<group>, <reader>@<session>)")
+        _check_set(body.readings.items(), bins, ctx.max_count(bins), spec)
+
+
+def _check_set(
+    hists: Iterable[tuple[Any, ClassHistogram]], bins: int, cap: int | None, spec: MessageSpec
+) -> None:
     for name, h in hists:
         if h.bins != bins:
             raise ReplyRejected(f"histograms on a {h.bins}-bin grid, expected {bins} (shape ({h.bins},))")

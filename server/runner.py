@@ -22,8 +22,10 @@ from flwr.serverapp import Grid
 from common.config import ExperimentConfig, to_dict
 from common.models import ModelKind
 from common.protocol import ROLE_EXTERNAL, ROLE_TRAIN, Header
+from common.readerstudy import MRMC_PREFIX
 
 from .checkpoints import CheckpointStore
+from .crosssite import CrossSiteEvaluation
 from .evaluation import Evaluator
 from .identity import SiteGate
 from .messenger import Messenger
@@ -177,6 +179,14 @@ class PlanRunner:
                 "statistics are protected (min cell count / noise): DeLong's exact protocol is skipped"
             )
         delong = ev.delong_tests(final, readers, fitted) if exact else {}
+        clinical = self.writer.clinical(final, ev.site_hists)
+        thresholds = {s: float(v["threshold"]) for s, v in clinical["thresholds"].items()}
+        if self.cfg.evaluation.cross_site and kinds:
+            self.progress.phase(
+                f"evaluation: cross-site ({kinds[0]}: local-only and global models at every site)"
+            )
+            cross = CrossSiteEvaluation(self.cfg, self.messenger, self.registry, self.ckpt, self.trainer)
+            clinical["cross_site"] = cross.run(kinds[0], self.selected.get(kinds[0], {}))
         summary = self.writer.summary(
             final,
             fitted,
@@ -185,9 +195,14 @@ class PlanRunner:
             selected=self.selected,
             participation=self.trainer.participation,
             grid=self.grid,
+            thresholds=thresholds,
         )
+        summary.update(clinical)
         summary["reader_study"] = ev.reader_summary(readers, delong)
-        summary["delong"] = {k: v for k, v in delong.items() if not k.startswith("readers/")}
+        mrmc = ev.mrmc_summary(delong, exact)
+        if mrmc is not None:
+            summary["reader_study"]["mrmc"] = mrmc
+        summary["delong"] = {k: v for k, v in delong.items() if not k.startswith(("readers/", MRMC_PREFIX))}
         summary["resumed"] = self.trainer.resumed
         summary["rejected_replies"] = self.messenger.rejected
         self.writer.write(summary)

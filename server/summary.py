@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from common.clinical import clinical_summary
 from common.config import ExperimentConfig
 from common.environment import environment
 from common.gridstats import ClassHistogram, pooled_metrics
@@ -63,6 +64,15 @@ class SummaryWriter:
             "max_epsilon": {site: max(v.values()) for site, v in per.items()},
         }
 
+    def clinical(
+        self,
+        final: dict[str, dict[str, ClassHistogram]],
+        site_hists: dict[str, dict[str, dict[str, ClassHistogram]]],
+    ) -> dict[str, Any]:
+        """Operating thresholds, calibration and per-centre results (``common.clinical``) for the summary."""
+        ev = self.cfg.evaluation
+        return clinical_summary(final, site_hists, ev.threshold, ev.calibration_bins)
+
     def save_statistics(self, final: dict[str, dict[str, ClassHistogram]]) -> Path:
         """Pooled grid statistics (never per patient) for the report: ``stats/final.npz``."""
         path = self.run_dir / "stats" / "final.npz"
@@ -74,12 +84,18 @@ class SummaryWriter:
         return path
 
     def models(
-        self, final: dict[str, dict[str, ClassHistogram]], fitted: dict[str, dict[str, Any]]
+        self,
+        final: dict[str, dict[str, ClassHistogram]],
+        fitted: dict[str, dict[str, Any]],
+        thresholds: dict[str, float] | None = None,
     ) -> dict[str, Any]:
-        """Pooled metrics per score: internal (per fold, pooled over folds) and external."""
-        thr = self.cfg.evaluation.threshold
+        """Pooled metrics per score: internal (per fold, pooled over folds) and external.
+
+        ``thresholds``: each score's operating threshold chosen on validation (else the fixed one).
+        """
         models: dict[str, Any] = {}
         for score, subsets in final.items():
+            thr = (thresholds or {}).get(score, self.cfg.evaluation.fixed_threshold)
             folds = sorted((s for s in subsets if s.startswith("fold")), key=lambda s: int(s[4:]))
             entry: dict[str, Any] = {}
             if folds:
@@ -109,6 +125,7 @@ class SummaryWriter:
         selected: dict[str, dict[int, dict[str, Any]]],
         participation: dict[str, list[dict[str, Any]]],
         grid: MeteredGrid,
+        thresholds: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         sites = registry.sites
         return {
@@ -126,7 +143,7 @@ class SummaryWriter:
             },
             "unavailable_sites": registry.unavailable,
             "devices": {s.site: s.device for s in sorted(sites.values(), key=lambda s: s.site)},
-            "models": self.models(final, fitted),
+            "models": self.models(final, fitted, thresholds),
             "selection": {k: {str(f): v for f, v in d.items()} for k, d in selected.items()},
             "rounds": participation,
             "privacy": self.privacy(participation),

@@ -91,7 +91,7 @@ class FoldTrainer:
             norm_bound_factor=self.cfg.federation.norm_bound_factor,
             max_update_norm=self.cfg.federation.max_update_norm,
             site_patients={s.site: s.patients for s in self.registry.sites.values()},
-            threshold=self.cfg.evaluation.threshold,
+            threshold=self.cfg.evaluation.fixed_threshold,
             check=self.messenger.check,
         )
 

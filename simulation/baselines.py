@@ -79,7 +79,7 @@ def evaluate_setting(
     """
     pool = SiteArrays.concat([_prefixed(s) for s in train_sites], site="+".join(s.name for s in train_sites))
     ext = SiteArrays.concat([_prefixed(s) for s in external], site="external") if external else None
-    thr = cfg.evaluation.threshold
+    thr = cfg.evaluation.fixed_threshold
     epochs = cfg.train.rounds * cfg.train.local_epochs
     result: dict[str, Any] = {}
     for name in models:
@@ -149,7 +149,7 @@ def run_baselines(cfg: ExperimentConfig, cache_dir: Path, *, pooled: bool = True
         # comparable with the federated and pooled internal AUC (the mean of per-site AUCs is not)
         out["local_pooled"] = {
             name: {"internal": {"pooled": binary_metrics(
-                np.concatenate([y for y, _ in parts]), np.concatenate([p for _, p in parts]), cfg.evaluation.threshold
+                np.concatenate([y for y, _ in parts]), np.concatenate([p for _, p in parts]), cfg.evaluation.fixed_threshold
             ).to_dict()}}
             for name, parts in scores.items()
         }

@@ -81,13 +81,19 @@ def new_run_dir(base: Path, name: str) -> Path:
     return run_dir
 
 
-def _experiment(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
-    """The config (preset ``quick`` by default) with its sites resolved, and the cohort folder.
+def _experiment(args: argparse.Namespace) -> tuple[ExperimentConfig, Path | None]:
+    """The config (preset ``quick`` by default) with its sites resolved, and the synthetic cohort folder.
 
     Raises ``ConfigError`` for a bad config; generates the synthetic cohort on first use.
+    With ``cohort: {synthetic: false}`` no cohort is generated or used (``None``):
+    the sites' own folders must be listed.
     """
     gpus = getattr(args, "gpus_per_site", None)
     cfg = load_config(args.config or "quick", {"federation": {"sim_gpus_per_site": gpus}} if gpus is not None else None)
+    if not cfg.cohort.synthetic:
+        if not cfg.sites:
+            raise ConfigError("cohort.synthetic is false: list the sites and their data folders under 'sites'")
+        return cfg, None
     cohort_dir = ensure_cohort(cfg, Path.cwd())
     return with_sites(cfg, cfg.sites or cohort_sites(cohort_dir)), cohort_dir
 
@@ -165,7 +171,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"Plan {cfg.plan}: " + ", ".join(f"{s.name} ({s.role})" for s in cfg.sites), flush=True)
     launch = RunLaunch(run_dir, local_spec(simulation=True), "sim", run_config, federation_config=federation)
     rc, seconds = timed_launch(launch, lambda line: print(line, flush=True))
-    data = finish(run_dir, rc, seconds, {"cohort": cohort_reference(cohort_dir)})
+    ref = cohort_reference(cfg, cohort_dir)  # only a run on the synthetic cohort's own folders has one
+    data = finish(run_dir, rc, seconds, {"cohort": ref} if ref else None)
     if data is None:
         return 1
     if args.baselines or cfg.baselines.pooled or cfg.baselines.local:
@@ -187,10 +194,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cohort_reference(cohort_dir: Path) -> dict[str, object]:
-    """The synthetic cohort's reference AUCs (oracle, radiologist, handcrafted LR) for the report."""
-    info = json.loads((cohort_dir / "cohort.json").read_text())
-    keys = ("oracle_auc", "radiologist_auc", "handcrafted_lr_auc", "size_only_auc", "generator")
+def cohort_reference(cfg: ExperimentConfig, cohort_dir: Path | None) -> dict[str, object] | None:
+    """The synthetic cohort's reference AUCs (oracle, radiologist, handcrafted LR), for runs on that cohort only.
+
+    ``None`` unless the run is synthetic and every site's folder is one of the
+    cohort's own (from its ``cohort.json``): a run on hospital folders, or on
+    folders listed beside a synthetic cohort, has no reference figures.
+    """
+    if cohort_dir is None or not cfg.cohort.synthetic:
+        return None
+    info_path = cohort_dir / "cohort.json"
+    if not info_path.is_file():
+        return None
+    info = json.loads(info_path.read_text())
+    own = {(cohort_dir / str(folder)).resolve() for folder in info.get("sites", {}).values()}
+    if not cfg.sites or any(Path(s.data_dir).resolve() not in own for s in cfg.sites):
+        return None
+    keys = ("oracle_auc", "radiologist_auc", "handcrafted_lr_auc", "size_only_auc", "generator", "scale", "seed")
     return {k: info[k] for k in keys if k in info}
 
 
@@ -210,16 +230,19 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     res = run_baselines(cfg, out / "cache", pooled=args.kind in ("pooled", "both"), local=args.kind in ("local", "both"), models=models)
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    res["cohort"] = cohort_reference(cohort_dir)
+    ref = cohort_reference(cfg, cohort_dir)
+    if ref:
+        res["cohort"] = ref
     (out / "baselines.json").write_text(json.dumps(res, indent=2))
-    print_baselines(res, res["cohort"])
+    print_baselines(res, ref or {})
     print(f"\nwritten to {out / 'baselines.json'} in {res['wall_seconds']} s")
     return 0
 
 
 def print_baselines(res: dict, ref: dict) -> None:  # type: ignore[type-arg]
     """Per-fold validation/test figures of every baseline, beside the cohort's reference AUCs."""
-    print(f"\nCohort reference AUCs: oracle {json.dumps(ref.get('oracle_auc'))}; handcrafted LR {json.dumps(ref.get('handcrafted_lr_auc'))}")
+    if ref:
+        print(f"\nCohort reference AUCs: oracle {json.dumps(ref.get('oracle_auc'))}; handcrafted LR {json.dumps(ref.get('handcrafted_lr_auc'))}")
     for setting in ("pooled", "local"):
         if setting not in res:
             continue

@@ -450,7 +450,11 @@ def test_grad_cam_lands_on_the_world_positions_of_the_cube() -> None:
 
 
 def test_predict_device_choice(
-    run_dir: Path, bundle_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    run_dir: Path,
+    bundle_path: Path,
+    trusted: Ed25519PublicKey,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Sites report where they train (summary.json); ``--device``: a GPU that is not there is refused."""
     import torch
@@ -458,7 +462,7 @@ def test_predict_device_choice(
     devices = json.loads((run_dir / "summary.json").read_text())["devices"]
     here = "cuda:0" if torch.cuda.is_available() else "cpu"
     assert sorted(devices) == list(SITES) and all(d["device"] == here for d in devices.values())
-    bundle = read_bundle(bundle_path)
+    bundle = read_bundle(bundle_path, trusted)
     cpu = Predictor(bundle, heatmap=False, device="cpu")
     assert (cpu.runtime.device, cpu.runtime.amp, cpu.cfg.train.device) == ("cpu", "off", "cpu")
     assert all(next(m.parameters()).device.type == "cpu" for ms in cpu.models.values() for m in ms)
@@ -466,5 +470,30 @@ def test_predict_device_choice(
         return
     assert Predictor(bundle, heatmap=False, device="auto").runtime.device == "cpu"
     args = ["predict", "--bundle", str(bundle_path), "--image", "x.nii.gz", "--mask", "m.nii.gz"]
+    args += ["--trusted-key", _pub(bundle_path)]
     assert client_main([*args, "--out", str(tmp_path), "--device", "cuda"]) == 2
     assert re.search(r"error: --device: cuda requested but no CUDA device", capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------- operating thresholds
+
+
+def test_bundle_carries_the_run_thresholds_and_refuses_hostile_ones(
+    run_dir: Path, bundle_path: Path, trusted: Ed25519PublicKey, tmp_path: Path
+) -> None:
+    bundle = read_bundle(bundle_path, trusted)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    chosen = {k: v["threshold"] for k, v in summary["thresholds"].items()}
+    assert chosen and bundle.manifest["thresholds"] == chosen
+    for score, t in chosen.items():
+        assert bundle.threshold_for(score) == t
+    assert bundle.threshold_for("no-such-score") == bundle.threshold == 0.5
+    for bad in (
+        {"densenet3d": 1.5},
+        {"densenet3d": "0.3"},
+        {"densenet3d": True},
+        ["densenet3d", 0.3],
+        {"x": float("nan")},
+    ):
+        with pytest.raises(BundleError, match="threshold"):
+            read_bundle(_rewrite(bundle_path, tmp_path / "bad.zip", {"thresholds": bad}), trusted)

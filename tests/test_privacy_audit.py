@@ -21,6 +21,7 @@ from flwr.app import Message
 from common.config import SiteConfig, load_config, with_sites
 from common.dataset import FEATURE_NAMES
 from common.models import build_model
+from common.protocol import MRMC, STATS
 from common.records import ModelCodec
 from common.sitedata import iter_cases
 from common.splits import load_splits
@@ -123,7 +124,7 @@ def _histograms(msg: Message) -> dict[str, dict[str, np.ndarray]]:
     """Every histogram a reply holds: ``{prefix: {field: array}}`` (fields ``neg``, ``pos``, sums)."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for rname, rec in msg.content.array_records.items():
-        if rname != "stats":
+        if rname not in (STATS, MRMC):  # grid statistics, and the per-reader ones of the reader study
             continue
         for key, arr in rec.items():
             prefix, _, field = key.rpartition("/")
@@ -158,7 +159,7 @@ def test_released_statistics_at_the_site_floor_reveal_no_single_patients_score(
             "run_folds": [0, 1],
             "train": {"rounds": 1},
             "external_sites": ["centre3"],
-            "evaluation": {"min_cell_count": K},
+            "evaluation": {"min_cell_count": K, "cross_site": True},
         },
     )
     cfg = with_sites(cfg, tuple(SiteConfig(name=s) for s in SITES))
@@ -168,7 +169,14 @@ def test_released_statistics_at_the_site_floor_reveal_no_single_patients_score(
     summary = PlanRunner(grid, cfg, tmp_path / "run", "audit-k").run(expected_sites=3, wait_s=1)
     assert not summary["unavailable_sites"] and not summary["rejected_replies"]
     kinds = {m.metadata.message_type for m in grid.replies}
-    assert {"evaluate", "evaluate.ensemble", "evaluate.final", "evaluate.readers"} <= kinds
+    assert {
+        "evaluate",
+        "evaluate.ensemble",
+        "evaluate.final",
+        "evaluate.readers",
+        "evaluate.crosssite",
+    } <= kinds
+    assert any(MRMC in m.content.array_records and m.content.array_records[MRMC] for m in grid.replies)
     assert "evaluate.delong" not in kinds  # placement sums are per-patient functions: not asked under a floor
 
     scores = _patient_scores(tmp_path / "sites", "audit-k", tiny_cohort, cfg.evaluation.score_mapping)
