@@ -84,6 +84,10 @@ class PlanRunner:
         """Site -> its replies the checks dropped, with why (``server.replyguard``)."""
         return self.messenger.rejected
 
+    def rejoin(self) -> dict[int, str]:
+        """The training nodes, after identifying (and admitting) nodes that connected since discovery."""
+        return self.registry.rejoin(self.messenger)
+
     def discover(self, expected: int, wait_s: float) -> dict[int, SiteNode]:
         return self.registry.discover(self.messenger, expected, wait_s)
 
