@@ -34,6 +34,7 @@ from tests.loopback import Loopback, tiny_experiment
 RUN_S = 1200.0
 K = 3
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+ALPN = ["h2", "http/1.1"]  # what the relay accepts from hospitals: gRPC or Flower's REST fleet API
 
 
 class Recorder:
@@ -45,9 +46,8 @@ class Recorder:
         self.sent: list[bytearray] = []
         self.server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.server_ctx.load_cert_chain(certs / "server.crt", certs / "server.key")
-        self.server_ctx.set_alpn_protocols(["h2"])
-        self.client_ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
-        self.client_ctx.set_alpn_protocols(["h2"])
+        self.server_ctx.set_alpn_protocols(ALPN)
+        self.ca = certs / "ca.crt"
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
 
@@ -65,12 +65,24 @@ class Recorder:
         finally:
             writer.close()
 
+    def _upstream_ctx(self, client: asyncio.StreamWriter) -> ssl.SSLContext:
+        """TLS to the server offering exactly what the client negotiated here (ALPN), nothing else.
+
+        nginx (HTTP/1.1 only) refuses a handshake whose ALPN offers only ``h2``;
+        a relay that offered something the client did not would not be transparent.
+        """
+        ctx = ssl.create_default_context(cafile=str(self.ca))
+        chosen = client.get_extra_info("ssl_object").selected_alpn_protocol()
+        if chosen:
+            ctx.set_alpn_protocols([chosen])
+        return ctx
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         keep = bytearray()
         self.sent.append(keep)
         try:
             up_reader, up_writer = await asyncio.open_connection(
-                "127.0.0.1", self.upstream, ssl=self.client_ctx, server_hostname="127.0.0.1"
+                "127.0.0.1", self.upstream, ssl=self._upstream_ctx(writer), server_hostname="127.0.0.1"
             )
         except (OSError, ssl.SSLError):
             writer.close()
