@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from common import engine
 from common.config import ExperimentConfig, load_config
 from common.dataset import FEATURE_NAMES, PatientDataset, SiteArrays
-from common.models import ModelKind, build_model, count_parameters
+from common.models import ModelKind, build_model, count_parameters, in_channels
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +172,9 @@ def bench_config(spec: Spec) -> tuple[ExperimentConfig, bool]:
     return cfg, load_config(spec.preset).train.bn_recalibration
 
 
-def random_arrays(n: int, size3d: int, size2d: int, n_slices: int, seed: int = 0) -> SiteArrays:
+def random_arrays(
+    n: int, size3d: int, size2d: int, n_slices: int, seed: int = 0, mask_channel: bool = False
+) -> SiteArrays:
     """``n`` patients of uniform random inputs in [0, 1] (float16, as the cache stores them), labels alternating."""
     if n < 1:
         raise ValueError(f"need at least one patient, got {n}")
@@ -183,8 +185,12 @@ def random_arrays(n: int, size3d: int, size2d: int, n_slices: int, seed: int = 0
         patient_ids=tuple(f"b{i:04d}" for i in range(n)),
         labels=labels,
         radiologist_scores=np.where(labels == 1, 7, 3).astype(np.int64),
-        vol3d=rng.random((n, 1, size3d, size3d, size3d), dtype=np.float32).astype(np.float16),
-        slices2d=rng.random((n, n_slices, 3, size2d, size2d), dtype=np.float32).astype(np.float16),
+        vol3d=rng.random(
+            (n, in_channels("densenet3d", mask_channel), size3d, size3d, size3d), dtype=np.float32
+        ).astype(np.float16),
+        slices2d=rng.random(
+            (n, n_slices, in_channels("densenet2d", mask_channel), size2d, size2d), dtype=np.float32
+        ).astype(np.float16),
         slice_indices=np.zeros((n, n_slices), dtype=np.int64),
         features=np.zeros((n, len(FEATURE_NAMES))),
         feature_names=FEATURE_NAMES,
@@ -488,7 +494,9 @@ def measure(spec: Spec) -> Measurement:
     device = resolve_device(spec.device)
     cfg, recal = bench_config(spec)
     d3, d2 = cfg.preprocess.d3, cfg.preprocess.d2
-    arrays = random_arrays(spec.patients, d3.size, d2.size, d2.n_slices, seed=spec.seed)
+    arrays = random_arrays(
+        spec.patients, d3.size, d2.size, d2.n_slices, seed=spec.seed, mask_channel=cfg.preprocess.mask_channel
+    )
     probe = engine.make_loader(arrays, [0], spec.kind, "train", cfg, 0)
     train_batch = int(probe.batch_size or 1)
     eval_batch = int(engine.make_loader(arrays, [0], spec.kind, "eval", cfg, 0).batch_size or 1)
@@ -503,7 +511,9 @@ def measure(spec: Spec) -> Measurement:
         )
 
     torch.manual_seed(spec.seed)
-    model = build_model(spec.kind, getattr(cfg.models, spec.kind)).to(device)
+    model = build_model(
+        spec.kind, getattr(cfg.models, spec.kind), mask_channel=cfg.preprocess.mask_channel
+    ).to(device)
     phases = _Phases(model, arrays, spec.kind, cfg, spec.seed, device)
     indices = list(range(spec.patients))
 

@@ -103,7 +103,7 @@ class SiteRunner:
         """
         if kind not in self._codecs:
             if state is None:
-                state = build_model(kind, self._model_cfg(kind)).state_dict()
+                state = build_model(kind, self._model_cfg(kind), mask_channel=self.cfg.preprocess.mask_channel).state_dict()
             self._codecs[kind] = ModelCodec.for_state_dict(state, exclude_norm=self.cfg.federation.strategy == "fedbn")
         return self._codecs[kind]
 
@@ -112,7 +112,7 @@ class SiteRunner:
 
     def load_model(self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int | None = None) -> torch.nn.Module:
         """Global weights plus, under FedBN, this site's own normalisation layers of round ``rnd``."""
-        model = build_model(kind, self._model_cfg(kind))
+        model = build_model(kind, self._model_cfg(kind), mask_channel=self.cfg.preprocess.mask_channel)
         state = model.state_dict()
         state.update(self.codec(kind, state).unpack(flat))
         if rnd is not None and self.cfg.federation.strategy == "fedbn":

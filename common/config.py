@@ -103,9 +103,16 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
+    """``mask_channel``: the ROI mask rides along as the last input channel (3D and 2D).
+
+    The crops stretch every lesion to one cube, so the network cannot tell the
+    lesion's outline from the bone around it; the mask says where it is.
+    """
+
     d3: Preprocess3DConfig = field(default_factory=Preprocess3DConfig)
     d2: Preprocess2DConfig = field(default_factory=Preprocess2DConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mask_channel: bool = False
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,7 @@ def make_loader(
         mode=mode,
         augment=cfg.preprocess.augment,
         seed=seed,
+        mask_channel=cfg.preprocess.mask_channel,
     )
     gen = torch.Generator().manual_seed(seed)
     batch = cfg.train.batch_size if mode == "train" else max(cfg.train.batch_size, 16)

@@ -53,7 +53,9 @@ def export_bundle(run_dir: Path, out: Path) -> Path:
         if not model_cfg.enabled:
             continue
         codec = ModelCodec.for_state_dict(
-            build_model(kind, dataclasses.replace(model_cfg, pretrained=False)).state_dict()
+            build_model(
+                kind, dataclasses.replace(model_cfg, pretrained=False), mask_channel=cfg.preprocess.mask_channel
+            ).state_dict()
         )
         for fold in cfg.active_folds:
             selected = store.finished(kind, fold)

@@ -195,7 +195,7 @@ class PlanRunner:
     def initial_vector(self, kind: ModelKind) -> np.ndarray:
         """The round-0 global model: the factory's initialisation under the run's seed."""
         seed_everything(self.cfg.seed)
-        model = build_model(kind, getattr(self.cfg.models, kind))
+        model = build_model(kind, getattr(self.cfg.models, kind), mask_channel=self.cfg.preprocess.mask_channel)
         codec = ModelCodec.for_state_dict(model.state_dict(), exclude_norm=self.cfg.federation.strategy == "fedbn")
         return codec.pack(model.state_dict())
 

@@ -94,7 +94,7 @@ def evaluate_setting(
             else:
                 kind: ModelKind = name  # type: ignore[assignment]
                 seed_everything(cfg.seed)
-                model = build_model(kind, getattr(cfg.models, kind))
+                model = build_model(kind, getattr(cfg.models, kind), mask_channel=cfg.preprocess.mask_channel)
                 sel = fit_select(model, pool, idx["train"], idx["val"], kind, cfg, epochs=epochs, seed=cfg.seed + k, desc=f"{pool.site} {kind} f{k}")
                 model.load_state_dict(sel.state)
                 y_val = pool.labels[idx["val"]]
