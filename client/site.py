@@ -270,7 +270,9 @@ class SiteRunner:
             for kind in kinds:
                 if kind == "radiologist":
                     continue
-                per_fold = [self._stored(kind, k)["external"][1] for k in self.cfg.active_folds]
+                # folds the server's selection guard left out were never sent for external prediction
+                done = [k for k in self.cfg.active_folds if (self.run_dir / "predictions" / f"{kind}_fold{k}.csv").is_file()]
+                per_fold = [self._stored(kind, k)["external"][1] for k in done]
                 scores[kind] = np.mean(per_fold, axis=0)
         else:
             assert fold is not None

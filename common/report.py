@@ -723,6 +723,10 @@ def training_section(summary: Mapping[str, Any]) -> Section:
         b.note("No federated round logs in this run (nothing trained, or training was resumed from a finished run).")
         return Section("training", "Federated training", tuple(b.blocks))
     b.add(_rounds_plot(summary, logs))
+    for model, folds in sorted((summary.get("selection") or {}).items()):
+        for fold, sel in sorted((folds or {}).items(), key=lambda t: str(t[0])):
+            if isinstance(sel, dict) and sel.get("guard"):  # server.foldguard
+                b.note(f"{_label(model)} fold {fold}: selected model {sel['guard']}; left out of the external average.")
     loss = _loss_plot(logs)
     if loss is not None:
         b.add(loss)

@@ -42,6 +42,7 @@ from common.records import (
 )
 
 from .checkpoints import CheckpointStore
+from .foldguard import GUARD_KEY, external_folds, selection_problem
 from .meteredgrid import MeteredGrid
 from .session import FoldSession, RoundLog
 from .strategies import make_strategy
@@ -287,10 +288,12 @@ class PlanRunner:
             if targets:
                 self._send(targets, f"{MessageType.EVALUATE}.predict", {"model": "radiomics", "fold": fold, "round": 1, "role": role}, arrays)
 
-    def predict_fold(self, kind: ModelKind, fold: int, best: dict[str, Any]) -> None:
+    def predict_fold(
+        self, kind: ModelKind, fold: int, best: dict[str, Any], roles: tuple[str, ...] = ("train", "external")
+    ) -> None:
         vec = self.ckpt.load(kind, fold, int(best["round"]))
         arrays = weights_record(vec, self.cfg.federation.transport_dtype)
-        for role in ("train", "external"):
+        for role in roles:
             nodes = list(self._nodes(role))
             if nodes:
                 self._send(nodes, f"{MessageType.EVALUATE}.predict", {"model": kind, "fold": fold, "round": int(best["round"]), "role": role}, arrays)
@@ -377,8 +380,14 @@ class PlanRunner:
         for kind in kinds:
             for fold in self.cfg.active_folds:
                 best = self.train_fold(kind, fold)
+                problem = selection_problem(best.get("val_auc"))
+                if problem:  # the guard: scored on its own test fold, left out of the external average
+                    best = {**best, GUARD_KEY: problem}
+                    log.warning("%s fold %d: selected model %s; left out of the external average", kind, fold, problem)
                 self.selected.setdefault(kind, {})[fold] = best
-                self.predict_fold(kind, fold, best)
+                self.predict_fold(kind, fold, best, roles=("train",))
+            for fold in external_folds(self.selected[kind]):
+                self.predict_fold(kind, fold, self.selected[kind][fold], roles=("external",))
         if self.cfg.models.radiomics:
             for fold in self.cfg.active_folds:
                 self.train_radiomics(fold)
