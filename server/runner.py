@@ -318,7 +318,7 @@ class PlanRunner:
         for name, members in ensembles.items():
             key = "+".join(members)
             hists = [ClassHistogram.from_arrays(_sub(sums, f"{key}/{i}/")) for i in range(len(candidates[key]))]
-            idx, auc = best_weights(hists, np.asarray(candidates[key]))
+            idx, auc = best_weights(hists, np.asarray(candidates[key]), self.cfg.evaluation.ensemble_tolerance)
             w = candidates[key][idx]
             fitted[name] = {"members": list(members), "weights": [round(x, 6) for x in w], "val_auc": float(auc)}
             log.info("%s: weights %s (pooled validation AUC %.4f)", name, dict(zip(members, w, strict=True)), auc)
