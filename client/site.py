@@ -12,6 +12,7 @@ import csv
 import functools
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -19,6 +20,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from common.calibration import apply_platt, check_platt
 from common.config import ExperimentConfig
 from common.dataset import SiteArrays, preprocess_site
 from common.delong import delong_step2_site
@@ -192,13 +194,17 @@ class SiteRunner:
     def _grid(self) -> ScoreGrid:
         return ScoreGrid(self.cfg.evaluation.grid_bins)
 
-    def predict_fold(self, kind: str, fold: int, flat: np.ndarray, rnd: int, role: str) -> dict[str, int]:
+    def predict_fold(
+        self, kind: str, fold: int, flat: np.ndarray, rnd: int, role: str, platt: Sequence[float] | None = None
+    ) -> dict[str, int]:
         """Predict with the selected fold model; per-patient rows are written here, locally.
 
         A training site predicts its fold-``fold`` validation and test
         patients (internal test); an external site predicts all patients.
         ``kind="radiomics"``: ``flat`` is the federated logistic regression.
+        ``platt``: the fold's calibration ``(a, b)`` from the server (``common.calibration``).
         """
+        params = check_platt(platt)
         if role == "external":
             parts = {"external": tuple(self.arrays.patient_ids)}
         else:
@@ -212,7 +218,7 @@ class SiteRunner:
             model = self.load_model(cast(ModelKind, kind), fold, flat, rnd)
 
             def score(idx: list[int]) -> np.ndarray:
-                return predict(model, self.arrays, idx, cast(ModelKind, kind), self.cfg)
+                return apply_platt(predict(model, self.arrays, idx, cast(ModelKind, kind), self.cfg), params)
 
         rows = []
         for split, ids in parts.items():

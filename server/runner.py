@@ -25,6 +25,7 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
+from common.calibration import fit_platt
 from common.config import ExperimentConfig, SiteConfig, to_dict, with_sites
 from common.delong import PlacementSums, delong_from_sums
 from common.engine import seed_everything
@@ -235,7 +236,10 @@ class PlanRunner:
             if server_round == 0:
                 return None
             rlog = session.log_for(server_round)
-            self.ckpt.save(kind, fold, rlog.round, weights_from_record(arrays), asdict(rlog))
+            meta = asdict(rlog)
+            if self.cfg.evaluation.calibrate_folds and session.last_val_stats is not None:
+                meta["platt"] = list(fit_platt(ClassHistogram.from_arrays(session.last_val_stats)))
+            self.ckpt.save(kind, fold, rlog.round, weights_from_record(arrays), meta)
             self.participation.setdefault(f"{kind}/fold{fold}", []).append(asdict(rlog))
             return None
 
@@ -296,7 +300,10 @@ class PlanRunner:
         for role in roles:
             nodes = list(self._nodes(role))
             if nodes:
-                self._send(nodes, f"{MessageType.EVALUATE}.predict", {"model": kind, "fold": fold, "round": int(best["round"]), "role": role}, arrays)
+                config: dict[str, Any] = {"model": kind, "fold": fold, "round": int(best["round"]), "role": role}
+                if best.get("platt"):
+                    config["platt"] = [float(x) for x in best["platt"]]
+                self._send(nodes, f"{MessageType.EVALUATE}.predict", config, arrays)
 
     # -- ensembles and final statistics -------------------------------------------------------
     def _ensembles(self) -> dict[str, tuple[str, ...]]:
@@ -380,6 +387,9 @@ class PlanRunner:
         for kind in kinds:
             for fold in self.cfg.active_folds:
                 best = self.train_fold(kind, fold)
+                platt = self.ckpt.meta(kind, fold, int(best["round"])).get("platt")
+                if platt:  # per-fold calibration fitted on the selected round's pooled validation statistics
+                    best = {**best, "platt": platt}
                 problem = selection_problem(best.get("val_auc"))
                 if problem:  # the guard: scored on its own test fold, left out of the external average
                     best = {**best, GUARD_KEY: problem}
