@@ -160,7 +160,7 @@ def predict_fold(msg: Message, context: Context) -> Message:
         weights_from_record(msg.content.array_records["arrays"]),
         int(cast(int, config["round"])),
         str(config["role"]),
-        platt=cast("list[float] | None", config.get("platt")),
+        platt=config_json(config, "platt") if "platt" in config else None,  # checked by the site
     )
     return _reply(msg, runner.ctx.name, {"metrics": metric_record(counts)})
 
