@@ -189,6 +189,7 @@ class EvaluationConfig:
     ensemble_grid_step: float = 0.05
     ensemble_tolerance: float = 0.0  # validation AUC a blend must gain over its best member (common.ensemble)
     calibrate_folds: bool = False  # per-fold Platt scaling on the fold's pooled validation scores (common.calibration)
+    tta_flip: bool = False  # predict: mean of the input and its left-right mirror (common.engine.predict)
     score_mapping: tuple[float, ...] = (0.05, 0.15, 0.25, 0.40, 0.50, 0.60, 0.75, 0.85, 0.95)
     min_cell_count: int = 0
     stats_noise: float = 0.0

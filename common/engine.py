@@ -256,7 +256,10 @@ def predict(
 
     2D: each patient's slices are scored and their probabilities averaged
     with ``preprocess.d2.slice_weights`` (slices ordered by tumour area, largest
-    first), the study's patient-level rule.
+    first), the study's patient-level rule.  ``evaluation.tta_flip``: each
+    input's probability is the mean over it and its left-right mirror (the
+    training flip, first spatial axis), so a prediction does not depend on
+    which side the scanner stored first.
     """
     if len(indices) == 0:
         return np.zeros(0, dtype=np.float64)
@@ -264,14 +267,19 @@ def predict(
     sw = np.asarray(cfg.preprocess.d2.slice_weights, dtype=np.float64)
     w = torch.tensor(sw / sw.sum(), dtype=torch.float32)
     out: list[np.ndarray] = []
+
+    def prob(x: torch.Tensor) -> torch.Tensor:  # x: (B, C, *spatial); the flip is on the first spatial axis
+        p = torch.softmax(model(x), dim=1)[:, 1]
+        return (p + torch.softmax(model(x.flip(2)), dim=1)[:, 1]) / 2 if cfg.evaluation.tta_flip else p
+
     for batch in make_loader(arrays, indices, kind, "eval", cfg, seed=0):
         x = batch["image"].float()
         if kind == "densenet2d":
             b, n = x.shape[:2]
-            p = torch.softmax(model(x.flatten(0, 1)), dim=1)[:, 1].reshape(b, n)
+            p = prob(x.flatten(0, 1)).reshape(b, n)
             out.append((p * w[:n] / w[:n].sum()).sum(dim=1).numpy())
         else:
-            out.append(torch.softmax(model(x), dim=1)[:, 1].numpy())
+            out.append(prob(x).numpy())
     return np.concatenate(out).astype(np.float64)
 
 
