@@ -11,7 +11,9 @@ the weights, so the training run folder is not needed:
   version of the deterministic transforms the models were trained on;
 * ``config``: the experiment config (plain data; training sites removed);
 * ``models``: per network, the selected round of each fold and its pooled
-  validation AUC, and the file holding it;
+  validation AUC, and the file holding it; its calibration ``platt`` (``[a, b]``,
+  ``common.calibration``; absent: identity) and, when the selection guard left
+  the fold out of the external average, ``guard`` (the reason);
 * ``input_channels``: per network, the channels its input has (the ROI mask
   channel of ``preprocess.mask_channel`` included); a bundle written before
   this field existed is image-only, which its config (no ``mask_channel``)
@@ -47,6 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from common.calibration import IDENTITY, check_platt
 from common.config import ConfigError, ExperimentConfig, from_dict, to_dict
 from common.dataset import CACHE_VERSION
 from common.ensemble import combine
@@ -80,6 +83,8 @@ class FoldModel:
     round: int
     val_auc: float | None
     file: str
+    platt: tuple[float, float] = IDENTITY
+    guard: str = ""
 
 
 @dataclass(frozen=True)
@@ -179,9 +184,12 @@ def write_bundle(
     payload = {fm.file: _npz_bytes(t) for fm, t in models}
     folds: dict[str, list[dict[str, Any]]] = {}
     for fm, _ in models:
-        folds.setdefault(fm.kind, []).append(
-            {"fold": fm.fold, "round": fm.round, "val_auc": fm.val_auc, "file": fm.file}
-        )
+        entry: dict[str, Any] = {"fold": fm.fold, "round": fm.round, "val_auc": fm.val_auc, "file": fm.file}
+        if fm.platt != IDENTITY:
+            entry["platt"] = list(fm.platt)
+        if fm.guard:
+            entry["guard"] = fm.guard
+        folds.setdefault(fm.kind, []).append(entry)
     manifest = {
         "format": BUNDLE_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -189,7 +197,9 @@ def write_bundle(
         "preprocessing_version": CACHE_VERSION,
         "config": to_dict(config),
         "models": folds,
-        "input_channels": {kind: in_channels(kind, config.preprocess.mask_channel) for kind in folds},
+        "input_channels": {
+            kind: in_channels(cast(ModelKind, kind), config.preprocess.mask_channel) for kind in folds
+        },
         "ensembles": {
             e.name: {"members": list(e.members), "weights": list(e.weights), "val_auc": e.val_auc}
             for e in ensembles
@@ -261,12 +271,21 @@ def read_bundle(path: Path) -> ModelBundle:
     for kind, entries in cast(dict[str, list[dict[str, Any]]], manifest.get("models", {})).items():
         if kind not in MODEL_KINDS:
             raise BundleError(f"{path}: unknown model kind {kind!r} in the manifest")
-        folds[kind] = tuple(
-            FoldModel(
-                cast(ModelKind, kind), int(e["fold"]), int(e["round"]), e.get("val_auc"), str(e["file"])
+        try:
+            folds[kind] = tuple(
+                FoldModel(
+                    cast(ModelKind, kind),
+                    int(e["fold"]),
+                    int(e["round"]),
+                    e.get("val_auc"),
+                    str(e["file"]),
+                    check_platt(e.get("platt")),
+                    str(e.get("guard", "")),
+                )
+                for e in entries
             )
-            for e in entries
-        )
+        except ValueError as exc:
+            raise BundleError(f"{path}: {kind}: invalid fold entry in the manifest ({exc})") from exc
         for fm in folds[kind]:
             if fm.file not in tensors:
                 raise BundleError(

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from common.bundle import MODEL_KINDS, BundleError, EnsembleSpec, FoldModel, write_bundle
+from common.calibration import IDENTITY
 from common.config import ConfigError, ExperimentConfig, load_config
 from common.ensemble import ENSEMBLES
 from common.models import build_model
 from common.records import ModelCodec
 
 from .checkpoints import CheckpointError, CheckpointStore
+from .foldguard import selection_problem
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +71,15 @@ def export_bundle(run_dir: Path, out: Path) -> Path:
                 raise BundleError(f"{run_dir}: {kind} fold {fold}: {exc}") from exc
             tensors = {k: v.numpy() for k, v in codec.unpack(vector).items()}
             val_auc = selected.get("val_auc")
+            platt = store.meta(kind, fold, int(selected["round"])).get("platt")
             fm = FoldModel(
                 kind,
                 fold,
                 int(selected["round"]),
                 None if val_auc is None else float(val_auc),
                 f"models/{kind}_fold{fold}.npz",
+                (float(platt[0]), float(platt[1])) if platt else IDENTITY,
+                selection_problem(None if val_auc is None else float(val_auc)) or "",
             )
             models.append((fm, tensors))
     if not models:

@@ -195,3 +195,42 @@ def test_an_old_image_only_bundle_still_predicts(
     for kind in bundle.kinds:
         expected = [float(predict(m, one, [0], kind, bundle.config)[0]) for m in bundle.build(kind)]
         assert pred.fold_probabilities[kind] == pytest.approx(expected, abs=1e-6)
+
+
+def test_bundle_folds_carry_their_calibration_and_guard(pelvis: tuple[Path, Path], tmp_path: Path) -> None:
+    """Fold probabilities are calibrated as in the run; a guarded fold stays out of the mean."""
+    from common.calibration import apply_platt
+
+    cfg = load_config("tiny", {"models": {"densenet2d": {"enabled": False}}})
+    models = []
+    for fold, platt, guard in ((0, (2.0, -0.5), ""), (1, (1.0, 0.0), "inverted on validation")):
+        seed_everything(fold)
+        model = build_model("densenet3d", cfg.models.densenet3d)
+        tensors = {k: v.numpy() for k, v in model.state_dict().items() if torch.is_floating_point(v)}
+        models.append(
+            (
+                FoldModel("densenet3d", fold, 1, 0.7, f"models/densenet3d_fold{fold}.npz", platt, guard),
+                tensors,
+            )
+        )
+    path = write_bundle(tmp_path / "b.zip", config=cfg, models=models, ensembles=(), metrics={}, source={})
+    bundle = read_bundle(path)
+    assert [fm.platt for fm in bundle.folds["densenet3d"]] == [(2.0, -0.5), (1.0, 0.0)]
+    image, mask = pelvis
+    pred = Predictor(bundle, heatmap=False).predict(PatientInput("P1", image, mask), tmp_path / "out")
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "manifest.csv").write_text(
+        f"patient_id,label,image,mask,radiologist_score\nP1,1,{image},{mask},7\n"
+    )
+    one = preprocess_site(site, cfg.preprocess, tmp_path / "cache")
+    raw = [float(predict(m, one, [0], "densenet3d", cfg)[0]) for m in bundle.build("densenet3d")]
+    expected = [float(apply_platt([raw[0]], (2.0, -0.5))[0]), raw[1]]
+    assert pred.fold_probabilities["densenet3d"] == pytest.approx(expected, abs=1e-6)
+    assert pred.probabilities["densenet3d"] == pytest.approx(expected[0], abs=1e-9)  # fold 1 is guarded
+    with zipfile.ZipFile(path) as zf:
+        manifest = json.loads(zf.read(MANIFEST_NAME))
+    manifest["models"]["densenet3d"][0]["platt"] = [-2.0, 0.0]  # would invert the fold's ranking
+    bad = _rewrite_manifest(path, tmp_path / "bad.zip", {"models": manifest["models"]})
+    with pytest.raises(BundleError, match="calibration"):
+        read_bundle(bad)
