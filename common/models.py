@@ -111,6 +111,13 @@ def load_imagenet_weights(model: nn.Module, cfg: ModelConfig) -> int:
         renamed[f"{m.group(1)}.layers.{m.group(2)}" if m else key] = value
     own = model.state_dict()
     usable = {k: v for k, v in renamed.items() if k in own and own[k].shape == v.shape}
+    for k, v in renamed.items():
+        # the first convolution with the mask channel: ImageNet's RGB filters, zero for the mask
+        # (the network starts as the pretrained one and learns what the mask adds)
+        if k in own and v.ndim == 4 and own[k].shape[1] > v.shape[1] and own[k].shape[0] == v.shape[0] and own[k].shape[2:] == v.shape[2:]:
+            widened = torch.zeros_like(own[k])
+            widened[:, : v.shape[1]] = v
+            usable[k] = widened
     if not usable:
         raise PretrainedWeightsError(f"{path}: no tensor matches the 2D DenseNet121 (is it densenet121 weights?)")
     own.update(usable)

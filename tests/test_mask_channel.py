@@ -234,3 +234,17 @@ def test_bundle_folds_carry_their_calibration_and_guard(pelvis: tuple[Path, Path
     bad = _rewrite_manifest(path, tmp_path / "bad.zip", {"models": manifest["models"]})
     with pytest.raises(BundleError, match="calibration"):
         read_bundle(bad)
+
+
+def test_imagenet_weights_fill_the_rgb_filters_and_zero_the_mask_filter(tmp_path: Path) -> None:
+    from common.config import ModelConfig
+    from common.models import IMAGENET_FILE
+
+    from .test_engine import _torchvision_style_file
+
+    path = tmp_path / IMAGENET_FILE
+    tv = _torchvision_style_file(path)
+    cfg = ModelConfig(arch="densenet121", pretrained=True, pretrained_path=str(path), allow_random_init=False)
+    conv0 = build_model("densenet2d", cfg, mask_channel=True).state_dict()["features.conv0.weight"]
+    assert conv0.shape[1] == 4
+    assert torch.equal(conv0[:, :3], tv["features.conv0.weight"]) and torch.all(conv0[:, 3] == 0)
