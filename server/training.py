@@ -144,6 +144,7 @@ class FoldTrainer:
             meta = asdict(rlog)
             if self.cfg.evaluation.calibrate_folds and session.last_val_stats is not None:
                 meta[PLATT_KEY] = list(fit_platt(ClassHistogram.from_arrays(session.last_val_stats)))
+            session.last_val_stats = None  # a round without validation replies must not reuse these
             self.ckpt.save(kind, fold, rlog.round, weights_from_record(arrays), meta)
             self.participation.setdefault(f"{kind}/fold{fold}", []).append(asdict(rlog))
             if self.progress is not None:
