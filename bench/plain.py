@@ -60,7 +60,7 @@ def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> d
     for kind in kinds:
         for fold in cfg.active_folds:
             seed_everything(cfg.seed)
-            model = build_model(kind, getattr(cfg.models, kind))
+            model = build_model(kind, getattr(cfg.models, kind), mask_channel=cfg.preprocess.mask_channel)
             codec = ModelCodec.for_state_dict(model.state_dict())
             global_vec = codec.pack(model.state_dict())
             history: list[dict[str, Any]] = []

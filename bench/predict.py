@@ -47,7 +47,9 @@ def timing_run(run_dir: Path) -> Path:
     store = CheckpointStore(run_dir / "checkpoints", cfg.digest())
     for kind in ("densenet3d", "densenet2d"):
         seed_everything(cfg.seed)
-        state = build_model(kind, getattr(cfg.models, kind)).state_dict()  # type: ignore[arg-type]
+        state = build_model(
+            kind, getattr(cfg.models, kind), mask_channel=cfg.preprocess.mask_channel
+        ).state_dict()  # type: ignore[arg-type]
         vector = ModelCodec.for_state_dict(state).pack(state)
         for fold in cfg.active_folds:
             store.save(kind, fold, 1, vector, {"val_auc": None})

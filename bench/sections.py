@@ -198,7 +198,7 @@ def float16_effect(run_dir: Path, cache_root: Path) -> dict[str, Any]:
     probs: dict[str, list[Any]] = {"float32": [], "float16": []}
     models = {}
     for t, vec in (("float32", vec32), ("float16", vec16)):
-        model = build_model("densenet3d", cfg.models.densenet3d)
+        model = build_model("densenet3d", cfg.models.densenet3d, mask_channel=cfg.preprocess.mask_channel)
         state = model.state_dict()
         state.update(ModelCodec.for_state_dict(state).unpack(vec))
         model.load_state_dict(state)

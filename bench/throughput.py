@@ -41,7 +41,7 @@ from common import engine
 from common.config import ConfigError, ExperimentConfig, load_config
 from common.dataset import FEATURE_NAMES, SiteArrays
 from common.device import Runtime, for_config
-from common.models import ModelKind, build_model, count_parameters
+from common.models import ModelKind, build_model, count_parameters, in_channels
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,9 @@ def bench_config(spec: Spec) -> tuple[ExperimentConfig, bool]:
     return cfg, load_config(spec.preset).train.bn_recalibration
 
 
-def random_arrays(n: int, size3d: int, size2d: int, n_slices: int, seed: int = 0) -> SiteArrays:
+def random_arrays(
+    n: int, size3d: int, size2d: int, n_slices: int, seed: int = 0, mask_channel: bool = False
+) -> SiteArrays:
     """``n`` patients of uniform random inputs in [0, 1] (float16, as the cache stores them), labels alternating."""
     if n < 1:
         raise ValueError(f"need at least one patient, got {n}")
@@ -188,8 +190,12 @@ def random_arrays(n: int, size3d: int, size2d: int, n_slices: int, seed: int = 0
         patient_ids=tuple(f"b{i:04d}" for i in range(n)),
         labels=labels,
         radiologist_scores=np.where(labels == 1, 7, 3).astype(np.int64),
-        vol3d=rng.random((n, 1, size3d, size3d, size3d), dtype=np.float32).astype(np.float16),
-        slices2d=rng.random((n, n_slices, 3, size2d, size2d), dtype=np.float32).astype(np.float16),
+        vol3d=rng.random(
+            (n, in_channels("densenet3d", mask_channel), size3d, size3d, size3d), dtype=np.float32
+        ).astype(np.float16),
+        slices2d=rng.random(
+            (n, n_slices, in_channels("densenet2d", mask_channel), size2d, size2d), dtype=np.float32
+        ).astype(np.float16),
         slice_indices=np.zeros((n, n_slices), dtype=np.int64),
         features=np.zeros((n, len(FEATURE_NAMES))),
         feature_names=FEATURE_NAMES,
@@ -295,7 +301,9 @@ def measure(spec: Spec) -> Measurement:
     rt = runtime(cfg)
     device = rt.torch_device
     d3, d2 = cfg.preprocess.d3, cfg.preprocess.d2
-    arrays = random_arrays(spec.patients, d3.size, d2.size, d2.n_slices, seed=spec.seed)
+    arrays = random_arrays(
+        spec.patients, d3.size, d2.size, d2.n_slices, seed=spec.seed, mask_channel=cfg.preprocess.mask_channel
+    )
     probe = engine.make_loader(arrays, [0], spec.kind, "train", cfg, 0, rt)
     train_batch = int(probe.batch_size or 1)
     eval_batch = int(engine.make_loader(arrays, [0], spec.kind, "eval", cfg, 0, rt).batch_size or 1)
@@ -310,7 +318,9 @@ def measure(spec: Spec) -> Measurement:
         )
 
     torch.manual_seed(spec.seed)
-    model = build_model(spec.kind, getattr(cfg.models, spec.kind)).to(device)  # the engine keeps it there
+    model = build_model(
+        spec.kind, getattr(cfg.models, spec.kind), mask_channel=cfg.preprocess.mask_channel
+    ).to(device)  # the engine keeps it there
     phases = _Phases(model, arrays, spec.kind, cfg, spec.seed)
     indices = list(range(spec.patients))
 

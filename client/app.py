@@ -176,7 +176,9 @@ def evaluate(msg: Message, context: Context) -> Message:
 def predict_fold(msg: Message, context: Context) -> Message:
     """Predict with a selected fold model; per-patient rows are written at the site only."""
     runner, req = _runner(msg, context, PREDICT)
-    return _ok(msg, runner, runner.predict_fold(req.model, req.fold, req.weights, req.round, req.role))
+    return _ok(
+        msg, runner, runner.predict_fold(req.model, req.fold, req.weights, req.round, req.role, platt=req.platt)
+    )
 
 
 @_on(ENSEMBLE)

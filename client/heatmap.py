@@ -55,7 +55,8 @@ def feature_sizes(model: nn.Module, cube: int, layers: Sequence[str] = CAM_LAYER
     ]
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, 1, cube, cube, cube, device=next(model.parameters()).device))
+            channels = next(m for m in model.modules() if isinstance(m, nn.Conv3d)).in_channels
+            model.eval()(torch.zeros(1, channels, cube, cube, cube, device=next(model.parameters()).device))
     finally:
         for h in hooks:
             h.remove()
@@ -85,7 +86,7 @@ class CubeGradCAM:
         self._cams = [GradCAM(nn_module=m, target_layers=layer) for m in models]
 
     def __call__(self, cube: np.ndarray) -> np.ndarray:
-        """``cube`` (1, S, S, S) model input -> (S, S, S) float32 map in [0, 1], on the models' device."""
+        """``cube`` (C, S, S, S) model input (mask channel included) -> (S, S, S) float32 map in [0, 1], on the models' device."""
         x = torch.from_numpy(np.asarray(cube, dtype=np.float32))[None].to(self.device)
         maps = [cam(x, class_idx=MALIGNANT).detach().cpu().numpy()[0, 0] for cam in self._cams]
         out = np.mean(maps, axis=0)

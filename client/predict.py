@@ -48,6 +48,7 @@ from common.dataset import ModelInputs, SiteArrays, model_inputs
 from common.device import Offer, Runtime, resolve
 from common.engine import predict as engine_predict
 from common.engine import set_threads
+from common.foldcalibration import apply_platt
 from common.models import ModelKind
 from common.signing import load_public_key
 from common.sitedata import SiteDataError, load_volume, score_to_probability
@@ -227,8 +228,13 @@ class Predictor:
         folds: dict[str, tuple[float, ...]] = {}
         for kind, models in self.models.items():
             k: ModelKind = kind
-            folds[kind] = tuple(float(engine_predict(m, arrays, [0], k, self.cfg)[0]) for m in models)
-            scores[kind] = float(np.mean(folds[kind]))
+            specs = self.bundle.folds[kind]  # calibrated per fold; guarded folds left out, as in the run
+            folds[kind] = tuple(
+                float(apply_platt(engine_predict(m, arrays, [0], k, self.cfg), fm.platt)[0])
+                for m, fm in zip(models, specs, strict=True)
+            )
+            kept = [p for p, fm in zip(folds[kind], specs, strict=True) if not fm.guard] or list(folds[kind])
+            scores[kind] = float(np.mean(kept))
         for spec in self.bundle.ensembles:
             if set(spec.members) <= set(scores):
                 scores[spec.name] = spec.apply(scores)

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -27,6 +28,7 @@ from common.device import for_config
 from common.engine import diagnose, predict, set_threads
 from common.ensemble import combine
 from common.environment import environment
+from common.foldcalibration import apply_platt, check_platt
 from common.gridstats import ClassHistogram, ScoreGrid, add_noise, suppress_small_cells
 from common.models import ModelKind, build_model
 from common.privacy import PrivacyLedger
@@ -135,7 +137,7 @@ class SiteRunner:
         """
         if kind not in self._codecs:
             if state is None:
-                state = build_model(kind, self._model_cfg(kind)).state_dict()
+                state = build_model(kind, self._model_cfg(kind), mask_channel=self.cfg.preprocess.mask_channel).state_dict()
             self._codecs[kind] = ModelCodec.for_state_dict(state, exclude_norm=self.cfg.federation.strategy == "fedbn")
         return self._codecs[kind]
 
@@ -144,7 +146,7 @@ class SiteRunner:
 
     def load_model(self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int | None = None) -> torch.nn.Module:
         """Global weights plus, under FedBN, this site's own normalisation layers of round ``rnd``."""
-        model = build_model(kind, self._model_cfg(kind))
+        model = build_model(kind, self._model_cfg(kind), mask_channel=self.cfg.preprocess.mask_channel)
         state = model.state_dict()
         state.update(self.codec(kind, state).unpack(flat))
         if rnd is not None and self.cfg.federation.strategy == "fedbn":
@@ -222,13 +224,17 @@ class SiteRunner:
     def _grid(self) -> ScoreGrid:
         return ScoreGrid(self.cfg.evaluation.grid_bins)
 
-    def predict_fold(self, kind: str, fold: int, flat: np.ndarray, rnd: int, role: str) -> PredictReply:
+    def predict_fold(
+        self, kind: str, fold: int, flat: np.ndarray, rnd: int, role: str, platt: Sequence[float] | None = None
+    ) -> PredictReply:
         """Predict with the selected fold model; per-patient rows are written here, locally.
 
         A training site predicts its fold-``fold`` validation and test
         patients (internal test); an external site predicts all patients.
         ``kind="radiomics"``: ``flat`` is the federated logistic regression.
+        ``platt``: the fold's calibration ``(a, b)`` from the server (``common.foldcalibration``).
         """
+        params = check_platt(platt)
         if role == "external":
             parts = {"external": tuple(self.arrays.patient_ids)}
         else:
@@ -242,7 +248,7 @@ class SiteRunner:
             model = self.load_model(cast(ModelKind, kind), fold, flat, rnd)
 
             def score(idx: list[int]) -> np.ndarray:
-                return predict(model, self.arrays, idx, cast(ModelKind, kind), self.cfg)
+                return apply_platt(predict(model, self.arrays, idx, cast(ModelKind, kind), self.cfg), params)
 
         rows = []
         for split, ids in parts.items():
@@ -300,7 +306,9 @@ class SiteRunner:
             for kind in kinds:
                 if kind == "radiologist":
                     continue
-                per_fold = [self._stored(kind, k)["external"][1] for k in self.cfg.active_folds]
+                # folds the server's selection guard left out were never sent for external prediction
+                done = [k for k in self.cfg.active_folds if (self.run_dir / "predictions" / f"{kind}_fold{k}.csv").is_file()]
+                per_fold = [self._stored(kind, k)["external"][1] for k in done]
                 scores[kind] = np.mean(per_fold, axis=0)
         else:
             assert fold is not None

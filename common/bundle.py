@@ -11,7 +11,13 @@ the weights, so the training run folder is not needed:
   version of the deterministic transforms the models were trained on;
 * ``config``: the experiment config (plain data; training sites removed);
 * ``models``: per network, the selected round of each fold and its pooled
-  validation AUC, and the file holding it;
+  validation AUC, and the file holding it; its calibration ``platt`` (``[a, b]``,
+  ``common.foldcalibration``; absent: identity) and, when the selection guard left
+  the fold out of the external average, ``guard`` (the reason);
+* ``input_channels``: per network, the channels its input has (the ROI mask
+  channel of ``preprocess.mask_channel`` included); a bundle written before
+  this field existed is image-only, which its config (no ``mask_channel``)
+  says too;
 * ``ensembles``: members, weights and pooled validation AUC as fitted;
 * ``score_mapping``, ``threshold``, ``metrics`` (pooled internal/external
   metrics of every score), ``source`` (run name, plan, site counts);
@@ -55,7 +61,8 @@ from torch import nn
 from common.config import ConfigError, ExperimentConfig, from_dict, to_dict
 from common.dataset import CACHE_VERSION
 from common.ensemble import combine
-from common.models import ModelKind, build_model
+from common.foldcalibration import IDENTITY, check_platt
+from common.models import ModelKind, build_model, in_channels
 from common.signing import fingerprint, sign, verify
 
 BUNDLE_FORMAT = "sacral-fl-model-bundle"
@@ -92,6 +99,8 @@ class FoldModel:
     round: int
     val_auc: float | None
     file: str
+    platt: tuple[float, float] = IDENTITY
+    guard: str = ""
 
 
 @dataclass(frozen=True)
@@ -151,7 +160,7 @@ class ModelBundle:
         cfg = dataclasses.replace(getattr(self.config.models, kind), pretrained=False)
         models = []
         for fm in self.folds.get(kind, ()):
-            model = build_model(kind, cfg)
+            model = build_model(kind, cfg, mask_channel=self.config.preprocess.mask_channel)
             load_tensors(model, self.tensors[fm.file], f"{self.path}: {fm.file}")
             models.append(model.eval())
         return models
@@ -199,9 +208,12 @@ def write_bundle(
     payload = {fm.file: _npz_bytes(t) for fm, t in models}
     folds: dict[str, list[dict[str, Any]]] = {}
     for fm, _ in models:
-        folds.setdefault(fm.kind, []).append(
-            {"fold": fm.fold, "round": fm.round, "val_auc": fm.val_auc, "file": fm.file}
-        )
+        entry: dict[str, Any] = {"fold": fm.fold, "round": fm.round, "val_auc": fm.val_auc, "file": fm.file}
+        if fm.platt != IDENTITY:
+            entry["platt"] = list(fm.platt)
+        if fm.guard:
+            entry["guard"] = fm.guard
+        folds.setdefault(fm.kind, []).append(entry)
     manifest = {
         "format": BUNDLE_FORMAT,
         "format_version": FORMAT_VERSION,
@@ -209,6 +221,9 @@ def write_bundle(
         "preprocessing_version": CACHE_VERSION,
         "config": to_dict(config),
         "models": folds,
+        "input_channels": {
+            kind: in_channels(cast(ModelKind, kind), config.preprocess.mask_channel) for kind in folds
+        },
         "ensembles": {
             e.name: {"members": list(e.members), "weights": list(e.weights), "val_auc": e.val_auc}
             for e in ensembles
@@ -344,12 +359,21 @@ def read_bundle(
     for kind, entries in cast(dict[str, list[dict[str, Any]]], manifest.get("models", {})).items():
         if kind not in MODEL_KINDS:
             raise BundleError(f"{path}: unknown model kind {kind!r} in the manifest")
-        folds[kind] = tuple(
-            FoldModel(
-                cast(ModelKind, kind), int(e["fold"]), int(e["round"]), e.get("val_auc"), str(e["file"])
+        try:
+            folds[kind] = tuple(
+                FoldModel(
+                    cast(ModelKind, kind),
+                    int(e["fold"]),
+                    int(e["round"]),
+                    e.get("val_auc"),
+                    str(e["file"]),
+                    check_platt(e.get("platt")),
+                    str(e.get("guard", "")),
+                )
+                for e in entries
             )
-            for e in entries
-        )
+        except ValueError as exc:
+            raise BundleError(f"{path}: {kind}: invalid fold entry in the manifest ({exc})") from exc
         for fm in folds[kind]:
             if fm.file not in tensors:
                 raise BundleError(
@@ -360,6 +384,7 @@ def read_bundle(
         for name, e in cast(dict[str, dict[str, Any]], manifest.get("ensembles", {})).items()
     )
     _check_thresholds(manifest.get("thresholds", {}), path)
+    check_input_channels(manifest.get("input_channels"), config, path)
     bundle = ModelBundle(path, manifest, config, folds, ensembles, tensors)
     if not bundle.kinds:
         raise BundleError(f"{path}: the bundle holds no model")
@@ -399,3 +424,27 @@ def check_compatible(manifest: Mapping[str, Any], path: Path) -> None:
             f"(sacral-fl {made_by}), this sacral-fl {project_version()} implements version {CACHE_VERSION}; "
             "predictions would be fed other inputs than in training"
         )
+
+
+def check_input_channels(recorded: Any, config: ExperimentConfig, path: Path) -> None:
+    """The manifest's ``input_channels`` must be what the config's preprocessing produces.
+
+    Absent (a bundle from before the field): image-only, as its config says.  A
+    mismatch means the manifest was edited or written by other code: refuse it
+    rather than feed the models inputs of another shape.
+    """
+    if recorded is None:
+        return
+    if not isinstance(recorded, dict) or not all(isinstance(v, int) for v in recorded.values()):
+        raise BundleError(
+            f"{path}: manifest input_channels must map model kinds to channel counts, got {recorded!r}"
+        )
+    for kind, n in recorded.items():
+        if kind not in MODEL_KINDS:
+            raise BundleError(f"{path}: unknown model kind {kind!r} in input_channels")
+        expected = in_channels(kind, config.preprocess.mask_channel)
+        if n != expected:
+            raise BundleError(
+                f"{path}: manifest says {kind} takes {n} input channel(s), its config's preprocessing gives "
+                f"{expected} (preprocess.mask_channel={config.preprocess.mask_channel})"
+            )

@@ -104,9 +104,16 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
+    """``mask_channel``: the ROI mask rides along as the last input channel (3D and 2D).
+
+    The crops stretch every lesion to one cube, so the network cannot tell the
+    lesion's outline from the bone around it; the mask says where it is.
+    """
+
     d3: Preprocess3DConfig = field(default_factory=Preprocess3DConfig)
     d2: Preprocess2DConfig = field(default_factory=Preprocess2DConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mask_channel: bool = False
 
 
 @dataclass(frozen=True)
@@ -194,6 +201,9 @@ class EvaluationConfig:
     grid_bins: int = 10000
     calibration_bins: int = 10
     ensemble_grid_step: float = 0.05
+    ensemble_tolerance: float = 0.0  # validation AUC a blend must gain over its best member (common.ensemble)
+    calibrate_folds: bool = False  # per-fold Platt scaling on the fold's pooled validation scores (common.foldcalibration)
+    tta_flip: bool = False  # predict: mean of the input and its left-right mirror (common.engine.predict)
     score_mapping: tuple[float, ...] = (0.05, 0.15, 0.25, 0.40, 0.50, 0.60, 0.75, 0.85, 0.95)
     min_cell_count: int = 0
     stats_noise: float = 0.0

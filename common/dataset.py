@@ -86,8 +86,8 @@ class SiteArrays:
     patient_ids: tuple[str, ...]
     labels: np.ndarray  # int64 (N,)
     radiologist_scores: np.ndarray  # int64 (N,)
-    vol3d: np.ndarray  # float16 (N, 1, S, S, S) in [0, 1]
-    slices2d: np.ndarray  # float16 (N, n, 3, s, s) in [0, 1]
+    vol3d: np.ndarray  # float16 (N, C, S, S, S) in [0, 1] (C = 2: the last is the ROI mask)
+    slices2d: np.ndarray  # float16 (N, n, C, s, s) in [0, 1] (C = 4: the last is the ROI mask)
     slice_indices: np.ndarray  # int64 (N, n)
     features: np.ndarray  # float64 (N, F)
     feature_names: tuple[str, ...]
@@ -292,8 +292,8 @@ class ModelInputs:
     corners, so a map on the cube (Grad-CAM) can be put back on the scan.
     """
 
-    vol3d: np.ndarray  # float32 (1, S, S, S) in [0, 1]
-    slices2d: np.ndarray  # float32 (n, 3, s, s) in [0, 1]
+    vol3d: np.ndarray  # float32 (C, S, S, S) in [0, 1]; C = 1, or 2 with the mask channel
+    slices2d: np.ndarray  # float32 (n, C, s, s) in [0, 1]; C = 3, or 4 with the mask channel
     slice_indices: np.ndarray  # int64 (n,), RAS z, largest tumour area first
     box_mm: np.ndarray  # float64 (2, 3)
 
@@ -301,8 +301,8 @@ class ModelInputs:
 def model_inputs(volume: Volume, cfg: PreprocessConfig) -> ModelInputs:
     """Run the deterministic 3D and 2D transforms of ``cfg`` on a RAS+ volume (the one preprocessing path)."""
     data = volume_dict(volume)
-    out3 = deterministic_3d(cfg.d3)(dict(data))
-    out2 = deterministic_2d(cfg.d2, (cfg.d3.hu_min, cfg.d3.hu_max))(dict(data))
+    out3 = deterministic_3d(cfg.d3, cfg.mask_channel)(dict(data))
+    out2 = deterministic_2d(cfg.d2, (cfg.d3.hu_min, cfg.d3.hu_max), cfg.mask_channel)(dict(data))
     return ModelInputs(
         vol3d=np.asarray(out3["image"], dtype=np.float32),
         slices2d=np.asarray(out2["image"], dtype=np.float32),
@@ -365,6 +365,7 @@ def cache_key(site_dir: Path, cfg: PreprocessConfig) -> str:
             "version": CACHE_VERSION,
             "d3": to_dict(cfg.d3),
             "d2": to_dict(cfg.d2),
+            "mask_channel": cfg.mask_channel,
             "manifest": hashlib.sha256((site_dir / MANIFEST).read_bytes()).hexdigest(),
             "files": files,
         },
@@ -548,6 +549,7 @@ class PatientDataset(Dataset[dict[str, Any]]):
       (n, 3, s, s), so the engine can average the slice probabilities.
 
     Items also carry ``label`` (int64) and ``index`` (the row in ``arrays``).
+    ``mask_channel``: the last channel is the ROI mask (augmented with the image).
     Augmentation runs in ``train`` mode only; its randomness is drawn per
     item from (seed, epoch, index, draw), so results do not depend on the
     number of DataLoader workers.  Call ``set_epoch`` at each epoch (as with
@@ -563,9 +565,17 @@ class PatientDataset(Dataset[dict[str, Any]]):
         mode: Mode,
         augment: AugmentConfig | None = None,
         seed: int = 0,
+        mask_channel: bool = False,
     ) -> None:
         if kind not in ("3d", "2d") or mode not in ("train", "eval"):
             raise ValueError(f"kind must be '3d' or '2d' and mode 'train' or 'eval', got {kind!r}, {mode!r}")
+        channels = int(arrays.vol3d.shape[1] if kind == "3d" else arrays.slices2d.shape[2])
+        expected = (1 if kind == "3d" else 3) + int(mask_channel)
+        if len(arrays) and channels != expected:
+            raise ValueError(
+                f"site {arrays.site!r}: {kind} inputs have {channels} channel(s), the config expects {expected} "
+                f"(preprocess.mask_channel={mask_channel}): preprocessed under another config"
+            )
         self.arrays = arrays
         self.rows = np.asarray(indices, dtype=np.int64)
         if self.rows.size and (self.rows.min() < 0 or self.rows.max() >= len(arrays)):
@@ -576,7 +586,8 @@ class PatientDataset(Dataset[dict[str, Any]]):
         self._augment = None
         if mode == "train" and augment is not None and augment.enabled:
             size = int(arrays.vol3d.shape[-1] if kind == "3d" else arrays.slices2d.shape[-1])
-            self._augment = random_3d(augment, size) if kind == "3d" else random_2d(augment, size)
+            make = random_3d if kind == "3d" else random_2d
+            self._augment = make(augment, size, mask_channel)
         self.epoch = 0
         self._draws: dict[int, int] = {}
 

@@ -45,7 +45,7 @@ from .dataset import PatientDataset, SiteArrays
 from .device import Runtime, for_config, placed
 from .device_augment import BatchAugment
 from .metrics import binary_metrics
-from .models import ModelKind
+from .models import ModelKind, in_channels
 from .privacy import PrivacyLedger, finish, make_private
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,7 @@ def make_loader(
         mode=mode,
         augment=None if on_device else cfg.preprocess.augment,
         seed=seed,
+        mask_channel=cfg.preprocess.mask_channel,
     )
     gen = torch.Generator().manual_seed(seed)
     batch = cfg.train.batch_size if mode == "train" else max(cfg.train.batch_size, 16)
@@ -180,7 +181,9 @@ def device_augment(kind: ModelKind, cfg: ExperimentConfig, runtime: Runtime) -> 
     """The batched augmentation of training batches when it runs on the device, else ``None``."""
     if runtime.augment_on != "device" or not (cfg.preprocess.augment.enabled and cfg.preprocess.augment.prob > 0):
         return None
-    return BatchAugment(cfg.preprocess.augment, 3 if kind == "densenet3d" else 2)
+    # the ROI mask (``preprocess.mask_channel``) is the last input channel: nearest-neighbour keeps it binary
+    mask = [in_channels(kind, True) - 1] if cfg.preprocess.mask_channel else []
+    return BatchAugment(cfg.preprocess.augment, 3 if kind == "densenet3d" else 2, nearest_channels=mask)
 
 
 def class_weights(labels: np.ndarray) -> torch.Tensor:
@@ -344,7 +347,10 @@ def predict(
 
     2D: each patient's slices are scored and their probabilities averaged
     with ``preprocess.d2.slice_weights`` (slices ordered by tumour area, largest
-    first), the study's patient-level rule.
+    first), the study's patient-level rule.  ``evaluation.tta_flip``: each
+    input's probability is the mean over it and its left-right mirror (the
+    training flip, first spatial axis), so a prediction does not depend on
+    which side the scanner stored first.
     """
     if len(indices) == 0:
         return np.zeros(0, dtype=np.float64)
@@ -354,20 +360,26 @@ def predict(
     sw = np.asarray(cfg.preprocess.d2.slice_weights, dtype=np.float64)
     w = torch.tensor(sw / sw.sum(), dtype=torch.float32, device=dev)
     out: list[np.ndarray] = []
+    def prob(x: torch.Tensor) -> torch.Tensor:  # x: (B, C, *spatial); the flip is on the first spatial axis
+        with rt.autocast():
+            logits = model(x)
+        p = torch.softmax(logits.float(), dim=1)[:, 1]
+        if not cfg.evaluation.tta_flip:
+            return p
+        with rt.autocast():
+            mirrored = model(x.flip(2))
+        return (p + torch.softmax(mirrored.float(), dim=1)[:, 1]) / 2
+
     with placed(model, dev):
         for batch in _waited(make_loader(arrays, indices, kind, "eval", cfg, 0, rt), wait):
             assert isinstance(batch, dict)
             x = batch["image"].to(dev, non_blocking=True).float()
             if kind == "densenet2d":
                 b, n = x.shape[:2]
-                with rt.autocast():
-                    logits = model(x.flatten(0, 1))
-                p = torch.softmax(logits.float(), dim=1)[:, 1].reshape(b, n)
+                p = prob(x.flatten(0, 1)).reshape(b, n)
                 out.append((p * w[:n] / w[:n].sum()).sum(dim=1).cpu().numpy())
             else:
-                with rt.autocast():
-                    logits = model(x)
-                out.append(torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy())
+                out.append(prob(x).cpu().numpy())
     return np.concatenate(out).astype(np.float64)
 
 

@@ -31,9 +31,12 @@ class PretrainedWeightsError(FileNotFoundError):
     """ImageNet weights were required but are not on disk."""
 
 
-def in_channels(kind: ModelKind) -> int:
-    """3D input is one HU-windowed channel; 2D input is three HU windows (RGB-like)."""
-    return 1 if kind == "densenet3d" else 3
+def in_channels(kind: ModelKind, mask_channel: bool = False) -> int:
+    """3D input is one HU-windowed channel; 2D input is three HU windows (RGB-like); plus the ROI mask.
+
+    The one place channel counts are decided (``preprocess.mask_channel``).
+    """
+    return (1 if kind == "densenet3d" else 3) + int(mask_channel)
 
 
 def _norm(cfg: ModelConfig) -> Any:
@@ -44,8 +47,10 @@ def _norm(cfg: ModelConfig) -> Any:
     return "batch"
 
 
-def build_model(kind: ModelKind, cfg: ModelConfig) -> nn.Module:
+def build_model(kind: ModelKind, cfg: ModelConfig, *, mask_channel: bool = False) -> nn.Module:
     """Build the 3D or 2D DenseNet of the study (2 outputs: benign, malignant).
+
+    ``mask_channel`` (``preprocess.mask_channel``) adds the ROI mask input channel.
 
     Activations are not in place when the norm is not BatchNorm, because
     Opacus' per-sample gradient hooks fail on in-place ReLU (stack notes).
@@ -54,7 +59,7 @@ def build_model(kind: ModelKind, cfg: ModelConfig) -> nn.Module:
     act = ("relu", {"inplace": cfg.norm == "batch"})
     common: dict[str, Any] = {
         "spatial_dims": spatial_dims,
-        "in_channels": in_channels(kind),
+        "in_channels": in_channels(kind, mask_channel),
         "out_channels": 2,
         "norm": _norm(cfg),
         "act": act,
@@ -106,6 +111,13 @@ def load_imagenet_weights(model: nn.Module, cfg: ModelConfig) -> int:
         renamed[f"{m.group(1)}.layers.{m.group(2)}" if m else key] = value
     own = model.state_dict()
     usable = {k: v for k, v in renamed.items() if k in own and own[k].shape == v.shape}
+    for k, v in renamed.items():
+        # the first convolution with the mask channel: ImageNet's RGB filters, zero for the mask
+        # (the network starts as the pretrained one and learns what the mask adds)
+        if k in own and v.ndim == 4 and own[k].shape[1] > v.shape[1] and own[k].shape[0] == v.shape[0] and own[k].shape[2:] == v.shape[2:]:
+            widened = torch.zeros_like(own[k])
+            widened[:, : v.shape[1]] = v
+            usable[k] = widened
     if not usable:
         raise PretrainedWeightsError(f"{path}: no tensor matches the 2D DenseNet121 (is it densenet121 weights?)")
     own.update(usable)

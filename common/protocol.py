@@ -27,6 +27,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from .delong import PlacementSums
+from .foldcalibration import check_platt
 from .gridstats import ClassHistogram
 from .records import (
     WEIGHTS_KEY,
@@ -285,6 +286,13 @@ class PredictRequest:
     fold: int = wire("fold", Place.CONFIG, "1 int", convert=int)
     round: int = wire("round", Place.CONFIG, "1 int: the selected round", convert=int)
     role: str = wire("role", Place.CONFIG, "train | external", convert=str)
+    platt: tuple[float, float] | None = wire(
+        "platt",
+        Place.JSON,
+        "2 floats (a, b): the fold's calibration sigmoid(a logit p + b), a > 0; absent: none",
+        convert=check_platt,
+        default=None,
+    )
 
 
 @dataclass(frozen=True)
@@ -492,10 +500,8 @@ def decode(content: RecordDict, cls: type[B]) -> B:
                     if has_default:
                         continue
                     raise ProtocolError(f"{w.record} has no {w.key!r}")
-                raw = rec[w.key]
-                values[name] = (
-                    json.loads(str(raw)) if w.place is Place.JSON else w.convert(raw) if w.convert else raw
-                )
+                raw = json.loads(str(rec[w.key])) if w.place is Place.JSON else rec[w.key]
+                values[name] = w.convert(raw) if w.convert else raw
             elif w.place in (Place.WEIGHTS, Place.ARRAY):
                 arrs = arrays(w.record)
                 if w.key not in arrs:

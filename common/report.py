@@ -446,6 +446,16 @@ def table4_section(summary: Mapping[str, Any]) -> Section:
             "pooled over all training sites and folds.",
             ("score", "weights", "val_auc"), tuple(weight_rows),
         ))
+        for s in ensembles:  # weights were fitted on validation; say when the test disagrees
+            for subset in ("internal", "external"):
+                got = _num(((models[s].get(subset) or {}).get("pooled") or {}).get("auc"))
+                members = {m: _num(((models.get(m) or {}).get(subset) or {}).get("pooled", {}).get("auc"))
+                           for m in (models[s].get("weights") or {})}
+                known = {m: a for m, a in members.items() if a is not None}
+                if got is not None and known and got < max(known.values()):
+                    best = max(known, key=lambda m: known[m])
+                    b.note(f"{s} scores below its best member on {subset} test: AUC {got:.3f} < {best} "
+                           f"{known[best]:.3f}.")
         rows = [r for s in ensembles for r in _metric_rows(s, models[s])]
         b.add(Table(
             "table4_ensembles",
@@ -819,6 +829,10 @@ def training_section(summary: Mapping[str, Any]) -> Section:
         b.note("No federated round logs in this run (nothing trained, or training was resumed from a finished run).")
         return Section("training", "Federated training", tuple(b.blocks))
     b.add(_rounds_plot(summary, logs))
+    for model, folds in sorted((summary.get("selection") or {}).items()):
+        for fold, sel in sorted((folds or {}).items(), key=lambda t: str(t[0])):
+            if isinstance(sel, dict) and sel.get("guard"):  # server.foldguard
+                b.note(f"{_label(model)} fold {fold}: selected model {sel['guard']}; left out of the external average.")
     loss = _loss_plot(logs)
     if loss is not None:
         b.add(loss)

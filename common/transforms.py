@@ -42,6 +42,11 @@ Conventions (documented because results depend on them):
   (the first axis is R in both the 3D cube and the 2D slices: the mirror image
   of a sacrum is anatomically plausible, a head-to-foot flip is not).
   Padding is 0, i.e. air.
+* **Mask channel** (``preprocess.mask_channel``): the resampled ROI mask is
+  appended as the last channel of ``image`` (3D: (2, S, S, S); 2D: (n, 4, s,
+  s)).  Augmentation splits it off again, moves image and mask with the same
+  random draw (image bilinear, mask nearest, so it stays binary) and joins
+  them, so the mask never drifts from the lesion it outlines.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.transforms import Compose, MapTransform, RandAffined, RandFlipd, ToTensord
+from monai.transforms import Compose, ConcatItemsd, MapTransform, RandAffined, RandFlipd, ToTensord
 from scipy import ndimage
 
 from common.config import AugmentConfig, Preprocess2DConfig, Preprocess3DConfig
@@ -311,66 +316,116 @@ class HUWindowsd(MapTransform):
         return d
 
 
+class AppendMaskd(MapTransform):
+    """Append ``mask_key`` to each image key as its last channel (at ``channel_axis``)."""
+
+    def __init__(self, keys: KeysCollection, *, mask_key: str = "mask", channel_axis: int = 0) -> None:
+        super().__init__(keys)
+        self.mask_key = mask_key
+        self.channel_axis = channel_axis
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        mask = np.asarray(d[self.mask_key], dtype=np.float32)
+        for key in self.key_iterator(d):
+            d[key] = np.concatenate([np.asarray(d[key], dtype=np.float32), mask], axis=self.channel_axis)
+        return d
+
+
+class SplitMaskd(MapTransform):
+    """Split the last channel of ``image`` off into ``mask`` (undone by ``ConcatItemsd``)."""
+
+    def __init__(self, key: str = "image", mask_key: str = "mask") -> None:
+        super().__init__(key)
+        self.key, self.mask_key = key, mask_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = d[self.key]
+        if image.shape[0] < 2:
+            raise ValueError(
+                f"{self.key}: a mask channel needs at least 2 channels, got shape {tuple(image.shape)}"
+            )
+        d[self.key], d[self.mask_key] = image[:-1], image[-1:]
+        return d
+
+
 # ---------------------------------------------------------------- composed pipelines
 
 
-def deterministic_3d(cfg: Preprocess3DConfig) -> Compose:
-    """Volume dict -> ``image`` (1, S, S, S) float32 in [0, 1] and ``mask`` (1, S, S, S) in {0, 1}."""
-    return Compose(
-        [
-            LargestComponentd("mask"),
-            CropResampled(("image", "mask"), cfg),
-            HUWindowsd("image", [(cfg.hu_min, cfg.hu_max)]),
-        ]
-    )
+def deterministic_3d(cfg: Preprocess3DConfig, mask_channel: bool = False) -> Compose:
+    """Volume dict -> ``image`` (1, S, S, S) float32 in [0, 1] and ``mask`` (1, S, S, S) in {0, 1}.
+
+    ``mask_channel``: ``image`` is (2, S, S, S), the mask its last channel.
+    """
+    steps: list[Any] = [
+        LargestComponentd("mask"),
+        CropResampled(("image", "mask"), cfg),
+        HUWindowsd("image", [(cfg.hu_min, cfg.hu_max)]),
+    ]
+    if mask_channel:
+        steps.append(AppendMaskd("image"))
+    return Compose(steps)
 
 
-def deterministic_2d(cfg: Preprocess2DConfig, bone_window: tuple[float, float] = BONE_WINDOW) -> Compose:
+def deterministic_2d(
+    cfg: Preprocess2DConfig, bone_window: tuple[float, float] = BONE_WINDOW, mask_channel: bool = False
+) -> Compose:
     """Volume dict -> ``image`` (n, 3, s, s) float32 in [0, 1] and ``slice_indices`` (n,).
 
     Channels: ``bone_window`` (pass the 3D window to keep both models on the
-    same bone contrast), soft tissue, wide.
+    same bone contrast), soft tissue, wide; ``mask_channel`` adds the slice's
+    ROI mask as a fourth.
     """
-    return Compose(
-        [
-            LargestComponentd("mask"),
-            AxialSlicesd(("image", "mask"), cfg),
-            HUWindowsd("image", [bone_window, SOFT_TISSUE_WINDOW, WIDE_WINDOW], channel_axis=1),
-        ]
-    )
+    steps: list[Any] = [
+        LargestComponentd("mask"),
+        AxialSlicesd(("image", "mask"), cfg),
+        HUWindowsd("image", [bone_window, SOFT_TISSUE_WINDOW, WIDE_WINDOW], channel_axis=1),
+    ]
+    if mask_channel:
+        steps.append(AppendMaskd("image", channel_axis=1))
+    return Compose(steps)
 
 
-def _random(cfg: AugmentConfig, ndim: int, size: int) -> Compose:
+def _random(cfg: AugmentConfig, ndim: int, size: int, mask_channel: bool) -> Compose:
     """Augmentation of ``{"image": (C, *spatial) tensor}``; returns a plain ``torch.Tensor``."""
     steps: list[Any] = []
     if cfg.enabled and cfg.prob > 0:
+        keys = ("image", "mask") if mask_channel else ("image",)
+        modes = ("bilinear", "nearest") if mask_channel else ("bilinear",)
+        if mask_channel:
+            steps.append(SplitMaskd("image", "mask"))
         angle = math.radians(cfg.rotate_deg)
         shift = cfg.translate_frac * size  # MONAI translates in voxels
         steps.append(
             RandAffined(
-                "image",
+                keys,
                 prob=cfg.prob,
                 rotate_range=(angle,) * (3 if ndim == 3 else 1),
                 translate_range=(shift,) * ndim,
                 scale_range=(cfg.scale_frac,) * ndim,
-                mode="bilinear",
+                mode=modes,
                 padding_mode="zeros",
             )
         )
         if cfg.flip:
-            steps.append(RandFlipd("image", prob=cfg.prob, spatial_axis=0))
+            steps.append(RandFlipd(keys, prob=cfg.prob, spatial_axis=0))
+        if mask_channel:
+            steps.append(ConcatItemsd(keys, "image", dim=0))
     steps.append(ToTensord("image", dtype=torch.float32, track_meta=False))
     return Compose(steps)
 
 
-def random_3d(cfg: AugmentConfig, size: int) -> Compose:
-    """Training augmentation of a (1, S, S, S) cube; ``size`` (S) turns ``translate_frac`` into voxels.
+def random_3d(cfg: AugmentConfig, size: int, mask_channel: bool = False) -> Compose:
+    """Training augmentation of a (C, S, S, S) cube; ``size`` (S) turns ``translate_frac`` into voxels.
 
-    Seed with ``.set_random_state(seed)``.  Disabled config: only the tensor conversion.
+    ``mask_channel``: the last channel is the ROI mask (moved with the image,
+    resampled nearest).  Seed with ``.set_random_state(seed)``.  Disabled
+    config: only the tensor conversion.
     """
-    return _random(cfg, 3, size)
+    return _random(cfg, 3, size, mask_channel)
 
 
-def random_2d(cfg: AugmentConfig, size: int) -> Compose:
-    """Training augmentation of one (3, s, s) slice image; ``size`` (s) scales the translation."""
-    return _random(cfg, 2, size)
+def random_2d(cfg: AugmentConfig, size: int, mask_channel: bool = False) -> Compose:
+    """Training augmentation of one (C, s, s) slice image; ``size`` (s) scales the translation."""
+    return _random(cfg, 2, size, mask_channel)

@@ -20,11 +20,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from common.bundle import MODEL_KINDS, BundleError, EnsembleSpec, FoldModel, write_bundle
 from common.config import ConfigError, ExperimentConfig, load_config
 from common.ensemble import ENSEMBLES
+from common.foldcalibration import IDENTITY
 from common.models import build_model
 from common.records import ModelCodec
 from common.signing import SigningKeyError, create_signing_key, load_private_key
 
 from .checkpoints import CheckpointError, CheckpointStore
+from .foldguard import selection_problem
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,11 @@ def export_bundle(run_dir: Path, out: Path, signing_key: Path) -> Path:
         if not model_cfg.enabled:
             continue
         codec = ModelCodec.for_state_dict(
-            build_model(kind, dataclasses.replace(model_cfg, pretrained=False)).state_dict()
+            build_model(
+                kind,
+                dataclasses.replace(model_cfg, pretrained=False),
+                mask_channel=cfg.preprocess.mask_channel,
+            ).state_dict()
         )
         for fold in cfg.active_folds:
             selected = store.finished(kind, fold)
@@ -76,12 +82,15 @@ def export_bundle(run_dir: Path, out: Path, signing_key: Path) -> Path:
                 raise BundleError(f"{run_dir}: {kind} fold {fold}: {exc}") from exc
             tensors = {k: v.numpy() for k, v in codec.unpack(vector).items()}
             val_auc = selected.get("val_auc")
+            platt = store.meta(kind, fold, int(selected["round"])).get("platt")
             fm = FoldModel(
                 kind,
                 fold,
                 int(selected["round"]),
                 None if val_auc is None else float(val_auc),
                 f"models/{kind}_fold{fold}.npz",
+                (float(platt[0]), float(platt[1])) if platt else IDENTITY,
+                selection_problem(None if val_auc is None else float(val_auc)) or "",
             )
             models.append((fm, tensors))
     if not models:

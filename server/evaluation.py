@@ -98,7 +98,9 @@ class Evaluator:
         for name, members in ensembles.items():
             key = "+".join(members)
             hists = [sums[(key, str(i))] for i in range(len(candidates[key]))]
-            idx, auc = best_weights(hists, np.asarray(candidates[key]))
+            idx, auc = best_weights(
+                hists, np.asarray(candidates[key]), self.cfg.evaluation.ensemble_tolerance
+            )
             w = candidates[key][idx]
             fitted[name] = {
                 "members": list(members),

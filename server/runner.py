@@ -27,6 +27,7 @@ from common.readerstudy import MRMC_PREFIX
 from .checkpoints import CheckpointStore
 from .crosssite import CrossSiteEvaluation
 from .evaluation import Evaluator
+from .foldguard import external_folds
 from .identity import SiteGate
 from .messenger import Messenger
 from .meteredgrid import MeteredGrid
@@ -160,9 +161,11 @@ class PlanRunner:
                 auc = best["val_auc"]
                 self.progress.phase(
                     f"{kind} fold {fold}: selected round {best['round']} (pooled validation AUC "
-                    f"{'n/a' if auc is None else format(auc, '.4f')}); predicting at every site"
+                    f"{'n/a' if auc is None else format(auc, '.4f')}); predicting at the training sites"
                 )
-                self.trainer.predict_fold(kind, fold, best)
+                self.trainer.predict_fold(kind, fold, best, roles=(ROLE_TRAIN,))
+            for fold in external_folds(self.selected[kind]):  # the selection guard's flagged folds stay out
+                self.trainer.predict_fold(kind, fold, self.selected[kind][fold], roles=(ROLE_EXTERNAL,))
         if self.cfg.models.radiomics:
             self.progress.phase(
                 f"radiomics: federated logistic regression, folds {list(self.cfg.active_folds)}"

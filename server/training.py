@@ -4,14 +4,20 @@ For each model and fold, Flower's ``Strategy.start()`` runs the rounds among
 the training sites; after every round the round's global model is
 checkpointed with its pooled validation statistics, and the round with the
 best pooled validation AUC is kept (the study's model selection, done across
-sites).  A fold finished by an earlier server process is not retrained; an
-interrupted one resumes after its last checkpoint.
+sites).  With ``evaluation.calibrate_folds`` each round's checkpoint also
+holds the fold's Platt calibration fitted on that pooled validation histogram
+(``common.foldcalibration``), sent with the selected model to every site.  The
+selection guard (``server.foldguard``) flags a selected model that is constant
+or inverted on validation; it is left out of the external average.  A fold
+finished by an earlier server process is not retrained; an interrupted one
+resumes after its last checkpoint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -20,6 +26,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 from common.config import ExperimentConfig
 from common.engine import seed_everything
+from common.foldcalibration import fit_platt
+from common.gridstats import ClassHistogram
 from common.models import ModelKind, build_model
 from common.protocol import (
     FEATSTATS,
@@ -36,6 +44,7 @@ from common.radiomics import FederatedLogit
 from common.records import ModelCodec, weights_from_record, weights_record
 
 from .checkpoints import CheckpointStore
+from .foldguard import GUARD_KEY, selection_problem
 from .messenger import Messenger
 from .progress import Progress
 from .registry import SiteRegistry
@@ -44,6 +53,9 @@ from .strategies import make_strategy
 from .strategy import FederationError
 
 log = logging.getLogger(__name__)
+
+PLATT_KEY = "platt"
+"""Key of a checkpoint's (and a selection's) per-fold calibration ``[a, b]`` (server-side bookkeeping)."""
 
 
 class FoldTrainer:
@@ -70,7 +82,9 @@ class FoldTrainer:
     def initial_vector(self, kind: ModelKind) -> np.ndarray:
         """The round-0 global model: the factory's initialisation under the run's seed."""
         seed_everything(self.cfg.seed)
-        model = build_model(kind, getattr(self.cfg.models, kind))
+        model = build_model(
+            kind, getattr(self.cfg.models, kind), mask_channel=self.cfg.preprocess.mask_channel
+        )
         codec = ModelCodec.for_state_dict(
             model.state_dict(), exclude_norm=self.cfg.federation.strategy == "fedbn"
         )
@@ -104,7 +118,7 @@ class FoldTrainer:
         if done is not None:
             log.info("%s fold %d already finished (round %d selected): skipping", kind, fold, done["round"])
             self._restore_round_logs(kind, fold)
-            return done
+            return self._annotated(kind, fold, done)
         last = self.ckpt.last_round(kind, fold)
         start_vec = self.ckpt.load(kind, fold, last) if last else self.initial_vector(kind)
         if last:
@@ -127,7 +141,11 @@ class FoldTrainer:
             if server_round == 0:
                 return None
             rlog = session.log_for(server_round)
-            self.ckpt.save(kind, fold, rlog.round, weights_from_record(arrays), asdict(rlog))
+            meta = asdict(rlog)
+            if self.cfg.evaluation.calibrate_folds and session.last_val_stats is not None:
+                meta[PLATT_KEY] = list(fit_platt(ClassHistogram.from_arrays(session.last_val_stats)))
+            session.last_val_stats = None  # a round without validation replies must not reuse these
+            self.ckpt.save(kind, fold, rlog.round, weights_from_record(arrays), meta)
             self.participation.setdefault(f"{kind}/fold{fold}", []).append(asdict(rlog))
             if self.progress is not None:
                 self.progress.round(session, rlog)
@@ -151,6 +169,19 @@ class FoldTrainer:
             best["round"],
             best["val_auc"],
         )
+        return self._annotated(kind, fold, best)
+
+    def _annotated(self, kind: ModelKind, fold: int, best: dict[str, Any]) -> dict[str, Any]:
+        """The selection with its round's calibration (if fitted) and the guard's flag (if any)."""
+        platt = self.ckpt.meta(kind, fold, int(best["round"])).get(PLATT_KEY)
+        if platt:
+            best = {**best, PLATT_KEY: [float(x) for x in platt]}
+        problem = selection_problem(best.get("val_auc"))
+        if problem:  # scored on its own test fold, left out of the external average
+            best = {**best, GUARD_KEY: problem}
+            log.warning(
+                "%s fold %d: selected model %s; left out of the external average", kind, fold, problem
+            )
         return best
 
     def _restore_round_logs(self, kind: ModelKind, fold: int) -> None:
@@ -165,13 +196,23 @@ class FoldTrainer:
         if self.progress is not None:
             self.progress.resumed(len(rounds))
 
-    def predict_fold(self, kind: ModelKind, fold: int, best: dict[str, Any]) -> None:
-        """Every site predicts with the selected fold model (rows stay at the sites)."""
+    def predict_fold(
+        self, kind: ModelKind, fold: int, best: dict[str, Any], roles: Sequence[str] = ROLES
+    ) -> None:
+        """The sites of ``roles`` predict with the selected fold model (rows stay at the sites)."""
         vec = self.ckpt.load(kind, fold, int(best["round"]))
-        for role in ROLES:
+        platt = best.get(PLATT_KEY)
+        for role in roles:
             nodes = list(self.registry.nodes(role))
             if nodes:
-                req = PredictRequest(weights=vec, model=kind, fold=fold, round=int(best["round"]), role=role)
+                req = PredictRequest(
+                    weights=vec,
+                    model=kind,
+                    fold=fold,
+                    round=int(best["round"]),
+                    role=role,
+                    platt=None if not platt else (float(platt[0]), float(platt[1])),
+                )
                 self.messenger.send(nodes, PREDICT, req, dtype=self.cfg.federation.transport_dtype)
 
     def train_radiomics(self, fold: int) -> None:

@@ -23,6 +23,8 @@ from common.config import ExperimentConfig
 from common.dataset import SiteArrays, preprocess_site
 from common.device import for_config
 from common.engine import fit_select, predict, seed_everything, set_threads
+from common.foldcalibration import IDENTITY, apply_platt, fit_platt
+from common.gridstats import ClassHistogram, ScoreGrid
 from common.metrics import binary_metrics
 from common.models import ModelKind, build_model
 from common.splits import Fold, fivefold
@@ -83,7 +85,7 @@ def evaluate_setting(
     epochs = cfg.train.rounds * cfg.train.local_epochs
     result: dict[str, Any] = {}
     for name in models:
-        y_all, p_all, fold_metrics, val_metrics, selection = [], [], [], [], []
+        y_all, p_all, fold_metrics, val_metrics, selection, p_raw = [], [], [], [], [], []
         ext_probs = []
         for k in cfg.active_folds:
             idx = _fold_indices(train_sites, pool, k)
@@ -95,16 +97,20 @@ def evaluate_setting(
             else:
                 kind: ModelKind = name  # type: ignore[assignment]
                 seed_everything(cfg.seed)
-                model = build_model(kind, getattr(cfg.models, kind))
+                model = build_model(kind, getattr(cfg.models, kind), mask_channel=cfg.preprocess.mask_channel)
                 sel = fit_select(model, pool, idx["train"], idx["val"], kind, cfg, epochs=epochs, seed=cfg.seed + k, desc=f"{pool.site} {kind} f{k}")
                 model.load_state_dict(sel.state)
                 y_val = pool.labels[idx["val"]]
-                val_metrics.append(binary_metrics(y_val, predict(model, pool, idx["val"], kind, cfg), thr).to_dict())
-                selection.append({"fold": k, "best_epoch": sel.best_epoch, "val_aucs": [round(a, 4) for a in sel.val_aucs], "seconds": round(sel.seconds, 1)})
+                p_val = predict(model, pool, idx["val"], kind, cfg)
+                val_metrics.append(binary_metrics(y_val, p_val, thr).to_dict())
+                # as the federation: Platt scaling on the fold's validation scores (same grid)
+                platt = fit_platt(ClassHistogram.from_scores(y_val, p_val, ScoreGrid(cfg.evaluation.grid_bins))) if cfg.evaluation.calibrate_folds else IDENTITY
+                selection.append({"fold": k, "best_epoch": sel.best_epoch, "val_aucs": [round(a, 4) for a in sel.val_aucs], "seconds": round(sel.seconds, 1), "platt": list(platt)})
                 log.info("%s %s fold %d: best epoch %d, val AUCs %s", pool.site, kind, k, sel.best_epoch, [round(a, 3) for a in sel.val_aucs])
-                p_test = predict(model, pool, idx["test"], kind, cfg)
+                p_raw.append(predict(model, pool, idx["test"], kind, cfg))
+                p_test = apply_platt(p_raw[-1], platt)
                 if ext is not None:
-                    ext_probs.append(predict(model, ext, range(len(ext)), kind, cfg))
+                    ext_probs.append(apply_platt(predict(model, ext, range(len(ext)), kind, cfg), platt))
             y_test = pool.labels[idx["test"]]
             fold_metrics.append(binary_metrics(y_test, p_test, thr).to_dict())
             y_all.append(y_test)
@@ -119,6 +125,9 @@ def evaluate_setting(
         }
         if ext is not None and ext_probs:
             entry["external"] = {"pooled": binary_metrics(ext.labels, np.mean(ext_probs, axis=0), thr).to_dict()}
+        if cfg.evaluation.calibrate_folds and p_raw:
+            raw = binary_metrics(np.concatenate(y_all), np.concatenate(p_raw), thr).auc
+            entry["internal"]["pooled_auc_uncalibrated"] = None if np.isnan(raw) else float(raw)
         if selection:
             entry["selection"] = selection
             entry["validation"] = {"folds": val_metrics}  # each fold's selected model on its validation split

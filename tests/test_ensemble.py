@@ -147,3 +147,22 @@ def test_radiologist_scores_keep_their_order_on_the_grid() -> None:
     s = np.repeat(mapping, 2)[np.random.default_rng(0).permutation(16)]
     h = ClassHistogram.from_scores(y, s, GRID)
     assert auc(h) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_shrinkage_prefers_the_best_member_unless_a_blend_gains_more_than_the_tolerance() -> None:
+    from common.ensemble import shrink_to_best_member
+
+    w = simplex_grid(2, 0.25)  # (1, 0), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75), (0, 1)
+    aucs = [0.80, 0.83, 0.835, 0.82, 0.70]
+    assert select_weights(aucs, w) == 2  # the unregularised maximum
+    assert shrink_to_best_member(aucs, w, 0.01) == 1  # within 0.01 of it, most weight on member 0
+    assert shrink_to_best_member(aucs, w, 0.05) == 0  # the best member alone
+    assert shrink_to_best_member(aucs, w, 0.0) == 2
+    # never below the best member on validation, whatever the tolerance
+    rng = np.random.default_rng(0)
+    w3 = simplex_grid(3, 0.1)
+    vertices = [i for i in range(len(w3)) if w3[i].max() == 1.0]
+    for _ in range(200):
+        a = rng.uniform(0.5, 0.9, len(w3))
+        for tol in (0.0, 0.005, 0.02, 0.1):
+            assert a[shrink_to_best_member(a, w3, tol)] >= max(a[v] for v in vertices)
