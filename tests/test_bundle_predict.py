@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import re
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -26,14 +25,13 @@ from client.heatmap import cube_to_grid
 from client.predict import PatientInput, PredictionError, Predictor
 from common.bundle import FORMAT_VERSION, MANIFEST_NAME, SIGNATURE_NAME, BundleError, read_bundle
 from common.config import SiteConfig, load_config, to_dict, with_sites
-from common.dataset import preprocess_site
-from common.engine import predict
 from common.signing import create_signing_key, load_private_key, load_public_key, sign
 from server.bundle import export_bundle
 from server.cli import main as server_main
 from server.runner import PlanRunner
 
 from .inprocess import InProcessGrid
+from .onecase import engine_fold_probabilities, one_patient_site
 
 SITES = ("centre1", "centre2", "centre3")
 # The sacrum box of tests/test_transforms.py (pelvis_ct.nii.gz: 122x101x112, 3 mm, RAS).
@@ -332,16 +330,8 @@ def test_predictions_equal_the_training_pipelines(
     image, mask = pelvis
     bundle = read_bundle(bundle_path, trusted)
     pred = Predictor(bundle, heatmap=False).predict(PatientInput("P1", image, mask), tmp_path)
-    site = tmp_path / "site"
-    site.mkdir()
-    shutil.copy(image, site / "ct.nii.gz")  # manifest paths must stay inside the site folder
-    shutil.copy(mask, site / "roi.nii.gz")
-    (site / "manifest.csv").write_text(
-        "patient_id,label,image,mask,radiologist_score\nP1,1,ct.nii.gz,roi.nii.gz,7\n"
-    )
-    arrays = preprocess_site(site, bundle.config.preprocess, tmp_path / "cache")
-    for kind in bundle.kinds:
-        expected = [float(predict(m, arrays, [0], kind, bundle.config)[0]) for m in bundle.build(kind)]
+    arrays = one_patient_site(bundle, image, mask, tmp_path)
+    for kind, expected in engine_fold_probabilities(bundle, arrays).items():
         assert pred.fold_probabilities[kind] == pytest.approx(expected, abs=1e-6)
     assert pred.answered_by == "ensemble_2d3d"  # no radiologist score: only the 2D+3D ensemble is usable
 

@@ -22,6 +22,7 @@ from common.models import build_model, in_channels
 from common.signing import sign
 from common.transforms import deterministic_2d, deterministic_3d, random_2d, random_3d, volume_dict
 
+from .onecase import engine_fold_probabilities, one_patient_site
 from .test_transforms import sphere_volume
 
 # The sacrum box of tests/test_transforms.py (pelvis_ct.nii.gz: 122x101x112, 3 mm, RAS).
@@ -183,16 +184,8 @@ def test_mask_channel_bundle_predicts_as_the_engine(
     image, mask = pelvis
     pred = Predictor(bundle, heatmap=True).predict(PatientInput("P1", image, mask), tmp_path / "out")
     assert (tmp_path / "out" / "P1_gradcam.nii.gz").is_file()
-    site = tmp_path / "site"
-    site.mkdir()
-    shutil.copy(image, site / "ct.nii.gz")  # manifest paths must stay inside the site folder
-    shutil.copy(mask, site / "roi.nii.gz")
-    (site / "manifest.csv").write_text(
-        "patient_id,label,image,mask,radiologist_score\nP1,1,ct.nii.gz,roi.nii.gz,7\n"
-    )
-    one = preprocess_site(site, bundle.config.preprocess, tmp_path / "cache")
-    for kind in bundle.kinds:
-        expected = [float(predict(m, one, [0], kind, bundle.config)[0]) for m in bundle.build(kind)]
+    one = one_patient_site(bundle, image, mask, tmp_path)
+    for kind, expected in engine_fold_probabilities(bundle, one).items():
         assert pred.fold_probabilities[kind] == pytest.approx(expected, abs=1e-6)
     # a manifest whose channel count disagrees with its config is refused
     bad = _rewrite_manifest(
@@ -221,17 +214,9 @@ def test_an_old_image_only_bundle_still_predicts(
     assert "input_channels" not in bundle.manifest and not bundle.config.preprocess.mask_channel
     image, mask = pelvis
     pred = Predictor(bundle, heatmap=False).predict(PatientInput("P1", image, mask), tmp_path / "out")
-    site = tmp_path / "site"
-    site.mkdir()
-    shutil.copy(image, site / "ct.nii.gz")  # manifest paths must stay inside the site folder
-    shutil.copy(mask, site / "roi.nii.gz")
-    (site / "manifest.csv").write_text(
-        "patient_id,label,image,mask,radiologist_score\nP1,1,ct.nii.gz,roi.nii.gz,7\n"
-    )
-    one = preprocess_site(site, bundle.config.preprocess, tmp_path / "cache")
+    one = one_patient_site(bundle, image, mask, tmp_path)
     assert one.vol3d.shape[1] == 1
-    for kind in bundle.kinds:
-        expected = [float(predict(m, one, [0], kind, bundle.config)[0]) for m in bundle.build(kind)]
+    for kind, expected in engine_fold_probabilities(bundle, one).items():
         assert pred.fold_probabilities[kind] == pytest.approx(expected, abs=1e-6)
 
 
