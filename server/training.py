@@ -2,15 +2,18 @@
 
 For each model and fold, Flower's ``Strategy.start()`` runs the rounds among
 the training sites; after every round the round's global model is
-checkpointed with its pooled validation statistics, and the round with the
+checkpointed, and once its pooled validation statistics arrive (with the
+next round's train replies, or the one evaluate exchange after the last
+round: ``server.strategy``) they are recorded beside it; the round with the
 best pooled validation AUC is kept (the study's model selection, done across
-sites).  With ``evaluation.calibrate_folds`` each round's checkpoint also
+sites).  With ``evaluation.calibrate_folds`` each round's validation also
 holds the fold's Platt calibration fitted on that pooled validation histogram
 (``common.foldcalibration``), sent with the selected model to every site.  The
 selection guard (``server.foldguard``) flags a selected model that is constant
 or inverted on validation; it is left out of the external average.  A fold
 finished by an earlier server process is not retrained; an interrupted one
-resumes after its last checkpoint.
+resumes after its last checkpoint, whose model the first resumed round
+validates if it was not yet.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ from .strategies import make_strategy
 from .strategy import FederationError
 
 log = logging.getLogger(__name__)
+
+_ROUNDLOG_FIELDS = frozenset(f.name for f in dataclasses.fields(RoundLog))
 
 PLATT_KEY = "platt"
 """Key of a checkpoint's (and a selection's) per-fold calibration ``[a, b]`` (server-side bookkeeping)."""
@@ -131,6 +136,10 @@ class FoldTrainer:
             )
             self._restore_round_logs(kind, fold)
         session = self.session(kind, fold, last)
+        if last and not self.ckpt.validated(kind, fold, last):  # interrupted before its validation arrived
+            meta = self.ckpt.meta(kind, fold, last)
+            session.rounds[last] = RoundLog(**{f: meta[f] for f in _ROUNDLOG_FIELDS if f in meta})
+            session.validate_first = True
         if self.progress is not None:
             self.progress.phase(
                 f"{kind} fold {fold}: training rounds {last + 1}-{total} at {', '.join(session.train_nodes.values())}"
@@ -141,14 +150,11 @@ class FoldTrainer:
             if server_round == 0:
                 return None
             rlog = session.log_for(server_round)
-            meta = asdict(rlog)
-            if self.cfg.evaluation.calibrate_folds and session.last_val_stats is not None:
-                meta[PLATT_KEY] = list(fit_platt(ClassHistogram.from_arrays(session.last_val_stats)))
-            session.last_val_stats = None  # a round without validation replies must not reuse these
+            meta = {**asdict(rlog), "validated": False}  # its validation comes with the next round's replies
             self.ckpt.save(kind, fold, rlog.round, weights_from_record(arrays), meta)
-            self.participation.setdefault(f"{kind}/fold{fold}", []).append(asdict(rlog))
-            if self.progress is not None:
-                self.progress.round(session, rlog)
+            self._record(kind, fold, rlog)
+            for rnd in sorted(session.validated):  # the rounds whose validation arrived in this round
+                self._validated(kind, fold, session, rnd, session.validated.pop(rnd), resumed=rnd <= last)
             return None
 
         if last < total:
@@ -171,6 +177,32 @@ class FoldTrainer:
         )
         return self._annotated(kind, fold, best)
 
+    def _record(self, kind: ModelKind, fold: int, rlog: RoundLog) -> None:
+        """Round ``rlog.round``'s entry in the participation record (replacing an earlier one)."""
+        logs = self.participation.setdefault(f"{kind}/fold{fold}", [])
+        kept = [e for e in logs if e["round"] != rlog.round]
+        logs[:] = sorted([*kept, asdict(rlog)], key=lambda e: e["round"])
+
+    def _validated(
+        self,
+        kind: ModelKind,
+        fold: int,
+        session: FoldSession,
+        rnd: int,
+        stats: dict[str, Any] | None,
+        *,
+        resumed: bool,
+    ) -> None:
+        """Round ``rnd``'s pooled validation (and the Platt fit on it) beside its checkpoint, and the progress line."""
+        rlog = session.rounds[rnd]
+        meta = asdict(rlog)
+        if self.cfg.evaluation.calibrate_folds and stats is not None:
+            meta[PLATT_KEY] = list(fit_platt(ClassHistogram.from_arrays(stats)))
+        self.ckpt.save_validation(kind, fold, rnd, meta)
+        self._record(kind, fold, rlog)
+        if self.progress is not None:
+            self.progress.round(session, rlog, counted=not resumed)
+
     def _annotated(self, kind: ModelKind, fold: int, best: dict[str, Any]) -> dict[str, Any]:
         """The selection with its round's calibration (if fitted) and the guard's flag (if any)."""
         platt = self.ckpt.meta(kind, fold, int(best["round"])).get(PLATT_KEY)
@@ -188,9 +220,8 @@ class FoldTrainer:
         """Who took part in the rounds a previous server process finished, from their checkpoints."""
         key = f"{kind}/fold{fold}"
         rounds = self.ckpt.rounds(kind, fold)
-        fields = {f.name for f in dataclasses.fields(RoundLog)}
         self.participation[key] = [
-            {k: v for k, v in self.ckpt.meta(kind, fold, r).items() if k in fields} for r in rounds
+            {k: v for k, v in self.ckpt.meta(kind, fold, r).items() if k in _ROUNDLOG_FIELDS} for r in rounds
         ]
         self.resumed[key] = len(rounds)
         if self.progress is not None:
