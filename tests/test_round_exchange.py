@@ -22,6 +22,7 @@ from common.config import ExperimentConfig, SiteConfig, load_config, with_sites
 from common.foldcalibration import fit_platt
 from common.gridstats import ClassHistogram, ScoreGrid, pooled_metrics
 from common.models import build_model
+from common.protocol import TRAIN
 from common.records import ModelCodec, to_transport
 from server.checkpoints import CheckpointStore
 from server.runner import PlanRunner
@@ -142,3 +143,40 @@ def test_an_interrupted_fold_validates_its_last_checkpoint_first(
     assert (ckpt / "round2.npz").stat().st_mtime_ns == before  # the checkpoint itself is never rewritten
     assert summary["resumed"] == {"densenet3d/fold0": 2}
     _check_rounds(cfg, cohort, sites_out, "x2", run_dir, summary)
+
+
+def test_cross_site_local_models_are_validated_the_same_way(
+    cohort: dict[str, Path], sites_out: Path, tmp_path: Path
+) -> None:
+    """A site's local-only rounds: one exchange each, the best round by the site's own validation AUC."""
+    from common.gridstats import auc
+    from server.crosssite import CrossSiteEvaluation
+
+    cfg = _cfg()
+    grid = InProcessGrid(cohort, sites_out)
+    runner = PlanRunner(grid, cfg, tmp_path / "run", "x3")
+    runner.discover(expected=3, wait_s=1)
+    node = next(n for n, s in runner.registry.sites.items() if s.site == "centre1")
+    trained: list[np.ndarray] = []
+    grid_send = grid.send_and_receive
+
+    def record(messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        replies = list(grid_send(messages, timeout=timeout))
+        trained.extend(TRAIN.read_reply(r).weights for r in replies if r.metadata.message_type == TRAIN.type)
+        return replies
+
+    grid.send_and_receive = record  # type: ignore[method-assign]
+    cs = CrossSiteEvaluation(cfg, runner.messenger, runner.registry, runner.ckpt, runner.trainer)
+    best = cs.train_local("densenet3d", 0, node, "centre1")
+    assert grid.calls[("centre1", "train")] == ROUNDS and grid.calls[("centre1", "evaluate")] == 1
+    assert len(trained) == ROUNDS and best is not None
+    site = SiteRunner(
+        SiteContext("centre1", cohort["centre1"], sites_out / "centre1"), cfg, "x3-local-centre1"
+    )
+    dtype = cfg.federation.transport_dtype
+    aucs = [
+        auc(site.validate_round("densenet3d", 0, to_transport(v, dtype).astype(np.float32), r))
+        for r, v in enumerate(trained, 1)
+    ]
+    scores = [a if np.isfinite(a) else -np.inf for a in aucs]
+    np.testing.assert_array_equal(best, trained[int(np.argmax(scores))])
