@@ -150,11 +150,17 @@ class FoldTrainer:
             if server_round == 0:
                 return None
             rlog = session.log_for(server_round)
-            meta = {**asdict(rlog), "validated": False}  # its validation comes with the next round's replies
+            earlier = set(session.validated) - {rlog.round}  # validated by this round's train replies
+            for rnd in sorted(earlier):
+                meta = self._validation(session, rnd, session.validated.pop(rnd))
+                self.ckpt.save_validation(kind, fold, rnd, meta)  # beside its checkpoint, never rewritten
+                self._record(kind, fold, session, rnd, validated=True, counted=rnd > last)
+            if rlog.round in session.validated:  # the last round, validated by the evaluate exchange
+                meta = self._validation(session, rlog.round, session.validated.pop(rlog.round))
+            else:  # its validation comes with the next round's train replies
+                meta = {**asdict(rlog), "validated": False}
             self.ckpt.save(kind, fold, rlog.round, weights_from_record(arrays), meta)
-            self._record(kind, fold, rlog)
-            for rnd in sorted(session.validated):  # the rounds whose validation arrived in this round
-                self._validated(kind, fold, session, rnd, session.validated.pop(rnd), resumed=rnd <= last)
+            self._record(kind, fold, session, rlog.round, validated=meta["validated"])
             return None
 
         if last < total:
@@ -177,31 +183,34 @@ class FoldTrainer:
         )
         return self._annotated(kind, fold, best)
 
-    def _record(self, kind: ModelKind, fold: int, rlog: RoundLog) -> None:
-        """Round ``rlog.round``'s entry in the participation record (replacing an earlier one)."""
-        logs = self.participation.setdefault(f"{kind}/fold{fold}", [])
-        kept = [e for e in logs if e["round"] != rlog.round]
-        logs[:] = sorted([*kept, asdict(rlog)], key=lambda e: e["round"])
+    def _validation(self, session: FoldSession, rnd: int, stats: dict[str, Any] | None) -> dict[str, Any]:
+        """Round ``rnd``'s log with its pooled validation, and the Platt fit on that histogram."""
+        meta = {**asdict(session.rounds[rnd]), "validated": True}
+        if self.cfg.evaluation.calibrate_folds and stats is not None:
+            meta[PLATT_KEY] = list(fit_platt(ClassHistogram.from_arrays(stats)))
+        return meta
 
-    def _validated(
+    def _record(
         self,
         kind: ModelKind,
         fold: int,
         session: FoldSession,
         rnd: int,
-        stats: dict[str, Any] | None,
         *,
-        resumed: bool,
+        validated: bool,
+        counted: bool = True,
     ) -> None:
-        """Round ``rnd``'s pooled validation (and the Platt fit on it) beside its checkpoint, and the progress line."""
+        """Round ``rnd``'s entry in the participation record (replacing an earlier one).
+
+        Once its model is validated, the round's progress line (``counted=False``: a round an
+        earlier process trained, already counted as done).
+        """
         rlog = session.rounds[rnd]
-        meta = asdict(rlog)
-        if self.cfg.evaluation.calibrate_folds and stats is not None:
-            meta[PLATT_KEY] = list(fit_platt(ClassHistogram.from_arrays(stats)))
-        self.ckpt.save_validation(kind, fold, rnd, meta)
-        self._record(kind, fold, rlog)
-        if self.progress is not None:
-            self.progress.round(session, rlog, counted=not resumed)
+        logs = self.participation.setdefault(f"{kind}/fold{fold}", [])
+        kept = [e for e in logs if e["round"] != rnd]
+        logs[:] = sorted([*kept, asdict(rlog)], key=lambda e: e["round"])
+        if validated and self.progress is not None:
+            self.progress.round(session, rlog, counted=counted)
 
     def _annotated(self, kind: ModelKind, fold: int, best: dict[str, Any]) -> dict[str, Any]:
         """The selection with its round's calibration (if fitted) and the guard's flag (if any)."""
