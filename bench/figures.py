@@ -19,7 +19,8 @@ ANCHORS = {
 }
 TARGET_BYTES_RATIO = 0.5
 TARGET_AUC_DELTA = 0.005
-ROUND_TYPES = ("train", "evaluate")  # the two exchanges of every federated round
+ROUND_TYPE = "train"  # a round's one exchange: it also validates the previous round's model
+FOLD_TYPE = "evaluate"  # once per fold, after the last round: the validation of the last round's model
 
 
 def steady_mean(seconds: Sequence[float], skip: int = 1) -> float:
@@ -61,18 +62,20 @@ def breakdown(run: Mapping[str, Any]) -> dict[str, float]:
     return {"outside_plan": start, "rounds": rounds, "plan_other": wall - start - rounds}
 
 
-def site_traffic(entry: Mapping[str, Any], rounds: int) -> dict[str, float]:
-    """One site's bytes: per federated round (train + evaluate exchanges / rounds) and for the whole run."""
+def site_traffic(entry: Mapping[str, Any], rounds: int, folds: int = 1) -> dict[str, float]:
+    """One site's bytes: per federated round (its train exchange), per fold (the one evaluate after the
+    last round) and for the whole run.  ``rounds``: all rounds of the run (over every fold)."""
     by_type = entry.get("by_message_type", {})
-    per_round = sum(
-        float(by_type.get(t, {}).get("bytes_sent", 0)) + float(by_type.get(t, {}).get("bytes_received", 0))
-        for t in ROUND_TYPES
-    )
+
+    def of(t: str, key: str) -> float:
+        return float(by_type.get(t, {}).get(key, 0))
+
     return {
-        "round_sent": sum(float(by_type.get(t, {}).get("bytes_sent", 0)) for t in ROUND_TYPES) / rounds,
-        "round_received": sum(float(by_type.get(t, {}).get("bytes_received", 0)) for t in ROUND_TYPES)
-        / rounds,
-        "round_total": per_round / rounds,
+        "round_sent": of(ROUND_TYPE, "bytes_sent") / rounds,
+        "round_received": of(ROUND_TYPE, "bytes_received") / rounds,
+        "round_total": (of(ROUND_TYPE, "bytes_sent") + of(ROUND_TYPE, "bytes_received")) / rounds,
+        "fold_evaluate_sent": of(FOLD_TYPE, "bytes_sent") / folds,
+        "fold_evaluate_received": of(FOLD_TYPE, "bytes_received") / folds,
         "run_sent": float(entry.get("bytes_sent", 0)),
         "run_received": float(entry.get("bytes_received", 0)),
         "run_total": float(entry.get("bytes_sent", 0)) + float(entry.get("bytes_received", 0)),

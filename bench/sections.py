@@ -233,7 +233,7 @@ def section_comm(p: BenchParams, work: Path) -> dict[str, Any]:
         out["transports"][t] = {
             "auc": run["auc"],
             "sites": {
-                s: figures.site_traffic(e, p.rounds * p.folds_run)
+                s: figures.site_traffic(e, p.rounds * p.folds_run, p.folds_run)
                 for s, e in sorted(run["communication"].items())
             },
         }

@@ -11,6 +11,7 @@ patient details, so one bad site never crashes the federation.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import traceback
@@ -154,12 +155,18 @@ def siteinfo(msg: Message, context: Context) -> Message:
 @_on(TRAIN)
 @_safe
 def train(msg: Message, context: Context) -> Message:
-    """Local epochs from the global model; ``num-examples`` is the number of training patients."""
+    """Local epochs from the global model; ``num-examples`` is the number of training patients.
+
+    With ``validate``, the received model (the previous round's aggregate) is
+    first validated as the evaluate message would (``SiteRunner.validate_round``,
+    released the same way), and the statistics travel back with the update.
+    """
     runner, req = _runner(msg, context, TRAIN)
-    out = runner.train_round(
-        cast(ModelKind, req.model), req.fold, req.weights, req.global_round, req.total_rounds, req.proximal_mu
-    )
-    return _ok(msg, runner, out, dtype=str(runner.cfg.federation.transport_dtype))
+    kind = cast(ModelKind, req.model)
+    val = runner.validate_round(kind, req.fold, req.weights, req.global_round - 1) if req.validate else None
+    out = runner.train_round(kind, req.fold, req.weights, req.global_round, req.total_rounds, req.proximal_mu)
+    dtype = str(runner.cfg.federation.transport_dtype)
+    return _ok(msg, runner, dataclasses.replace(out, validation=val), dtype=dtype)
 
 
 @_on(EVALUATE)

@@ -259,6 +259,24 @@ class RoundRequest:
 
 
 @dataclass(frozen=True)
+class TrainRequest(RoundRequest):
+    """A round's training; with ``validate``, first the validation of the model it starts from.
+
+    That model is the previous round's aggregate: validating it here, before
+    the local epochs, saves the separate evaluate exchange (the model goes
+    down once per round).  The server attributes the statistics to that round.
+    """
+
+    validate: bool = wire(
+        "validate",
+        Place.CONFIG,
+        "1 bool: validate the received model (the previous round's aggregate) before training",
+        convert=bool,
+        default=False,
+    )
+
+
+@dataclass(frozen=True)
 class TrainReply:
     weights: np.ndarray = wire(WEIGHTS_KEY, Place.WEIGHTS, _MODEL)
     num_examples: int = wire(
@@ -270,6 +288,12 @@ class TrainReply:
     lr: float = wire("lr", Place.METRIC, "1 float", convert=float)
     epsilon: float | None = wire(
         "epsilon", Place.METRIC, "1 float, with DP only", convert=float, default=None
+    )
+    validation: ClassHistogram | None = wire(
+        "",
+        Place.HISTOGRAM,
+        _HIST + ": the validation split under the received model, when the request asked (`validate`)",
+        default=None,
     )
 
 
@@ -509,6 +533,8 @@ def decode(content: RecordDict, cls: type[B]) -> B:
                 dtype = np.float32 if w.place is Place.WEIGHTS else None
                 values[name] = np.asarray(arrs[w.key], dtype=dtype).ravel()
             elif w.place is Place.HISTOGRAM:
+                if has_default and w.record not in content.array_records:  # an optional histogram left out
+                    continue
                 values[name] = ClassHistogram.from_arrays(arrays(w.record))
             elif w.place is Place.HISTOGRAMS:
                 if has_default and w.record not in content.array_records:  # an optional set left out
@@ -579,12 +605,14 @@ SITEINFO = MessageSpec(
 TRAIN = MessageSpec(
     MessageType.TRAIN,
     "",
-    RoundRequest,
+    TrainRequest,
     TrainReply,
     _SERVER,
     _TRAINING,
-    "one round of local epochs from the global model",
-    "model weights only; DP-SGD (Opacus) when dp.enabled; norm screening at the server",
+    "one round of local epochs from the global model; from round 2 (or on resuming after an unvalidated "
+    "checkpoint) it first validates that model, the previous round's aggregate (model selection): the "
+    "model goes down once and up once per round",
+    "model weights: DP-SGD (Opacus) when dp.enabled; norm screening at the server. Validation: " + _RELEASE,
 )
 EVALUATE = MessageSpec(
     MessageType.EVALUATE,
@@ -593,7 +621,8 @@ EVALUATE = MessageSpec(
     EvaluateReply,
     _SERVER,
     _TRAINING,
-    "the round's global model on the validation split (model selection)",
+    "the last round's global model on the validation split (model selection): once per fold, after the "
+    "final round (earlier rounds are validated by the next round's train message)",
     _RELEASE,
 )
 PREDICT = MessageSpec(

@@ -1,9 +1,13 @@
 """Checkpoints of every round's global model, and the selected fold models.
 
 Layout: ``<dir>/<model>_fold<k>/round<r>.npz`` (packed model vector plus the
-round's log as JSON) and ``selected.json`` once a fold is finished.  Each file
-carries the config digest, so a resumed run refuses checkpoints written
-under another configuration instead of silently mixing them.
+round's log as JSON), ``round<r>.validation.json`` once the round's model has
+been validated, and ``selected.json`` once a fold is finished.  A round's
+model is validated by the next round's train message (one exchange per
+round), so its validation arrives after its checkpoint was written: it goes
+beside it and the checkpoint itself is never rewritten.  Each file carries
+the config digest, so a resumed run refuses checkpoints written under
+another configuration instead of silently mixing them.
 """
 
 from __future__ import annotations
@@ -41,6 +45,15 @@ class CheckpointStore:
         os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
         return path
 
+    def save_validation(self, model: str, fold: int, rnd: int, meta: dict[str, Any]) -> Path:
+        """Round ``rnd``'s validation (its round log, now with pooled validation): overrides the checkpoint's."""
+        d = self._dir(model, fold)
+        path = d / f"round{rnd}.validation.json"
+        tmp = d / f".round{rnd}.validation.tmp.json"
+        tmp.write_text(json.dumps(dict(meta, round=rnd, config_digest=self.digest, validated=True)))
+        os.replace(tmp, path)
+        return path
+
     def rounds(self, model: str, fold: int) -> list[int]:
         d = self._dir(model, fold)
         if not d.is_dir():
@@ -53,14 +66,28 @@ class CheckpointStore:
         return r[-1] if r else 0
 
     def meta(self, model: str, fold: int, rnd: int) -> dict[str, Any]:
-        with np.load(self._dir(model, fold) / f"round{rnd}.npz") as z:
+        """The round's log as checkpointed, with its validation (``validated``) once that arrived."""
+        path = self._dir(model, fold) / f"round{rnd}.npz"
+        with np.load(path) as z:
             info: dict[str, Any] = json.loads(bytes(z["meta"]).decode())
+        self._check_digest(path, info)
+        side = path.with_name(f"round{rnd}.validation.json")
+        if side.is_file():
+            extra: dict[str, Any] = json.loads(side.read_text())
+            self._check_digest(side, extra)
+            info.update(extra)
+        return info
+
+    def validated(self, model: str, fold: int, rnd: int) -> bool:
+        """Whether round ``rnd``'s model has been validated (checkpoints without the flag were, when written)."""
+        return bool(self.meta(model, fold, rnd).get("validated", True))
+
+    def _check_digest(self, path: Path, info: dict[str, Any]) -> None:
         if info.get("config_digest") != self.digest:
             raise CheckpointError(
-                f"{self._dir(model, fold) / f'round{rnd}.npz'}: written under config {info.get('config_digest')}, "
+                f"{path}: written under config {info.get('config_digest')}, "
                 f"this run is {self.digest}; use a new run folder"
             )
-        return info
 
     def load(self, model: str, fold: int, rnd: int) -> np.ndarray:
         self.meta(model, fold, rnd)

@@ -176,6 +176,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             continue
         with np.load(d / f"round{rounds[-1]}.npz") as z:
             meta = json.loads(bytes(z["meta"]).decode())
+        if (side := d / f"round{rounds[-1]}.validation.json").is_file():  # validated by the next round
+            meta.update(json.loads(side.read_text()))
         sel = json.loads((d / "selected.json").read_text()) if (d / "selected.json").is_file() else None
         auc = meta.get("val_auc")
         line = f"  {d.name:22s} rounds done {rounds[-1]:3d}; last: sites {','.join(meta.get('trained', [])) or '-'}"

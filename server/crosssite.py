@@ -2,8 +2,9 @@
 
 For each active fold, each training site trains a model on its own fold
 training patients only (the same rounds, local epochs and seeds as the
-federation, through the ordinary ``train`` and ``evaluate`` messages, under
-a separate run id ``<run-id>-local-<site>`` so the site keeps its federated
+federation, through the ordinary ``train`` messages, each validating the
+previous round's model as in the federation, and one ``evaluate`` for the
+last; under a separate run id ``<run-id>-local-<site>`` so the site keeps its federated
 state apart); the round with the best validation AUC at that site is kept, as
 the federation keeps the best pooled one.  Then each model (the selected
 global fold model and every local one) goes to every site in an
@@ -37,6 +38,7 @@ from common.protocol import (
     TRAIN,
     CrossSiteRequest,
     RoundRequest,
+    TrainRequest,
 )
 from common.replycheck import check_params
 
@@ -48,6 +50,15 @@ from .training import FoldTrainer
 log = logging.getLogger(__name__)
 
 GLOBAL = "global"
+
+
+def _keep(
+    best: tuple[float, np.ndarray] | None, val: ClassHistogram | None, vec: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """The better of the best model so far and ``vec`` (validation AUC; the earlier one on ties)."""
+    value = auc(val) if val is not None else math.nan
+    score = value if math.isfinite(value) else -math.inf
+    return (score, vec) if best is None or score > best[0] else best
 
 
 def local_name(site: str) -> str:
@@ -95,9 +106,16 @@ class CrossSiteEvaluation:
         def whole_model(body: Any) -> None:  # a local model is used as sent: the codec's size, finite
             check_params(body.weights, size, "local model weights")
 
-        for rnd in range(1, total + 1):
-            req = RoundRequest(
-                weights=vec, model=kind, fold=fold, server_round=rnd, global_round=rnd, total_rounds=total
+        pending: tuple[int, np.ndarray] | None = None  # the latest local model, not yet validated
+        for rnd in range(1, total + 1):  # one exchange per round: it validates the previous round's model
+            req = TrainRequest(
+                weights=vec,
+                model=kind,
+                fold=fold,
+                server_round=rnd,
+                global_round=rnd,
+                total_rounds=total,
+                validate=pending is not None,
             )
             trained = messenger.send([node], TRAIN, req, dtype=dtype, validate=whole_model)
             if not trained:
@@ -105,14 +123,17 @@ class CrossSiteEvaluation:
                     "cross-site: %s did not train its local %s fold %d round %d", site, kind, fold, rnd
                 )
                 break
+            if pending is not None:
+                best = _keep(best, trained[0].body.validation, pending[1])
             vec = np.asarray(trained[0].body.weights, dtype=np.float32)
-            score = -math.inf
-            req = dataclasses.replace(req, weights=vec)
-            for a in messenger.send([node], EVALUATE, req, dtype=dtype):
-                value = auc(a.body.histogram)
-                score = value if math.isfinite(value) else -math.inf
-            if best is None or score > best[0]:
-                best = (score, vec)
+            pending = (rnd, vec)
+        if pending is not None:  # the last model trained: validated on its own
+            rnd, last = pending
+            last_req = RoundRequest(
+                weights=last, model=kind, fold=fold, server_round=rnd, global_round=rnd, total_rounds=total
+            )
+            answers = messenger.send([node], EVALUATE, last_req, dtype=dtype)
+            best = _keep(best, answers[0].body.histogram if answers else None, last)
         return None if best is None else best[1]
 
     def models(

@@ -62,11 +62,15 @@ class Progress:
         """Rounds an earlier server process finished (counted as done, not in the rate)."""
         self.done += rounds
 
-    def round(self, session: FoldSession, rlog: RoundLog) -> None:
-        """After every round: the console line and the TensorBoard scalars."""
-        self.done += 1
-        self.timed += 1
-        self.training_s += rlog.seconds
+    def round(self, session: FoldSession, rlog: RoundLog, *, counted: bool = True) -> None:
+        """Once a round's model is validated: the console line and the TensorBoard scalars.
+
+        ``counted=False``: a round an earlier process trained (already counted by :meth:`resumed`).
+        """
+        if counted:
+            self.done += 1
+            self.timed += 1
+            self.training_s += rlog.seconds
         left = max(self.total - self.done, 0) * self.training_s / max(self.timed, 1)
         answered = len(rlog.evaluated)
         asked = len(session.train_nodes)

@@ -29,6 +29,7 @@ from common.protocol import (
     RADIOMICS,
     READERS,
     SITEINFO,
+    TRAIN,
     MessageSpec,
 )
 from common.replycheck import (
@@ -68,13 +69,22 @@ def _grid_bins(spec: MessageSpec, cfg: ExperimentConfig) -> int:
 
 
 def check_histograms(spec: MessageSpec, body: Any, ctx: ReplyContext) -> None:
-    """Histograms on the grid the server asked for, whole counts within the site's patients, possible sums."""
-    if spec not in (EVALUATE, CROSSSITE, FINAL, READERS, ENSEMBLE):
+    """Histograms on the grid the server asked for, whole counts within the site's patients, possible sums.
+
+    A train reply's validation statistics (``TrainReply.validation``) are held to the evaluate reply's rules.
+    """
+    if spec not in (TRAIN, EVALUATE, CROSSSITE, FINAL, READERS, ENSEMBLE):
+        return
+    if spec is TRAIN and body.validation is None:
         return
     bins = _grid_bins(spec, ctx.cfg)
-    hists: Iterable[tuple[Any, ClassHistogram]] = (
-        [("validation", body.histogram)] if spec in (EVALUATE, CROSSSITE) else body.histograms.items()
-    )
+    hists: Iterable[tuple[Any, ClassHistogram]]
+    if spec is TRAIN:
+        hists = [("validation", body.validation)]
+    elif spec in (EVALUATE, CROSSSITE):
+        hists = [("validation", body.histogram)]
+    else:
+        hists = body.histograms.items()
     _check_set(hists, bins, ctx.max_count(bins, READINGS_PER_PATIENT if spec is READERS else 1), spec)
     if spec is READERS:  # one reader's readings: each case at most once
         for group, reading in body.readings:

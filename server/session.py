@@ -29,9 +29,12 @@ class RoundLog:
 class FoldSession:
     """Everything the strategy must know about the fold it is training.
 
-    Mutable on purpose: the strategy fills in the round logs and the latest
-    pooled validation statistics; the plan runner reads them in its
-    ``evaluate_fn`` to checkpoint and to select the best round.
+    Mutable on purpose: the strategy fills in the round logs and the pooled
+    validation statistics of the rounds validated so far (``validated``);
+    the plan runner reads them in its ``evaluate_fn`` to checkpoint and to
+    select the best round.  Round r's model is validated by round r+1's
+    train message (the last round's by one evaluate exchange), so its
+    statistics arrive one round after its checkpoint.
     """
 
     model: str
@@ -51,7 +54,9 @@ class FoldSession:
     trim_fraction: float = 0.2
     threshold: float = 0.5
     rounds: dict[int, RoundLog] = field(default_factory=dict)
-    last_val_stats: dict[str, Any] | None = None
+    # global round -> its pooled validation histogram (None: no usable statistics); the plan pops them
+    validated: dict[int, dict[str, Any] | None] = field(default_factory=dict)
+    validate_first: bool = False  # round 1's train message validates its starting model (resume)
     refresh: Callable[[], dict[int, str]] | None = None  # the training nodes now (sites may rejoin)
     check: Callable[[MessageSpec, Any, str], None] | None = None  # the messenger's reply validators (spec, body, site)
 

@@ -4,10 +4,19 @@ Overrides only the four hooks Flower's ``Strategy.start()`` calls; the loop
 itself is Flower's.  FedProx, FedAdam and FedYogi reuse these hooks by
 cooperative inheritance (``class X(FedAdam, GuardedFedAvg)``): FedOpt's
 ``aggregate_train`` calls ``super()``, which lands here.
+
+One model exchange per round: round r+1's train message asks each site to
+validate the model it carries (round r's aggregate) before training on it,
+and the statistics come back with the update; they are pooled and put down
+to round r.  Only the last round's aggregate needs an evaluate exchange of
+its own: ``configure_evaluate`` sends nothing in earlier rounds (Flower's
+``start()`` then exchanges no message and ``aggregate_evaluate`` gets no
+reply).  R rounds cost R+1 model downloads per site instead of 2R.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -26,6 +35,7 @@ from common.protocol import (
     MessageSpec,
     ProtocolError,
     RoundRequest,
+    TrainRequest,
     reply_node,
     status_of,
 )
@@ -33,7 +43,7 @@ from common.records import metric_record, weights_from_record, weights_record
 from common.replycheck import check_num_examples
 
 from .aggregation import coordinate_median, screen_updates, trimmed_mean, weighted_mean
-from .session import FoldSession
+from .session import FoldSession, RoundLog
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +104,13 @@ class GuardedFedAvg(FedAvg):
             proximal_mu=float(mu),  # type: ignore[arg-type]
         )
 
+    def _validates(self, server_round: int) -> bool:
+        """Whether this round's train message validates the model it carries (the previous round's)."""
+        return server_round > 1 or self.session.validate_first
+
+    def _last(self, server_round: int) -> bool:
+        return server_round + self.session.round_offset >= self.session.total_rounds
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -104,21 +121,29 @@ class GuardedFedAvg(FedAvg):
             if node not in nodes:
                 rlog.dropped[site] = "not connected when the round started"
                 log.warning("[round %d] %s not connected: left out of this round", rlog.round, site)
-        request = self._request(server_round, arrays, config)
+        base = self._request(server_round, arrays, config)
+        request = TrainRequest(
+            **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
+            validate=self._validates(server_round),
+        )
         self._global = request.weights
         log.info(
-            "[%s fold %d round %d/%d] training at %s",
+            "[%s fold %d round %d/%d] training at %s%s",
             self.session.model,
             self.session.fold,
             server_round + self.session.round_offset,
             self.session.total_rounds,
             ", ".join(self.session.site_of(n) for n in nodes),
+            f" (validating round {rlog.round - 1} first)" if request.validate else "",
         )
         return self._messages(TRAIN, request, nodes)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        """Only after the last round: earlier aggregates are validated by the next train message."""
+        if not self._last(server_round):
+            return []
         nodes = self._live_train_nodes(grid)
         return self._messages(EVALUATE, self._request(server_round, arrays, config), nodes)
 
@@ -152,23 +177,36 @@ class GuardedFedAvg(FedAvg):
         good = sorted(
             self._split_replies(server_round, replies, "train"), key=self._site
         )  # order-free result
+        validating = self._validates(server_round)
+        vlog = self.session.log_for(server_round - 1) if validating else None  # the model they validated
         vectors, weights, names, losses = [], [], [], []
+        val: list[tuple[str, ClassHistogram]] = []
         for msg in good:
             site = self._site(msg)
             try:
                 update = TRAIN.read_reply(msg)
-                self._check(TRAIN, update, site)
+                self._check(TRAIN, update, site)  # the validation statistics too: a bad part drops the reply
                 n = check_num_examples(update.num_examples, self.session.site_patients.get(site))
             except (ProtocolError, ValueError) as exc:
                 rlog.dropped[site] = f"train: malformed reply ({exc})"
                 log.warning("[round %d] %s dropped: malformed reply (%s)", rlog.round, site, exc)
+                if vlog is not None:
+                    _note(vlog, site, f"evaluate: malformed train reply ({exc})")
                 continue
+            if vlog is not None:
+                if update.validation is None:
+                    _note(vlog, site, "evaluate: the train reply has no validation statistics")
+                else:
+                    val.append((site, update.validation))
             vectors.append(update.weights)
             weights.append(n)
             names.append(site)
             if update.epsilon is not None:
                 rlog.epsilon[site] = _finite_or_nan(update.epsilon)
             losses.append(_finite_or_nan(update.loss))
+        rlog.seconds = time.perf_counter() - self._round_started
+        if vlog is not None:
+            self._pool(vlog, val)
         if not vectors:
             log.error("[round %d] no usable training update: the global model is unchanged", rlog.round)
             return None, None
@@ -206,42 +244,53 @@ class GuardedFedAvg(FedAvg):
         return np.asarray(ref)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The last round's validation (earlier rounds exchange nothing here: see ``configure_evaluate``)."""
+        if not self._last(server_round):
+            return None
         rlog = self.session.log_for(server_round)
-        hists: list[ClassHistogram] = []
+        val: list[tuple[str, ClassHistogram]] = []
         for msg in sorted(self._split_replies(server_round, replies, "evaluate"), key=self._site):
             site = self._site(msg)
             try:
                 stats = EVALUATE.read_reply(msg)
                 self._check(EVALUATE, stats, site)
-                hists.append(stats.histogram)
             except (ProtocolError, ValueError) as exc:
-                earlier = rlog.dropped.get(
-                    site
-                )  # e.g. its training update was dropped too: keep both reasons
-                reason = f"evaluate: malformed statistics ({exc})"
-                rlog.dropped[site] = f"{earlier}; {reason}" if earlier else reason
+                _note(rlog, site, f"evaluate: malformed statistics ({exc})")
                 log.warning("[round %d] %s dropped: malformed statistics (%s)", rlog.round, site, exc)
                 continue
-            rlog.evaluated.append(site)
+            val.append((site, stats.histogram))
         rlog.seconds = time.perf_counter() - self._round_started
-        if not hists:
+        return self._pool(rlog, val)
+
+    def _pool(self, rlog: RoundLog, val: list[tuple[str, ClassHistogram]]) -> MetricRecord | None:
+        """Pool the sites' validation histograms of round ``rlog.round``'s model (in site order)."""
+        val = sorted(val, key=lambda sv: sv[0])  # order-free result
+        rlog.evaluated = [site for site, _ in val]
+        if not val:
+            self.session.validated[rlog.round] = None
+            log.warning("[round %d] no usable validation statistics", rlog.round)
             return None
-        total = ClassHistogram.aggregate(hists)
+        total = ClassHistogram.aggregate([h for _, h in val])
         m = pooled_metrics(total, self.session.threshold)
         rlog.val_auc = None if np.isnan(m.auc) else float(m.auc)
         rlog.val_n = int(m.n)
-        self.session.last_val_stats = total.to_arrays()
+        self.session.validated[rlog.round] = total.to_arrays()
         log.info(
-            "[%s fold %d round %d] pooled validation AUC %.4f (n=%d, sites %s) in %.1f s",
+            "[%s fold %d round %d] pooled validation AUC %.4f (n=%d, sites %s)",
             self.session.model,
             self.session.fold,
             rlog.round,
             m.auc,
             m.n,
             ",".join(rlog.evaluated),
-            rlog.seconds,
         )
         return metric_record({"val-auc": m.auc if not np.isnan(m.auc) else -1.0, NUM_EXAMPLES: m.n})
+
+
+def _note(rlog: RoundLog, site: str, reason: str) -> None:
+    """Record why a site is out of a round's step, keeping an earlier reason (e.g. its update was dropped too)."""
+    earlier = rlog.dropped.get(site)
+    rlog.dropped[site] = f"{earlier}; {reason}" if earlier else reason
 
 
 def _finite_or_nan(value: object) -> float:

@@ -2,15 +2,18 @@
 
 For each model and fold, Flower's ``Strategy.start()`` runs the rounds among
 the training sites; after every round the round's global model is
-checkpointed with its pooled validation statistics, and the round with the
+checkpointed, and once its pooled validation statistics arrive (with the
+next round's train replies, or the one evaluate exchange after the last
+round: ``server.strategy``) they are recorded beside it; the round with the
 best pooled validation AUC is kept (the study's model selection, done across
-sites).  With ``evaluation.calibrate_folds`` each round's checkpoint also
+sites).  With ``evaluation.calibrate_folds`` each round's validation also
 holds the fold's Platt calibration fitted on that pooled validation histogram
 (``common.foldcalibration``), sent with the selected model to every site.  The
 selection guard (``server.foldguard``) flags a selected model that is constant
 or inverted on validation; it is left out of the external average.  A fold
 finished by an earlier server process is not retrained; an interrupted one
-resumes after its last checkpoint.
+resumes after its last checkpoint, whose model the first resumed round
+validates if it was not yet.
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ from .strategies import make_strategy
 from .strategy import FederationError
 
 log = logging.getLogger(__name__)
+
+_ROUNDLOG_FIELDS = frozenset(f.name for f in dataclasses.fields(RoundLog))
 
 PLATT_KEY = "platt"
 """Key of a checkpoint's (and a selection's) per-fold calibration ``[a, b]`` (server-side bookkeeping)."""
@@ -131,6 +136,10 @@ class FoldTrainer:
             )
             self._restore_round_logs(kind, fold)
         session = self.session(kind, fold, last)
+        if last and not self.ckpt.validated(kind, fold, last):  # interrupted before its validation arrived
+            meta = self.ckpt.meta(kind, fold, last)
+            session.rounds[last] = RoundLog(**{f: meta[f] for f in _ROUNDLOG_FIELDS if f in meta})
+            session.validate_first = True
         if self.progress is not None:
             self.progress.phase(
                 f"{kind} fold {fold}: training rounds {last + 1}-{total} at {', '.join(session.train_nodes.values())}"
@@ -141,14 +150,17 @@ class FoldTrainer:
             if server_round == 0:
                 return None
             rlog = session.log_for(server_round)
-            meta = asdict(rlog)
-            if self.cfg.evaluation.calibrate_folds and session.last_val_stats is not None:
-                meta[PLATT_KEY] = list(fit_platt(ClassHistogram.from_arrays(session.last_val_stats)))
-            session.last_val_stats = None  # a round without validation replies must not reuse these
+            earlier = set(session.validated) - {rlog.round}  # validated by this round's train replies
+            for rnd in sorted(earlier):
+                meta = self._validation(session, rnd, session.validated.pop(rnd))
+                self.ckpt.save_validation(kind, fold, rnd, meta)  # beside its checkpoint, never rewritten
+                self._record(kind, fold, session, rnd, validated=True, counted=rnd > last)
+            if rlog.round in session.validated:  # the last round, validated by the evaluate exchange
+                meta = self._validation(session, rlog.round, session.validated.pop(rlog.round))
+            else:  # its validation comes with the next round's train replies
+                meta = {**asdict(rlog), "validated": False}
             self.ckpt.save(kind, fold, rlog.round, weights_from_record(arrays), meta)
-            self.participation.setdefault(f"{kind}/fold{fold}", []).append(asdict(rlog))
-            if self.progress is not None:
-                self.progress.round(session, rlog)
+            self._record(kind, fold, session, rlog.round, validated=meta["validated"])
             return None
 
         if last < total:
@@ -171,6 +183,35 @@ class FoldTrainer:
         )
         return self._annotated(kind, fold, best)
 
+    def _validation(self, session: FoldSession, rnd: int, stats: dict[str, Any] | None) -> dict[str, Any]:
+        """Round ``rnd``'s log with its pooled validation, and the Platt fit on that histogram."""
+        meta = {**asdict(session.rounds[rnd]), "validated": True}
+        if self.cfg.evaluation.calibrate_folds and stats is not None:
+            meta[PLATT_KEY] = list(fit_platt(ClassHistogram.from_arrays(stats)))
+        return meta
+
+    def _record(
+        self,
+        kind: ModelKind,
+        fold: int,
+        session: FoldSession,
+        rnd: int,
+        *,
+        validated: bool,
+        counted: bool = True,
+    ) -> None:
+        """Round ``rnd``'s entry in the participation record (replacing an earlier one).
+
+        Once its model is validated, the round's progress line (``counted=False``: a round an
+        earlier process trained, already counted as done).
+        """
+        rlog = session.rounds[rnd]
+        logs = self.participation.setdefault(f"{kind}/fold{fold}", [])
+        kept = [e for e in logs if e["round"] != rnd]
+        logs[:] = sorted([*kept, asdict(rlog)], key=lambda e: e["round"])
+        if validated and self.progress is not None:
+            self.progress.round(session, rlog, counted=counted)
+
     def _annotated(self, kind: ModelKind, fold: int, best: dict[str, Any]) -> dict[str, Any]:
         """The selection with its round's calibration (if fitted) and the guard's flag (if any)."""
         platt = self.ckpt.meta(kind, fold, int(best["round"])).get(PLATT_KEY)
@@ -188,9 +229,8 @@ class FoldTrainer:
         """Who took part in the rounds a previous server process finished, from their checkpoints."""
         key = f"{kind}/fold{fold}"
         rounds = self.ckpt.rounds(kind, fold)
-        fields = {f.name for f in dataclasses.fields(RoundLog)}
         self.participation[key] = [
-            {k: v for k, v in self.ckpt.meta(kind, fold, r).items() if k in fields} for r in rounds
+            {k: v for k, v in self.ckpt.meta(kind, fold, r).items() if k in _ROUNDLOG_FIELDS} for r in rounds
         ]
         self.resumed[key] = len(rounds)
         if self.progress is not None:

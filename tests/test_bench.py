@@ -133,19 +133,20 @@ def test_steady_round_ratio_and_verdict_arithmetic() -> None:
     assert math.isnan(figures.pooled_auc({"models": {}}))
 
 
-def test_site_traffic_counts_the_round_exchanges_and_the_whole_run() -> None:
+def test_site_traffic_counts_the_round_exchange_the_fold_evaluate_and_the_whole_run() -> None:
     entry = {
         "bytes_sent": 1000,
         "bytes_received": 3000,
-        "by_message_type": {
-            "train": {"messages": 2, "bytes_received": 800, "bytes_sent": 700},
+        "by_message_type": {  # 2 folds of 2 rounds: 4 train exchanges, one evaluate per fold
+            "train": {"messages": 4, "bytes_received": 1600, "bytes_sent": 1400},
             "evaluate": {"messages": 2, "bytes_received": 800, "bytes_sent": 100},
             "query.siteinfo": {"messages": 1, "bytes_received": 50, "bytes_sent": 10},
         },
     }
-    t = figures.site_traffic(entry, rounds=2)
-    assert (t["round_received"], t["round_sent"], t["round_total"]) == (800.0, 400.0, 1200.0)
-    assert (t["run_total"], t["messages"]) == (4000.0, 5.0)
+    t = figures.site_traffic(entry, rounds=4, folds=2)
+    assert (t["round_received"], t["round_sent"], t["round_total"]) == (400.0, 350.0, 750.0)
+    assert (t["fold_evaluate_received"], t["fold_evaluate_sent"]) == (400.0, 50.0)
+    assert (t["run_total"], t["messages"]) == (4000.0, 7.0)
 
 
 def test_scaling_groups_keep_one_scanner_per_site_and_every_patient_once() -> None:

@@ -45,3 +45,20 @@ def test_status_command_reads_progress_from_checkpoints(tmp_path: Path, capsys: 
     assert main(["status", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "in progress" in out and "rounds done   2" in out and "validation AUC 0.7000" in out and "non-finite" in out
+
+
+def test_a_rounds_validation_goes_beside_its_checkpoint_which_is_never_rewritten(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, "cfgA")
+    store.save("densenet3d", 0, 1, np.zeros(3, np.float32), {"val_auc": 0.6})  # written before this change
+    assert store.validated("densenet3d", 0, 1)
+    store.save("densenet3d", 0, 2, np.ones(3, np.float32), {"val_auc": None, "validated": False})
+    assert not store.validated("densenet3d", 0, 2)
+    ckpt = tmp_path / "densenet3d_fold0" / "round2.npz"
+    before = ckpt.stat().st_mtime_ns
+    store.save_validation("densenet3d", 0, 2, {"val_auc": 0.8, "evaluated": ["a", "b"]})
+    assert ckpt.stat().st_mtime_ns == before and store.rounds("densenet3d", 0) == [1, 2]
+    meta = store.meta("densenet3d", 0, 2)
+    assert meta["val_auc"] == 0.8 and meta["evaluated"] == ["a", "b"] and store.validated("densenet3d", 0, 2)
+    assert store.select_best("densenet3d", 0)["round"] == 2
+    with pytest.raises(CheckpointError, match="written under config cfgA"):
+        CheckpointStore(tmp_path, "cfgB").meta("densenet3d", 0, 2)

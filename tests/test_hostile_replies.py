@@ -153,6 +153,7 @@ class HostileGrid(InProcessGrid):
         self.bad_site, self.tamper = bad_site, tamper
         self.honest_updates: list[np.ndarray] = []
         self.honest_val_n: list[int] = []
+        self.honest_train_val_n: list[int] = []  # validation carried by train replies
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -165,6 +166,9 @@ class HostileGrid(InProcessGrid):
             if self.nodes[node] != self.bad_site:
                 if mtype == "train":
                     self.honest_updates.append(weights_from_record(r.content.array_records["arrays"]))
+                    if "stats" in r.content.array_records:
+                        val = ClassHistogram.from_arrays(arrays_from_record(r.content.array_records["stats"]))
+                        self.honest_train_val_n.append(val.n)
                 if mtype == "evaluate":
                     self.honest_val_n.append(int(r.content.metric_records["metrics"]["num-examples"]))  # type: ignore[arg-type]
             elif mtype in self.tamper:
@@ -259,6 +263,37 @@ def test_a_hostile_site_with_two_sites_changes_nothing_and_is_recorded(
     np.testing.assert_array_equal(runner.ckpt.load("densenet3d", 0, 1), honest)
     # the pooled validation statistics are the honest site's alone
     assert rlog["val_n"] == grid.honest_val_n[0] > 0
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("attack", ["nan sums", "counts > patients"])
+def test_hostile_validation_statistics_in_a_train_reply_are_rejected_and_do_not_steer_selection(
+    attack: str, cohort: dict[str, Path], sites_out: Path, tmp_path: Path
+) -> None:
+    """Round 2's train reply carries the validation of round 1's model: a bad one drops the whole reply."""
+    cfg = load_config("tiny", {"train": {"rounds": 2}, "models": {"densenet2d": {"enabled": False}}})
+    cfg = with_sites(cfg, tuple(SiteConfig(name=s) for s in SITES))
+    edit, reason = EVALUATE_ATTACKS[attack]
+
+    def tamper(r: Message) -> RecordDict | None:  # only the train replies that carry validation statistics
+        return edit(r) if "stats" in r.content.array_records else None
+
+    grid = HostileGrid(cohort, sites_out, bad_site="centre2", tamper={"train": tamper})
+    runner = PlanRunner(grid, cfg, tmp_path / "run", "hostile-val-" + re.sub(r"[^a-z]", "_", attack))
+    runner.discover(expected=2, wait_s=1)
+    runner.train_fold("densenet3d", 0)
+
+    first, second = runner.participation["densenet3d/fold0"]
+    # round 1's model is validated by the honest site alone; why centre2 is out is recorded against it
+    assert first["evaluated"] == ["centre1"] and reason in first["dropped"]["centre2"]
+    (honest_n,) = grid.honest_train_val_n
+    assert first["val_n"] == honest_n > 0
+    meta = runner.ckpt.meta("densenet3d", 0, 1)
+    assert meta["val_n"] == honest_n and meta["evaluated"] == ["centre1"]
+    # and round 2's update is the honest site's alone (the reply is dropped as a whole)
+    assert second["trained"] == ["centre1"] and reason in second["dropped"]["centre2"]
+    np.testing.assert_array_equal(runner.ckpt.load("densenet3d", 0, 2), grid.honest_updates[-1])
+    assert second["evaluated"] == ["centre1", "centre2"]  # the last round's evaluate was not tampered with
 
 
 def _metrics_only(r: Message, **values: object) -> RecordDict:

@@ -1,0 +1,182 @@
+"""One model exchange per round: round r+1's train message validates round r's aggregate.
+
+The plan runs in process against the real ClientApp on the tiny preset
+(``tests/inprocess.py``).  What is checked: every round's pooled validation
+AUC (and its Platt fit) is the validation of exactly that round's checkpoint,
+as a direct validation at each site gives it; a site receives the model once
+per round (plus one evaluate per fold); an interrupted fold resumes with the
+first round validating the last checkpoint, which is never rewritten.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bench import figures
+from client.site import SiteContext, SiteRunner
+from common.config import ExperimentConfig, SiteConfig, load_config, with_sites
+from common.foldcalibration import fit_platt
+from common.gridstats import ClassHistogram, ScoreGrid, pooled_metrics
+from common.models import build_model
+from common.protocol import TRAIN
+from common.records import ModelCodec, to_transport
+from server.checkpoints import CheckpointStore
+from server.runner import PlanRunner
+
+from .inprocess import InProcessGrid, Interrupted
+
+pytestmark = pytest.mark.usefixtures("task_identity")
+SITES = ("centre1", "centre2", "centre3")
+ROUNDS = 3
+
+
+def _cfg() -> ExperimentConfig:
+    overrides = {
+        "run_folds": [0],
+        "models": {"densenet2d": {"enabled": False}, "radiomics": False},
+        "train": {"rounds": ROUNDS},
+        "evaluation": {"calibrate_folds": True},
+    }
+    return with_sites(load_config("tiny", overrides), tuple(SiteConfig(name=s) for s in SITES))
+
+
+@pytest.fixture(scope="module")
+def sites_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("exchange-sites")
+
+
+@pytest.fixture(scope="module")
+def cohort(tiny_cohort: Path) -> dict[str, Path]:
+    return {s: tiny_cohort / s for s in SITES}
+
+
+def _direct_validation(
+    cfg: ExperimentConfig,
+    cohort: dict[str, Path],
+    sites_out: Path,
+    run_id: str,
+    store: CheckpointStore,
+    rnd: int,
+) -> ClassHistogram:
+    """Round ``rnd``'s checkpoint validated at every site directly (as the sites receive it), pooled."""
+    received = to_transport(store.load("densenet3d", 0, rnd), cfg.federation.transport_dtype).astype(
+        np.float32
+    )
+    hists = [
+        SiteRunner(SiteContext(s, cohort[s], sites_out / s), cfg, run_id).validate_round(
+            "densenet3d", 0, received, rnd
+        )
+        for s in SITES
+    ]
+    return ClassHistogram.aggregate(hists)
+
+
+def _check_rounds(
+    cfg: ExperimentConfig,
+    cohort: dict[str, Path],
+    sites_out: Path,
+    run_id: str,
+    run_dir: Path,
+    summary: dict[str, Any],
+) -> None:
+    store = CheckpointStore(run_dir / "checkpoints", cfg.digest())
+    rounds = summary["rounds"]["densenet3d/fold0"]
+    assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    for r in rounds:
+        pooled = _direct_validation(cfg, cohort, sites_out, run_id, store, r["round"])
+        m = pooled_metrics(pooled, cfg.evaluation.fixed_threshold)
+        assert r["evaluated"] == list(SITES) and r["val_n"] == m.n > 0
+        assert r["val_auc"] == (None if np.isnan(m.auc) else pytest.approx(m.auc, abs=1e-12)), r["round"]
+        meta = store.meta("densenet3d", 0, r["round"])
+        assert meta["validated"] and meta["val_auc"] == r["val_auc"]
+        np.testing.assert_allclose(meta["platt"], fit_platt(pooled), rtol=1e-9, atol=1e-12)
+    aucs = [-1.0 if r["val_auc"] is None else r["val_auc"] for r in rounds]
+    assert summary["selection"]["densenet3d"]["0"]["round"] == aucs.index(max(aucs)) + 1
+
+
+def test_each_round_is_validated_once_with_the_next_train_message(
+    cohort: dict[str, Path], sites_out: Path, tmp_path: Path
+) -> None:
+    cfg = _cfg()
+    grid = InProcessGrid(cohort, sites_out)
+    run_dir = tmp_path / "run"
+    summary = PlanRunner(grid, cfg, run_dir, "x1").run(expected_sites=3, wait_s=1)
+    for s in SITES:  # R rounds: R train messages and one evaluate per fold, instead of R of each
+        assert grid.calls[(s, "train")] == ROUNDS and grid.calls[(s, "evaluate")] == 1
+    _check_rounds(cfg, cohort, sites_out, "x1", run_dir, summary)
+
+    # what the bench reports: at most one model's bytes each way per round, plus the one evaluate per fold
+    model = build_model("densenet3d", cfg.models.densenet3d, mask_channel=cfg.preprocess.mask_channel)
+    model_bytes = ModelCodec.for_state_dict(model.state_dict()).size * 2  # float16 transport
+    empty = ClassHistogram.from_scores(np.zeros(0), np.zeros(0), ScoreGrid(cfg.evaluation.grid_bins))
+    hist_bytes = sum(a.nbytes for a in empty.to_arrays().values())  # a validation histogram up
+    overhead = 8192  # the request's config (the experiment as JSON), the reply's status and scalars
+    for s in SITES:
+        t = figures.site_traffic(summary["communication"][s], rounds=ROUNDS, folds=1)
+        assert model_bytes <= t["round_received"] <= model_bytes + overhead
+        assert model_bytes <= t["round_sent"] <= model_bytes + hist_bytes + overhead
+        assert model_bytes <= t["fold_evaluate_received"] <= model_bytes + overhead
+        assert hist_bytes <= t["fold_evaluate_sent"] <= hist_bytes + overhead  # statistics only
+
+
+def test_an_interrupted_fold_validates_its_last_checkpoint_first(
+    cohort: dict[str, Path], sites_out: Path, tmp_path: Path
+) -> None:
+    cfg = _cfg()
+    run_dir = tmp_path / "run"
+    first = InProcessGrid(cohort, sites_out, fail_after_train=6)  # dies as round 3 starts
+    with pytest.raises(Interrupted):
+        PlanRunner(first, cfg, run_dir, "x2").run(expected_sites=3, wait_s=1)
+    ckpt = run_dir / "checkpoints" / "densenet3d_fold0"
+    assert (ckpt / "round1.validation.json").is_file()  # validated by round 2's train message
+    assert not (ckpt / "round2.validation.json").exists()  # its validation was to come with round 3
+    before = (ckpt / "round2.npz").stat().st_mtime_ns
+
+    second = InProcessGrid(cohort, sites_out)
+    summary = PlanRunner(second, cfg, run_dir, "x2").run(expected_sites=3, wait_s=1)
+    for s in SITES:  # round 3 only: its train message validates round 2, then the one evaluate
+        assert second.calls[(s, "train")] == 1 and second.calls[(s, "evaluate")] == 1
+    assert (ckpt / "round2.npz").stat().st_mtime_ns == before  # the checkpoint itself is never rewritten
+    assert summary["resumed"] == {"densenet3d/fold0": 2}
+    _check_rounds(cfg, cohort, sites_out, "x2", run_dir, summary)
+
+
+def test_cross_site_local_models_are_validated_the_same_way(
+    cohort: dict[str, Path], sites_out: Path, tmp_path: Path
+) -> None:
+    """A site's local-only rounds: one exchange each, the best round by the site's own validation AUC."""
+    from common.gridstats import auc
+    from server.crosssite import CrossSiteEvaluation
+
+    cfg = _cfg()
+    grid = InProcessGrid(cohort, sites_out)
+    runner = PlanRunner(grid, cfg, tmp_path / "run", "x3")
+    runner.discover(expected=3, wait_s=1)
+    node = next(n for n, s in runner.registry.sites.items() if s.site == "centre1")
+    trained: list[np.ndarray] = []
+    grid_send = grid.send_and_receive
+
+    def record(messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        replies = list(grid_send(messages, timeout=timeout))
+        trained.extend(TRAIN.read_reply(r).weights for r in replies if r.metadata.message_type == TRAIN.type)
+        return replies
+
+    grid.send_and_receive = record  # type: ignore[method-assign]
+    cs = CrossSiteEvaluation(cfg, runner.messenger, runner.registry, runner.ckpt, runner.trainer)
+    best = cs.train_local("densenet3d", 0, node, "centre1")
+    assert grid.calls[("centre1", "train")] == ROUNDS and grid.calls[("centre1", "evaluate")] == 1
+    assert len(trained) == ROUNDS and best is not None
+    site = SiteRunner(
+        SiteContext("centre1", cohort["centre1"], sites_out / "centre1"), cfg, "x3-local-centre1"
+    )
+    dtype = cfg.federation.transport_dtype
+    aucs = [
+        auc(site.validate_round("densenet3d", 0, to_transport(v, dtype).astype(np.float32), r))
+        for r, v in enumerate(trained, 1)
+    ]
+    scores = [a if np.isfinite(a) else -np.inf for a in aucs]
+    np.testing.assert_array_equal(best, trained[int(np.argmax(scores))])
