@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import re
 import types
 import typing
@@ -74,6 +75,7 @@ class Preprocess3DConfig:
     margin_mm: float = 8.0
     hu_min: float = -200.0
     hu_max: float = 1500.0
+    mask_outside_mm: float = 0.0  # > 0: the image is air beyond this distance from the ROI (0: off)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Preprocess2DConfig:
     n_slices: int = 3
     margin_mm: float = 8.0
     slice_weights: tuple[float, ...] = (0.4, 0.3, 0.3)
+    mask_outside_mm: float = 0.0  # > 0: each slice is air beyond this in-plane distance from the ROI (0: off)
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,9 @@ class EvaluationConfig:
     ensemble_tolerance: float = 0.0  # validation AUC a blend must gain over its best member (common.ensemble)
     calibrate_folds: bool = False  # per-fold Platt scaling on the fold's pooled validation scores (common.foldcalibration)
     tta_flip: bool = False  # predict: mean of the input and its left-right mirror (common.engine.predict)
+    # model selection among rounds >= this one only (1: every round, the study's rule); earlier
+    # rounds are still trained and validated, and kept when no later round has finished
+    select_from_round: int = 1
     score_mapping: tuple[float, ...] = (0.05, 0.15, 0.25, 0.40, 0.50, 0.60, 0.75, 0.85, 0.95)
     min_cell_count: int = 0
     stats_noise: float = 0.0
@@ -258,12 +264,20 @@ class ExperimentConfig:
         _check(self.preprocess.d3.size >= 8, "preprocess.d3.size", "must be at least 8")
         _check(self.preprocess.d2.size >= 16, "preprocess.d2.size", "must be at least 16")
         _check(self.preprocess.d3.hu_max > self.preprocess.d3.hu_min, "preprocess.d3.hu_max", "must exceed hu_min")
+        for dim in ("d3", "d2"):
+            mo = getattr(self.preprocess, dim).mask_outside_mm
+            _check(math.isfinite(mo) and mo >= 0, f"preprocess.{dim}.mask_outside_mm", "must be >= 0 (0: off)")
         w = self.preprocess.d2.slice_weights
         _check(len(w) == self.preprocess.d2.n_slices, "preprocess.d2.slice_weights", "needs one weight per slice")
         _check(all(x >= 0 for x in w) and sum(w) > 0, "preprocess.d2.slice_weights", "must be >= 0 with a positive sum")
         _check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.train.lr > 0, "train.lr", "must be > 0")
         _check(self.train.rounds >= 1 and self.train.local_epochs >= 1, "train.rounds", "rounds and local_epochs must be >= 1")
+        _check(
+            1 <= self.evaluation.select_from_round <= self.train.rounds,
+            "evaluation.select_from_round",
+            f"must be a round in 1..{self.train.rounds} (train.rounds)",
+        )
         _check(
             re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.train.device) is not None,
             "train.device",

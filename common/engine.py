@@ -420,12 +420,14 @@ def fit_select(
     epochs: int,
     seed: int,
     desc: str = "fit",
+    first_epoch: int = 1,
 ) -> Selection:
     """Train ``epochs`` epochs, validating after each; keep the best-validation-AUC weights.
 
     One epoch here is one round with one local epoch in a federation: the
-    same schedule, the same selection rule, so pooled and federated runs
-    spend the same budget.
+    same schedule, the same selection rule (only epochs ``>= first_epoch``
+    compete, as ``evaluation.select_from_round``), so pooled and federated
+    runs spend the same budget.
     """
     t0 = time.perf_counter()
     labels = arrays.labels[np.asarray(val_idx, dtype=int)]
@@ -437,6 +439,8 @@ def fit_select(
         auc = binary_metrics(labels, predict(model, arrays, val_idx, kind, cfg)).auc
         auc = -1.0 if np.isnan(auc) else float(auc)
         aucs.append(auc)
+        if e + 1 == min(first_epoch, epochs):  # the first candidate: earlier epochs are out
+            best_auc = -np.inf
         if auc > best_auc:
             best_auc, best_epoch = auc, e + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

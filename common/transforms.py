@@ -42,6 +42,11 @@ Conventions (documented because results depend on them):
   (the first axis is R in both the 3D cube and the 2D slices: the mirror image
   of a sacrum is anatomically plausible, a head-to-foot flip is not).
   Padding is 0, i.e. air.
+* **Mask outside** (``d3.mask_outside_mm``, ``d2.mask_outside_mm``; 0 is
+  off): after windowing, the image is set to 0 (air) where the Euclidean
+  distance (mm, on the crop's own grid) to the ROI exceeds the setting, so
+  the network sees the lesion, its rim and the tissue around it, not the
+  rest of the box.  The crop (and with it the mask channel) is unchanged.
 * **Mask channel** (``preprocess.mask_channel``): the resampled ROI mask is
   appended as the last channel of ``image`` (3D: (2, S, S, S); 2D: (n, 4, s,
   s)).  Augmentation splits it off again, moves image and mask with the same
@@ -287,6 +292,7 @@ class AxialSlicesd(MapTransform):
                 planes.append((out >= 0.5).astype(np.float32) if is_mask else out)
             d[key] = np.stack(planes)[:, None]
         d["slice_indices"] = chosen
+        d["slice_step_mm"] = np.stack([step * np.asarray(spacing[:2]) for _, step in grids])  # (n, 2)
         return d
 
 
@@ -313,6 +319,41 @@ class HUWindowsd(MapTransform):
             d[key] = np.concatenate(
                 [hu_window(hu, lo, hi) for lo, hi in self.windows], axis=self.channel_axis
             )
+        return d
+
+
+def outside_roi(mask: np.ndarray, step_mm: Sequence[float] | np.ndarray, distance_mm: float) -> np.ndarray:
+    """Where a grid lies farther than ``distance_mm`` from the ROI ``mask`` (Euclidean, grid step in mm)."""
+    roi = np.asarray(mask) > 0
+    if not roi.any():
+        return np.zeros(roi.shape, dtype=bool)
+    dist = ndimage.distance_transform_edt(~roi, sampling=np.asarray(step_mm, dtype=np.float64))
+    return np.asarray(dist > distance_mm)
+
+
+class MaskOutsided(MapTransform):
+    """Set every channel of ``image`` to 0 (air after windowing) beyond ``distance_mm`` of the ROI.
+
+    3D: one (C, S, S, S) cube whose grid step comes from ``box_mm``; 2D:
+    (n, C, s, s) slices with their own in-plane steps in ``slice_step_mm``.
+    """
+
+    def __init__(self, key: str, distance_mm: float, *, mask_key: str = "mask") -> None:
+        super().__init__(key)
+        self.key, self.distance_mm, self.mask_key = key, float(distance_mm), mask_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = np.array(d[self.key], dtype=np.float32)  # a copy: the input dict is not changed
+        mask = np.asarray(d[self.mask_key])
+        if "slice_step_mm" in d:  # 2D: (n, C, s, s), mask (n, 1, s, s)
+            for i, step in enumerate(np.asarray(d["slice_step_mm"])):
+                image[i][:, outside_roi(mask[i, 0], step, self.distance_mm)] = 0.0
+        else:  # 3D: (C, S, S, S), mask (1, S, S, S)
+            box = np.asarray(d["box_mm"], dtype=np.float64)
+            step = (box[1] - box[0]) / np.asarray(mask.shape[1:], dtype=np.float64)
+            image[:, outside_roi(mask[0], step, self.distance_mm)] = 0.0
+        d[self.key] = image
         return d
 
 
@@ -363,6 +404,8 @@ def deterministic_3d(cfg: Preprocess3DConfig, mask_channel: bool = False) -> Com
         CropResampled(("image", "mask"), cfg),
         HUWindowsd("image", [(cfg.hu_min, cfg.hu_max)]),
     ]
+    if cfg.mask_outside_mm > 0:
+        steps.append(MaskOutsided("image", cfg.mask_outside_mm))
     if mask_channel:
         steps.append(AppendMaskd("image"))
     return Compose(steps)
@@ -382,6 +425,8 @@ def deterministic_2d(
         AxialSlicesd(("image", "mask"), cfg),
         HUWindowsd("image", [bone_window, SOFT_TISSUE_WINDOW, WIDE_WINDOW], channel_axis=1),
     ]
+    if cfg.mask_outside_mm > 0:
+        steps.append(MaskOutsided("image", cfg.mask_outside_mm))
     if mask_channel:
         steps.append(AppendMaskd("image", channel_axis=1))
     return Compose(steps)

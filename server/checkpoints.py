@@ -94,10 +94,14 @@ class CheckpointStore:
         with np.load(self._dir(model, fold) / f"round{rnd}.npz") as z:
             return np.asarray(z["weights"], np.float32)
 
-    def select_best(self, model: str, fold: int) -> dict[str, Any]:
-        """The round with the best pooled validation AUC (earliest on ties); recorded in ``selected.json``."""
+    def select_best(self, model: str, fold: int, first_round: int = 1) -> dict[str, Any]:
+        """The round with the best pooled validation AUC (earliest on ties); recorded in ``selected.json``.
+
+        Only rounds ``>= first_round`` compete (``evaluation.select_from_round``), unless none has finished.
+        """
         best: dict[str, Any] | None = None
-        for r in self.rounds(model, fold):
+        done = self.rounds(model, fold)
+        for r in [r for r in done if r >= first_round] or done:
             info = self.meta(model, fold, r)
             auc = info.get("val_auc")
             score = -1.0 if auc is None else float(auc)

@@ -173,7 +173,7 @@ class FoldTrainer:
                 evaluate_config=ConfigRecord(),
                 evaluate_fn=after_round,
             )
-        best = self.ckpt.select_best(kind, fold)
+        best = self.ckpt.select_best(kind, fold, self.cfg.evaluation.select_from_round)
         log.info(
             "%s fold %d: selected round %d (pooled validation AUC %s)",
             kind,

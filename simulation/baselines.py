@@ -83,6 +83,7 @@ def evaluate_setting(
     ext = SiteArrays.concat([_prefixed(s) for s in external], site="external") if external else None
     thr = cfg.evaluation.fixed_threshold
     epochs = cfg.train.rounds * cfg.train.local_epochs
+    first_epoch = (cfg.evaluation.select_from_round - 1) * cfg.train.local_epochs + 1  # the round's first epoch
     result: dict[str, Any] = {}
     for name in models:
         y_all, p_all, fold_metrics, val_metrics, selection, p_raw = [], [], [], [], [], []
@@ -98,7 +99,7 @@ def evaluate_setting(
                 kind: ModelKind = name  # type: ignore[assignment]
                 seed_everything(cfg.seed)
                 model = build_model(kind, getattr(cfg.models, kind), mask_channel=cfg.preprocess.mask_channel)
-                sel = fit_select(model, pool, idx["train"], idx["val"], kind, cfg, epochs=epochs, seed=cfg.seed + k, desc=f"{pool.site} {kind} f{k}")
+                sel = fit_select(model, pool, idx["train"], idx["val"], kind, cfg, epochs=epochs, seed=cfg.seed + k, desc=f"{pool.site} {kind} f{k}", first_epoch=first_epoch)
                 model.load_state_dict(sel.state)
                 y_val = pool.labels[idx["val"]]
                 p_val = predict(model, pool, idx["val"], kind, cfg)

@@ -20,6 +20,19 @@ def test_best_round_is_selected_earliest_on_ties(tmp_path: Path) -> None:
     assert store.finished("densenet3d", 0) == best
 
 
+def test_selection_window_keeps_early_rounds_out_unless_none_later_finished(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, "cfgA")
+    for r, auc in [(1, 0.95), (2, 0.70), (3, 0.80), (4, 0.78)]:
+        store.save("densenet3d", 0, r, np.full(4, r, np.float32), {"val_auc": auc})
+    assert store.select_best("densenet3d", 0)["round"] == 1  # the study's rule: every round competes
+    assert store.select_best("densenet3d", 0, first_round=3) == {"round": 3, "val_auc": 0.80}
+    assert store.finished("densenet3d", 0) == {"round": 3, "val_auc": 0.80}
+    # a fold stopped after round 2 (e.g. run_folds smoke runs, or fewer rounds done) still selects
+    for r, auc in [(1, 0.6), (2, 0.7)]:
+        store.save("densenet3d", 1, r, np.full(4, r, np.float32), {"val_auc": auc})
+    assert store.select_best("densenet3d", 1, first_round=3)["round"] == 2
+
+
 def test_resume_point_is_the_last_finished_round(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path, "cfgA")
     assert store.last_round("densenet3d", 1) == 0

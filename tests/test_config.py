@@ -54,6 +54,10 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
         ("folds: 1", r"folds: must be at least 2"),
         ("evaluation: {score_mapping: [0.1, 0.2]}", r"score_mapping: needs 9"),
         ("dp: {enabled: true}", r"BatchNorm is not compatible with DP-SGD"),
+        ("evaluation: {select_from_round: 9}", r"evaluation\.select_from_round: must be a round in 1\.\.4"),
+        ("evaluation: {select_from_round: 0}", r"evaluation\.select_from_round"),
+        ("preprocess: {d2: {mask_outside_mm: -1}}", r"preprocess\.d2\.mask_outside_mm: must be >= 0"),
+        ("preprocess: {d3: {mask_outside_mm: .nan}}", r"preprocess\.d3\.mask_outside_mm: must be >= 0"),
     ],
 )
 def test_bad_values_are_named(tmp_path: Path, yaml_text: str, pattern: str) -> None:

@@ -19,6 +19,7 @@ from common.transforms import (
     deterministic_3d,
     hu_window,
     largest_component,
+    outside_roi,
     random_2d,
     random_3d,
     select_slices,
@@ -67,6 +68,57 @@ def test_evaluation_transforms_are_deterministic() -> None:
     ):
         a, b = _run(pipeline, vol), _run(pipeline, vol)
         assert np.array_equal(a["image"], b["image"])
+
+
+def _brute_distance_mm(roi: np.ndarray, step_mm: np.ndarray) -> np.ndarray:
+    """Distance (mm) from every grid point to the nearest ROI point, by brute force."""
+    pts = np.argwhere(roi) * step_mm
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in roi.shape], indexing="ij"), -1) * step_mm
+    return np.sqrt(((grid[..., None, :] - pts) ** 2).sum(-1)).min(-1)
+
+
+def test_outside_roi_matches_brute_force_distance_on_anisotropic_grids() -> None:
+    rng = np.random.default_rng(3)
+    for shape, step in [((9, 11, 7), np.array([1.0, 2.0, 3.0])), ((13, 10), np.array([0.7, 1.9]))]:
+        roi = rng.random(shape) > 0.97
+        out = outside_roi(roi, step, 4.0)
+        np.testing.assert_array_equal(out, _brute_distance_mm(roi, step) > 4.0)
+    assert not outside_roi(np.zeros((4, 4)), [1.0, 1.0], 2.0).any()  # no ROI: nothing is blanked
+
+
+@pytest.mark.parametrize("mask_channel", [False, True])
+def test_mask_outside_blanks_only_far_from_the_roi_in_3d_and_2d(mask_channel: bool) -> None:
+    vol = sphere_volume(12.0, (1.0, 1.0, 2.0))  # a bone slab lies in the box, far from the lesion
+    far = 6.0
+    for det, plain in [
+        (
+            deterministic_3d(Preprocess3DConfig(size=24, crop="bbox", margin_mm=20.0, mask_outside_mm=far), mask_channel),
+            deterministic_3d(Preprocess3DConfig(size=24, crop="bbox", margin_mm=20.0), mask_channel),
+        ),
+        (
+            deterministic_2d(Preprocess2DConfig(size=32, margin_mm=20.0, mask_outside_mm=far), mask_channel=mask_channel),
+            deterministic_2d(Preprocess2DConfig(size=32, margin_mm=20.0), mask_channel=mask_channel),
+        ),
+    ]:
+        a, b = _run(det, vol), _run(plain, vol)
+        assert a["image"].shape == b["image"].shape
+        if "slice_step_mm" in a:  # 2D: (n, C, s, s), each slice on its own in-plane grid
+            for i, step in enumerate(a["slice_step_mm"]):
+                dist = _brute_distance_mm(a["mask"][i, 0] > 0, step)
+                img_a, img_b = a["image"][i], b["image"][i]
+                n_img = img_a.shape[0] - int(mask_channel)
+                assert (img_a[:n_img, dist > far] == 0).all()
+                np.testing.assert_array_equal(img_a[:n_img, dist <= far], img_b[:n_img, dist <= far])
+                np.testing.assert_array_equal(img_a[n_img:], img_b[n_img:])  # the mask channel is kept
+                assert (img_b[:n_img, dist > far] > 0).any()  # there was something to blank
+        else:  # 3D: (C, S, S, S) on the box's grid
+            box = a["box_mm"]
+            dist = _brute_distance_mm(a["mask"][0] > 0, (box[1] - box[0]) / 24)
+            n_img = a["image"].shape[0] - int(mask_channel)
+            assert (a["image"][:n_img, dist > far] == 0).all()
+            np.testing.assert_array_equal(a["image"][:n_img, dist <= far], b["image"][:n_img, dist <= far])
+            np.testing.assert_array_equal(a["image"][n_img:], b["image"][n_img:])
+            assert (b["image"][:n_img, dist > far] > 0).any()
 
 
 def test_fov_crop_keeps_absolute_size_and_bbox_does_not() -> None:
