@@ -116,10 +116,10 @@ def overhead_table(r: Mapping[str, Any]) -> Table:
             )
             + ".",
             f"Plain loop: {plain.get('threads')} torch threads, sites in turn, FedAvg in memory; its imports took"
-            f" {fmt(plain.get('import_s'), '.1f')} s.  Federated sites: 1 thread each, as many at a time as"
-            " there are cores.  With 3 equal sites on 2 cores a round takes 2 one-thread site epochs against the"
-            " plain loop's 3 two-thread ones: 2s/3 of its compute for a two-thread speedup s (1.13x at s = 1.7)"
-            " before any Flower cost.",
+            f" {fmt(plain.get('import_s'), '.1f')} s.  Federated sites: 1 thread each, every site of a round at"
+            " once (simulation: Ray slots for up to twice the cores; deployment: one process per hospital).  With 3"
+            " equal sites on 2 cores a round takes 1.5 one-thread site epochs against the plain loop's 3 two-thread"
+            " ones: s/2 of its compute for a two-thread speedup s (0.85x at s = 1.7) before any Flower cost.",
             f"Preprocessing (excluded above: all runs start from the warm per-site cache): {fmt(r['preprocess_s_per_patient'], '.3f')} s/patient"
             f" {'cold' if r.get('preprocess_cold') else '(cache was already warm)'}; loading a warm site cache {fmt(r['cache_load_s'], '.2f')} s.",
             "Peak memory: proportional set size summed over the run's whole process tree, sampled every second;"

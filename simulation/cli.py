@@ -107,11 +107,17 @@ def simulation_resources(cfg: ExperimentConfig, cpus: int, gpus: int) -> dict[st
     the run is exactly the CPU one (Ray would otherwise schedule no site at
     all).  Ray hides the GPUs from a site without a share, so on a GPU
     machine a share is what lets ``train.device: auto`` find one.
+
+    Ray is told of enough CPU slots to run every site of a round at once (up
+    to twice the real ``cpus``): with 3 one-thread sites on 2 cores, 2 slots
+    make the third site train alone after the others (2 site-epochs per
+    round) where the OS sharing the cores among all 3 takes 1.5.
     """
+    threads = max(cfg.train.threads, 1)
     federation: dict[str, int | float] = {
         "num-supernodes": len(cfg.sites),
-        "client-resources-num-cpus": max(cfg.train.threads, 1),
-        "init-args-num-cpus": cpus,
+        "client-resources-num-cpus": threads,
+        "init-args-num-cpus": max(cpus, min(len(cfg.sites) * threads, 2 * cpus)),
     }
     if cfg.federation.sim_gpus_per_site > 0 and gpus > 0:
         federation["client-resources-num-gpus"] = cfg.federation.sim_gpus_per_site

@@ -244,6 +244,21 @@ def test_simulated_sites_get_a_gpu_share_only_when_configured() -> None:
     assert simulation_resources(share, 16, 1)["client-resources-num-gpus"] == 0.25
 
 
+def test_simulated_sites_of_a_round_run_at_once_up_to_twice_the_cores() -> None:
+    from common.config import SiteConfig, with_sites
+    from simulation.cli import simulation_resources
+
+    def slots(n_sites: int, cpus: int, threads: int = 1) -> object:
+        sites = tuple(SiteConfig(name=f"s{i}") for i in range(n_sites))
+        cfg = with_sites(load_config("tiny", {"train": {"threads": threads}}), sites)
+        return simulation_resources(cfg, cpus, 0)["init-args-num-cpus"]
+
+    assert slots(3, 2) == 3  # all three sites of a round train together on 2 cores
+    assert slots(8, 2) == 4  # no more than twice the cores
+    assert slots(1, 2) == 2  # never fewer than the cores
+    assert slots(3, 2, threads=2) == 4
+
+
 def test_a_sites_device_report_is_cleaned_and_shown_in_the_report_header() -> None:
     from common.device import MAX_REPORTED_CHARS, reported
     from common.report import _devices
