@@ -34,6 +34,12 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def cohort(tiny_cohort: Path) -> dict[str, Path]:
+    """The tiny cohort's three centres as site folders (modules with other sites define their own)."""
+    return {s: tiny_cohort / s for s in ("centre1", "centre2", "centre3")}
+
+
 @pytest.fixture
 def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """What the flwr-serverapp process sets before running a ServerApp (messages need a run id)."""

@@ -5,9 +5,26 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
 from common.bundle import ModelBundle
 from common.dataset import SiteArrays, preprocess_site
 from common.engine import predict
+
+SACRUM = (slice(50, 72), slice(14, 36), slice(28, 50))
+"""A box over the sacrum of ``../shared/data/ct/pelvis_ct.nii.gz`` (voxel indices)."""
+
+
+def sacrum_roi(image: Path, out: Path, *, notch: bool = False) -> Path:
+    """Write a box ROI over the real pelvis CT's sacrum to ``out``; ``notch`` cuts a slab so it is not a plain box."""
+    ct = nib.load(str(image))
+    mask = np.zeros(ct.shape, np.uint8)
+    mask[SACRUM] = 1
+    if notch:
+        mask[SACRUM[0], SACRUM[1], 28:33] = 0
+    nib.save(nib.Nifti1Image(mask, ct.affine), str(out))
+    return out
 
 
 def one_patient_site(bundle: ModelBundle, image: Path, mask: Path, work: Path) -> SiteArrays:

@@ -31,11 +31,10 @@ from server.cli import main as server_main
 from server.runner import PlanRunner
 
 from .inprocess import InProcessGrid
-from .onecase import engine_fold_probabilities, one_patient_site
+from .onecase import SACRUM, engine_fold_probabilities, one_patient_site, sacrum_roi
 
 SITES = ("centre1", "centre2", "centre3")
 # The sacrum box of tests/test_transforms.py (pelvis_ct.nii.gz: 122x101x112, 3 mm, RAS).
-SACRUM = (slice(50, 72), slice(14, 36), slice(28, 50))
 CPU_SECONDS_PER_PATIENT = (
     30.0  # the README's bound for the tiny models (CPU time: independent of the machine's load)
 )
@@ -83,11 +82,7 @@ def _pub(bundle_path: Path) -> str:
 def pelvis(shared_ct: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """The real pelvis CT and a box ROI over its sacrum."""
     image = shared_ct / "pelvis_ct.nii.gz"
-    ct = nib.load(str(image))
-    mask = np.zeros(ct.shape, np.uint8)
-    mask[SACRUM] = 1
-    path = tmp_path_factory.mktemp("pelvis") / "sacrum_roi.nii.gz"
-    nib.save(nib.Nifti1Image(mask, ct.affine), str(path))
+    path = sacrum_roi(image, tmp_path_factory.mktemp("pelvis") / "sacrum_roi.nii.gz")
     return image, path
 
 

@@ -7,7 +7,6 @@ import shutil
 import zipfile
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -22,11 +21,10 @@ from common.models import build_model, in_channels
 from common.signing import sign
 from common.transforms import deterministic_2d, deterministic_3d, random_2d, random_3d, volume_dict
 
-from .onecase import engine_fold_probabilities, one_patient_site
+from .onecase import engine_fold_probabilities, one_patient_site, sacrum_roi
 from .test_transforms import sphere_volume
 
 # The sacrum box of tests/test_transforms.py (pelvis_ct.nii.gz: 122x101x112, 3 mm, RAS).
-SACRUM = (slice(50, 72), slice(14, 36), slice(28, 50))
 # The coordinating site's key: every bundle here is signed (and edited manifests re-signed), so
 # what is checked is the manifest's content, not its signature (tests/test_bundle_predict.py).
 KEY = Ed25519PrivateKey.generate()
@@ -148,13 +146,8 @@ def _trained_bundle(cfg: ExperimentConfig, arrays: SiteArrays, out: Path) -> Pat
 @pytest.fixture(scope="module")
 def pelvis(shared_ct: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     image = shared_ct / "pelvis_ct.nii.gz"
-    ct = nib.load(str(image))
-    mask = np.zeros(ct.shape, np.uint8)
-    mask[SACRUM] = 1
-    mask[SACRUM[0], SACRUM[1], 28:33] = 0  # not a plain box: the mask channel carries a shape
-    path = tmp_path_factory.mktemp("pelvis") / "sacrum_roi.nii.gz"
-    nib.save(nib.Nifti1Image(mask, ct.affine), str(path))
-    return image, path
+    # not a plain box: the mask channel carries a shape
+    return image, sacrum_roi(image, tmp_path_factory.mktemp("pelvis") / "sacrum_roi.nii.gz", notch=True)
 
 
 def _rewrite_manifest(src: Path, dst: Path, edit: dict[str, object], drop: tuple[str, ...] = ()) -> Path:

@@ -23,11 +23,6 @@ def sites_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("plan-sites")
 
 
-@pytest.fixture(scope="module")
-def cohort(tiny_cohort: Path) -> dict[str, Path]:
-    return {s: tiny_cohort / s for s in SITES}
-
-
 def _cfg(plan: str, **train: int):  # type: ignore[no-untyped-def]
     overrides = {
         "plan": plan,

@@ -49,11 +49,6 @@ def sites_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("exchange-sites")
 
 
-@pytest.fixture(scope="module")
-def cohort(tiny_cohort: Path) -> dict[str, Path]:
-    return {s: tiny_cohort / s for s in SITES}
-
-
 def _direct_validation(
     cfg: ExperimentConfig,
     cohort: dict[str, Path],

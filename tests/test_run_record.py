@@ -46,11 +46,6 @@ def sites_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("record-sites")
 
 
-@pytest.fixture(scope="module")
-def cohort(tiny_cohort: Path) -> dict[str, Path]:
-    return {s: tiny_cohort / s for s in SITES}
-
-
 def test_progress_lines_and_tensorboard_scalars_per_round(
     cohort: dict[str, Path], sites_out: Path, tmp_path: Path
 ) -> None:
