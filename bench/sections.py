@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common.config import FederationConfig
+
 from . import figures
 from .cohort import BASE_SITES, CohortRequest, ensure_cohort
 from .federation import REPO, Experiment, prepare_caches, run_deployment, run_plain, run_simulation
@@ -128,7 +130,8 @@ def _timed(run: dict[str, Any]) -> dict[str, Any]:
 def section_overhead(p: BenchParams, work: Path) -> dict[str, Any]:
     """Plain loop vs Flower simulation vs loopback deployment, same experiment."""
     prep = prepared(p, work, 3)
-    cfg, cache = Path(prep["configs"]["float32"]), Path(prep["cache"])
+    transport = FederationConfig().transport_dtype  # what a run uses unless its config says otherwise
+    cfg, cache = Path(prep["configs"][transport]), Path(prep["cache"])
 
     def plain() -> dict[str, Any]:
         r = run_plain(cfg, cache, p.plain_threads, RUN_TIMEOUT_S)
@@ -142,17 +145,18 @@ def section_overhead(p: BenchParams, work: Path) -> dict[str, Any]:
         }
 
     def deploy() -> dict[str, Any]:
-        return _fed_result(run_deployment(cfg, cache, work / "runs" / "deploy-sites3", RUN_TIMEOUT_S))
+        return _fed_result(run_deployment(cfg, cache, work / "runs" / f"deploy-sites3-{transport}", RUN_TIMEOUT_S))
 
     base = _timed(memo(work, "plain", plain))
-    sim = _timed(simulation(p, work, 3, "float32"))
-    dep = _timed(memo(work, "deploy-sites3", deploy))
+    sim = _timed(simulation(p, work, 3, transport))
+    dep = _timed(memo(work, f"deploy-sites3-{transport}", deploy))
     for run in (sim, dep):
         run["ratio_whole"] = figures.ratio(run["wall_s"], base["wall_s"])
         run["ratio_steady"] = figures.ratio(run["steady_round_s"], base["steady_round_s"])
     prep_sites = prep["preprocess"]["sites"].values()
     return {
         "experiment": describe(p),
+        "transport": transport,
         "preprocess_s_per_patient": sum(s["seconds"] for s in prep_sites)
         / max(sum(s["patients"] for s in prep_sites), 1),
         "preprocess_cold": all(s["cold"] for s in prep_sites),

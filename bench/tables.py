@@ -97,7 +97,8 @@ def overhead_table(r: Mapping[str, Any]) -> Table:
         ("run", "whole run s", "ratio", "steady round s", "ratio", "target", "peak memory GiB"),
         tuple(rows),
         (
-            f"Experiment: {r['experiment']}.",
+            f"Experiment: {r['experiment']}; federated runs with {r.get('transport', 'float32')} model transport"
+            " (the configuration default).",
             "Whole run: process start to exit (imports, start-up, the plan's evaluation tail: prediction, ensemble,"
             " final statistics, reader study, DeLong, report). Steady round: mean of rounds 2.. (round 1 warms up);"
             " federated rounds from the server's round log (send, train, aggregate, validate).",

@@ -87,13 +87,15 @@ def supernode_command(
     max_wait_s: float = 0.0,
     unavailable: str = "",
 ) -> list[str]:
-    """The ``flower-supernode`` command line for one hospital (``unavailable``: report-only mode, why)."""
+    """The SuperNode command line for one hospital (``unavailable``: report-only mode, why)."""
     entries = [f"site={_q(site)}", f"data-dir={_q(str(data_dir))}", f"out-dir={_q(str(out_dir))}", f"threads={threads}"]
     if unavailable:  # Flower's node-config parser allows no double quote inside a value
         entries.append(f"unavailable={_q(unavailable.replace(chr(34), chr(39)))}")
     node_config = " ".join(entries)
     cmd = [
-        str(Path(sys.executable).parent / "flower-supernode"),
+        sys.executable,
+        "-m",
+        "client.supernode",  # Flower's flower-supernode, polling every 0.2 s instead of 3 s (client/supernode.py)
         "--superlink",
         server,
         "--node-config",

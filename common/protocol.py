@@ -444,12 +444,14 @@ class RadiomicsReply:
 
 
 # -- encode / decode ------------------------------------------------------------------------------------------
-def _encode_into(obj: Any, out: dict[str, dict[str, Any]], dtype: str) -> None:
+def _encode_into(obj: Any, out: dict[str, dict[str, Any]], dtype: str, plain: set[str]) -> None:
     for name, w in _wires(type(obj)):
         value = getattr(obj, name)
         if value is None:
             continue
         rec = out.setdefault(w.record, {})
+        if w.place in (Place.WEIGHTS, Place.ARRAY):
+            plain.add(w.record)
         if w.place is Place.JSON:
             rec[w.key] = json.dumps(value)
         elif w.place is Place.WEIGHTS:
@@ -464,24 +466,25 @@ def _encode_into(obj: Any, out: dict[str, dict[str, Any]], dtype: str) -> None:
             rec[w.key] = value
 
 
-def _records(values: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _records(values: dict[str, dict[str, Any]], plain: set[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, d in values.items():
         if name == CONFIG:
             out[name] = config_record(d)
         elif name == METRICS:
             out[name] = metric_record(d)
-        else:
-            out[name] = arrays_record(d)
+        else:  # a model vector's record stays plain: Flower's strategies aggregate it by key
+            out[name] = arrays_record(d, pack=name not in plain)
     return out
 
 
 def encode(*parts: Any, dtype: str = "float32") -> RecordDict:
     """The records of a message from its parts (header and body, or body alone); model vectors in ``dtype``."""
     values: dict[str, dict[str, Any]] = {}
+    plain: set[str] = set()
     for p in parts:
-        _encode_into(p, values, dtype)
-    return RecordDict(_records(values))
+        _encode_into(p, values, dtype, plain)
+    return RecordDict(_records(values, plain))
 
 
 def _record(content: RecordDict, name: str, place: Place) -> Any:
@@ -791,7 +794,10 @@ def protocol_table() -> str:
         f"Every request also carries `{CONFIG}/experiment` (the config as JSON) and `{CONFIG}/run-id`. "
         f"Every reply carries `{STATUS}` (`state` = `{STATE_OK}` | `{STATE_UNAVAILABLE}`, `site`, `reason`); "
         "an unavailable reply has no body. "
-        "F is the number of handcrafted features; grid_bins comes from the evaluation config.",
+        "F is the number of handcrafted features; grid_bins comes from the evaluation config. "
+        "A record of histograms travels packed: one array per dtype plus a JSON index of "
+        "(name, dtype, shape) (`common/records.py`), so hundreds of histograms are a few objects on the wire; "
+        "a model vector's record is one plain array.",
         "",
         "| message | from → to | purpose | request fields | reply fields | privacy control |",
         "|---|---|---|---|---|---|",

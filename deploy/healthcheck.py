@@ -6,7 +6,7 @@ Why a check of its own: the Flower processes are children of
 running federation process.  ``server`` passes once the public fleet port
 (nginx in front of the loopback SuperLink; ``$SACRAL_FL_PORT``, default 9092)
 accepts TCP connections; ``client`` passes
-while a ``flower-supernode`` process runs in the container (a hospital opens
+while the SuperNode (``python -m client.supernode``) runs in the container (a hospital opens
 no port, so there is nothing to connect to).  Standard library only, so that
 it stays cheap to run every 30 s; exit status 0 healthy, 1 not (Docker
 reserves 2).
@@ -51,8 +51,8 @@ def main(argv: list[str]) -> int:
         ok = port_accepts("127.0.0.1", port)
         detail = f"SuperLink port {port}"
     elif role == "client":
-        ok = process_running("flower-supernode")
-        detail = "flower-supernode process"
+        ok = process_running("client.supernode") or process_running("flower-supernode")
+        detail = "SuperNode process"
     else:
         print("usage: healthcheck.py server|client", file=sys.stderr)
         return 1  # Docker reserves exit status 2

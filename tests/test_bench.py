@@ -223,6 +223,7 @@ def _overhead_result() -> dict[str, object]:
 
     return {
         "experiment": "x",
+        "transport": "float16",
         "preprocess_s_per_patient": 0.07,
         "preprocess_cold": True,
         "cache_load_s": 0.03,
@@ -241,7 +242,7 @@ def test_overhead_table_states_each_target_and_renders_as_text_and_markdown() ->
     text = tables.render(t)
     assert text.splitlines()[0] == t.title and "plain loop (one process)" in text
     md = tables.render(t, markdown=True)
-    assert md.startswith(f"### {t.title}") and "|---|" in md and "- Experiment: x." in md
+    assert md.startswith(f"### {t.title}") and "|---|" in md and "- Experiment: x; federated runs with float16 model transport" in md
 
 
 def test_params_round_trip_and_section_names() -> None:

@@ -485,6 +485,10 @@ def test_healthcheck_client_finds_the_supernode_process(tmp_path: Path) -> None:
         b"/usr/local/bin/python\0/usr/local/bin/flower-supernode\0--superlink\0server:9092\0"
     )
     assert hc.process_running("flower-supernode", tmp_path)
+    assert not hc.process_running("client.supernode", tmp_path)
+    (tmp_path / "56").mkdir()  # what `flower-client run` starts: Flower's SuperNode with shorter polls
+    (tmp_path / "56" / "cmdline").write_bytes(b"/usr/local/bin/python\0-m\0client.supernode\0--superlink\0server:9092\0")
+    assert hc.process_running("client.supernode", tmp_path)
 
 
 # ------------------------------------------------------------------ Kubernetes

@@ -76,6 +76,18 @@ def test_round_request_travels_intact_in_float16() -> None:
     assert header == HEADER
     assert (back.model, back.fold, back.global_round, back.proximal_mu) == ("densenet3d", 2, 3, 0.0)
     np.testing.assert_allclose(back.weights, w, atol=1e-3)
+    assert list(msg.content.array_records[ARRAYS].keys()) == ["weights"]  # plain: Flower aggregates it by key
+
+
+def test_a_reply_of_many_histograms_is_a_few_arrays_on_the_wire() -> None:
+    from common.protocol import EnsembleReply
+    from common.records import PACKED_INDEX
+
+    body = EnsembleReply(histograms={("a+b", str(i)): _hist(i) for i in range(66)}, n_arrays=132)
+    rec = encode(body).array_records[STATS]
+    assert PACKED_INDEX in rec and len(rec) <= 3  # not 132 objects, each a request at every hop
+    back = decode(encode(body), EnsembleReply)
+    assert {k: v.neg.tolist() for k, v in back.histograms.items()} == {k: v.neg.tolist() for k, v in body.histograms.items()}
 
 
 def test_histogram_sets_round_trip_and_aggregate_as_numpy_sums() -> None:

@@ -1,0 +1,105 @@
+"""Flower's SuperNode, polling the SuperLink every ``--poll-interval`` seconds instead of every 3.
+
+Flower 1.42's SuperNode loop (``flwr.supernode.start_client_internal``) waits
+by sleeping: 3 s after every empty pull from the SuperLink, 0.5 s while it
+waits for the ClientApp's reply and for the reply's contents.  Every message
+of a run therefore starts on average 1.5 s (up to 3 s) after the server sent
+it, and a round waits for the slowest of its sites: 2-3 s per exchange on
+loopback, about a fifth of a short round (docs/benchmarks.md).  Flower has
+no option for it, so this entry point runs Flower's own ``flower-supernode``
+unchanged except that module's clock: each of those sleeps is cut to at most
+``--poll-interval`` (each pull is one small request to the SuperLink).
+Nothing else of the SuperNode changes (same arguments, TLS, authentication,
+isolation).  On a Flower version this was not checked against, it warns and
+runs the stock SuperNode.
+
+``python -m client.supernode [--poll-interval S] FLOWER-SUPERNODE-ARGS...``
+(``flower-client run`` starts it).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import types
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger("flower-client.supernode")
+
+CHECKED_FLWR = ("1.42.",)  # versions whose SuperNode loop was read: its only sleeps are polling waits
+DEFAULT_POLL_S = 0.2
+
+
+class PollingClock(types.SimpleNamespace):
+    """The ``time`` module, except that ``sleep`` waits at most ``poll_s`` seconds."""
+
+    def __init__(self, poll_s: float) -> None:
+        super().__init__()
+        if not poll_s > 0:
+            raise ValueError(f"poll interval must be > 0 s, got {poll_s}")
+        self.poll_s = poll_s
+
+    def __getattr__(self, name: str) -> Any:  # everything but sleep: the real time module
+        return getattr(time, name)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.poll_s))
+
+
+def shorten_polling(poll_s: float) -> bool:
+    """Make Flower's SuperNode loop poll every ``poll_s`` s; False (stock loop) on an unchecked version."""
+    import flwr
+    import flwr.supernode.start_client_internal as loop
+
+    if not flwr.__version__.startswith(CHECKED_FLWR) or getattr(loop, "time", None) is not time:
+        log.warning(
+            "flwr %s: its SuperNode loop was not checked for polling; running it unchanged (3 s idle polls)",
+            flwr.__version__,
+        )
+        return False
+    loop.time = PollingClock(poll_s)  # type: ignore[assignment]
+    return True
+
+
+def split_args(argv: Sequence[str]) -> tuple[float, list[str]]:
+    """``--poll-interval S`` (ours, anywhere) and the rest (Flower's)."""
+    rest, poll_s, args = [], DEFAULT_POLL_S, list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--poll-interval":
+            if not args:
+                raise SystemExit("--poll-interval needs a value in seconds")
+            value = args.pop(0)
+        elif arg.startswith("--poll-interval="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+            continue
+        try:
+            poll_s = float(value)
+        except ValueError:
+            raise SystemExit(f"--poll-interval: not a number of seconds: {value!r}") from None
+        if not 0 < poll_s <= 3:
+            raise SystemExit(f"--poll-interval must be in (0, 3] s, got {value}")
+    return poll_s, rest
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    poll_s, rest = split_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from flwr.supercore.logger import update_console_handler
+    from flwr.supernode.cli import flower_supernode
+
+    update_console_handler(timestamps=True)  # a site's log says when each message came and went
+
+    if shorten_polling(poll_s):
+        log.info("polling the SuperLink every %.2f s (Flower's SuperNode waits 3 s when idle)", poll_s)
+    sys.argv = ["flower-supernode", *rest]
+    flower_supernode()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
