@@ -66,12 +66,13 @@ class Preprocess3DConfig:
     absolute size (a 40 mm lesion fills the same fraction of every input),
     which a bounding-box-to-cube resize would throw away.  ``crop="bbox"``
     gives the study's tight crop instead, with ``log_volume`` exposed to the
-    ensemble through the radiomics features.
+    ensemble through the radiomics features; ``crop="cube"`` the same tight
+    crop with isotropic voxels, so that the lesion keeps its shape.
     """
 
     size: int = 32
     fov_mm: float = 128.0
-    crop: Literal["fov", "bbox"] = "fov"
+    crop: Literal["fov", "bbox", "cube"] = "fov"
     margin_mm: float = 8.0
     hu_min: float = -200.0
     hu_max: float = 1500.0
@@ -82,11 +83,14 @@ class Preprocess3DConfig:
 class Preprocess2DConfig:
     """2D input: the ``n_slices`` axial slices with the largest tumour area.
 
-    Each slice's ROI bounding box (plus margin) is resized to ``size``x``size``;
-    the three channels are three HU windows (bone, soft tissue, wide).
+    Each slice's ROI bounding box (plus margin) is resized to ``size``x``size``
+    (``crop="square"``: a square around it with the box's longer side, so the
+    lesion keeps its shape); the three channels are three HU windows (bone,
+    soft tissue, wide).
     """
 
     size: int = 64
+    crop: Literal["bbox", "square"] = "bbox"
     n_slices: int = 3
     margin_mm: float = 8.0
     slice_weights: tuple[float, ...] = (0.4, 0.3, 0.3)

@@ -23,7 +23,12 @@ Conventions (documented because results depend on them):
   ``size``^3 grid (voxel edge ``fov_mm / size`` everywhere).  Lesions keep
   their absolute size.  Where the cube leaves the scan it is air (-1000 HU).
   **``bbox``**: the ROI's bounding box plus ``margin_mm`` on each side,
-  stretched to ``size``^3 (the study's crop; absolute size is lost).
+  stretched to ``size``^3 (the study's crop; absolute size is lost, and so is
+  elongation: an ellipsoid's box becomes a cube, the lesion a ball).
+  **``cube``**: a cube around the same centre whose edge is the box's longest
+  side plus ``margin_mm`` on each side: isotropic voxels, so the lesion keeps
+  its shape (elongation, lobulation) while filling the input along its
+  longest axis; absolute size is lost as with ``bbox``.
 * **Resampling** is trilinear after a Gaussian anti-aliasing filter when the
   output grid is coarser than the input (sigma = (factor - 1) / 2 voxels, the
   usual rule), on a sub-block around the output grid only, so a 512x512x400
@@ -109,7 +114,7 @@ def bounding_box(roi: np.ndarray) -> tuple[slice, ...]:
 
 
 def roi_box_mm(
-    mask: np.ndarray, affine: np.ndarray, crop: Literal["fov", "bbox"], fov_mm: float, margin_mm: float
+    mask: np.ndarray, affine: np.ndarray, crop: Literal["fov", "bbox", "cube"], fov_mm: float, margin_mm: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """World-space (RAS mm) box to sample: low and high corners, each of shape (3,).
 
@@ -128,7 +133,10 @@ def roi_box_mm(
         return centre - fov_mm / 2.0, centre + fov_mm / 2.0
     if crop == "bbox":
         return lo_w - margin_mm, hi_w + margin_mm
-    raise ValueError(f"crop must be 'fov' or 'bbox', got {crop!r}")
+    if crop == "cube":
+        centre, half = (lo_w + hi_w) / 2.0, float(np.max(hi_w - lo_w)) / 2.0 + margin_mm
+        return centre - half, centre + half
+    raise ValueError(f"crop must be 'fov', 'bbox' or 'cube', got {crop!r}")
 
 
 def box_coordinates(affine: np.ndarray, lo_mm: np.ndarray, hi_mm: np.ndarray, size: int) -> np.ndarray:
@@ -206,12 +214,22 @@ def select_slices(mask: np.ndarray, n_slices: int) -> np.ndarray:
 
 
 def slice_coordinates(
-    roi: np.ndarray, spacing_xy: tuple[float, float], margin_mm: float, size: int
+    roi: np.ndarray, spacing_xy: tuple[float, float], margin_mm: float, size: int, *, square: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Voxel coordinates (2, size, size) of a 2D slice's ROI box plus margin, and the grid step (voxels)."""
+    """Voxel coordinates (2, size, size) of a 2D slice's ROI box plus margin, and the grid step (voxels).
+
+    ``square``: a square in millimetres around the box's centre, edge the box's longer side plus
+    the margins, so the lesion keeps its in-plane shape instead of being stretched to the square.
+    """
     box = bounding_box(roi)
-    lo = np.array([box[a].start - 0.5 - margin_mm / spacing_xy[a] for a in range(2)])
-    hi = np.array([box[a].stop - 0.5 + margin_mm / spacing_xy[a] for a in range(2)])
+    sp = np.asarray(spacing_xy, dtype=np.float64)
+    lo = np.array([box[a].start - 0.5 for a in range(2)], dtype=np.float64)
+    hi = np.array([box[a].stop - 0.5 for a in range(2)], dtype=np.float64)
+    if square:
+        centre, half_mm = (lo + hi) / 2.0, float(np.max((hi - lo) * sp)) / 2.0 + margin_mm
+        lo, hi = centre - half_mm / sp, centre + half_mm / sp
+    else:
+        lo, hi = lo - margin_mm / sp, hi + margin_mm / sp
     step = (hi - lo) / size
     grid = [lo[a] + (np.arange(size) + 0.5) * step[a] for a in range(2)]
     gx, gy = np.meshgrid(grid[0], grid[1], indexing="ij")
@@ -259,7 +277,7 @@ class CropResampled(MapTransform):
 
 
 class AxialSlicesd(MapTransform):
-    """Pick the largest axial ROI slices and stretch each ROI box to ``size``^2.
+    """Pick the largest axial ROI slices and resample each ROI box (``crop``: stretched or square) to ``size``^2.
 
     ``image`` becomes (n, 1, s, s) HU, the mask (n, 1, s, s) in {0, 1};
     the chosen slice indices (RAS z) are stored under ``slice_indices``.
@@ -277,7 +295,11 @@ class AxialSlicesd(MapTransform):
         chosen = select_slices(mask, self.cfg.n_slices)
         grids = [
             slice_coordinates(
-                mask[:, :, z], (float(spacing[0]), float(spacing[1])), self.cfg.margin_mm, self.cfg.size
+                mask[:, :, z],
+                (float(spacing[0]), float(spacing[1])),
+                self.cfg.margin_mm,
+                self.cfg.size,
+                square=self.cfg.crop == "square",
             )
             for z in chosen
         ]

@@ -26,8 +26,7 @@ from typing import Any
 
 from common.config import ExperimentConfig, to_dict
 
-from .progress import PROGRESS_NAME
-from .summary import SUMMARY_NAME
+from .runfiles import PROGRESS_NAME, SUMMARY_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_NAME = "launch.json"

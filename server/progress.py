@@ -17,11 +17,11 @@ from typing import Any
 
 from common.config import ExperimentConfig
 
+from .runfiles import PROGRESS_NAME
 from .session import FoldSession, RoundLog
 
 log = logging.getLogger(__name__)
 
-PROGRESS_NAME = "progress.log"
 TENSORBOARD_DIR = "tensorboard"
 
 

@@ -22,10 +22,10 @@ from common.protocol import histograms_to_arrays
 
 from .meteredgrid import MeteredGrid
 from .registry import SiteRegistry
+from .runfiles import SUMMARY_NAME
 
 log = logging.getLogger(__name__)
 
-SUMMARY_NAME = "summary.json"
 
 
 class SummaryWriter:

@@ -18,7 +18,8 @@ from flwr.app import Message
 
 from common.config import SiteConfig, load_config, with_sites
 from server.launch import follow
-from server.progress import PROGRESS_NAME, TENSORBOARD_DIR
+from server.progress import TENSORBOARD_DIR
+from server.runfiles import PROGRESS_NAME
 from server.runner import PlanRunner
 
 from .inprocess import InProcessGrid
