@@ -22,7 +22,7 @@ from common.config import SiteConfig, load_config, with_sites
 from common.dataset import FEATURE_NAMES
 from common.models import build_model
 from common.protocol import MRMC, STATS
-from common.records import ModelCodec
+from common.records import ModelCodec, arrays_from_record
 from common.sitedata import iter_cases
 from common.splits import load_splits
 from server.runner import PlanRunner
@@ -97,8 +97,8 @@ def test_no_reply_in_a_full_run_holds_per_patient_data(tiny_cohort: Path, tmp_pa
     for msg in grid.replies:
         where = f"{msg.metadata.message_type} reply from node {msg.metadata.src_node_id}"
         for rname, rec in msg.content.array_records.items():
-            for key, arr in rec.items():
-                n = arr.numpy().size
+            for key, arr in arrays_from_record(rec).items():  # a packed record's arrays, as the receiver reads them
+                n = arr.size
                 assert n in allowed, f"{where}: array {rname}/{key} of size {n} is not a protocol size"
                 assert n == 1 or n not in counts, (
                     f"{where}: array {rname}/{key} has a patient count's length {n}"
@@ -126,10 +126,10 @@ def _histograms(msg: Message) -> dict[str, dict[str, np.ndarray]]:
     for rname, rec in msg.content.array_records.items():
         if rname not in (STATS, MRMC):  # grid statistics, and the per-reader ones of the reader study
             continue
-        for key, arr in rec.items():
+        for key, arr in arrays_from_record(rec).items():
             prefix, _, field = key.rpartition("/")
             if field in ("neg", "pos", "neg_sum", "pos_sum", "neg_sq", "pos_sq"):
-                out.setdefault(f"{rname}:{prefix}", {})[field] = arr.numpy()
+                out.setdefault(f"{rname}:{prefix}", {})[field] = arr
     return out
 
 
