@@ -89,6 +89,7 @@ def split_args(argv: Sequence[str]) -> tuple[float, list[str]]:
 def main(argv: Sequence[str] | None = None) -> int:
     poll_s, rest = split_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise (REST fleet API)
     from flwr.supercore.logger import update_console_handler
     from flwr.supernode.cli import flower_supernode
 
