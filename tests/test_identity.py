@@ -164,6 +164,31 @@ def test_discovery_admits_each_enrolled_hospital_under_its_name_only(
 
 
 @pytest.mark.usefixtures("task_identity")
+def test_only_a_sites_own_node_can_report_it_unavailable(
+    keys: dict[str, Path], tiny_cohort: Path, sites_out: Path, tmp_path: Path
+) -> None:
+    registry = tmp_path / "enrolment.json"
+    Enrolment({s: key_fingerprint(keys[s].read_bytes()) for s in SITES}).save(registry)
+    grid = KeyedGrid(
+        {s: tiny_cohort / s for s in SITES[:2]},
+        sites_out,
+        node_keys={100 + i: flower_form(keys[s]) for i, s in enumerate(SITES[:2])},
+    )
+    # centre3's own node, in report-only mode (its data failed validation): recorded, with its reason
+    grid.add_node(102, claims="centre3", data_of="centre2", key=flower_form(keys["centre3"]))
+    grid.node_config[102]["unavailable"] = "no valid case"
+    # a node with centre3's key saying centre1 is unavailable: refused, centre1 is not marked down
+    grid.add_node(98, claims="centre1", data_of="centre2", key=flower_form(keys["centre3"]))
+    grid.node_config[98]["unavailable"] = "disk failure"
+    gate = SiteGate(registry)
+    runner = PlanRunner(grid, _cfg(), tmp_path / "run", "id3", gate=gate)
+    sites = runner.discover(expected=4, wait_s=0)
+    assert {n: s.site for n, s in sites.items()} == {100: "centre1", 101: "centre2"}
+    assert runner.registry.unavailable == {"centre3": "no valid case"}
+    assert [(r["node"], r["claimed_site"]) for r in gate.refused] == [(98, "centre1")]
+
+
+@pytest.mark.usefixtures("task_identity")
 def test_a_node_claiming_a_connected_site_after_discovery_does_not_replace_it(
     tiny_cohort: Path, sites_out: Path, tmp_path: Path
 ) -> None:
