@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import types
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,11 +31,10 @@ CHECKED_FLWR = ("1.42.",)  # versions whose SuperNode loop was read: its only sl
 DEFAULT_POLL_S = 0.2
 
 
-class PollingClock(types.SimpleNamespace):
+class PollingClock:
     """The ``time`` module, except that ``sleep`` waits at most ``poll_s`` seconds."""
 
     def __init__(self, poll_s: float) -> None:
-        super().__init__()
         if not poll_s > 0:
             raise ValueError(f"poll interval must be > 0 s, got {poll_s}")
         self.poll_s = poll_s

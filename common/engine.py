@@ -439,9 +439,7 @@ def fit_select(
         auc = binary_metrics(labels, predict(model, arrays, val_idx, kind, cfg)).auc
         auc = -1.0 if np.isnan(auc) else float(auc)
         aucs.append(auc)
-        if e + 1 == min(first_epoch, epochs):  # the first candidate: earlier epochs are out
-            best_auc = -np.inf
-        if auc > best_auc:
+        if e + 1 >= min(first_epoch, epochs) and auc > best_auc:  # earlier epochs do not compete
             best_auc, best_epoch = auc, e + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return Selection(best_epoch=best_epoch, val_aucs=tuple(aucs), state=best_state, seconds=time.perf_counter() - t0)

@@ -120,7 +120,7 @@ def arrays_record(arrays: Mapping[str, np.ndarray], *, pack: bool = True) -> Arr
     parts: dict[str, list[np.ndarray]] = {}
     for name, value in arrays.items():
         a = np.ascontiguousarray(value)
-        dt = a.dtype.newbyteorder("<").str if a.dtype.byteorder == "=" else a.dtype.str
+        dt = a.dtype.str  # e.g. '<f8'; a big-endian array is refused below
         if dt not in PACKABLE_DTYPES:
             raise RecordError(f"array {name!r}: dtype {a.dtype} does not travel")
         index.append([str(name), dt, [int(n) for n in a.shape]])

@@ -113,6 +113,15 @@ def bounding_box(roi: np.ndarray) -> tuple[slice, ...]:
     return tuple(slice(int(i.min()), int(i.max()) + 1) for i in idx)
 
 
+def square_box(lo: np.ndarray, hi: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """A box with every side equal to ``[lo, hi]``'s longest side plus ``margin`` on each end, same centre.
+
+    Shared by the 3D ``cube`` crop and the 2D ``square`` slices (both in millimetres).
+    """
+    centre, half = (lo + hi) / 2.0, float(np.max(hi - lo)) / 2.0 + margin
+    return centre - half, centre + half
+
+
 def roi_box_mm(
     mask: np.ndarray, affine: np.ndarray, crop: Literal["fov", "bbox", "cube"], fov_mm: float, margin_mm: float
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -134,8 +143,7 @@ def roi_box_mm(
     if crop == "bbox":
         return lo_w - margin_mm, hi_w + margin_mm
     if crop == "cube":
-        centre, half = (lo_w + hi_w) / 2.0, float(np.max(hi_w - lo_w)) / 2.0 + margin_mm
-        return centre - half, centre + half
+        return square_box(lo_w, hi_w, margin_mm)
     raise ValueError(f"crop must be 'fov', 'bbox' or 'cube', got {crop!r}")
 
 
@@ -225,9 +233,9 @@ def slice_coordinates(
     sp = np.asarray(spacing_xy, dtype=np.float64)
     lo = np.array([box[a].start - 0.5 for a in range(2)], dtype=np.float64)
     hi = np.array([box[a].stop - 0.5 for a in range(2)], dtype=np.float64)
-    if square:
-        centre, half_mm = (lo + hi) / 2.0, float(np.max((hi - lo) * sp)) / 2.0 + margin_mm
-        lo, hi = centre - half_mm / sp, centre + half_mm / sp
+    if square:  # in millimetres, then back to this slice's voxel units
+        lo_mm, hi_mm = square_box(lo * sp, hi * sp, margin_mm)
+        lo, hi = lo_mm / sp, hi_mm / sp
     else:
         lo, hi = lo - margin_mm / sp, hi + margin_mm / sp
     step = (hi - lo) / size

@@ -78,11 +78,6 @@ class Messenger:
         self.rejected.setdefault(site, []).append(f"{step}: {reason}")
         log.warning("%s: %s reply rejected: %s", site, step, reason)
 
-    def _may_speak_for(self, node: int, site: str) -> bool:
-        """Whether an unidentified node's claim to be ``site`` holds (``server/identity.py``)."""
-        held = {s.site: s.node_id for s in self.registry.sites.values()}
-        return bool(self.registry.gate.admit(self.grid, [(node, site, None)], held=held))
-
     def send(
         self,
         nodes: Iterable[int],
@@ -113,7 +108,7 @@ class Messenger:
             if status is not None and node not in self.registry.sites:  # discovery: the reply says who it is
                 site = status.site or site
             if status is not None and not status.ok:
-                if node not in self.registry.sites and not self._may_speak_for(node, site):
+                if node not in self.registry.sites and not self.registry.claim_holds(self.grid, node, site):
                     continue  # a node reports only its own site unavailable (refusal logged by the gate)
                 log.warning("%s: %s unavailable: %s", site, spec.type, status.reason)
                 self.registry.unavailable.setdefault(site, status.reason)

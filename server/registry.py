@@ -22,6 +22,8 @@ from common.protocol import ROLE_TRAIN, SITEINFO, Empty, SiteInfoReply
 from .identity import SiteGate
 
 if TYPE_CHECKING:
+    from flwr.serverapp import Grid
+
     from .messenger import Messenger
 
 log = logging.getLogger(__name__)
@@ -97,12 +99,20 @@ class SiteRegistry:
             )
         return self.sites
 
+    def held(self) -> dict[str, int]:
+        """Site -> the node identified as it."""
+        return {s.site: s.node_id for s in self.sites.values()}
+
+    def claim_holds(self, grid: Grid, node: int, site: str) -> bool:
+        """Whether ``node`` may speak for ``site`` (enrolled key, site not held by another node online)."""
+        return bool(self.gate.admit(grid, [(node, site, None)], held=self.held()))
+
     def _siteinfo(
         self, messenger: Messenger, nodes: list[int], timeout: float | None = None
     ) -> list[tuple[int, str, SiteInfoReply]]:
         """(node, site, patient counts) of the nodes that answered ``siteinfo``, by site name."""
         found = [(a.node, a.site, a.body) for a in messenger.send(nodes, SITEINFO, Empty(), timeout=timeout)]
-        found = self.gate.admit(messenger.grid, found, held={s.site: s.node_id for s in self.sites.values()})
+        found = self.gate.admit(messenger.grid, found, held=self.held())
         return sorted(found, key=lambda t: t[1])
 
     def rejoin(self, messenger: Messenger) -> dict[int, str]:

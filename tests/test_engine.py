@@ -14,7 +14,7 @@ from torch import nn
 
 from common.config import ModelConfig, load_config
 from common.dataset import FEATURE_NAMES, SiteArrays
-from common.engine import Schedule, diagnose, predict, train
+from common.engine import Schedule, diagnose, fit_select, predict, train
 from common.metrics import binary_metrics
 from common.models import IMAGENET_FILE, PretrainedWeightsError, build_model, load_imagenet_weights
 
@@ -177,3 +177,21 @@ def test_training_accepts_numpy_index_arrays() -> None:
     model = build_model("densenet3d", cfg.models.densenet3d)
     res = train(model, arrays, np.arange(12), "densenet3d", cfg, epochs=1, schedule=Schedule(0, 1), seed=0)
     assert res.n_patients == 12
+
+
+def test_fit_select_keeps_the_best_epoch_inside_the_selection_window() -> None:
+    arrays, cfg = tiny_arrays(32), tiny_cfg()
+
+    def run(first_epoch: int):  # type: ignore[no-untyped-def]
+        torch.manual_seed(0)
+        model = build_model("densenet3d", cfg.models.densenet3d)
+        sel = fit_select(model, arrays, range(20), range(20, 32), "densenet3d", cfg, epochs=3, seed=0, first_epoch=first_epoch)
+        return sel, model
+
+    every, _ = run(1)
+    window, model = run(3)
+    assert every.val_aucs == window.val_aucs  # the same training; only the choice differs
+    assert every.best_epoch == 1 + int(np.argmax(every.val_aucs))  # earliest on ties
+    assert window.best_epoch == 3  # epochs 1-2 do not compete
+    for k, v in model.state_dict().items():  # the kept weights are epoch 3's, the last trained
+        assert torch.equal(window.state[k], v), k

@@ -137,16 +137,21 @@ def test_fov_crop_keeps_absolute_size_and_bbox_does_not() -> None:
     assert big / small < 3.0  # the study's crop stretches every lesion to the cube
 
 
+def ellipsoid_volume(spacing: tuple[float, float, float]) -> Volume:
+    """A 400 HU ellipsoid with semi-axes 24, 12, 12 mm (2:1:1, long along R) on the grid of ``sphere_volume``."""
+    vol = sphere_volume(10.0, spacing)
+    r, a, s = np.meshgrid(*[(np.arange(n) + 0.5) * sp for n, sp in zip(vol.mask.shape, spacing, strict=True)], indexing="ij")
+    inside = (((r - 48) / 24) ** 2 + ((a - 52) / 12) ** 2 + ((s - 44) / 12) ** 2 <= 1).astype(np.uint8)
+    return Volume(np.where(inside > 0, 400.0, 40.0).astype(np.float32), inside, vol.affine, vol.spacing)
+
+
 def _extents(mask: np.ndarray) -> np.ndarray:
     idx = np.nonzero(mask[0] if mask.ndim == 4 else mask)
     return np.array([i.max() - i.min() + 1 for i in idx], dtype=float)
 
 
 def test_cube_crop_keeps_an_elongated_lesion_elongated_and_bbox_does_not() -> None:
-    vol = sphere_volume(10.0, (1.0, 1.0, 2.0))
-    r, a, s = np.meshgrid(*[(np.arange(n) + 0.5) * sp for n, sp in zip(vol.mask.shape, vol.spacing, strict=True)], indexing="ij")
-    ellipsoid = (((r - 48) / 24) ** 2 + ((a - 52) / 12) ** 2 + ((s - 44) / 12) ** 2 <= 1).astype(np.uint8)  # 2:1:1
-    lesion = Volume(np.where(ellipsoid > 0, 400.0, 40.0).astype(np.float32), ellipsoid, vol.affine, vol.spacing)
+    lesion = ellipsoid_volume((1.0, 1.0, 2.0))
     cube = _extents(_run(deterministic_3d(Preprocess3DConfig(size=32, crop="cube", margin_mm=4.0)), lesion)["mask"])
     bbox = _extents(_run(deterministic_3d(Preprocess3DConfig(size=32, crop="bbox", margin_mm=4.0)), lesion)["mask"])
     assert cube[0] / cube[1] == pytest.approx(2.0, rel=0.15) and cube[1] == pytest.approx(cube[2], rel=0.15)
@@ -155,10 +160,7 @@ def test_cube_crop_keeps_an_elongated_lesion_elongated_and_bbox_does_not() -> No
 
 
 def test_square_slices_keep_an_elongated_lesion_elongated_on_anisotropic_pixels() -> None:
-    vol = sphere_volume(10.0, (0.8, 1.25, 2.0))
-    r, a, s = np.meshgrid(*[(np.arange(n) + 0.5) * sp for n, sp in zip(vol.mask.shape, vol.spacing, strict=True)], indexing="ij")
-    ellipsoid = (((r - 48) / 24) ** 2 + ((a - 52) / 12) ** 2 + ((s - 44) / 12) ** 2 <= 1).astype(np.uint8)  # 2:1 in plane
-    lesion = Volume(np.where(ellipsoid > 0, 400.0, 40.0).astype(np.float32), ellipsoid, vol.affine, vol.spacing)
+    lesion = ellipsoid_volume((0.8, 1.25, 2.0))
     square = _run(deterministic_2d(Preprocess2DConfig(size=32, crop="square", margin_mm=4.0)), lesion)["mask"]
     stretched = _run(deterministic_2d(Preprocess2DConfig(size=32, margin_mm=4.0)), lesion)["mask"]
     sq, st = _extents(np.asarray(square)[0, 0]), _extents(np.asarray(stretched)[0, 0])
