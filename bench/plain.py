@@ -64,13 +64,16 @@ def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> d
             codec = ModelCodec.for_state_dict(model.state_dict())
             global_vec = codec.pack(model.state_dict())
             history: list[dict[str, Any]] = []
+            opt_states: dict[int, Any] = {}  # each site's optimiser between rounds (client.optimstore)
             for rnd in range(1, total + 1):
                 t_round = time.perf_counter()
                 vectors, weights = [], []
-                for arrays, folds, pos in sites:
+                for i, (arrays, folds, pos) in enumerate(sites):
                     model.load_state_dict({**model.state_dict(), **codec.unpack(global_vec)})
                     idx = [pos[p] for p in folds[fold].train]
-                    res = local_round(model, arrays, idx, kind, cfg, fold=fold, rnd=rnd, total_rounds=total)
+                    state = opt_states.get(i)
+                    res = local_round(model, arrays, idx, kind, cfg, fold=fold, rnd=rnd, total_rounds=total, optimizer_state=state)
+                    opt_states[i] = res.optimizer_state
                     vectors.append(codec.pack(model.state_dict()))
                     weights.append(res.n_patients)
                 global_vec = weighted_mean(vectors, weights)

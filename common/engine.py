@@ -30,9 +30,9 @@ import math
 import random
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,6 +51,10 @@ from .privacy import PrivacyLedger, finish, make_private
 log = logging.getLogger(__name__)
 
 
+class OptimizerStateError(ValueError):
+    """A saved optimiser state that does not fit the model being trained (the caller starts afresh)."""
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """What one call to :func:`train` did (aggregate numbers only)."""
@@ -62,6 +66,9 @@ class TrainResult:
     seconds: float
     lr_last: float
     epsilon: float | None = None
+    # The optimiser's state after training (``train.keep_optimizer_state``): the caller keeps it for
+    # the next call; it stays where the training ran (a site's own folder), never on the wire.
+    optimizer_state: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -208,6 +215,7 @@ def train(
     desc: str = "train",
     privacy: PrivacyLedger | None = None,
     wait: DataWait | None = None,
+    optimizer_state: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on the patients ``indices`` for ``epochs`` epochs.
 
@@ -217,7 +225,15 @@ def train(
     ``cfg.dp.enabled`` and a ``privacy`` ledger, DP-SGD (Opacus) runs and the
     epsilon spent so far is returned.  Runs where ``cfg.train.device``
     resolves; ``model`` is handed back on its own device.
+
+    With ``cfg.train.keep_optimizer_state``, Adam resumes from
+    ``optimizer_state`` (the previous call's ``TrainResult.optimizer_state``)
+    instead of starting afresh: a fresh Adam's first steps are full-size
+    sign-like steps, which every round of a federation (and every epoch of
+    :func:`fit_select`) would otherwise repeat.  A state that does not fit
+    the model raises :class:`OptimizerStateError`.
     """
+    keep = cfg.train.keep_optimizer_state
     rt = for_config(cfg)
     dev = rt.torch_device
     seed_everything(seed)
@@ -229,6 +245,8 @@ def train(
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     with placed(model, dev):
         opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        if keep and optimizer_state is not None:
+            load_optimizer_state(opt, optimizer_state)
         anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
         net: nn.Module = model
         engine = None
@@ -283,7 +301,38 @@ def train(
         seconds=time.perf_counter() - t0,
         lr_last=lr,
         epsilon=epsilon,
+        optimizer_state=_detached(opt.state_dict()) if keep else None,
     )
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Resume ``opt`` from ``state``; :class:`OptimizerStateError` when it does not fit its parameters.
+
+    The moments are copied (torch would alias the caller's tensors and update
+    them in place) and moved to each parameter's device.  The learning rate is
+    the schedule's, set before every step, so the saved one does not matter.
+    """
+    try:
+        opt.load_state_dict(_detached(dict(state)))
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise OptimizerStateError(f"the saved optimiser state does not fit this model: {exc}") from exc
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and key != "step" and value.shape != p.shape:
+                    raise OptimizerStateError(
+                        f"the saved optimiser state does not fit this model: {key} of shape "
+                        f"{tuple(value.shape)} for a parameter of shape {tuple(p.shape)}"
+                    )
+
+
+def _detached(state: dict[str, Any]) -> dict[str, Any]:
+    """A CPU copy of an optimiser's ``state_dict`` (the live one aliases its tensors)."""
+    moments = {
+        i: {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+        for i, s in state["state"].items()
+    }
+    return {"state": moments, "param_groups": [dict(g) for g in state["param_groups"]]}
 
 
 def _augment_generator(seed: int, epoch: int) -> torch.Generator:
@@ -434,8 +483,20 @@ def fit_select(
     aucs: list[float] = []
     best_state: dict[str, torch.Tensor] = {}
     best_auc, best_epoch = -np.inf, 0
+    opt_state: dict[str, Any] | None = None  # carried across epochs as a site carries it across rounds
     for e in range(epochs):
-        train(model, arrays, train_idx, kind, cfg, epochs=1, schedule=Schedule(e, epochs), seed=seed * 1000 + e, desc=f"{desc} e{e + 1}")
+        opt_state = train(
+            model,
+            arrays,
+            train_idx,
+            kind,
+            cfg,
+            epochs=1,
+            schedule=Schedule(e, epochs),
+            seed=seed * 1000 + e,
+            desc=f"{desc} e{e + 1}",
+            optimizer_state=opt_state,
+        ).optimizer_state
         auc = binary_metrics(labels, predict(model, arrays, val_idx, kind, cfg)).auc
         auc = -1.0 if np.isnan(auc) else float(auc)
         aucs.append(auc)

@@ -1,0 +1,55 @@
+"""A site's optimiser state between rounds, kept in its own run folder.
+
+Each round's training runs in a fresh ClientApp process (deployment) or a
+Ray worker (simulation), so Adam's moments survive from round r to round
+r+1 only on disk.  They are the site's alone: derived from its patients'
+gradients, they never leave the folder (the wire carries model weights and
+aggregate statistics only).  A missing, unreadable or ill-fitting file means
+a fresh optimiser, logged, never a failed round.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class OptimizerStore:
+    """The optimiser state of one model and fold at one site, tagged with the round that wrote it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self, rnd: int) -> dict[str, Any] | None:
+        """The state written by an earlier round than ``rnd``, or ``None`` (start afresh)."""
+        if not self.path.is_file():
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            written, state = int(saved["round"]), saved["state"]
+            if not isinstance(state, dict):
+                raise TypeError(f"state is a {type(state).__name__}, not a dict")
+        except Exception as exc:  # a torn or foreign file must not fail the round
+            log.warning(
+                "%s: unreadable optimiser state (%s): this round starts a fresh optimiser", self.path, exc
+            )
+            return None
+        if written >= rnd:  # a repeated round (the server retried it): do not resume from its own end
+            log.info("%s: written by round %d, not before round %d: fresh optimiser", self.path, written, rnd)
+            return None
+        return state
+
+    def save(self, rnd: int, state: dict[str, Any] | None) -> None:
+        """Replace the file atomically (a crash mid-write leaves the previous round's state)."""
+        if state is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+        torch.save({"round": rnd, "state": state}, tmp)
+        os.replace(tmp, self.path)
