@@ -8,15 +8,46 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+EPHEMERAL_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+
+def ephemeral_range(path: Path = EPHEMERAL_RANGE_FILE) -> tuple[int, int]:
+    """The kernel's range for outgoing connections' source ports (Linux default where unreadable)."""
+    try:
+        lo, hi = (int(v) for v in path.read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return (lo, hi) if 0 < lo <= hi <= 65535 else (32768, 60999)
+
+
+def free_port(rng: random.Random | None = None) -> int:
+    """A loopback TCP port free now, chosen outside the kernel's ephemeral range.
+
+    A port from ``bind(0)`` comes from the ephemeral range, where any outgoing
+    connection (a SuperNode's, Ray's) may take it before our process binds it:
+    seen once as "127.0.0.1:35903 is in use" when a benchmark's proxy started.
+    Outside that range only another listener can take it.
+    """
+    rng = rng or random.SystemRandom()
+    lo, hi = ephemeral_range()
+    candidates = [r for r in ((10000, lo - 1), (hi + 1, 65535)) if r[1] - r[0] >= 100]
+    for _ in range(100 if candidates else 0):
+        a, b = rng.choice(candidates)
+        port = rng.randint(a, b)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # every range taken: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
