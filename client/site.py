@@ -25,7 +25,7 @@ from common.config import ExperimentConfig
 from common.dataset import SiteArrays, preprocess_site
 from common.delong import PlacementSums, delong_step2_site
 from common.device import for_config
-from common.engine import OptimizerStateError, TrainResult, diagnose, predict, set_threads
+from common.engine import diagnose, predict, set_threads
 from common.ensemble import combine
 from common.environment import environment
 from common.foldcalibration import apply_platt, check_platt
@@ -175,36 +175,7 @@ class SiteRunner:
         idx = self._index(self.folds[fold].train)
         store = OptimizerStore(self.run_dir / "state" / f"{kind}_fold{fold}_optimizer.pt")
         state = store.load(rnd) if self.cfg.train.keep_optimizer_state else None
-        try:
-            res = self._local_round(model, kind, fold, idx, rnd, total_rounds, proximal_mu, state)
-        except OptimizerStateError as exc:
-            log.warning("%s %s fold %d round %d: %s: fresh optimiser", self.ctx.name, kind, fold, rnd, exc)
-            model = self.load_model(kind, fold, flat, rnd - 1)
-            res = self._local_round(model, kind, fold, idx, rnd, total_rounds, proximal_mu, None)
-        store.save(rnd, res.optimizer_state)
-        self._save_local(model, kind, fold, rnd)
-        return TrainReply(
-            weights=self.codec(kind).pack(model.state_dict()),
-            num_examples=res.n_patients,
-            loss=res.loss,
-            seconds=res.seconds,
-            steps=res.steps,
-            lr=res.lr_last,
-            epsilon=res.epsilon,
-        )
-
-    def _local_round(
-        self,
-        model: torch.nn.Module,
-        kind: ModelKind,
-        fold: int,
-        idx: list[int],
-        rnd: int,
-        total_rounds: int,
-        proximal_mu: float,
-        optimizer_state: dict[str, Any] | None,
-    ) -> TrainResult:
-        return local_round(
+        res = local_round(
             model,
             self.arrays,
             idx,
@@ -216,7 +187,18 @@ class SiteRunner:
             proximal_mu=proximal_mu,
             desc=f"{self.ctx.name} {kind} f{fold} r{rnd}",
             privacy=PrivacyLedger(self.run_dir / "state" / f"dp_{kind}_fold{fold}.json") if self.cfg.dp.enabled else None,
-            optimizer_state=optimizer_state,
+            optimizer_state=state,
+        )
+        store.save(rnd, res.optimizer_state)
+        self._save_local(model, kind, fold, rnd)
+        return TrainReply(
+            weights=self.codec(kind).pack(model.state_dict()),
+            num_examples=res.n_patients,
+            loss=res.loss,
+            seconds=res.seconds,
+            steps=res.steps,
+            lr=res.lr_last,
+            epsilon=res.epsilon,
         )
 
     def validate_round(self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int) -> ClassHistogram:

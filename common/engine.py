@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 
 class OptimizerStateError(ValueError):
-    """A saved optimiser state that does not fit the model being trained (the caller starts afresh)."""
+    """A saved optimiser state that does not fit the model being trained."""
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,8 @@ def train(
     instead of starting afresh: a fresh Adam's first steps are full-size
     sign-like steps, which every round of a federation (and every epoch of
     :func:`fit_select`) would otherwise repeat.  A state that does not fit
-    the model raises :class:`OptimizerStateError`.
+    the model (another network, another version) is logged and training
+    starts from a fresh Adam: a stale file never fails a round.
     """
     keep = cfg.train.keep_optimizer_state
     rt = for_config(cfg)
@@ -246,7 +247,11 @@ def train(
     with placed(model, dev):
         opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         if keep and optimizer_state is not None:
-            load_optimizer_state(opt, optimizer_state)
+            try:
+                load_optimizer_state(opt, optimizer_state)
+            except OptimizerStateError as exc:  # before any step: the model is as it came in
+                log.warning("%s: %s: fresh optimiser", desc, exc)
+                opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
         net: nn.Module = model
         engine = None
