@@ -37,6 +37,7 @@ import torch
 from scipy import ndimage
 from torch.utils.data import Dataset
 
+from common import models
 from common.config import AugmentConfig, PreprocessConfig, to_dict
 from common.sitedata import (
     MANIFEST,
@@ -570,7 +571,7 @@ class PatientDataset(Dataset[dict[str, Any]]):
         if kind not in ("3d", "2d") or mode not in ("train", "eval"):
             raise ValueError(f"kind must be '3d' or '2d' and mode 'train' or 'eval', got {kind!r}, {mode!r}")
         channels = int(arrays.vol3d.shape[1] if kind == "3d" else arrays.slices2d.shape[2])
-        expected = (1 if kind == "3d" else 3) + int(mask_channel)
+        expected = models.in_channels("densenet3d" if kind == "3d" else "densenet2d", mask_channel)
         if len(arrays) and channels != expected:
             raise ValueError(
                 f"site {arrays.site!r}: {kind} inputs have {channels} channel(s), the config expects {expected} "
