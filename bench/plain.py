@@ -59,7 +59,7 @@ def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> d
     kinds: list[ModelKind] = [k for k in ("densenet3d", "densenet2d") if getattr(cfg.models, k).enabled]  # type: ignore[misc]
     for kind in kinds:
         for fold in cfg.active_folds:
-            seed_everything(cfg.seed)
+            seed_everything(cfg.train.seed)
             model = build_model(kind, getattr(cfg.models, kind), mask_channel=cfg.preprocess.mask_channel)
             codec = ModelCodec.for_state_dict(model.state_dict())
             global_vec = codec.pack(model.state_dict())

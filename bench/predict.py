@@ -46,7 +46,7 @@ def timing_run(run_dir: Path) -> Path:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     store = CheckpointStore(run_dir / "checkpoints", cfg.digest())
     for kind in ("densenet3d", "densenet2d"):
-        seed_everything(cfg.seed)
+        seed_everything(cfg.train.seed)
         state = build_model(
             kind, getattr(cfg.models, kind), mask_channel=cfg.preprocess.mask_channel
         ).state_dict()  # type: ignore[arg-type]

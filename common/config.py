@@ -167,6 +167,9 @@ class TrainConfig:
     keep_optimizer_state: bool = True
     threads: int = 1
     num_workers: int = 0
+    # The training randomness: the initial model, shuffling and augmentation draws of every round.
+    # The patient splits follow the top-level ``seed``, so a new ``train.seed`` retrains on the same
+    # folds (the spread it gives is the run-to-run noise of a recipe).
     seed: int = 0
     # Where the engine runs (common/device.py): auto = the first CUDA device when there is one.
     device: str = "auto"
@@ -249,7 +252,7 @@ class ExperimentConfig:
     """Everything one run needs; parsed once, passed everywhere."""
 
     name: str = "custom"
-    seed: int = 0
+    seed: int = 0  # the patient-level splits (``train.seed``: the training randomness)
     plan: Plan = "federated"
     folds: int = 5
     run_folds: tuple[int, ...] = ()

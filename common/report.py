@@ -384,7 +384,10 @@ def header_section(summary: Mapping[str, Any], run_dir: Path, grid_bins: int | N
     if isinstance(summary.get("devices"), dict) and summary["devices"]:
         facts.insert(4, ("devices (as each site reported)", _devices(summary["devices"])))
     if "seed" in summary:
-        facts.insert(3, ("seed", summary.get("seed")))
+        seed = summary.get("seed")
+        if "train_seed" in summary:  # the splits' seed and the training's (``train.seed``)
+            seed = f"splits {seed}, training {summary.get('train_seed')}"
+        facts.insert(3, ("seed", seed))
     facts += _environment_facts(summary.get("environment"))
     b.add(Table("run", "Run", "What was run, where and when.", ("item", "value"), tuple(facts)))
     sites = summary.get("sites", {})

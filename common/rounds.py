@@ -48,6 +48,6 @@ def local_round(
         cfg,
         epochs=le,
         schedule=round_schedule(rnd, le, total_rounds),
-        seed=round_seed(cfg.seed, fold, rnd),
+        seed=round_seed(cfg.train.seed, fold, rnd),
         **kwargs,
     )

@@ -133,6 +133,7 @@ class SummaryWriter:
             "config": self.cfg.name,
             "config_digest": self.cfg.digest(),
             "seed": self.cfg.seed,
+            "train_seed": self.cfg.train.seed,
             "environment": {
                 "server": environment(),
                 "sites": {s.site: s.environment for s in sorted(sites.values(), key=lambda s: s.site)},

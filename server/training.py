@@ -86,7 +86,7 @@ class FoldTrainer:
 
     def initial_vector(self, kind: ModelKind) -> np.ndarray:
         """The round-0 global model: the factory's initialisation under the run's seed."""
-        seed_everything(self.cfg.seed)
+        seed_everything(self.cfg.train.seed)
         model = build_model(
             kind, getattr(self.cfg.models, kind), mask_channel=self.cfg.preprocess.mask_channel
         )

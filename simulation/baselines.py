@@ -97,9 +97,9 @@ def evaluate_setting(
                     ext_probs.append(radiomics.predict(lr, ext, range(len(ext))))
             else:
                 kind: ModelKind = name  # type: ignore[assignment]
-                seed_everything(cfg.seed)
+                seed_everything(cfg.train.seed)
                 model = build_model(kind, getattr(cfg.models, kind), mask_channel=cfg.preprocess.mask_channel)
-                sel = fit_select(model, pool, idx["train"], idx["val"], kind, cfg, epochs=epochs, seed=cfg.seed + k, desc=f"{pool.site} {kind} f{k}", first_epoch=first_epoch)
+                sel = fit_select(model, pool, idx["train"], idx["val"], kind, cfg, epochs=epochs, seed=cfg.train.seed + k, desc=f"{pool.site} {kind} f{k}", first_epoch=first_epoch)
                 model.load_state_dict(sel.state)
                 y_val = pool.labels[idx["val"]]
                 p_val = predict(model, pool, idx["val"], kind, cfg)

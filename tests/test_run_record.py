@@ -126,7 +126,8 @@ def test_same_config_and_seed_give_identical_results_whatever_order_sites_answer
             assert np.array_equal(za["weights"], zb["weights"])
     # and the summary says what the numbers depend on
     env = a["environment"]
-    assert a["seed"] == _cfg().seed and a["config_digest"] == _cfg().digest()
+    assert a["seed"] == _cfg().seed and a["train_seed"] == _cfg().train.seed
+    assert a["config_digest"] == _cfg().digest()
     for party in (env["server"], *env["sites"].values()):
         assert {
             "cpu",
@@ -158,6 +159,7 @@ def test_report_reads_what_the_launching_command_wrote_beside_the_summary(tmp_pa
         "plan": "federated",
         "models": {},
         "seed": 7,
+        "train_seed": 2,
         "environment": {"server": env, "sites": {"centre1": env}},
     }
     (tmp_path / "summary.json").write_text(json.dumps(summary))
@@ -173,7 +175,7 @@ def test_report_reads_what_the_launching_command_wrote_beside_the_summary(tmp_pa
     table = header_section(loaded, tmp_path, None).blocks[0]
     assert isinstance(table, Table)
     facts = {str(row[0]): str(row[1]) for row in table.rows}
-    assert facts["seed"] == "7"
+    assert facts["seed"] == "splits 7, training 2"
     machine = facts["machine (server, centre1)"]
     assert "AMD EPYC 7B13 (AVX2" in machine and "BLAS mkl" in machine
     (tmp_path / "baselines.json").write_text("[1, 2]")
