@@ -245,13 +245,13 @@ def train(
     weight = class_weights(labels).to(dev) if cfg.train.class_weighting else None
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     with placed(model, dev):
-        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        opt = _adam(model, cfg)
         if keep and optimizer_state is not None:
             try:
                 load_optimizer_state(opt, optimizer_state)
             except OptimizerStateError as exc:  # before any step: the model is as it came in
                 log.warning("%s: %s: fresh optimiser", desc, exc)
-                opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+                opt = _adam(model, cfg)  # the failed load may have left part of the state in it
         anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
         net: nn.Module = model
         engine = None
@@ -308,6 +308,11 @@ def train(
         epsilon=epsilon,
         optimizer_state=_detached(opt.state_dict()) if keep else None,
     )
+
+
+def _adam(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
+    """The training optimiser of every caller (the study's Adam), fresh."""
+    return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
