@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 
-from .models import is_norm_key
+# torch is imported where a model is (un)packed: the statistics and the report need none of it.
+if TYPE_CHECKING:
+    import torch
 
 WEIGHTS_KEY = "weights"
 TRANSPORT_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -50,6 +51,10 @@ class ModelCodec:
 
     @classmethod
     def for_state_dict(cls, state: Mapping[str, torch.Tensor], *, exclude_norm: bool = False) -> ModelCodec:
+        import torch
+
+        from .models import is_norm_key
+
         keys, shapes = [], []
         for k, v in state.items():
             if not torch.is_floating_point(v) or (exclude_norm and is_norm_key(k)):
@@ -70,6 +75,8 @@ class ModelCodec:
 
     def unpack(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
         """State-dict fragment (float32 tensors) from a flat vector."""
+        import torch
+
         flat = np.asarray(flat)
         if flat.ndim != 1 or flat.size != self.size:
             raise RecordError(f"model vector has {flat.size} values, expected {self.size} for this model")

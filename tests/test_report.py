@@ -236,3 +236,24 @@ def test_bad_input_names_the_file(tmp_path: Path) -> None:
     np.savez(tmp_path / "stats" / "final.npz", **{"densenet3d/fold0": np.zeros(10)})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"final\.npz: array 'densenet3d/fold0'"):
         render_report(tmp_path)
+
+
+def test_rendering_imports_no_deep_learning_stack(full_report: tuple[Path, dict[str, Any]]) -> None:
+    """The report is statistics and plots: rendering it in a fresh interpreter loads no torch, MONAI or SciPy.
+
+    ``flower-server run`` renders it after every run; those imports cost the run's tail ~6 s.
+    """
+    import subprocess
+    import sys
+
+    report, _ = full_report
+    run_dir = report.parent.parent
+    code = (
+        "import sys; from pathlib import Path; from common.report import render_report; "
+        f"render_report(Path({str(run_dir)!r})); "
+        "print(sorted(m for m in ('torch', 'monai', 'scipy') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
