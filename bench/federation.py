@@ -191,8 +191,29 @@ def _stop(procs: Sequence[subprocess.Popen[bytes]]) -> None:
         terminate_group(p)
 
 
-def run_deployment(config_path: Path, cache_root: Path, work: Path, timeout_s: float) -> dict[str, Any]:
-    """``flower-server run`` (TLS) and one ``flower-client run`` per site on loopback, all real processes."""
+def _wait_ready(logs: Path, sites: Sequence[str], procs: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    """Until every hospital's warm SuperExec has imported its libraries (its log says ``preloaded``)."""
+    deadline = time.monotonic() + timeout_s
+    waiting = list(sites)
+    while waiting:
+        waiting = [s for s in waiting if "flower-client.warm: preloaded" not in _tail(logs / f"{s}.log", 100_000)]
+        dead = [p.args for p in procs if p.poll() is not None]
+        if dead:
+            raise RunError(f"deployment: a hospital exited before the run: {dead}; see {logs}")
+        if waiting and time.monotonic() > deadline:
+            raise RunError(f"deployment: {', '.join(waiting)} not ready within {timeout_s:.0f} s; see {logs}")
+        time.sleep(0.2)
+
+
+def run_deployment(
+    config_path: Path, cache_root: Path, work: Path, timeout_s: float, *, standing: bool = False
+) -> dict[str, Any]:
+    """``flower-server run`` (TLS) and one ``flower-client run`` per site on loopback, all real processes.
+
+    ``standing``: the hospitals' ``flower-client run`` starts first, as a hospital keeps it running between
+    runs, and the clock starts with ``flower-server run`` once every site has imported its libraries.
+    Otherwise every process starts with the clock.
+    """
     from common.processes import free_port
     from server.certs import make_certificates
 
@@ -226,44 +247,44 @@ def run_deployment(config_path: Path, cache_root: Path, work: Path, timeout_s: f
         "--run-timeout",
         str(int(timeout_s)),
     ]
+
+    def start(cmd: list[str], name: str) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=(logs / f"{name}.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+        procs.append(proc)
+        mem.add(proc.pid, name)
+        return proc
+
+    def start_hospitals() -> None:
+        for name in sites:
+            client_cmd = [
+                str(BIN / "flower-client"),
+                "run",
+                dirs[name],
+                "--site",
+                name,
+                "--server",
+                f"127.0.0.1:{port}",
+                "--root-cert",
+                str(certs / "ca.crt"),
+                "--out",
+                str(work / "sites" / name),
+                "--threads",
+                str(data["train"]["threads"]),
+            ]
+            start(client_cmd, name)
+
     procs: list[subprocess.Popen[bytes]] = []
-    t0 = time.perf_counter()
     try:
         with TreeSampler(interval_s=1.0) as mem:
-            server = subprocess.Popen(
-                server_cmd,
-                cwd=REPO,
-                stdout=(logs / "server.log").open("wb"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            procs.append(server)
-            mem.add(server.pid, "server")
-            for name in sites:
-                client_cmd = [
-                    str(BIN / "flower-client"),
-                    "run",
-                    dirs[name],
-                    "--site",
-                    name,
-                    "--server",
-                    f"127.0.0.1:{port}",
-                    "--root-cert",
-                    str(certs / "ca.crt"),
-                    "--out",
-                    str(work / "sites" / name),
-                    "--threads",
-                    str(data["train"]["threads"]),
-                ]
-                client = subprocess.Popen(
-                    client_cmd,
-                    cwd=REPO,
-                    stdout=(logs / f"{name}.log").open("wb"),
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-                procs.append(client)
-                mem.add(client.pid, name)
+            if standing:
+                start_hospitals()
+                _wait_ready(logs, sites, procs, timeout_s=300.0)
+            t0 = time.perf_counter()
+            server = start(server_cmd, "server")
+            if not standing:
+                start_hospitals()
             try:
                 rc = server.wait(timeout=timeout_s + 60)
             except subprocess.TimeoutExpired:

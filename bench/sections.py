@@ -144,13 +144,15 @@ def section_overhead(p: BenchParams, work: Path) -> dict[str, Any]:
             "threads": r["threads"],
         }
 
-    def deploy() -> dict[str, Any]:
-        return _fed_result(run_deployment(cfg, cache, work / "runs" / f"deploy-sites3-{transport}", RUN_TIMEOUT_S))
+    def deploy(standing: bool) -> Callable[[], dict[str, Any]]:
+        name = f"deploy-{'standing-' if standing else ''}sites3-{transport}"
+        return lambda: _fed_result(run_deployment(cfg, cache, work / "runs" / name, RUN_TIMEOUT_S, standing=standing))
 
     base = _timed(memo(work, "plain", plain))
     sim = _timed(simulation(p, work, 3, transport))
-    dep = _timed(memo(work, f"deploy-sites3-{transport}", deploy))
-    for run in (sim, dep):
+    dep = _timed(memo(work, f"deploy-sites3-{transport}", deploy(False)))
+    standing = _timed(memo(work, f"deploy-standing-sites3-{transport}", deploy(True)))
+    for run in (sim, dep, standing):
         run["ratio_whole"] = figures.ratio(run["wall_s"], base["wall_s"])
         run["ratio_steady"] = figures.ratio(run["steady_round_s"], base["steady_round_s"])
     prep_sites = prep["preprocess"]["sites"].values()
@@ -164,6 +166,7 @@ def section_overhead(p: BenchParams, work: Path) -> dict[str, Any]:
         "plain": base,
         "simulation": sim,
         "deployment": dep,
+        "deployment_standing": standing,
         "targets": {
             "simulation_steady": figures.TARGET_SIM_STEADY,
             "deployment_whole": figures.TARGET_DEPLOY_WHOLE,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -113,10 +114,13 @@ def supernode_command(
     return cmd
 
 
-def warm_command(port: int, supernode_pid: int, approved: str) -> list[str]:
-    """The SuperExec beside the SuperNode: libraries imported once, one forked process per message, approved app only."""
+def warm_command(port: int, parent_pid: int, approved: str) -> list[str]:
+    """The SuperExec beside the SuperNode: libraries imported once, one forked process per message, approved app only.
+
+    It serves every SuperNode this ``flower-client`` (``parent_pid``) starts on ``port``, restarts included.
+    """
     address = f"127.0.0.1:{port}"  # the runtime API listens on loopback only
-    return [sys.executable, "-m", "client.warm", "--runtime-api-address", address, "--supernode-pid", str(supernode_pid),
+    return [sys.executable, "-m", "client.warm", "--runtime-api-address", address, "--parent-pid", str(parent_pid),
             "--approved-app", approved]  # fmt: skip
 
 
@@ -173,22 +177,31 @@ def run_cli(args: argparse.Namespace) -> int:
     # on it inside a signal handler instead would contend for the lock ``proc.wait()`` holds.)
     exit_on_sigterm()
     deadline = time.monotonic() + args.max_wait if args.max_wait > 0 else float("inf")
+    # One warm SuperExec for the life of this command: it imports the libraries once and serves
+    # every SuperNode started below (same runtime API port), so a rejoin costs no imports.
+    warm = subprocess.Popen(warm_command(port, os.getpid(), approved), env=flower_env(flwr_home), start_new_session=True)
+    try:
+        return _supernode_loop(cmd, flwr_home, deadline, args.site)
+    finally:
+        terminate_group(warm)
+
+
+def _supernode_loop(cmd: list[str], flwr_home: Path, deadline: float, site: str) -> int:
+    """Run the SuperNode; rejoin whenever it exits, until ``deadline``; its exit code then."""
     while True:
         proc = subprocess.Popen(cmd, env=flower_env(flwr_home), start_new_session=True)
-        warm = subprocess.Popen(warm_command(port, proc.pid, approved), env=flower_env(flwr_home), start_new_session=True)
         try:
             rc = proc.wait()
         finally:
             terminate_group(proc)
-            terminate_group(warm)
         # A SuperNode only exits on its own when it lost the federation: the server was down
         # too long, its key is not enrolled (yet), or a restarted server forgot this node (it
         # then exits 0).  Rejoin, until --max-wait runs out.
         if time.monotonic() + RETRY_S > deadline:
-            print(f"{args.site}: SuperNode exited with code {rc}; --max-wait is over: giving up", file=sys.stderr)
+            print(f"{site}: SuperNode exited with code {rc}; --max-wait is over: giving up", file=sys.stderr)
             return rc or 1
         print(
-            f"{args.site}: SuperNode exited with code {rc} (server down or restarted, or this site's key "
+            f"{site}: SuperNode exited with code {rc} (server down or restarted, or this site's key "
             f"not enrolled yet); rejoining in {RETRY_S:.0f} s",
             flush=True,
         )

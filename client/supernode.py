@@ -13,6 +13,11 @@ Nothing else of the SuperNode changes (same arguments, TLS, authentication,
 isolation).  On a Flower version this was not checked against, it warns and
 runs the stock SuperNode.
 
+While the server is down (between runs, or restarting) the SuperNode retries
+its connection with exponential backoff up to Flower's 20 s, so a hospital
+that stays connected joined a new run up to 20 s late; here the backoff stops
+growing at ``RECONNECT_MAX_S`` (one small connection attempt every 2 s).
+
 ``python -m client.supernode [--poll-interval S] FLOWER-SUPERNODE-ARGS...``
 (``flower-client run`` starts it).
 """
@@ -29,6 +34,8 @@ log = logging.getLogger("flower-client.supernode")
 
 CHECKED_FLWR = ("1.42.",)  # versions whose SuperNode loop was read: its only sleeps are polling waits
 DEFAULT_POLL_S = 0.2
+RECONNECT_MAX_S = 2.0
+RETRY_MODULES = ("flwr.supercore.retry.http_retry", "flwr.supercore.retry.grpc_retry")  # read MAX_RETRY_DELAY per call
 
 
 class PollingClock:
@@ -59,6 +66,23 @@ def shorten_polling(poll_s: float) -> bool:
         return False
     loop.time = PollingClock(poll_s)  # type: ignore[assignment]
     return True
+
+
+def cap_reconnect_backoff(max_s: float = RECONNECT_MAX_S) -> list[str]:
+    """Cap the delay between Flower's connection retries at ``max_s``; the modules changed."""
+    import importlib
+
+    import flwr
+
+    changed: list[str] = []
+    if not flwr.__version__.startswith(CHECKED_FLWR):
+        return changed
+    for name in RETRY_MODULES:
+        module = importlib.import_module(name)
+        if isinstance(getattr(module, "MAX_RETRY_DELAY", None), (int, float)):
+            module.MAX_RETRY_DELAY = min(module.MAX_RETRY_DELAY, max_s)  # type: ignore[attr-defined]
+            changed.append(name)
+    return changed
 
 
 def split_args(argv: Sequence[str]) -> tuple[float, list[str]]:
@@ -95,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if shorten_polling(poll_s):
         log.info("polling the SuperLink every %.2f s (Flower's SuperNode waits 3 s when idle)", poll_s)
+    if cap_reconnect_backoff():
+        log.info("reconnecting at least every %.0f s while the server is down (Flower: up to 20 s)", RECONNECT_MAX_S)
     sys.argv = ["flower-supernode", *rest]
     flower_supernode()
     return 0

@@ -13,8 +13,14 @@ server sent), replies and exits.  Isolation stays Flower's: one process per
 message, nothing kept between messages.  Only the import of third-party
 libraries is shared, copy-on-write.
 
-``python -m client.warm --runtime-api-address HOST:PORT --supernode-pid PID --approved-app DIGEST``
-(``flower-client run`` starts it); it exits when the SuperNode does.
+It lives as long as the hospital's ``flower-client run``, not as long as one
+SuperNode: when the server stops or restarts, ``flower-client`` starts a new
+SuperNode on the same runtime API port and this process serves it without
+importing anything again, so a hospital that stays connected pays the imports
+once, not once per run.
+
+``python -m client.warm --runtime-api-address HOST:PORT --parent-pid PID --approved-app DIGEST``
+(``flower-client run`` starts it); it exits when that process (``flower-client``) does.
 """
 
 from __future__ import annotations
@@ -90,8 +96,8 @@ def run_task(runtime_api_address: str, token: str, approved: str) -> int:
         os._exit(code)  # skip the parent's atexit handlers and the interpreter teardown
 
 
-def serve(runtime_api_address: str, supernode_pid: int, approved: str, poll_s: float = 0.1) -> int:
-    """Acquire tasks from the SuperNode and fork one child per task until the SuperNode exits."""
+def serve(runtime_api_address: str, parent_pid: int, approved: str, poll_s: float = 0.1) -> int:
+    """Acquire tasks from whichever SuperNode serves the runtime API; fork one child per task until ``parent_pid`` exits."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
@@ -108,11 +114,11 @@ def serve(runtime_api_address: str, supernode_pid: int, approved: str, poll_s: f
     children: set[int] = set()
     tasks = 0
     try:
-        while _alive(supernode_pid):
+        while _alive(parent_pid):
             reap(children)
             try:
                 res = client.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
-            except Exception as exc:  # the SuperNode is starting, restarting or gone: check again
+            except Exception as exc:  # the SuperNode is starting or restarting (server down): check again
                 log.debug("runtime API not ready: %s", exc)
                 time.sleep(max(poll_s, 0.5))
                 continue
@@ -131,14 +137,14 @@ def serve(runtime_api_address: str, supernode_pid: int, approved: str, poll_s: f
         while children and time.monotonic() < deadline:
             reap(children)
             time.sleep(0.1)
-    log.info("SuperNode %d gone: %d task(s) served", supernode_pid, tasks)
+    log.info("flower-client %d gone: %d task(s) served", parent_pid, tasks)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m client.warm", description=(__doc__ or "").split("\n")[0])
     p.add_argument("--runtime-api-address", required=True, help="the SuperNode's runtime API, HOST:PORT")
-    p.add_argument("--supernode-pid", type=int, required=True, help="exit when this process is gone")
+    p.add_argument("--parent-pid", type=int, required=True, help="exit when this process (flower-client run) is gone")
     p.add_argument("--approved-app", required=True, help="the app digest this site runs (common/appdigest.py)")
     p.add_argument("--poll", type=float, default=0.1, help="seconds between task requests when idle")
     args = p.parse_args(argv)
@@ -146,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     log.info("preloaded %d libraries in %.1f s", len(PRELOAD), preload())
     log.info("approved app digest %s: other runs are refused", args.approved_app)
-    return serve(args.runtime_api_address, args.supernode_pid, args.approved_app, args.poll)
+    return serve(args.runtime_api_address, args.parent_pid, args.approved_app, args.poll)
 
 
 if __name__ == "__main__":

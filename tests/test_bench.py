@@ -245,6 +245,17 @@ def test_overhead_table_states_each_target_and_renders_as_text_and_markdown() ->
     assert md.startswith(f"### {t.title}") and "|---|" in md and "- Experiment: x; federated runs with float16 model transport" in md
 
 
+def test_overhead_table_adds_the_standing_hospitals_row_when_measured() -> None:
+    r = _overhead_result()
+    assert [row[0] for row in tables.overhead_table(r).rows][-1] == "loopback deployment (TLS)"  # an older bench.json
+    r["deployment_standing"] = {**r["deployment"], "wall_s": 78.0, "ratio_whole": 1.95}  # type: ignore[dict-item]
+    t = tables.overhead_table(r)
+    row = t.rows[-1]
+    assert row[0] == "loopback deployment, hospitals running" and row[1:3] == ("78", "1.95x")
+    assert row[5] == "<= 2.00x whole run: met"
+    assert any("deployment_standing 30.0, 25.0, 25.0" in note for note in t.notes)
+
+
 def test_params_round_trip_and_section_names() -> None:
     p = BenchParams(rounds=4, scaling_sites=(3, 6))
     assert BenchParams.from_json(p.to_json()) == p

@@ -111,6 +111,8 @@ def test_server_killed_mid_run_resumes_from_its_last_round(loopback: Loopback, t
     assert all(sorted(r["trained"]) == sites for r in rounds)  # both hospitals rejoined by themselves
     for site in sites:  # the hospitals' SuperNodes lost the server and were restarted by flower-client
         assert "rejoining in 10 s" in lb.log(site)[client_logs[site] :]
+        # one warm SuperExec served both SuperNodes: the libraries were imported once (client/warm.py)
+        assert lb.log(site).count("preloaded ") == 1, site
     assert summary["models"]["densenet3d"]["internal"]["pooled"]["n"] == 20
 
 

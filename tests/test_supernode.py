@@ -10,7 +10,7 @@ import flwr.supernode.start_client_internal as loop
 import pytest
 
 from client.node import supernode_command
-from client.supernode import PollingClock, shorten_polling, split_args
+from client.supernode import RECONNECT_MAX_S, PollingClock, cap_reconnect_backoff, shorten_polling, split_args
 
 
 def test_the_clock_cuts_every_wait_to_the_poll_interval(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,6 +59,22 @@ def test_an_unchecked_flower_version_runs_the_stock_loop(
     assert not shorten_polling(0.2)
     assert loop.time is time
     assert "not checked" in caplog.text
+
+
+def test_reconnect_backoff_stops_growing_at_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's backoff reaches 20 s; capped, a SuperNode waiting for a (re)started server tries every 2 s."""
+    import flwr.supercore.retry.grpc_retry as grpc_retry
+    import flwr.supercore.retry.http_retry as http_retry
+
+    for module in (http_retry, grpc_retry):
+        monkeypatch.setattr(module, "MAX_RETRY_DELAY", module.MAX_RETRY_DELAY)  # restored after the test
+    waits = http_retry.make_simple_http_retry_invoker().wait_gen_factory()
+    assert max(next(waits) for _ in range(12)) > RECONNECT_MAX_S  # the stock backoff
+    assert sorted(cap_reconnect_backoff()) == sorted([http_retry.__name__, grpc_retry.__name__])
+    waits = http_retry.make_simple_http_retry_invoker().wait_gen_factory()
+    assert max(next(waits) for _ in range(12)) == RECONNECT_MAX_S
+    monkeypatch.setattr(flwr, "__version__", "1.99.0")
+    assert cap_reconnect_backoff() == []  # an unchecked Flower is left as it is
 
 
 def test_flower_client_starts_this_supernode(tmp_path: Path) -> None:

@@ -52,4 +52,4 @@ def test_the_supernode_leaves_the_clientapp_processes_to_the_warm_superexec(tmp_
     assert warm[1:3] == ["-m", "client.warm"]
     assert warm[warm.index("--approved-app") + 1] == "a" * 64
     assert warm[warm.index("--runtime-api-address") + 1] == "127.0.0.1:9555"
-    assert warm[warm.index("--supernode-pid") + 1] == "1234"
+    assert warm[warm.index("--parent-pid") + 1] == "1234"
