@@ -179,33 +179,55 @@ def run_cli(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.max_wait if args.max_wait > 0 else float("inf")
     # One warm SuperExec for the life of this command: it imports the libraries once and serves
     # every SuperNode started below (same runtime API port), so a rejoin costs no imports.
-    warm = subprocess.Popen(warm_command(port, os.getpid(), approved), env=flower_env(flwr_home), start_new_session=True)
+    return supervise(cmd, warm_command(port, os.getpid(), approved), flower_env(flwr_home), deadline, args.site)
+
+
+def supervise(
+    node_cmd: list[str],
+    warm_cmd: list[str],
+    env: dict[str, str],
+    deadline: float,
+    site: str,
+    retry_s: float = RETRY_S,
+    check_s: float = 1.0,
+) -> int:
+    """Run the SuperNode and the warm SuperExec; rejoin whenever the SuperNode exits, until ``deadline``.
+
+    The SuperExec is started once and only started again if it dies (checked every ``check_s``);
+    both are stopped when this returns or is interrupted.  Returns the SuperNode's last exit code.
+    """
+    warm: subprocess.Popen[bytes] | None = None
     try:
-        return _supernode_loop(cmd, flwr_home, deadline, args.site)
+        while True:
+            proc = subprocess.Popen(node_cmd, env=env, start_new_session=True)
+            try:
+                while True:
+                    if warm is None or warm.poll() is not None:
+                        if warm is not None:
+                            print(f"{site}: the SuperExec exited with code {warm.returncode}; starting it again", flush=True)
+                        warm = subprocess.Popen(warm_cmd, env=env, start_new_session=True)
+                    try:
+                        rc = proc.wait(timeout=check_s)
+                        break
+                    except subprocess.TimeoutExpired:
+                        continue
+            finally:
+                terminate_group(proc)
+            # A SuperNode only exits on its own when it lost the federation: the server was down
+            # too long, its key is not enrolled (yet), or a restarted server forgot this node (it
+            # then exits 0).  Rejoin, until --max-wait runs out.
+            if time.monotonic() + retry_s > deadline:
+                print(f"{site}: SuperNode exited with code {rc}; --max-wait is over: giving up", file=sys.stderr)
+                return rc or 1
+            print(
+                f"{site}: SuperNode exited with code {rc} (server down or restarted, or this site's key "
+                f"not enrolled yet); rejoining in {retry_s:.0f} s",
+                flush=True,
+            )
+            time.sleep(retry_s)
     finally:
-        terminate_group(warm)
-
-
-def _supernode_loop(cmd: list[str], flwr_home: Path, deadline: float, site: str) -> int:
-    """Run the SuperNode; rejoin whenever it exits, until ``deadline``; its exit code then."""
-    while True:
-        proc = subprocess.Popen(cmd, env=flower_env(flwr_home), start_new_session=True)
-        try:
-            rc = proc.wait()
-        finally:
-            terminate_group(proc)
-        # A SuperNode only exits on its own when it lost the federation: the server was down
-        # too long, its key is not enrolled (yet), or a restarted server forgot this node (it
-        # then exits 0).  Rejoin, until --max-wait runs out.
-        if time.monotonic() + RETRY_S > deadline:
-            print(f"{site}: SuperNode exited with code {rc}; --max-wait is over: giving up", file=sys.stderr)
-            return rc or 1
-        print(
-            f"{site}: SuperNode exited with code {rc} (server down or restarted, or this site's key "
-            f"not enrolled yet); rejoining in {RETRY_S:.0f} s",
-            flush=True,
-        )
-        time.sleep(RETRY_S)
+        if warm is not None:
+            terminate_group(warm)
 
 
 def add_run(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -53,3 +53,34 @@ def test_the_supernode_leaves_the_clientapp_processes_to_the_warm_superexec(tmp_
     assert warm[warm.index("--approved-app") + 1] == "a" * 64
     assert warm[warm.index("--runtime-api-address") + 1] == "127.0.0.1:9555"
     assert warm[warm.index("--parent-pid") + 1] == "1234"
+
+
+def _script(tmp_path: Path, name: str, body: str) -> list[str]:
+    path = tmp_path / f"{name}.py"
+    path.write_text(body)
+    return [sys.executable, str(path)]
+
+
+def test_one_superexec_serves_every_supernode_restart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A hospital's SuperNode that loses the server is restarted; its SuperExec (the imports) is not."""
+    from client.node import supervise
+
+    starts = tmp_path / "starts"
+    node = _script(tmp_path, "node", "import time; time.sleep(0.3)")  # loses the server at once, every time
+    warm = _script(tmp_path, "warm", f"open({str(starts)!r}, 'a').write('x'); import time; time.sleep(60)")
+    rc = supervise(node, warm, dict(os.environ), time.monotonic() + 2.5, "c1", retry_s=0.5, check_s=0.1)
+    assert rc == 1  # gave up once --max-wait was over (the SuperNode's own code was 0)
+    out = capsys.readouterr()
+    assert out.out.count("rejoining in") >= 2 and "giving up" in out.err
+    assert starts.read_text() == "x"  # started once for three SuperNodes, and stopped at the end
+
+
+def test_a_superexec_that_dies_is_started_again(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from client.node import supervise
+
+    starts = tmp_path / "starts"
+    node = _script(tmp_path, "node", "import time; time.sleep(1.5)")
+    warm = _script(tmp_path, "warm", f"open({str(starts)!r}, 'a').write('x'); raise SystemExit(3)")
+    supervise(node, warm, dict(os.environ), time.monotonic(), "c1", retry_s=0.1, check_s=0.1)
+    assert len(starts.read_text()) >= 3
+    assert "c1: the SuperExec exited with code 3; starting it again" in capsys.readouterr().out
