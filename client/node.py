@@ -15,6 +15,7 @@ it or never hearing of it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import subprocess
@@ -201,16 +202,14 @@ def supervise(
         while True:
             proc = subprocess.Popen(node_cmd, env=env, start_new_session=True)
             try:
-                while True:
-                    if warm is None or warm.poll() is not None:
-                        if warm is not None:
-                            print(f"{site}: the SuperExec exited with code {warm.returncode}; starting it again", flush=True)
+                rc = None
+                while rc is None:
+                    if warm is not None and warm.poll() is not None:
+                        print(f"{site}: the SuperExec exited with code {warm.returncode}; starting it again", flush=True)
+                    if warm is None or warm.returncode is not None:
                         warm = subprocess.Popen(warm_cmd, env=env, start_new_session=True)
-                    try:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
                         rc = proc.wait(timeout=check_s)
-                        break
-                    except subprocess.TimeoutExpired:
-                        continue
             finally:
                 terminate_group(proc)
             # A SuperNode only exits on its own when it lost the federation: the server was down
