@@ -127,8 +127,10 @@ def overhead_table(r: Mapping[str, Any]) -> Table:
             " ones: s/2 of its compute for a two-thread speedup s (0.85x at s = 1.7) before any Flower cost.",
             f"Preprocessing (excluded above: all runs start from the warm per-site cache): {fmt(r['preprocess_s_per_patient'], '.3f')} s/patient"
             f" {'cold' if r.get('preprocess_cold') else '(cache was already warm)'}; loading a warm site cache {fmt(r['cache_load_s'], '.2f')} s.",
-            "Peak memory: proportional set size summed over the run's whole process tree, sampled every second;"
-            " per process tree in the deployment: "
+            "Peak memory: proportional set size summed over the run's whole process tree, sampled every second"
+            " or less often where a sample costs more than 2% of a core (sampling CPU s: "
+            + ", ".join(f"{k} {fmt(r[k]['memory'].get('sampler_cpu_s'), '.1f')}" for k in measured)
+            + "); per process tree in the deployment: "
             + ", ".join(
                 f"{k} {fmt(v, '.2f')}" for k, v in dep["memory"].get("peak_pss_gib_by_root", {}).items()
             )

@@ -7,8 +7,10 @@ and per message type (so per-round figures need no guessing).
 
 On a deployment, ``send_and_receive`` is its own push-then-poll loop:
 Flower's ``HttpGrid`` sleeps 3 s between polls for replies, which adds
-1.5 s on average to every exchange (two per round); polling every
-``poll_interval_s`` costs one small request each time instead.
+1.5 s on average to every exchange.  Here the wait starts at
+``poll_interval_s`` after each reply (the other sites' replies tend to
+follow soon) and grows to ``max_poll_interval_s`` while none comes: each
+poll is a request the SuperLink answers, CPU the sites' training shares.
 """
 
 from __future__ import annotations
@@ -38,12 +40,18 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
+def next_poll_interval(current: float, replied: bool, floor: float, ceiling: float, growth: float = 1.5) -> float:
+    """The wait before the next poll: ``floor`` after a reply, else ``current`` grown by ``growth`` up to ``ceiling``."""
+    return floor if replied else min(ceiling, max(floor, current * growth))
+
+
 class MeteredGrid(Grid):
     """Delegating Grid that tallies payload bytes per destination/source node and message type."""
 
-    def __init__(self, inner: Grid, poll_interval_s: float = 0.2) -> None:
+    def __init__(self, inner: Grid, poll_interval_s: float = 0.2, max_poll_interval_s: float = 1.0) -> None:
         self.inner = inner
         self.poll_interval_s = poll_interval_s
+        self.max_poll_interval_s = max_poll_interval_s
         self.sent: dict[int, int] = defaultdict(int)  # server -> node
         self.received: dict[int, int] = defaultdict(int)  # node -> server
         # node -> message type -> [messages to the node, bytes to it, bytes from it]
@@ -100,7 +108,7 @@ class MeteredGrid(Grid):
         return replies
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Flower's exchange, except on the deployment grid: push, then poll every ``poll_interval_s``."""
+        """Flower's exchange, except on the deployment grid: push, then poll (``next_poll_interval``)."""
         if not isinstance(self.inner, HttpGrid):  # simulation polls every 0.1 s already
             messages = list(messages)
             for m in messages:
@@ -112,11 +120,15 @@ class MeteredGrid(Grid):
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         received: list[Message] = []
+        wait = self.poll_interval_s
         while pending:
             got = list(self.pull_messages(pending))
             received += got
             pending -= {m.metadata.reply_to_message_id for m in got}
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
-            time.sleep(self.poll_interval_s)
+            wait = next_poll_interval(wait, bool(got), self.poll_interval_s, self.max_poll_interval_s)
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - time.monotonic()))
+            time.sleep(wait)
         return received

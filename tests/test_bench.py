@@ -21,7 +21,7 @@ from bench.__main__ import Outcome, main, parse_args, render_report, specs
 from bench.cohort import BASE_SITES, CohortError, CohortRequest, groups, merge_site
 from bench.machine import describe_machine
 from bench.params import SECTIONS, BenchParams
-from bench.proctree import TreeSampler, descendants, parse_kib, parse_ppid, tree_sample
+from bench.proctree import TreeSampler, descendants, parse_kib, parse_ppid, sampling_wait, tree_sample
 from bench.report import format_report
 from bench.sections import latest_simulate_run
 from bench.throughput import BenchError, Spec, bench_config, measure, runtime, warmup_patients
@@ -195,16 +195,22 @@ def test_proc_parsing_and_a_real_process_tree() -> None:
             time.sleep(0.1)
         total, largest, count = tree_sample([os.getpid()])
         assert count >= 2 and total >= 60 and largest >= 60  # this process and the child holding 64 MiB
-        with TreeSampler(interval_s=0.05) as sampler:
+        with TreeSampler(interval_s=0.05, max_share=1.0) as sampler:
             sampler.add(child.pid, "child")
             time.sleep(0.3)
         assert (
             sampler.peak.samples >= 2 and sampler.peak.total_pss_mib >= 60 and sampler.peak.max_processes == 1
         )
         assert sampler.peak.per_root_pss_mib["child"] == sampler.peak.total_pss_mib
+        assert sampler.peak.sampler_cpu_s > 0 and sampler.peak.to_dict()["sampler_cpu_s"] >= 0
     finally:
         child.kill()
         child.wait()
+
+
+def test_sampling_waits_longer_when_a_sample_costs_more_than_its_share() -> None:
+    assert sampling_wait(1.0, cost_s=0.005, max_share=0.02) == 1.0
+    assert sampling_wait(1.0, cost_s=0.1, max_share=0.02) == pytest.approx(5.0)
 
 
 def _overhead_result() -> dict[str, object]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from client.node import supernode_command, warm_command
-from client.warm import preload, reap
+from client.warm import preload, reap, wait_for_exit
 
 
 def test_preload_imports_into_this_process() -> None:
@@ -35,6 +35,31 @@ def test_reap_collects_finished_children_and_logs_a_failure(caplog: pytest.LogCa
             time.sleep(0.01)
     assert not children
     assert [r.message for r in caplog.records if "exited with 3" in r.message]
+
+
+def test_waiting_on_a_working_child_ends_when_it_exits_or_at_the_timeout() -> None:
+    """While a ClientApp works the SuperExec waits on it instead of polling the SuperNode."""
+    quick, slow = os.fork(), -1
+    if quick == 0:
+        time.sleep(0.3)
+        os._exit(0)
+    try:
+        t0 = time.monotonic()
+        wait_for_exit({quick}, timeout_s=60.0)
+        assert time.monotonic() - t0 < 30.0  # woke at the exit, not at the timeout
+        os.waitpid(quick, 0)
+        slow = os.fork()
+        if slow == 0:
+            time.sleep(60)
+            os._exit(0)
+        t0 = time.monotonic()
+        wait_for_exit({slow}, timeout_s=0.2)
+        assert time.monotonic() - t0 >= 0.15  # still working: the wait ran its course
+        wait_for_exit({quick}, timeout_s=60.0)  # already reaped (no such process): returns at once
+    finally:
+        if slow > 0:
+            os.kill(slow, 9)
+            os.waitpid(slow, 0)
 
 
 def test_the_supernode_leaves_the_clientapp_processes_to_the_warm_superexec(tmp_path: Path) -> None:
