@@ -10,8 +10,11 @@ asks the SuperNode's runtime API for tasks, and for each task forks a child
 that checks the run's app against the digest the hospital approved and runs
 this installation's ClientApp (``client/approval.py``: never the code the
 server sent), replies and exits.  Isolation stays Flower's: one process per
-message, nothing kept between messages.  Only the import of third-party
-libraries is shared, copy-on-write.
+message, nothing kept between messages: the parent never runs a task, so
+each child starts from the same freshly imported modules, copy-on-write.
+Those are the third-party libraries and this installation's ClientApp
+(``client.app``), imported when ``flower-client run`` starts, the moment
+its app digest is computed and approved: the code that digest describes.
 
 It lives as long as the hospital's ``flower-client run``, not as long as one
 SuperNode: when the server stops or restarts, ``flower-client`` starts a new
@@ -36,7 +39,7 @@ from collections.abc import Sequence
 
 log = logging.getLogger("flower-client.warm")
 
-# Third-party libraries the ClientApp needs (the project's own modules are imported per message, in the child).
+# The libraries the ClientApp needs, then the ClientApp itself (0.3 s per message otherwise, on these cores).
 PRELOAD = (
     "torch",
     "torch._dynamo",  # torch.optim imports it on an optimizer's first use: 1.2 s in every training message otherwise
@@ -48,6 +51,7 @@ PRELOAD = (
     "sklearn.linear_model",
     "sklearn.model_selection",
     "flwr.supernode.runtime.run_clientapp",
+    "client.app",
 )
 
 
@@ -181,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
-    log.info("preloaded %d libraries in %.1f s", len(PRELOAD), preload())
+    log.info("preloaded %d modules in %.1f s", len(PRELOAD), preload())
     log.info("approved app digest %s: other runs are refused", args.approved_app)
     return serve(args.runtime_api_address, args.parent_pid, args.approved_app, args.poll)
 
