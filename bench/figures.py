@@ -29,6 +29,11 @@ def steady_mean(seconds: Sequence[float], skip: int = 1) -> float:
     return sum(rest) / len(rest) if rest else math.nan
 
 
+def bracketed(first: Mapping[str, Any], last: Mapping[str, Any]) -> dict[str, float]:
+    """The baseline from the same run measured before and after the others: the mean of each timing."""
+    return {k: (first[k] + last[k]) / 2 for k in ("wall_s", "steady_round_s")}
+
+
 def ratio(value: float, baseline: float) -> float:
     """``value / baseline``, NaN when either is missing or the baseline is not positive."""
     if not (math.isfinite(value) and math.isfinite(baseline)) or baseline <= 0:

@@ -61,16 +61,19 @@ def _gib(mem: Mapping[str, Any] | None, key: str = "peak_total_pss_gib") -> str:
 def overhead_table(r: Mapping[str, Any]) -> Table:
     plain, sim, dep = r["plain"], r["simulation"], r["deployment"]
     standing = r.get("deployment_standing")  # absent from a bench.json written before it was measured
+    again = r.get("plain_again")  # absent from a bench.json written before the plain loop ran twice
+    plains = [("plain loop (one process)", plain)] + ([("plain loop again, after the others", again)] if again else [])
     rows = [
         (
-            "plain loop (one process)",
-            fmt(plain["wall_s"], ".0f"),
-            "1.00x",
-            fmt(plain["steady_round_s"], ".1f"),
-            "1.00x",
+            name,
+            fmt(run["wall_s"], ".0f"),
+            fmt(run.get("ratio_whole", 1.0), ".2f", "x"),
+            fmt(run["steady_round_s"], ".1f"),
+            fmt(run.get("ratio_steady", 1.0), ".2f", "x"),
             "-",
-            _gib(plain["memory"]),
-        ),
+            _gib(run["memory"]),
+        )
+        for name, run in plains
     ]
     federated = [("Flower simulation", sim, "steady"), ("loopback deployment (TLS)", dep, "whole")]
     if standing is not None:
@@ -106,6 +109,14 @@ def overhead_table(r: Mapping[str, Any]) -> Table:
             " each flower-client run was started before, as a hospital keeps it between runs, and had imported"
             " its libraries; the clock runs from flower-server run's start to its exit (the hospitals reconnect,"
             " every message still crosses nginx, TLS and the SuperLink).",
+            (
+                f"Ratios are to the mean of the two plain-loop runs ({fmt(plain['wall_s'], '.0f')} s first,"
+                f" {fmt(again['wall_s'], '.0f')} s last; steady rounds {fmt(plain['steady_round_s'], '.1f')} and"
+                f" {fmt(again['steady_round_s'], '.1f')} s): the same work, so their difference is the machine's"
+                " own drift over the section, and a ratio moves by about as much."
+                if again
+                else "Ratios are to the plain loop, run once before the others."
+            ),
             f"Round seconds: {rounds}.",
             "Where the time goes (s): "
             + "; ".join(

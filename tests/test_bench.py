@@ -262,6 +262,20 @@ def test_overhead_table_adds_the_standing_hospitals_row_when_measured() -> None:
     assert any("deployment_standing 30.0, 25.0, 25.0" in note for note in t.notes)
 
 
+def test_ratios_use_the_plain_loop_measured_first_and_last() -> None:
+    first = {"wall_s": 90.0, "steady_round_s": 24.0}
+    last = {"wall_s": 130.0, "steady_round_s": 36.0}
+    assert figures.bracketed(first, last) == {"wall_s": 110.0, "steady_round_s": 30.0}
+    r = _overhead_result()
+    assert not any("plain loop again" in row[0] for row in tables.overhead_table(r).rows)  # an older bench.json
+    r["plain"] = {**r["plain"], "ratio_whole": 0.8, "ratio_steady": 0.9}  # type: ignore[dict-item]
+    r["plain_again"] = {**r["plain"], "wall_s": 60.0, "ratio_whole": 1.2, "ratio_steady": 1.1}  # type: ignore[dict-item]
+    t = tables.overhead_table(r)
+    assert [row[0] for row in t.rows][:2] == ["plain loop (one process)", "plain loop again, after the others"]
+    assert t.rows[0][2] == "0.80x" and t.rows[1][1:3] == ("60", "1.20x")
+    assert any(note.startswith("Ratios are to the mean of the two plain-loop runs (40 s first, 60 s last") for note in t.notes)
+
+
 def test_params_round_trip_and_section_names() -> None:
     p = BenchParams(rounds=4, scaling_sites=(3, 6))
     assert BenchParams.from_json(p.to_json()) == p
