@@ -11,13 +11,20 @@ from pathlib import Path
 import pytest
 
 from client.node import supernode_command, warm_command
-from client.warm import preload, reap, wait_for_exit
+from client.warm import preload, preload_client_app, reap, wait_for_exit
 
 
 def test_preload_imports_into_this_process() -> None:
     sys.modules.pop("colorsys", None)
     assert preload(("colorsys",)) >= 0.0
     assert "colorsys" in sys.modules
+
+
+def test_a_client_app_that_does_not_import_is_reported_not_fatal(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="flower-client.warm"):
+        assert not preload_client_app("client.no_such_module")
+    assert any("client.no_such_module does not import" in r.getMessage() for r in caplog.records)
+    assert preload_client_app("client.approval")
 
 
 def test_reap_collects_finished_children_and_logs_a_failure(caplog: pytest.LogCaptureFixture) -> None:
