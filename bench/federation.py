@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -109,6 +110,12 @@ def link_caches(cache_root: Path, sites: Sequence[str], site_out: Path) -> None:
                 os.link(f, dest / f.name)
 
 
+def fresh(folder: Path) -> None:
+    """Remove what an interrupted attempt left in a run's folder (a finished run is memoised, not rerun)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+
+
 def _site_names(config_path: Path) -> list[str]:
     data = yaml.safe_load(config_path.read_text())
     return [s["name"] for s in data["sites"]]
@@ -158,6 +165,7 @@ def run_plain(config_path: Path, cache_root: Path, threads: int, timeout_s: floa
 
 def run_simulation(config_path: Path, cache_root: Path, run_dir: Path, timeout_s: float) -> dict[str, Any]:
     """``flower-simulation run`` on the experiment; wall time, memory and its ``summary.json``."""
+    fresh(run_dir)
     link_caches(cache_root, _site_names(config_path), run_dir / "sites")
     cmd = [str(BIN / "flower-simulation"), "run", "--config", str(config_path), "--out", str(run_dir)]
     log_path = run_dir / "bench-simulation.log"
@@ -217,6 +225,7 @@ def run_deployment(
     from common.processes import free_port
     from server.certs import make_certificates
 
+    fresh(work)
     sites = _site_names(config_path)
     data = yaml.safe_load(config_path.read_text())
     dirs = {s["name"]: s["data_dir"] for s in data["sites"]}

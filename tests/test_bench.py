@@ -276,6 +276,17 @@ def test_ratios_use_the_plain_loop_measured_first_and_last() -> None:
     assert any(note.startswith("Ratios are to the mean of the two plain-loop runs (40 s first, 60 s last") for note in t.notes)
 
 
+def test_a_rerun_starts_from_a_clean_run_folder(tmp_path: Path) -> None:
+    from bench.federation import fresh
+
+    left = tmp_path / "deploy" / "certs"
+    left.mkdir(parents=True)
+    (left / "ca.crt").write_text("from an interrupted attempt")
+    fresh(tmp_path / "deploy")
+    assert not (tmp_path / "deploy").exists()
+    fresh(tmp_path / "never-made")  # nothing to remove: no error
+
+
 def test_params_round_trip_and_section_names() -> None:
     p = BenchParams(rounds=4, scaling_sites=(3, 6))
     assert BenchParams.from_json(p.to_json()) == p
