@@ -148,8 +148,9 @@ def section_overhead(p: BenchParams, work: Path) -> dict[str, Any]:
         name = f"deploy-{'standing-' if standing else ''}sites3-{transport}"
         return lambda: _fed_result(run_deployment(cfg, cache, work / "runs" / name, RUN_TIMEOUT_S, standing=standing))
 
-    # The plain loop runs first and again last: a shared machine's speed drifts over the section's
-    # quarter of an hour (up to 1.5x here), and the ratios use the mean of the two as their baseline.
+    # The plain loop runs first and again last, and the ratios use the mean of the two: a shared
+    # machine's speed drifts (the same plain loop took 92 s at 12:27 and 129-144 s after 15:00 UTC
+    # on 2026-12-02, on one machine), and the two runs show how much within this section.
     base = _timed(memo(work, "plain", plain))
     sim = _timed(simulation(p, work, 3, transport))
     dep = _timed(memo(work, f"deploy-sites3-{transport}", deploy(False)))

@@ -13,8 +13,8 @@ server sent), replies and exits.  Isolation stays Flower's: one process per
 message, nothing kept between messages: the parent never runs a task, so
 each child starts from the same freshly imported modules, copy-on-write.
 Those are the third-party libraries and this installation's ClientApp
-(``client.app``), imported when ``flower-client run`` starts, the moment
-its app digest is computed and approved: the code that digest describes.
+(``client.app``), imported when ``flower-client run`` starts, just after
+it computed the app digest it approves: the code that digest describes.
 
 It lives as long as the hospital's ``flower-client run``, not as long as one
 SuperNode: when the server stops or restarts, ``flower-client`` starts a new
