@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 PROC = Path("/proc")
+MAX_SAMPLER_SHARE = 0.02  # of one core: the most CPU the sampling may take from the run it measures
 
 
 def parse_ppid(stat: str) -> int:
@@ -127,7 +128,7 @@ class TreeSampler:
     it measured; the wait grows so that sampling takes at most ``max_share`` of one core.
     """
 
-    def __init__(self, interval_s: float = 1.0, max_share: float = 0.02) -> None:
+    def __init__(self, interval_s: float = 1.0, max_share: float = MAX_SAMPLER_SHARE) -> None:
         self.roots: dict[int, str] = {}
         self.interval_s = interval_s
         self.max_share = max_share

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import figures
 from .figures import fmt, human_bytes
+from .proctree import MAX_SAMPLER_SHARE
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def overhead_table(r: Mapping[str, Any]) -> Table:
             f"Preprocessing (excluded above: all runs start from the warm per-site cache): {fmt(r['preprocess_s_per_patient'], '.3f')} s/patient"
             f" {'cold' if r.get('preprocess_cold') else '(cache was already warm)'}; loading a warm site cache {fmt(r['cache_load_s'], '.2f')} s.",
             "Peak memory: proportional set size summed over the run's whole process tree, sampled every second"
-            " or less often where a sample costs more than 2% of a core (sampling CPU s: "
+            f" or less often where a sample costs more than {MAX_SAMPLER_SHARE:.0%} of a core (sampling CPU s: "
             + ", ".join(f"{k} {fmt(r[k]['memory'].get('sampler_cpu_s'), '.1f')}" for k in measured)
             + "); per process tree in the deployment: "
             + ", ".join(
