@@ -467,16 +467,24 @@ def load_config(source: str | Path, overrides: dict[str, Any] | None = None) -> 
         raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
-    base = data.pop("base", None)
-    if base is not None:
-        parent = yaml.safe_load(preset_text(str(base))) or {}
-        data = _deep_merge(parent, data)
+    data = _resolve_base(data, str(source))
     if overrides:
         data = _deep_merge(data, overrides)
     try:
         return from_dict(data)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from exc
+
+
+def _resolve_base(data: dict[str, Any], source: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Merge ``data`` over its ``base`` preset, and that preset over its own base (``quick-study`` is ``quick``'s)."""
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if str(base) in seen:
+        raise ConfigError(f"{source}: 'base' presets form a cycle: {' -> '.join((*seen, str(base)))}")
+    parent = yaml.safe_load(preset_text(str(base))) or {}
+    return _deep_merge(_resolve_base(parent, source, (*seen, str(base))), data)
 
 
 def _read(path: Path) -> str:

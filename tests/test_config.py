@@ -67,6 +67,27 @@ def test_bad_values_are_named(tmp_path: Path, yaml_text: str, pattern: str) -> N
         load_config(f)
 
 
+def test_a_file_may_start_from_a_preset_that_has_its_own_base(tmp_path: Path) -> None:
+    # quick-study says "base: quick"; a site's file says "base: quick-study" and changes one value
+    f = tmp_path / "mine.yaml"
+    f.write_text("base: quick-study\ntrain: {threads: 2}\n")
+    cfg = load_config(f)
+    study, quick = load_config("quick-study"), load_config("quick")
+    assert cfg.plan == study.plan == "study" and quick.plan != "study"
+    assert cfg.train.threads == 2 and cfg.train.lr == quick.train.lr
+    assert cfg.preprocess == quick.preprocess
+
+
+def test_a_cycle_of_base_presets_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import common.config as config_module
+
+    monkeypatch.setattr(config_module, "preset_text", lambda name: f"base: {'b' if name == 'a' else 'a'}\n")
+    f = tmp_path / "loop.yaml"
+    f.write_text("base: a\n")
+    with pytest.raises(ConfigError, match="cycle: a -> b -> a"):
+        load_config(f)
+
+
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "nope.yaml")
