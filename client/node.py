@@ -23,12 +23,14 @@ import sys
 import time
 from pathlib import Path
 
+from common.checkmemo import FileCheckMemo
 from common.hosts import host_of, is_loopback
 from common.processes import exit_on_sigterm, flower_env, free_port, terminate_group
 from common.validation import SiteReport, validate_site
 
 log = logging.getLogger(__name__)
 RETRY_S = 10.0
+VALIDATION_MEMO = "validation-memo.json"  # in the site's output cache folder; never sent
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -126,20 +128,9 @@ def warm_command(port: int, parent_pid: int, approved: str) -> list[str]:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    """Validate, then run the SuperNode until it exits or this process is stopped."""
+    """Check the flags, validate the site, then run the SuperNode until it exits or this process is stopped."""
     site_dir = Path(args.site_dir).resolve()
-    report = validate_site(site_dir)
-    for problem in report.problems:
-        print(problem)
-    print(report.summary())
-    unavailable = "" if report.valid_ids else unavailable_reason(report)
-    if unavailable:
-        print(
-            f"error: {site_dir} has no valid patient: joining in report-only mode, the server is told: {unavailable}",
-            file=sys.stderr,
-        )
-    elif report.errors:
-        print(f"joining with the {len(report.valid_ids)} valid patient(s); the others are refused (listed above)")
+    out_dir = Path(args.out or f"site-output/{args.site}").resolve()
     if args.insecure and args.root_cert:
         print("error: --insecure and --root-cert exclude each other", file=sys.stderr)
         return 2
@@ -156,7 +147,20 @@ def run_cli(args: argparse.Namespace) -> int:
     if root_cert is not None and not root_cert.is_file():
         print(f"error: {root_cert}: CA certificate not found", file=sys.stderr)
         return 2
-    out_dir = Path(args.out or f"site-output/{args.site}").resolve()
+    # the flags are checked first: a mistyped flag is refused before the site's images are read
+    # a restart reads only the cases whose files changed since the last start (beside the preprocessing cache)
+    report = validate_site(site_dir, memo=FileCheckMemo(out_dir / "cache" / VALIDATION_MEMO))
+    for problem in report.problems:
+        print(problem)
+    print(report.summary())
+    unavailable = "" if report.valid_ids else unavailable_reason(report)
+    if unavailable:
+        print(
+            f"error: {site_dir} has no valid patient: joining in report-only mode, the server is told: {unavailable}",
+            file=sys.stderr,
+        )
+    elif report.errors:
+        print(f"joining with the {len(report.valid_ids)} valid patient(s); the others are refused (listed above)")
     out_dir.mkdir(parents=True, exist_ok=True)
     port = args.port or free_port()
     cmd = supernode_command(

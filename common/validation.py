@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import repeat
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import nibabel as nib
 import numpy as np
@@ -44,6 +44,9 @@ from common.sitedata import (
     read_manifest_rows,
     spacing_of,
 )
+
+if TYPE_CHECKING:
+    from common.checkmemo import FileCheckMemo
 
 logger = logging.getLogger(__name__)
 
@@ -602,7 +605,12 @@ def _in_manifest_order(problems: list[Problem], rows: Sequence[dict[str, str]]) 
 
 
 def validate_site(
-    site_dir: Path, *, check_images: bool = True, workers: int = 1, hu_range: tuple[float, float] = HU_RANGE
+    site_dir: Path,
+    *,
+    check_images: bool = True,
+    workers: int = 1,
+    hu_range: tuple[float, float] = HU_RANGE,
+    memo: FileCheckMemo | None = None,
 ) -> SiteReport:
     """Check a whole site folder and report every problem found.
 
@@ -612,6 +620,8 @@ def validate_site(
     since each worker holds one float32 image and mask.  Reader-study
     problems make the site not ``ok`` but do not remove a patient from
     ``valid_ids``: imaging data and reader study are separate analyses.
+    With a ``memo`` (``common.checkmemo``), a case whose files are unchanged
+    since it was last checked is not read again; the memo is saved at the end.
     """
     site_dir = Path(site_dir)
     manifest = str(site_dir / MANIFEST)
@@ -624,15 +634,26 @@ def validate_site(
     problems += _check_duplicates(rows, site_dir, manifest)
     if check_images:
         todo = [r for r in rows if r.get("image") and r.get("mask") and _confined(site_dir, r)]
+        keys = [memo.key(r["patient_id"], site_dir / r["image"], site_dir / r["mask"], hu_range) if memo else None for r in todo]
+        remembered: list[list[Problem] | None] = [memo.get(k) if memo else None for k in keys]
+        unread = [i for i, kept in enumerate(remembered) if kept is None]
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for found in pool.map(
+            checked = pool.map(
                 _check_files_safely,
-                [r["patient_id"] for r in todo],
-                [site_dir / r["image"] for r in todo],
-                [site_dir / r["mask"] for r in todo],
+                [todo[i]["patient_id"] for i in unread],
+                [site_dir / todo[i]["image"] for i in unread],
+                [site_dir / todo[i]["mask"] for i in unread],
                 repeat(hu_range),
-            ):
-                problems += found
+            )
+            for i, result in zip(unread, checked, strict=True):
+                remembered[i] = result
+                if memo:
+                    memo.put(keys[i], result)
+        for case_problems in remembered:
+            problems += case_problems or []
+        if memo:
+            memo.save(keep={k for k in keys if k})
+            logger.info("%d of %d cases' files unchanged since checked (memo %s)", memo.reused, len(todo), memo.path)
     bad_ids = {p.patient_id for p in problems if p.severity == "error"}
     ordered = dict.fromkeys(r["patient_id"] for r in rows if r.get("patient_id"))
     valid = tuple(pid for pid in ordered if pid not in bad_ids)
