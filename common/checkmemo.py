@@ -4,8 +4,9 @@ Checking a case's image and mask (``common.validation``) reads both NIfTI
 files whole; for a hospital with hundreds of full CTs that is minutes at every
 start, although the files have not changed since the last one.  The memo
 keeps each case's problems under a key made of everything they depend on: the
-checks' version, the HU range, the patient id (the messages name it), and each
-file's resolved path, size, modification time and inode.  Any change to a file
+checks' version, the HU range, the patient id and each file's path as given
+(the messages name both), and each file's resolved path, size, modification
+time and inode.  Any change to a file
 gives a new key, so the case is read again.
 
 Results that may be transient are never kept: a missing file (a share not yet
@@ -58,8 +59,8 @@ class FileCheckMemo:
     @staticmethod
     def key(patient_id: str, image: Path, mask: Path, hu_range: tuple[float, float]) -> str | None:
         """The case's key, or None when a file cannot be stat'ed (then it is always checked)."""
-        files = [(str(p.resolve()), _stat(p)) for p in (image, mask)]
-        if any(st is None for _, st in files):
+        files = [(str(p), str(p.resolve()), _stat(p)) for p in (image, mask)]  # the path as given: messages name it
+        if any(st is None for *_, st in files):
             return None
         blob = json.dumps([MEMO_VERSION, list(hu_range), patient_id, files])
         return hashlib.sha256(blob.encode()).hexdigest()

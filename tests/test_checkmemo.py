@@ -156,3 +156,13 @@ def test_flower_client_run_remembers_the_checks_in_its_output_folder(
     assert read == ["c03"]  # only the case whose image was missing is read again
     summary = next(line for line in first.splitlines() if line.startswith("centre1:"))
     assert summary in capsys.readouterr().out  # the same site summary as the full check printed
+
+
+def test_the_same_files_reached_by_another_path_are_reported_under_that_path(site: Path, tmp_path: Path) -> None:
+    memo_path = tmp_path / "memo.json"
+    validate_site(site, memo=FileCheckMemo(memo_path))
+    link = tmp_path / "mounted-elsewhere"
+    link.symlink_to(site)
+    report = validate_site(link, memo=FileCheckMemo(memo_path))
+    assert report == validate_site(link)  # every message names the folder as given now, not the old one
+    assert all(str(site) not in p.file for p in report.problems)
