@@ -147,8 +147,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if root_cert is not None and not root_cert.is_file():
         print(f"error: {root_cert}: CA certificate not found", file=sys.stderr)
         return 2
-    # the flags are checked first: a mistyped flag is refused before the site's images are read
-    # a restart reads only the cases whose files changed since the last start (beside the preprocessing cache)
+    # Flags first: a mistyped flag is refused before the images are read.  A restart reads only
+    # the cases whose files changed since the last start (memo beside the preprocessing cache).
     report = validate_site(site_dir, memo=FileCheckMemo(out_dir / "cache" / VALIDATION_MEMO))
     for problem in report.problems:
         print(problem)

@@ -84,9 +84,9 @@ class FileCheckMemo:
     def save(self, keep: set[str] | None = None) -> None:
         """Write the memo (only the ``keep`` keys, when given: cases no longer in the manifest are dropped)."""
         entries = self.entries if keep is None else {k: v for k, v in self.entries.items() if k in keep}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(json.dumps({"version": MEMO_VERSION, "entries": entries}))
             os.replace(tmp, self.path)
         except OSError as exc:

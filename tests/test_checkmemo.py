@@ -166,3 +166,10 @@ def test_the_same_files_reached_by_another_path_are_reported_under_that_path(sit
     report = validate_site(link, memo=FileCheckMemo(memo_path))
     assert report == validate_site(link)  # every message names the folder as given now, not the old one
     assert all(str(site) not in p.file for p in report.problems)
+
+
+def test_a_memo_that_cannot_be_written_does_not_stop_the_check(site: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    report = validate_site(site, memo=FileCheckMemo(blocker / "cache" / "memo.json"))
+    assert report == validate_site(site)
