@@ -36,9 +36,9 @@ import argparse
 import csv
 import datetime as dt
 import gzip
+import io
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -55,6 +55,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from common.atomicfile import write_atomic
 from common.sitedata import MANIFEST, OPTIONAL_COLUMNS, REQUIRED_COLUMNS
 from common.validation import validate_image_mask, validate_row
 
@@ -578,13 +579,11 @@ def update_manifest(site_dir: Path, rows: Sequence[dict[str, str]]) -> Path:
             existing = list(reader)
     new_ids = {r["patient_id"] for r in rows}
     merged = [r for r in existing if r.get("patient_id") not in new_ids] + list(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(merged)
-    os.replace(tmp, path)
-    return path
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(merged)
+    return write_atomic(path, buf.getvalue())
 
 
 def read_cases(path: Path) -> list[dict[str, str]]:

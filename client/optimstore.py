@@ -11,11 +11,12 @@ a fresh optimiser, logged, never a failed round.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from common.atomicfile import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,5 @@ class OptimizerStore:
         """Replace the file atomically (a crash mid-write leaves the previous round's state)."""
         if state is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
-        torch.save({"round": rnd, "state": state}, tmp)
-        os.replace(tmp, self.path)
+        with atomic_write(self.path) as fh:
+            torch.save({"round": rnd, "state": state}, fh)

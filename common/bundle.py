@@ -44,8 +44,6 @@ import hashlib
 import io
 import json
 import math
-import os
-import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +56,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from torch import nn
 
+from common.atomicfile import atomic_write
 from common.config import ConfigError, ExperimentConfig, from_dict, to_dict
 from common.dataset import CACHE_VERSION
 from common.ensemble import combine
@@ -236,19 +235,12 @@ def write_bundle(
         "files": {name: hashlib.sha256(data).hexdigest() for name, data in payload.items()},
     }
     manifest_bytes = json.dumps(manifest, indent=2).encode()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh, zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr(MANIFEST_NAME, manifest_bytes)
-            zf.writestr(SIGNATURE_NAME, sign(manifest_bytes, signing_key))
-            for name, data in payload.items():
-                zf.writestr(name, data)
-        os.chmod(tmp, 0o644)  # a bundle is shared with other hospitals (mkstemp makes it 0600)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # 0644: a bundle is shared with other hospitals
+    with atomic_write(out, mode_bits=0o644) as fh, zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(MANIFEST_NAME, manifest_bytes)
+        zf.writestr(SIGNATURE_NAME, sign(manifest_bytes, signing_key))
+        for name, data in payload.items():
+            zf.writestr(name, data)
     return out
 
 

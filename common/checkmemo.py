@@ -20,11 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from .atomicfile import write_atomic
 from .validation import Problem
 
 log = logging.getLogger(__name__)
@@ -84,10 +84,7 @@ class FileCheckMemo:
     def save(self, keep: set[str] | None = None) -> None:
         """Write the memo (only the ``keep`` keys, when given: cases no longer in the manifest are dropped)."""
         entries = self.entries if keep is None else {k: v for k, v in self.entries.items() if k in keep}
-        tmp = self.path.with_name(self.path.name + ".tmp")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"version": MEMO_VERSION, "entries": entries}))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps({"version": MEMO_VERSION, "entries": entries}))
         except OSError as exc:
             log.warning("%s: file-check memo not written (%s); the next start checks every case", self.path, exc)

@@ -21,9 +21,7 @@ import json
 import logging
 import math
 import multiprocessing
-import os
 import re
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -38,6 +36,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from common import models
+from common.atomicfile import atomic_write
 from common.config import AugmentConfig, PreprocessConfig, to_dict
 from common.sitedata import (
     MANIFEST,
@@ -385,23 +384,13 @@ _ARRAY_FIELDS = ("labels", "radiologist_scores", "vol3d", "slices2d", "slice_ind
 
 
 def save_arrays(arrays: SiteArrays, path: Path) -> None:
-    """Write ``arrays`` as one compressed npz, atomically (temp file + ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``arrays`` as one compressed npz, atomically and private to the site (0600)."""
     payload: dict[str, np.ndarray] = {k: getattr(arrays, k) for k in _ARRAY_FIELDS}
     payload.update({k: np.asarray(getattr(arrays, k), dtype=str) for k in _STR_FIELDS})
     payload["site"] = np.asarray(arrays.site)
     payload["digest"] = np.asarray(arrays.digest)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **payload)  # type: ignore[arg-type]
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(Path(path), mode_bits=0o600, fsync=True) as fh:
+        np.savez_compressed(fh, **payload)  # type: ignore[arg-type]
 
 
 def load_arrays(path: Path) -> SiteArrays:

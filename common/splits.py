@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +21,8 @@ from typing import Any
 
 import numpy as np
 from sklearn.model_selection import StratifiedKFold
+
+from .atomicfile import write_atomic
 
 SPLITS_FORMAT = 1
 
@@ -134,17 +134,8 @@ def split_digest(folds: Sequence[Fold]) -> str:
 
 def save_splits(path: Path, site: str, folds: Sequence[Fold]) -> None:
     """Write a site's split assignment as JSON (atomically); it stays at the site."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": SPLITS_FORMAT, "site": site, "digest": split_digest(folds), "folds": _as_plain(folds)}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(Path(path), json.dumps(doc, indent=1), mode_bits=0o600)
 
 
 def load_splits(path: Path) -> tuple[str, tuple[Fold, ...]]:

@@ -13,12 +13,13 @@ another configuration instead of silently mixing them.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from common.atomicfile import atomic_write, write_atomic
 
 
 class CheckpointError(RuntimeError):
@@ -39,20 +40,16 @@ class CheckpointStore:
         d = self._dir(model, fold)
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"round{rnd}.npz"
-        tmp = d / f".round{rnd}.tmp.npz"
         info = dict(meta, round=rnd, config_digest=self.digest)
-        np.savez(tmp, weights=np.asarray(vector, np.float32), meta=np.frombuffer(json.dumps(info).encode(), np.uint8))
-        os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint
+        with atomic_write(path) as fh:  # a crash mid-write never leaves a truncated checkpoint
+            np.savez(fh, weights=np.asarray(vector, np.float32), meta=np.frombuffer(json.dumps(info).encode(), np.uint8))
         return path
 
     def save_validation(self, model: str, fold: int, rnd: int, meta: dict[str, Any]) -> Path:
         """Round ``rnd``'s validation (its round log, now with pooled validation): overrides the checkpoint's."""
         d = self._dir(model, fold)
         path = d / f"round{rnd}.validation.json"
-        tmp = d / f".round{rnd}.validation.tmp.json"
-        tmp.write_text(json.dumps(dict(meta, round=rnd, config_digest=self.digest, validated=True)))
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, json.dumps(dict(meta, round=rnd, config_digest=self.digest, validated=True)))
 
     def rounds(self, model: str, fold: int) -> list[int]:
         d = self._dir(model, fold)

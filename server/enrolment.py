@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from types import MappingProxyType
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+
+from common.atomicfile import write_atomic
 
 SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -97,6 +98,4 @@ class Enrolment:
 
     def save(self, path: Path) -> None:
         """Written to a temporary file and renamed: the ServerApp never reads half a registry."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"sites": dict(self.sites)}, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps({"sites": dict(self.sites)}, indent=2, sort_keys=True) + "\n")

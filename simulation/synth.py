@@ -52,7 +52,6 @@ import json
 import logging
 import math
 import multiprocessing
-import os
 import shutil
 import time
 import zlib
@@ -72,6 +71,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from common.atomicfile import write_atomic
 from common.sitedata import MANIFEST, READER_COLUMNS, READER_STUDY, ReaderScore
 from simulation import anatomy, readers
 from simulation.anatomy import AnatomyParams, Grid, LesionParams
@@ -503,12 +503,6 @@ def _nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
     return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
-
-
 def handcrafted_features(image: np.ndarray, mask: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
     """The four 'radiomics' a logistic regression gets: log ROI mL, ROI mean/SD HU, 2-voxel-shell mean HU."""
     roi = mask > 0
@@ -552,8 +546,8 @@ def _make_patient(task: tuple[CentreSpec, PatientPlan, str]) -> dict[str, float]
     img_s, aff_s = reorient(image, affine, spec.orientation)
     msk_s, _ = reorient(mask, affine, spec.orientation)
     site = Path(site_dir)
-    _write_atomic(site / "images" / f"{plan.patient_id}.nii.gz", _nifti_bytes(img_s, aff_s))
-    _write_atomic(site / "masks" / f"{plan.patient_id}.nii.gz", _nifti_bytes(msk_s, aff_s))
+    write_atomic(site / "images" / f"{plan.patient_id}.nii.gz", _nifti_bytes(img_s, aff_s))
+    write_atomic(site / "masks" / f"{plan.patient_id}.nii.gz", _nifti_bytes(msk_s, aff_s))
     return feats
 
 
@@ -701,9 +695,9 @@ def _write_tables(out_dir: Path, cp: CentrePlan) -> None:
         )
         for p in cp.patients
     ]
-    _write_atomic(site / MANIFEST, _csv_bytes(MANIFEST_COLUMNS, manifest))
+    write_atomic(site / MANIFEST, _csv_bytes(MANIFEST_COLUMNS, manifest))
     readings = [(r.patient_id, r.reader, r.tier, r.score_without_ai, r.score_with_ai) for r in cp.reader_rows]
-    _write_atomic(site / READER_STUDY, _csv_bytes(READER_COLUMNS, readings))
+    write_atomic(site / READER_STUDY, _csv_bytes(READER_COLUMNS, readings))
 
 
 def _latent_rows(plans: Sequence[CentrePlan], feats: dict[str, dict[str, float]]) -> bytes:
@@ -798,7 +792,7 @@ def generate_cohort(
     feats = {t[1].patient_id: r for t, r in zip(tasks, results, strict=True)}
     for cp in plans:
         _write_tables(out_dir, cp)
-    _write_atomic(out_dir / LATENT_CSV, _latent_rows(plans, feats))
+    write_atomic(out_dir / LATENT_CSV, _latent_rows(plans, feats))
     stats = _summarise(plans, feats, seed)
     cohort: dict[str, Any] = {
         "generator": GENERATOR_VERSION,
@@ -831,7 +825,7 @@ def generate_cohort(
     }
     cohort["generation_seconds"] = round(time.perf_counter() - t0, 2)
     text = json.dumps(cohort, indent=2) + "\n"
-    _write_atomic(out_dir / COHORT_JSON, text.encode("utf-8"))
+    write_atomic(out_dir / COHORT_JSON, text.encode("utf-8"))
     cohort = json.loads(text)  # exactly the file's content (tuples become lists)
     logger.info(
         "cohort written in %.1f s: oracle %.3f, radiologist %.3f, handcrafted LR %s",
