@@ -155,6 +155,8 @@ class TrainConfig:
     batch_size: int = 20
     lr: float = 1e-4
     weight_decay: float = 0.0
+    # Cross-entropy against (1 - e) one-hot + e/2: no patient's label is taken as certain.
+    label_smoothing: float = 0.0
     epochs: int = 50
     rounds: int = 50
     local_epochs: int = 1
@@ -283,6 +285,7 @@ class ExperimentConfig:
         _check(all(x >= 0 for x in w) and sum(w) > 0, "preprocess.d2.slice_weights", "must be >= 0 with a positive sum")
         _check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.train.lr > 0, "train.lr", "must be > 0")
+        _check(0.0 <= self.train.label_smoothing < 1.0, "train.label_smoothing", "must be in [0, 1)")
         _check(self.train.rounds >= 1 and self.train.local_epochs >= 1, "train.rounds", "rounds and local_epochs must be >= 1")
         _check(
             1 <= self.evaluation.select_from_round <= self.train.rounds,

@@ -243,7 +243,7 @@ def train(
     augment = device_augment(kind, cfg, rt)
     labels = arrays.labels[np.asarray(indices, dtype=int)]
     weight = class_weights(labels).to(dev) if cfg.train.class_weighting else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
     with placed(model, dev):
         opt = _adam(model, cfg)
         if keep and optimizer_state is not None:

@@ -58,6 +58,8 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
         ("evaluation: {select_from_round: 0}", r"evaluation\.select_from_round"),
         ("preprocess: {d2: {mask_outside_mm: -1}}", r"preprocess\.d2\.mask_outside_mm: must be >= 0"),
         ("preprocess: {d3: {mask_outside_mm: .nan}}", r"preprocess\.d3\.mask_outside_mm: must be >= 0"),
+        ("train: {label_smoothing: 1.0}", r"train\.label_smoothing: must be in \[0, 1\)"),
+        ("train: {label_smoothing: -0.1}", r"train\.label_smoothing"),
     ],
 )
 def test_bad_values_are_named(tmp_path: Path, yaml_text: str, pattern: str) -> None:

@@ -77,12 +77,21 @@ def test_group_norm_model_has_no_batchnorm_and_no_inplace_relu() -> None:
     assert not any(isinstance(m, nn.ReLU) and m.inplace for m in model.modules())
 
 
-def _weights_after_one_epoch(seed: int) -> torch.Tensor:
+def _weights_after_one_epoch(seed: int, label_smoothing: float = 0.0) -> torch.Tensor:
     arrays, cfg = tiny_arrays(16), tiny_cfg()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, label_smoothing=label_smoothing))
     torch.manual_seed(123)
     model = build_model("densenet3d", cfg.models.densenet3d)
-    train(model, arrays, range(16), "densenet3d", cfg, epochs=1, schedule=Schedule(0, 1), seed=seed)
+    result = train(model, arrays, range(16), "densenet3d", cfg, epochs=1, schedule=Schedule(0, 1), seed=seed)
+    if label_smoothing:
+        # the loss can never fall below the entropy of the smoothed target, whatever the model
+        t = 1 - label_smoothing / 2
+        assert result.loss >= -(t * np.log(t) + (1 - t) * np.log(1 - t)) - 1e-6
     return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_label_smoothing_reaches_the_loss() -> None:
+    assert not torch.equal(_weights_after_one_epoch(7), _weights_after_one_epoch(7, label_smoothing=0.9))
 
 
 def test_training_is_deterministic_given_the_seed() -> None:
