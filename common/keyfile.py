@@ -4,8 +4,8 @@ Writing the file and then ``chmod``-ing it leaves a window in which any local
 user can read the key; opening it with ``O_CREAT | O_EXCL`` and mode 0600
 closes that window and refuses an existing file, so a second ``certs`` or
 ``keygen`` cannot silently replace an enrolled or deployed key.  With
-``force`` the new key goes to a fresh 0600 file that is then renamed over
-the old one (atomic on POSIX: readers see the old key or the new one).
+``force`` the new key replaces the old one through ``common.atomicfile``
+(a fresh 0600 file renamed over it: readers see the old key or the new one).
 """
 
 from __future__ import annotations
@@ -14,13 +14,17 @@ import contextlib
 import os
 from pathlib import Path
 
+from .atomicfile import write_atomic
+
 
 def write_private(path: Path, data: bytes, *, force: bool = False) -> None:
     """Create ``path`` holding ``data`` with mode 0600; refuse an existing file unless ``force``."""
+    if force:
+        write_atomic(path, data, mode_bits=0o600, fsync=True)
+        return
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    target = path if not force else path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(target, flags, 0o600)
+        fd = os.open(path, flags, 0o600)
     except FileExistsError:
         raise FileExistsError(
             f"{path}: exists; not overwritten (remove it, or pass --force to replace it)"
@@ -30,9 +34,7 @@ def write_private(path: Path, data: bytes, *, force: bool = False) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        if force:
-            os.replace(target, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            target.unlink()
+            path.unlink()
         raise

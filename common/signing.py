@@ -10,12 +10,13 @@ else is refused, checksums included.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from common.keyfile import write_private
 
 __all__ = [
     "SigningKeyError",
@@ -48,11 +49,9 @@ def create_signing_key(path: Path) -> tuple[Path, Path]:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        write_private(path, pem)
     except FileExistsError:
         raise SigningKeyError(f"{path}: exists; remove it explicitly to make a new signing key") from None
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
     public.write_bytes(
         key.public_key().public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -37,9 +37,7 @@ class CheckpointStore:
         return self.root / f"{model}_fold{fold}"
 
     def save(self, model: str, fold: int, rnd: int, vector: np.ndarray, meta: dict[str, Any]) -> Path:
-        d = self._dir(model, fold)
-        d.mkdir(parents=True, exist_ok=True)
-        path = d / f"round{rnd}.npz"
+        path = self._dir(model, fold) / f"round{rnd}.npz"
         info = dict(meta, round=rnd, config_digest=self.digest)
         with atomic_write(path) as fh:  # a crash mid-write never leaves a truncated checkpoint
             np.savez(fh, weights=np.asarray(vector, np.float32), meta=np.frombuffer(json.dumps(info).encode(), np.uint8))

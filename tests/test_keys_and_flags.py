@@ -13,6 +13,7 @@ from client.cli import main as client_main
 from client.keys import make_keypair
 from common.hosts import host_of, is_loopback
 from common.keyfile import write_private
+from common.signing import SigningKeyError, create_signing_key
 from server.certs import make_certificates
 from server.cli import main as server_main
 
@@ -47,6 +48,17 @@ def test_private_files_are_created_0600_and_not_replaced(tmp_path: Path) -> None
     with pytest.raises(FileExistsError):
         write_private(link, b"x")  # a planted symlink is not followed
     assert not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.usefixtures("open_umask")
+def test_the_bundle_signing_key_is_born_0600_and_never_replaced(tmp_path: Path) -> None:
+    key, public = create_signing_key(tmp_path / "signing.key")
+    assert mode(key) == 0o600
+    before = key.read_bytes()
+    public.unlink()  # only the private key left: still refused, not overwritten
+    with pytest.raises(SigningKeyError, match=r"signing\.key: exists"):
+        create_signing_key(key)
+    assert key.read_bytes() == before
 
 
 @pytest.mark.usefixtures("open_umask")
