@@ -163,8 +163,15 @@ def train(msg: Message, context: Context) -> Message:
     """
     runner, req = _runner(msg, context, TRAIN)
     kind = cast(ModelKind, req.model)
-    val = runner.validate_round(kind, req.fold, req.weights, req.global_round - 1) if req.validate else None
-    out = runner.train_round(kind, req.fold, req.weights, req.global_round, req.total_rounds, req.proximal_mu)
+    received = runner.load_model(kind, req.fold, req.weights, req.global_round - 1)
+    val = (
+        runner.validate_round(kind, req.fold, req.weights, req.global_round - 1, model=received)
+        if req.validate
+        else None
+    )
+    out = runner.train_round(
+        kind, req.fold, req.weights, req.global_round, req.total_rounds, req.proximal_mu, model=received
+    )
     dtype = str(runner.cfg.federation.transport_dtype)
     return _ok(msg, runner, dataclasses.replace(out, validation=val), dtype=dtype)
 

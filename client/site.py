@@ -168,10 +168,22 @@ class SiteRunner:
 
     # -- federated steps -------------------------------------------------------------
     def train_round(
-        self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int, total_rounds: int, proximal_mu: float = 0.0
+        self,
+        kind: ModelKind,
+        fold: int,
+        flat: np.ndarray,
+        rnd: int,
+        total_rounds: int,
+        proximal_mu: float = 0.0,
+        *,
+        model: torch.nn.Module | None = None,
     ) -> TrainReply:
-        """Local epochs on fold ``fold``'s training patients from the global weights."""
-        model = self.load_model(kind, fold, flat, rnd - 1)
+        """Local epochs on fold ``fold``'s training patients from the global weights.
+
+        ``model``: ``load_model(kind, fold, flat, rnd - 1)`` already built (a train
+        message that first validated the received model passes it on: one build, not two).
+        """
+        model = self.load_model(kind, fold, flat, rnd - 1) if model is None else model
         idx = self._index(self.folds[fold].train)
         store = OptimizerStore(self.run_dir / "state" / f"{kind}_fold{fold}_optimizer.pt")
         state = store.load(rnd) if self.cfg.train.keep_optimizer_state else None
@@ -201,9 +213,15 @@ class SiteRunner:
             epsilon=res.epsilon,
         )
 
-    def validate_round(self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int) -> ClassHistogram:
-        """Validation-split statistics of the global model (for model selection across sites)."""
-        model = self.load_model(kind, fold, flat, rnd)
+    def validate_round(
+        self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int, *, model: torch.nn.Module | None = None
+    ) -> ClassHistogram:
+        """Validation-split statistics of the global model (for model selection across sites).
+
+        ``model``: ``load_model(kind, fold, flat, rnd)`` already built; prediction
+        (``model.eval()``, no gradient) leaves its weights and BatchNorm statistics as they were.
+        """
+        model = self.load_model(kind, fold, flat, rnd) if model is None else model
         idx = self._index(self.folds[fold].val)
         probs = predict(model, self.arrays, idx, kind, self.cfg)
         labels = self.arrays.labels[idx]

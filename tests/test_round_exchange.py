@@ -175,3 +175,30 @@ def test_cross_site_local_models_are_validated_the_same_way(
     ]
     scores = [a if np.isfinite(a) else -np.inf for a in aucs]
     np.testing.assert_array_equal(best, trained[int(np.argmax(scores))])
+
+
+def test_a_train_message_builds_the_received_model_once_and_validates_it_unchanged(
+    cohort: dict[str, Path], tmp_path: Path
+) -> None:
+    """Validating the received model, then training that same object, equals two separate builds bit for bit."""
+    cfg = _cfg()
+    state = build_model("densenet3d", cfg.models.densenet3d, mask_channel=cfg.preprocess.mask_channel).state_dict()
+    flat = ModelCodec.for_state_dict(state).pack(state)
+
+    def site(name: str) -> SiteRunner:
+        return SiteRunner(SiteContext("centre1", cohort["centre1"], tmp_path / name), cfg, name)
+
+    apart = site("apart")
+    h_apart = apart.validate_round("densenet3d", 0, flat, 1)
+    t_apart = apart.train_round("densenet3d", 0, flat, 2, ROUNDS)
+
+    once = site("once")
+    received = once.load_model("densenet3d", 0, flat, 1)
+    h_once = once.validate_round("densenet3d", 0, flat, 1, model=received)
+    t_once = once.train_round("densenet3d", 0, flat, 2, ROUNDS, model=received)
+
+    for field in ("neg", "pos", "neg_sum", "pos_sum"):
+        np.testing.assert_array_equal(getattr(h_once, field), getattr(h_apart, field))
+    assert h_once.n > 0
+    np.testing.assert_array_equal(t_once.weights, t_apart.weights)
+    assert not np.array_equal(t_once.weights, flat)  # it trained
