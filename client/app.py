@@ -11,7 +11,6 @@ patient details, so one bad site never crashes the federation.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import traceback
@@ -158,22 +157,16 @@ def train(msg: Message, context: Context) -> Message:
     """Local epochs from the global model; ``num-examples`` is the number of training patients.
 
     With ``validate``, the received model (the previous round's aggregate) is
-    first validated as the evaluate message would (``SiteRunner.validate_round``,
+    first validated as the evaluate message would (``SiteRunner.train_round``,
     released the same way), and the statistics travel back with the update.
     """
     runner, req = _runner(msg, context, TRAIN)
     kind = cast(ModelKind, req.model)
-    received = runner.load_model(kind, req.fold, req.weights, req.global_round - 1)
-    val = (
-        runner.validate_round(kind, req.fold, req.weights, req.global_round - 1, model=received)
-        if req.validate
-        else None
-    )
     out = runner.train_round(
-        kind, req.fold, req.weights, req.global_round, req.total_rounds, req.proximal_mu, model=received
+        kind, req.fold, req.weights, req.global_round, req.total_rounds, req.proximal_mu, validate=req.validate
     )
     dtype = str(runner.cfg.federation.transport_dtype)
-    return _ok(msg, runner, dataclasses.replace(out, validation=val), dtype=dtype)
+    return _ok(msg, runner, out, dtype=dtype)
 
 
 @_on(EVALUATE)

@@ -176,14 +176,17 @@ class SiteRunner:
         total_rounds: int,
         proximal_mu: float = 0.0,
         *,
-        model: torch.nn.Module | None = None,
+        validate: bool = False,
     ) -> TrainReply:
         """Local epochs on fold ``fold``'s training patients from the global weights.
 
-        ``model``: ``load_model(kind, fold, flat, rnd - 1)`` already built (a train
-        message that first validated the received model passes it on: one build, not two).
+        ``validate``: the received model (round ``rnd - 1``'s aggregate) is first
+        validated as ``validate_round`` would, on the same object (one build, not
+        two: prediction under ``eval()`` leaves it unchanged), and the statistics
+        travel back with the update.
         """
-        model = self.load_model(kind, fold, flat, rnd - 1) if model is None else model
+        model = self.load_model(kind, fold, flat, rnd - 1)
+        validation = self._validate(model, kind, fold, rnd - 1) if validate else None
         idx = self._index(self.folds[fold].train)
         store = OptimizerStore(self.run_dir / "state" / f"{kind}_fold{fold}_optimizer.pt")
         state = store.load(rnd) if self.cfg.train.keep_optimizer_state else None
@@ -211,17 +214,14 @@ class SiteRunner:
             steps=res.steps,
             lr=res.lr_last,
             epsilon=res.epsilon,
+            validation=validation,
         )
 
-    def validate_round(
-        self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int, *, model: torch.nn.Module | None = None
-    ) -> ClassHistogram:
-        """Validation-split statistics of the global model (for model selection across sites).
+    def validate_round(self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int) -> ClassHistogram:
+        """Validation-split statistics of the global model (for model selection across sites)."""
+        return self._validate(self.load_model(kind, fold, flat, rnd), kind, fold, rnd)
 
-        ``model``: ``load_model(kind, fold, flat, rnd)`` already built; prediction
-        (``model.eval()``, no gradient) leaves its weights and BatchNorm statistics as they were.
-        """
-        model = self.load_model(kind, fold, flat, rnd) if model is None else model
+    def _validate(self, model: torch.nn.Module, kind: ModelKind, fold: int, rnd: int) -> ClassHistogram:
         idx = self._index(self.folds[fold].val)
         probs = predict(model, self.arrays, idx, kind, self.cfg)
         labels = self.arrays.labels[idx]

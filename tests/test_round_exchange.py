@@ -180,7 +180,7 @@ def test_cross_site_local_models_are_validated_the_same_way(
 def test_a_train_message_builds_the_received_model_once_and_validates_it_unchanged(
     cohort: dict[str, Path], tmp_path: Path
 ) -> None:
-    """Validating the received model, then training that same object, equals two separate builds bit for bit."""
+    """``train_round(validate=True)`` validates and trains one built model: bit for bit what two separate builds give."""
     cfg = _cfg()
     state = build_model("densenet3d", cfg.models.densenet3d, mask_channel=cfg.preprocess.mask_channel).state_dict()
     flat = ModelCodec.for_state_dict(state).pack(state)
@@ -192,10 +192,9 @@ def test_a_train_message_builds_the_received_model_once_and_validates_it_unchang
     h_apart = apart.validate_round("densenet3d", 0, flat, 1)
     t_apart = apart.train_round("densenet3d", 0, flat, 2, ROUNDS)
 
-    once = site("once")
-    received = once.load_model("densenet3d", 0, flat, 1)
-    h_once = once.validate_round("densenet3d", 0, flat, 1, model=received)
-    t_once = once.train_round("densenet3d", 0, flat, 2, ROUNDS, model=received)
+    t_once = site("once").train_round("densenet3d", 0, flat, 2, ROUNDS, validate=True)
+    h_once = t_once.validation
+    assert h_once is not None
 
     for field in ("neg", "pos", "neg_sum", "pos_sum"):
         np.testing.assert_array_equal(getattr(h_once, field), getattr(h_apart, field))
