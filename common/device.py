@@ -18,6 +18,9 @@ Rules (README, "Running on a GPU"):
 * ``augment_on: auto`` is ``device`` (batched, :mod:`common.device_augment`)
   on CUDA and ``workers`` (MONAI per item, the original path) on the CPU,
   so CPU training is bitwise what it was.
+* ``memory_format: auto`` is channels-last for the 2D network (the fast
+  convolution path of oneDNN and cuDNN) and the default layout for 3D and
+  under DP; ``channels_last`` asks it for both, ``contiguous`` for neither.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from .config import ConfigError, ExperimentConfig
 
 Amp = Literal["off", "bf16", "fp16"]
 AugmentOn = Literal["workers", "device"]
+Layout = Literal["contiguous", "channels_last"]
 _DEVICE = re.compile(r"(auto|cpu|cuda)(?::([0-9]+))?")
 
 
@@ -63,6 +67,8 @@ class Runtime:
     name: str  # "cpu" or the GPU's name
     amp: Amp = "off"
     augment_on: AugmentOn = "workers"
+    layout_2d: Layout = "contiguous"
+    layout_3d: Layout = "contiguous"
 
     @property
     def torch_device(self) -> torch.device:
@@ -87,9 +93,21 @@ class Runtime:
         """A gradient scaler for fp16 (its range needs one); bf16 and full precision need none."""
         return torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
 
+    def memory_format(self, kind: str) -> torch.memory_format:
+        """The layout a network of ``kind`` (``densenet2d``/``densenet3d``) runs in."""
+        if kind == "densenet2d":
+            return torch.channels_last if self.layout_2d == "channels_last" else torch.contiguous_format
+        return torch.channels_last_3d if self.layout_3d == "channels_last" else torch.contiguous_format
+
     def describe(self) -> dict[str, str]:
         """What summary.json and the report say about where a site trained."""
-        return {"device": self.device, "name": self.name, "amp": self.amp, "augment_on": self.augment_on}
+        return {
+            "device": self.device,
+            "name": self.name,
+            "amp": self.amp,
+            "augment_on": self.augment_on,
+            "layout": f"2d {self.layout_2d}, 3d {self.layout_3d}",
+        }
 
 
 def resolve(
@@ -100,6 +118,7 @@ def resolve(
     offer: Offer,
     dp: bool = False,
     key: str = "train.device",
+    memory_format: str = "auto",
 ) -> Runtime:
     """The runtime for the requested settings on a machine that offers ``offer``; raises ``ConfigError``.
 
@@ -147,35 +166,59 @@ def resolve(
     if augment_on not in ("auto", "workers", "device"):
         raise ConfigError(f"train.augment_on: {augment_on!r} is not one of auto, workers, device")
     where: AugmentOn = ("device" if on_cuda else "workers") if augment_on == "auto" else augment_on  # type: ignore[assignment]
-    return Runtime(device=f"cuda:{i}" if on_cuda else "cpu", name=name, amp=chosen, augment_on=where)
+    if memory_format not in ("auto", "contiguous", "channels_last"):
+        raise ConfigError(f"train.memory_format: {memory_format!r} is not one of auto, contiguous, channels_last")
+    if memory_format == "channels_last" and dp:
+        raise ConfigError("train.memory_format: channels_last is not compatible with DP-SGD: use 'auto' or 'contiguous'")
+    fast: Layout = "contiguous" if memory_format == "contiguous" or dp else "channels_last"
+    return Runtime(
+        device=f"cuda:{i}" if on_cuda else "cpu",
+        name=name,
+        amp=chosen,
+        augment_on=where,
+        layout_2d=fast,
+        layout_3d="channels_last" if memory_format == "channels_last" else "contiguous",
+    )
 
 
 def for_config(cfg: ExperimentConfig, *, offer: Offer | None = None) -> Runtime:
     """The runtime of ``cfg``'s ``train.device``/``amp``/``augment_on`` on this machine."""
     t = cfg.train
-    return resolve(t.device, t.amp, t.augment_on, offer=offer or Offer.probe(), dp=cfg.dp.enabled)
+    return resolve(
+        t.device, t.amp, t.augment_on, offer=offer or Offer.probe(), dp=cfg.dp.enabled, memory_format=t.memory_format
+    )
 
 
 @contextlib.contextmanager
-def placed(model: torch.nn.Module, device: torch.device) -> Iterator[torch.nn.Module]:
-    """Run a block with ``model`` on ``device`` and give it back where it was.
+def placed(
+    model: torch.nn.Module, device: torch.device, layout: torch.memory_format = torch.contiguous_format
+) -> Iterator[torch.nn.Module]:
+    """Run a block with ``model`` on ``device`` in ``layout`` and give it back where it was, contiguous.
 
-    Callers keep their models on the CPU (codecs, checkpoints and state
-    dicts read them there); on the CPU this is a no-op.
+    Callers keep their models on the CPU in the default layout (codecs,
+    checkpoints and state dicts read them there); on the CPU in the default
+    layout this is a no-op.  Inputs need no conversion: a convolution whose
+    weight is channels-last runs channels-last.
     """
     first = next(iter(model.parameters()), None)
     if first is None:  # nothing to move (a parameter-free module)
         yield model
         return
     home = first.device
-    model.to(device)
+    if layout == torch.contiguous_format:
+        model.to(device)
+    else:
+        model.to(device, memory_format=layout)  # type: ignore[call-overload]  # documented, not in the stubs
     try:
         yield model
     finally:
-        model.to(home)
+        if layout == torch.contiguous_format:
+            model.to(home)
+        else:
+            model.to(home, memory_format=torch.contiguous_format)  # type: ignore[call-overload]
 
 
-REPORTED_KEYS = ("device", "name", "amp", "augment_on")
+REPORTED_KEYS = ("device", "name", "amp", "augment_on", "layout")
 MAX_REPORTED_CHARS = 80
 
 

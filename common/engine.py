@@ -244,7 +244,7 @@ def train(
     labels = arrays.labels[np.asarray(indices, dtype=int)]
     weight = class_weights(labels).to(dev) if cfg.train.class_weighting else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
-    with placed(model, dev):
+    with placed(model, dev, rt.memory_format(kind)):
         opt = _adam(model, cfg)
         if keep and optimizer_state is not None:
             try:
@@ -380,7 +380,7 @@ def recalibrate_batchnorm(
     for bn in bns:
         bn.reset_running_stats()
         bn.momentum = None
-    with placed(model, rt.torch_device):
+    with placed(model, rt.torch_device, rt.memory_format(kind)):
         model.train()
         for batch in _waited(make_loader(arrays, indices, kind, "eval", cfg, seed, rt), wait):
             assert isinstance(batch, dict)
@@ -429,7 +429,7 @@ def predict(
             mirrored = model(x.flip(2))
         return (p + torch.softmax(mirrored.float(), dim=1)[:, 1]) / 2
 
-    with placed(model, dev):
+    with placed(model, dev, rt.memory_format(kind)):
         for batch in _waited(make_loader(arrays, indices, kind, "eval", cfg, 0, rt), wait):
             assert isinstance(batch, dict)
             x = batch["image"].to(dev, non_blocking=True).float()

@@ -29,9 +29,11 @@ def with_train(cfg: ExperimentConfig, **kw: Any) -> ExperimentConfig:
 
 
 def test_auto_is_the_cpu_without_a_gpu_and_the_first_gpu_with_one() -> None:
-    assert resolve("auto", "auto", "auto", offer=CPU_ONLY) == Runtime("cpu", "cpu", "off", "workers")
+    assert resolve("auto", "auto", "auto", offer=CPU_ONLY) == Runtime(
+        "cpu", "cpu", "off", "workers", layout_2d="channels_last"
+    )
     on_gpu = resolve("auto", "auto", "auto", offer=TWO_GPUS)
-    assert on_gpu == Runtime("cuda:0", "NVIDIA A100-SXM4-80GB", "bf16", "device")
+    assert on_gpu == Runtime("cuda:0", "NVIDIA A100-SXM4-80GB", "bf16", "device", layout_2d="channels_last")
     # an older GPU without bf16 gets fp16 (with a scaler); DP turns auto AMP off
     assert resolve("cuda:1", "auto", "auto", offer=TWO_GPUS).amp == "fp16"
     assert resolve("cuda", "auto", "workers", offer=TWO_GPUS, dp=True) == Runtime(
@@ -108,6 +110,52 @@ def test_runtime_autocast_and_scaler_follow_the_amp_choice() -> None:
     assert Runtime("cuda:0", "x", "fp16").amp_dtype is torch.float16
     with Runtime("cpu", "cpu").autocast():
         assert not torch.is_autocast_enabled()
+
+
+# ---------------------------------------------------------------- tensor layout
+
+
+def test_memory_format_auto_is_channels_last_for_2d_only_and_never_under_dp() -> None:
+    auto = resolve("cpu", "auto", "auto", offer=CPU_ONLY)
+    assert auto.memory_format("densenet2d") == torch.channels_last
+    assert auto.memory_format("densenet3d") == torch.contiguous_format
+    both = resolve("cpu", "auto", "auto", offer=CPU_ONLY, memory_format="channels_last")
+    assert both.memory_format("densenet3d") == torch.channels_last_3d
+    assert both.describe()["layout"] == "2d channels_last, 3d channels_last"
+    plain = resolve("cpu", "auto", "auto", offer=CPU_ONLY, memory_format="contiguous")
+    assert plain.memory_format("densenet2d") == torch.contiguous_format
+    dp = resolve("cpu", "auto", "auto", offer=CPU_ONLY, dp=True)
+    assert dp.memory_format("densenet2d") == torch.contiguous_format  # Opacus' per-sample hooks
+    with pytest.raises(ConfigError, match=r"^train\.memory_format: channels_last is not compatible with DP-SGD"):
+        resolve("cpu", "auto", "auto", offer=CPU_ONLY, dp=True, memory_format="channels_last")
+    with pytest.raises(ConfigError, match=r"^train\.memory_format: 'nhwc' is not one of"):
+        for_config(with_train(load_config("tiny"), memory_format="nhwc"))
+    assert for_config(load_config("quick")).memory_format("densenet2d") == torch.channels_last
+
+
+@pytest.mark.parametrize("kind", ["densenet2d", "densenet3d"])
+def test_channels_last_gives_the_same_probabilities_and_hands_the_model_back_contiguous(kind: str) -> None:
+    """Only the convolution algorithm changes: outputs agree to float rounding, state dicts stay plain."""
+    arrays = tiny_arrays(6, seed=2)
+    idx = list(range(6))
+    plain_cfg = with_train(tiny_cfg(), memory_format="contiguous")
+    fast_cfg = with_train(tiny_cfg(), memory_format="channels_last")
+    torch.manual_seed(0)
+    model = build_model(kind, getattr(plain_cfg.models, kind))  # type: ignore[arg-type]
+    train(model, arrays, idx, kind, plain_cfg, epochs=1, schedule=Schedule(0, 1), seed=1)  # type: ignore[arg-type]
+    plain = predict(model, arrays, idx, kind, plain_cfg)  # type: ignore[arg-type]
+    fast = predict(model, arrays, idx, kind, fast_cfg)  # type: ignore[arg-type]
+    np.testing.assert_allclose(fast, plain, rtol=0, atol=1e-5)
+    assert np.ptp(plain) > 1e-4  # a model that separates patients, so the comparison means something
+    result = train(model, arrays, idx, kind, fast_cfg, epochs=1, schedule=Schedule(1, 2), seed=1)  # type: ignore[arg-type]
+    assert result.steps > 0 and math.isfinite(result.loss)
+    assert all(t.is_contiguous() for t in model.state_dict().values())
+    fmt = torch.channels_last if kind == "densenet2d" else torch.channels_last_3d
+    with placed(model, torch.device("cpu"), fmt):
+        convs = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))]
+        assert convs and all(w.is_contiguous(memory_format=fmt) for w in convs)
+        assert not all(w.is_contiguous() for w in convs)
+    assert all(p.is_contiguous() for p in model.parameters())
 
 
 # ---------------------------------------------------------------- the engine on the CPU
@@ -278,6 +326,7 @@ def test_a_sites_device_report_is_cleaned_and_shown_in_the_report_header() -> No
         "name": "cpu",
         "amp": "off",
         "augment_on": "workers",
+        "layout": "2d contiguous, 3d contiguous",
     }
     line = _devices(
         {"b": {"device": "cpu", "name": "cpu"}, "a": {"device": "cuda:0", "name": "H100", "amp": "bf16"}}
