@@ -160,6 +160,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="train.augment_on (default auto: on the device on cuda, in the DataLoader on cpu)",
     )
     p.add_argument(
+        "--memory-format",
+        type=_formats,
+        default=("auto",),
+        metavar="F1,F2",
+        help="train.memory_format values to measure, out of auto,contiguous,channels_last (default auto: "
+        "channels-last for 2D, contiguous for 3D)",
+    )
+    p.add_argument(
         "--arch",
         default="densenet121",
         choices=("densenet121", "small"),
@@ -199,6 +207,13 @@ def _amps(text: str) -> tuple[str, ...]:
     return names
 
 
+def _formats(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names or any(n not in ("auto", "contiguous", "channels_last") for n in names):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose from auto,contiguous,channels_last")
+    return names
+
+
 def _sections(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in SECTIONS]
@@ -227,10 +242,12 @@ def specs(args: argparse.Namespace) -> list[Spec]:
             workers=args.workers,
             amp=amp,
             augment_on=args.augment_on,
+            memory_format=fmt,
         )
         for preset in presets
         for kind in args.kinds
         for amp in args.amp
+        for fmt in args.memory_format
     ]
 
 

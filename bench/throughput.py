@@ -60,8 +60,8 @@ class Spec:
     ``preset`` gives the input sizes and the batch size (``quick``: 3D 32^3,
     2D 3 x 64^2, batch 8; ``study``: 96^3, 3 x 224^2, batch 20; ``tiny``: 32^3,
     3 x 32^2).  ``batch=0`` keeps the preset's; ``threads=0`` leaves torch's
-    default.  ``device``, ``amp`` and ``augment_on`` are the ``train.*``
-    settings of the same names.
+    default.  ``device``, ``amp``, ``augment_on`` and ``memory_format`` are
+    the ``train.*`` settings of the same names.
     """
 
     kind: ModelKind
@@ -75,6 +75,7 @@ class Spec:
     workers: int = -1  # DataLoader worker processes; -1 keeps the preset's
     amp: Literal["auto", "off", "bf16", "fp16"] = "off"
     augment_on: Literal["auto", "workers", "device"] = "auto"
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
 
     @property
     def label(self) -> str:
@@ -121,6 +122,7 @@ class Measurement:
     device_name: str = ""
     amp: str = "off"
     augment_on: str = "workers"
+    layout: str = "contiguous"  # the network's resolved tensor layout (train.memory_format)
 
     @property
     def train_pps(self) -> float:
@@ -170,6 +172,7 @@ def bench_config(spec: Spec) -> tuple[ExperimentConfig, bool]:
         device=spec.device,
         amp=spec.amp,
         augment_on=spec.augment_on,
+        memory_format=spec.memory_format,
     )
     cfg = dataclasses.replace(
         cfg, models=dataclasses.replace(cfg.models, **{spec.kind: model_cfg}), train=train
@@ -382,6 +385,7 @@ def measure(spec: Spec) -> Measurement:
         device_name=rt.name,
         amp=rt.amp,
         augment_on=rt.augment_on,
+        layout="contiguous" if rt.memory_format(spec.kind) == torch.contiguous_format else "channels_last",
     )
 
 

@@ -185,10 +185,12 @@ class TrainConfig:
     augment_on: Literal["auto", "workers", "device"] = "auto"
     # The networks' tensor layout (common/device.py): auto = channels-last for the 2D network, where
     # oneDNN (and cuDNN) take their fast path, and the default layout for 3D and under DP (Opacus'
-    # per-sample gradients).  2026-12-03, AMD EPYC with AVX-512, DenseNet121 2D, 4 x 64^2 input, batch
-    # 8 slices, one thread: a training step 0.29-0.37 s -> 0.22-0.24 s, inference 0.08 -> 0.07 s; 3D
-    # at 32^3 (channels-last-3d) a training step 0.68 -> 0.77 s, slower.  Numerics differ in the last
-    # bits only (another convolution algorithm), as with another thread count.
+    # per-sample gradients).  2026-12-03, AMD EPYC with AVX-512, quick preset, one thread (as a simulated
+    # site), `python -m bench --only throughput --quick-only --kinds densenet2d --threads 1 --patients 32
+    # --memory-format contiguous,channels_last,contiguous,channels_last`: 2D training 6.8-6.9 -> 8.0-8.2
+    # patients/s, BatchNorm recalibration 1.2-1.3 -> 0.8-0.9 s, inference 15-17 -> 21-23 patients/s.  3D
+    # at 32^3 in channels-last-3d, two threads: training 17.8-18.4 -> 13.3 patients/s, slower.  Numerics
+    # differ in the last bits only (another convolution algorithm), as with another thread count.
     memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"
 
 

@@ -63,6 +63,11 @@ def test_the_gpu_section_path_runs_through_the_engine_on_cpu_tensors() -> None:
     assert "amp" in header and "aug" in header and "GPU peak GiB" in header
     row = next(line for line in text.splitlines() if line.startswith("densenet2d"))
     assert " off " in row and " device " in row and row.rstrip().endswith("-")
+    assert result.layout == "channels_last" and " channels_last " in row  # train.memory_format: auto
+    plain = measure(
+        Spec(kind="densenet2d", preset="tiny", patients=4, arch="small", memory_format="contiguous")
+    )
+    assert plain.layout == "contiguous" and plain.train_steps == result.train_steps
     with pytest.raises(BenchError, match=r"train\.amp: bf16 needs a CUDA device"):
         measure(Spec(kind="densenet3d", preset="tiny", patients=4, arch="small", amp="bf16"))
 
@@ -102,9 +107,13 @@ def test_cli_defaults_and_refusals() -> None:
         "off",
         "auto",
     ]
-    assert {s.amp for s in full} == {"off"}
+    assert {s.amp for s in full} == {"off"} and {s.memory_format for s in full} == {"auto"}
+    both = specs(parse_args(["--quick-only", "--kinds", "densenet2d", "--memory-format", "auto,contiguous"]))
+    assert [s.memory_format for s in both] == ["auto", "contiguous"]
     with pytest.raises(SystemExit):
         parse_args(["--amp", "half"])
+    with pytest.raises(SystemExit):
+        parse_args(["--memory-format", "nhwc"])
     if not torch.cuda.is_available():
         with pytest.raises(BenchError, match=r"^--device: cuda requested but no CUDA device"):
             runtime(bench_config(Spec(kind="densenet3d", preset="tiny", patients=4, device="cuda"))[0])
