@@ -16,7 +16,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from common.plots import png_bytes
-from common.report import SCORE_LABELS, Note, Plot, Section, Table
+from common.report import SCORE_LABELS
+from common.reportdoc import Note, Plot, Section, Table
 
 __all__ = ["clinical_section", "forest_figure"]
 

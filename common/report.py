@@ -9,8 +9,9 @@ the summed histograms, every metric from the summary.
 Output, in ``RUN_DIR/report/``: ``report.html`` (PNGs embedded as data URIs,
 inline CSS, no script, no external resource: it can be mailed or archived as
 one file), the PNGs, one CSV per table, ``tables.json`` (all tables) and
-``curves.json`` (the plotted curves).  The folder is written aside and swapped
-in, so a failed rebuild leaves the previous report intact.
+``curves.json`` (the plotted curves), laid out and written by
+``common.reportdoc``.  The folder is written aside and swapped in, so a
+failed rebuild leaves the previous report intact.
 
 Wording: the study's "internal" figures are means over the cross-validation
 folds; "pooled" means all internal test patients of all folds taken together
@@ -20,9 +21,6 @@ external test set is scored by the mean of the fold models' probabilities.
 
 from __future__ import annotations
 
-import base64
-import csv
-import html
 import json
 import logging
 import math
@@ -30,7 +28,6 @@ import shutil
 import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from types import MappingProxyType
@@ -42,8 +39,9 @@ from common.ensemble import ENSEMBLES
 from common.gridstats import ClassHistogram, ScoreGrid, auc, calibration_curve, net_benefit, roc_curve
 from common.plots import BarGroup, Panel, Series, bar_figure, confusion_figure, line_figure, png_bytes
 from common.protocol import ProtocolError, histograms_from_arrays
+from common.reportdoc import Cell, Plot, Preformatted, Section, SectionBlocks, Table, write_report
 
-__all__ = ["SCORE_LABELS", "Plot", "Table", "load_statistics", "load_summary", "render_report"]
+__all__ = ["SCORE_LABELS", "load_statistics", "load_summary", "render_report"]
 
 log = logging.getLogger(__name__)
 
@@ -76,83 +74,8 @@ _METRIC_KEYS = ("auc", "f1", "precision", "recall", "sensitivity", "specificity"
 _METRIC_COLUMNS = ("score", "subset", "n", "n_pos", *_METRIC_KEYS, "tn", "fp", "fn", "tp", "threshold")
 _METRIC_HTML = ("score", "subset", "n", "n_pos", "auc", "f1", "precision", "recall", "specificity", "accuracy",
                 "brier", "tn", "fp", "fn", "tp")
-_HEADINGS: Mapping[str, str] = MappingProxyType(
-    {"auc": "AUC", "f1": "F1", "n_pos": "malignant", "tn": "TN", "fp": "FP", "fn": "FN", "tp": "TP",
-     "mae": "MAE", "val_auc": "validation AUC", "val_n": "validation n", "n_neg": "benign",
-     "internal_fold_mean_auc": "internal AUC (mean of folds)", "internal_pooled_auc": "internal AUC (pooled)",
-     "external_auc": "external AUC", "delong_p": "DeLong p"}
-)
 CALIBRATION_BINS = 10
 _DCA_THRESHOLDS = np.arange(1, 100) / 100.0
-
-Cell = str | int | float | None
-
-
-# -- report building blocks ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class Table:
-    """A table as written to CSV/JSON (full precision) and shown in HTML (rounded, ``html_columns``)."""
-
-    name: str  # file stem
-    title: str
-    caption: str
-    columns: tuple[str, ...]
-    rows: tuple[tuple[Cell, ...], ...]
-    html_columns: tuple[str, ...] = ()
-    collapsed: bool = False  # long tables go in a <details> element
-    group_column: str = ""  # a new value here starts a ruled-off group of rows (a score, a model)
-
-    def shown(self) -> tuple[str, ...]:
-        return self.html_columns or self.columns
-
-
-@dataclass(frozen=True)
-class Plot:
-    """A rendered figure and the one line saying what it shows."""
-
-    name: str  # file stem
-    title: str
-    caption: str
-    png: bytes
-
-
-@dataclass(frozen=True)
-class Note:
-    """Something the report skipped or the reader must know, said where it matters."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class Preformatted:
-    """Verbatim text (the run's configuration), collapsed."""
-
-    title: str
-    text: str
-
-
-Block = Table | Plot | Note | Preformatted
-
-
-@dataclass(frozen=True)
-class Section:
-    anchor: str
-    title: str
-    blocks: tuple[Block, ...]
-
-
-@dataclass
-class _Builder:
-    """Collects a section's blocks in order (local to one section builder)."""
-
-    blocks: list[Block] = field(default_factory=list)
-
-    def note(self, text: str) -> None:
-        self.blocks.append(Note(text))
-
-    def add(self, block: Block) -> None:
-        self.blocks.append(block)
-
 
 # -- inputs -------------------------------------------------------------------------------------------
 BESIDE_SUMMARY: Mapping[str, str | None] = MappingProxyType({"launch.json": None, "baselines.json": "baselines"})
@@ -237,23 +160,6 @@ def _ordered(scores: Iterable[str]) -> list[str]:
 
 def _fold_key(subset: str) -> int:
     return int(subset[4:]) if subset.startswith("fold") and subset[4:].isdigit() else 10**6
-
-
-def _fmt(value: Cell) -> str:
-    """HTML view of a cell: 4 decimals for rates, thousands separators for counts."""
-    if value is None:
-        return "–"
-    if isinstance(value, bool | str):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if not math.isfinite(value):
-        return "–"
-    if value != 0 and abs(value) < 1e-3:
-        return f"{value:.2e}"
-    if abs(value) >= 1000:
-        return f"{value:,.0f}"
-    return f"{value:.4f}"
 
 
 def _duration(seconds: float | None) -> str:
@@ -367,7 +273,7 @@ def _environment_facts(environment: Any) -> list[tuple[Cell, ...]]:
 
 def header_section(summary: Mapping[str, Any], run_dir: Path, grid_bins: int | None) -> Section:
     """Plan, configuration, seed, machines and libraries, sites with roles and counts, time."""
-    b = _Builder()
+    b = SectionBlocks()
     finished = datetime.fromtimestamp((run_dir / "summary.json").stat().st_mtime, tz=timezone.utc)
     facts: list[tuple[Cell, ...]] = [
         ("plan", summary.get("plan")),
@@ -411,7 +317,7 @@ def header_section(summary: Mapping[str, Any], run_dir: Path, grid_bins: int | N
 
 def table2_section(summary: Mapping[str, Any]) -> Section:
     """Single scores: per fold, mean of folds, pooled internal, external."""
-    b = _Builder()
+    b = SectionBlocks()
     models = summary.get("models", {})
     singles = _ordered(s for s, e in models.items() if not _is_ensemble(s, e))
     rows = [r for s in singles for r in _metric_rows(s, models[s])]
@@ -431,7 +337,7 @@ def table2_section(summary: Mapping[str, Any]) -> Section:
 
 def table4_section(summary: Mapping[str, Any]) -> Section:
     """Ensembles: fitted weights, validation AUC, metrics; DeLong comparisons when present."""
-    b = _Builder()
+    b = SectionBlocks()
     models = summary.get("models", {})
     ensembles = _ordered(s for s, e in models.items() if _is_ensemble(s, e))
     if not ensembles:
@@ -499,7 +405,7 @@ def _delong_table(delong: Mapping[str, Any]) -> Table:
 
 def table3_section(summary: Mapping[str, Any]) -> Section:
     """Reader study per tier, without and with the AI's prediction."""
-    b = _Builder()
+    b = SectionBlocks()
     study = summary.get("reader_study")
     if not isinstance(study, dict) or not study:
         b.note("No reader study in this run.")
@@ -657,7 +563,7 @@ def figures_section(
     summary: Mapping[str, Any], stats: Mapping[str, Mapping[str, ClassHistogram]] | None
 ) -> tuple[Section, dict[str, Any]]:
     """ROC, calibration, decision curves and confusion matrices; returns the curve data too."""
-    b = _Builder()
+    b = SectionBlocks()
     if stats is None:
         b.note("No grid statistics (stats/final.npz) in this run folder: curves skipped.")
         sets: dict[str, dict[str, ClassHistogram]] = {"internal pooled": {}, "external": {}}
@@ -826,7 +732,7 @@ def _participation_tables(
 
 def training_section(summary: Mapping[str, Any]) -> Section:
     """Validation AUC and loss per round, participation."""
-    b = _Builder()
+    b = SectionBlocks()
     logs = _round_logs(summary)
     if not logs:
         b.note("No federated round logs in this run (nothing trained, or training was resumed from a finished run).")
@@ -846,7 +752,7 @@ def training_section(summary: Mapping[str, Any]) -> Section:
 
 def communication_section(summary: Mapping[str, Any]) -> Section:
     """Bytes each site sent and received over the whole run."""
-    b = _Builder()
+    b = SectionBlocks()
     comm = summary.get("communication", {})
     if not comm:
         b.note("No communication counts in this run.")
@@ -883,7 +789,7 @@ def _auc_triple(entry: Mapping[str, Any] | None) -> tuple[float | None, float | 
 
 def baselines_section(summary: Mapping[str, Any]) -> Section:
     """Federated vs pooled (centralised) vs local-only training, and the cohort's reference AUCs."""
-    b = _Builder()
+    b = SectionBlocks()
     baselines = summary.get("baselines")
     cohort = summary.get("cohort")
     if not isinstance(baselines, dict) or not baselines:
@@ -952,112 +858,6 @@ def _baselines_plot(
                 "the synthetic cohort's reference AUCs when known.", png_bytes(fig))
 
 
-# -- writing ----------------------------------------------------------------------------------------------------
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;max-width:1280px;
-padding:1.2em 2em;color:#1b1b1b;line-height:1.4}
-h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
-nav a{margin-right:1em}table{border-collapse:collapse;margin:.3em 0 1.4em;font-size:.86em}
-p.cap{margin:.8em 0 .2em;color:#444;font-size:.9em}p.cap b{color:#1b1b1b}p.cap i{color:#888}
-th,td{border:1px solid #d4d4d4;padding:.25em .55em}th{background:#f2f4f7}tr.group td{border-top:2px solid #999}
-td.num{text-align:right;font-variant-numeric:tabular-nums}tr:nth-child(even) td{background:#fafafa}
-figure{margin:1em 0 1.6em}figure img{max-width:100%;height:auto;border:1px solid #eee}
-figcaption{color:#444;font-size:.9em}figcaption b{color:#1b1b1b}
-.note{color:#7a5a00;background:#fff8e1;border-left:4px solid #f0c000;padding:.3em .7em;font-size:.9em}
-pre{background:#f6f8fa;padding:.8em;overflow-x:auto;font-size:.8em}details{margin:.4em 0 1.2em}
-summary{cursor:pointer;font-weight:600}
-"""
-
-
-def _heading(column: str) -> str:
-    return _HEADINGS.get(column, column.replace("_", " "))
-
-
-def _table_html(t: Table) -> str:
-    cols = t.shown()
-    idx = [t.columns.index(c) for c in cols]
-    head = "".join(f"<th>{html.escape(_heading(c))}</th>" for c in cols)
-    body: list[str] = []
-    key = t.columns.index(t.group_column) if t.group_column else None
-    previous: Cell = None
-    for row in t.rows:
-        group = ' class="group"' if key is not None and body and row[key] != previous else ""
-        previous = row[key] if key is not None else None
-        cells = []
-        for i in idx:
-            v = row[i]
-            cls = ' class="num"' if isinstance(v, int | float) and not isinstance(v, bool) else ""
-            cells.append(f"<td{cls}>{html.escape(_fmt(v))}</td>")
-        body.append(f"<tr{group}>" + "".join(cells) + "</tr>")
-    if not t.rows:
-        body.append(f'<tr><td colspan="{len(cols)}">no rows</td></tr>')
-    table = (f'<p class="cap"><b>{html.escape(t.title)}.</b> {html.escape(t.caption)} <i>({t.name}.csv)</i></p>'
-             f'<table id="{t.name}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
-    if t.collapsed:
-        return f"<details><summary>{html.escape(t.title)} ({len(t.rows)} rows)</summary>{table}</details>"
-    return table
-
-
-def _plot_html(p: Plot) -> str:
-    data = base64.b64encode(p.png).decode("ascii")
-    return (f'<figure id="{p.name}"><img alt="{html.escape(p.title)}" src="data:image/png;base64,{data}">'
-            f"<figcaption><b>{html.escape(p.title)}.</b> {html.escape(p.caption)}</figcaption></figure>")
-
-
-def _block_html(block: Block) -> str:
-    if isinstance(block, Table):
-        return _table_html(block)
-    if isinstance(block, Plot):
-        return _plot_html(block)
-    if isinstance(block, Note):
-        return f'<p class="note">{html.escape(block.text)}</p>'
-    return f"<details><summary>{html.escape(block.title)}</summary><pre>{html.escape(block.text)}</pre></details>"
-
-
-def render_html(title: str, sections: Sequence[Section]) -> str:
-    """The whole page: inline CSS, images as data URIs, no script and no external reference."""
-    nav = "".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in sections)
-    body = "".join(
-        f'<section id="{s.anchor}"><h2>{html.escape(s.title)}</h2>{"".join(_block_html(b) for b in s.blocks)}</section>'
-        for s in sections
-    )
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
-            f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1><nav>{nav}</nav>{body}</body></html>\n")
-
-
-def _write_table(t: Table, folder: Path) -> None:
-    with (folder / f"{t.name}.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(t.columns)
-        writer.writerows(["" if v is None else v for v in row] for row in t.rows)
-
-
-def _blocks(sections: Iterable[Section]) -> Iterable[Block]:
-    return (b for s in sections for b in s.blocks)
-
-
-def write_report(folder: Path, title: str, sections: Sequence[Section], curves: Mapping[str, Any]) -> Path:
-    """Write the HTML, PNGs, CSV tables, ``tables.json`` and ``curves.json`` into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tables = [b for b in _blocks(sections) if isinstance(b, Table)]
-    plots = [b for b in _blocks(sections) if isinstance(b, Plot)]
-    for kind, items in (("table", tables), ("figure", plots)):
-        dupes = [n for n, c in Counter(x.name for x in items).items() if c > 1]
-        if dupes:  # a programming error: two blocks would overwrite one file
-            raise ValueError(f"duplicate {kind} names in the report: {dupes}")
-    for t in tables:
-        _write_table(t, folder)
-    for p in plots:
-        (folder / f"{p.name}.png").write_bytes(p.png)
-    (folder / "tables.json").write_text(json.dumps(
-        {t.name: {"title": t.title, "caption": t.caption, "columns": list(t.columns), "rows": [list(r) for r in t.rows]}
-         for t in tables}, indent=1))
-    (folder / "curves.json").write_text(json.dumps(_jsonable(curves)))
-    path = folder / "report.html"
-    path.write_text(render_html(title, sections), encoding="utf-8")
-    return path
-
-
 def render_report(run_dir: Path) -> Path:
     """Build ``RUN_DIR/report/`` from ``summary.json`` and ``stats/final.npz``; return the HTML's path.
 
@@ -1093,7 +893,7 @@ def render_report(run_dir: Path) -> Path:
     final = run_dir / "report"
     staging = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
     try:
-        write_report(staging, title, sections, curves)
+        write_report(staging, title, sections, _jsonable(curves))
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)

@@ -170,7 +170,7 @@ def test_report_reads_what_the_launching_command_wrote_beside_the_summary(tmp_pa
     loaded = load_summary(tmp_path)
     assert loaded["wall_seconds_total"] == 12.5 and loaded["cohort"]["oracle_auc"]["all"] == 0.9
     assert loaded["baselines"] == {"pooled": {}, "wall_seconds": 3.0}
-    from common.report import Table
+    from common.reportdoc import Table
 
     table = header_section(loaded, tmp_path, None).blocks[0]
     assert isinstance(table, Table)
