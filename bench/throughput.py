@@ -385,7 +385,7 @@ def measure(spec: Spec) -> Measurement:
         device_name=rt.name,
         amp=rt.amp,
         augment_on=rt.augment_on,
-        layout="contiguous" if rt.memory_format(spec.kind) == torch.contiguous_format else "channels_last",
+        layout=rt.layout(spec.kind),
     )
 
 

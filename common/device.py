@@ -93,11 +93,15 @@ class Runtime:
         """A gradient scaler for fp16 (its range needs one); bf16 and full precision need none."""
         return torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
 
-    def memory_format(self, kind: str) -> torch.memory_format:
+    def layout(self, kind: str) -> Layout:
         """The layout a network of ``kind`` (``densenet2d``/``densenet3d``) runs in."""
-        if kind == "densenet2d":
-            return torch.channels_last if self.layout_2d == "channels_last" else torch.contiguous_format
-        return torch.channels_last_3d if self.layout_3d == "channels_last" else torch.contiguous_format
+        return self.layout_2d if kind == "densenet2d" else self.layout_3d
+
+    def memory_format(self, kind: str) -> torch.memory_format:
+        """:meth:`layout` as torch's memory format for that network's 4D or 5D tensors."""
+        if self.layout(kind) == "contiguous":
+            return torch.contiguous_format
+        return torch.channels_last if kind == "densenet2d" else torch.channels_last_3d
 
     def describe(self) -> dict[str, str]:
         """What summary.json and the report say about where a site trained."""
@@ -182,7 +186,7 @@ def resolve(
 
 
 def for_config(cfg: ExperimentConfig, *, offer: Offer | None = None) -> Runtime:
-    """The runtime of ``cfg``'s ``train.device``/``amp``/``augment_on`` on this machine."""
+    """The runtime of ``cfg``'s ``train.device``/``amp``/``augment_on``/``memory_format`` on this machine."""
     t = cfg.train
     return resolve(
         t.device, t.amp, t.augment_on, offer=offer or Offer.probe(), dp=cfg.dp.enabled, memory_format=t.memory_format
