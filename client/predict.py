@@ -296,7 +296,7 @@ class Predictor:
             mask_ras,
             cube_to_grid(cube_cam, inputs.box_mm, affine_ras, image_ras.shape),
             np.sqrt((affine_ras[:3, :3] ** 2).sum(axis=0)).tolist(),
-            int(inputs.slice_indices[0]),
+            int(inputs.slice_indices[0]),  # the largest axial slice, first under either d2.planes
             (d3.hu_min, d3.hu_max),
             title,
             out_dir / f"{name}_gradcam.png",

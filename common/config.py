@@ -32,6 +32,7 @@ PRESETS = ("quick", "quick-study", "study", "tiny")
 Plan = Literal["federated", "study", "loco"]
 Role = Literal["train", "external"]
 Norm = Literal["batch", "group", "instance"]
+Planes = Literal["axial", "orthogonal"]
 Strategy = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "fedmedian", "fedtrimmedavg"]
 
 
@@ -81,16 +82,21 @@ class Preprocess3DConfig:
 
 @dataclass(frozen=True)
 class Preprocess2DConfig:
-    """2D input: the ``n_slices`` axial slices with the largest tumour area.
+    """2D input: ``n_slices`` tumour cross-sections, the largest first.
 
-    Each slice's ROI bounding box (plus margin) is resized to ``size``x``size``
-    (``crop="square"``: a square around it with the box's longer side, so the
-    lesion keeps its shape); the three channels are three HU windows (bone,
-    soft tissue, wide).
+    ``planes="axial"``: the ``n_slices`` axial slices with the largest tumour
+    area (the study's three images).  ``planes="orthogonal"``: the largest
+    axial, coronal and sagittal section, in that order (``n_slices`` 3), so
+    the three images see the lesion's shape along all three axes instead of
+    three neighbouring axial cuts of it.  Each slice's ROI bounding box (plus
+    margin) is resized to ``size``x``size`` (``crop="square"``: a square
+    around it with the box's longer side, so the lesion keeps its shape); the
+    three channels are three HU windows (bone, soft tissue, wide).
     """
 
     size: int = 64
     crop: Literal["bbox", "square"] = "bbox"
+    planes: Planes = "axial"
     n_slices: int = 3
     margin_mm: float = 8.0
     slice_weights: tuple[float, ...] = (0.4, 0.3, 0.3)
@@ -291,8 +297,14 @@ class ExperimentConfig:
         for dim in ("d3", "d2"):
             mo = getattr(self.preprocess, dim).mask_outside_mm
             _check(math.isfinite(mo) and mo >= 0, f"preprocess.{dim}.mask_outside_mm", "must be >= 0 (0: off)")
-        w = self.preprocess.d2.slice_weights
-        _check(len(w) == self.preprocess.d2.n_slices, "preprocess.d2.slice_weights", "needs one weight per slice")
+        d2 = self.preprocess.d2
+        _check(
+            d2.planes != "orthogonal" or d2.n_slices == 3,
+            "preprocess.d2.n_slices",
+            "must be 3 with planes: orthogonal (one axial, one coronal and one sagittal section)",
+        )
+        w = d2.slice_weights
+        _check(len(w) == d2.n_slices, "preprocess.d2.slice_weights", "needs one weight per slice")
         _check(all(x >= 0 for x in w) and sum(w) > 0, "preprocess.d2.slice_weights", "must be >= 0 with a positive sum")
         _check(self.train.batch_size >= 1, "train.batch_size", "must be >= 1")
         _check(self.train.lr > 0, "train.lr", "must be > 0")

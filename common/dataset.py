@@ -77,8 +77,9 @@ class SiteArrays:
     """Everything the models need from one site (or a pool of sites), one row per patient.
 
     ``sites`` names each row's site (differs from ``site`` only after
-    ``concat``).  ``slice_indices`` are the RAS z indices of the 2D slices,
-    largest tumour area first.  ``refused`` holds one message per refused
+    ``concat``).  ``slice_indices`` are the 2D slices' indices along their
+    normal axes (RAS z for axial slices; see ``preprocess.d2.planes``),
+    axial first and largest tumour area first.  ``refused`` holds one message per refused
     case; ``digest`` identifies the preprocessing (cache key) for audit.
     """
 
@@ -294,7 +295,7 @@ class ModelInputs:
 
     vol3d: np.ndarray  # float32 (C, S, S, S) in [0, 1]; C = 1, or 2 with the mask channel
     slices2d: np.ndarray  # float32 (n, C, s, s) in [0, 1]; C = 3, or 4 with the mask channel
-    slice_indices: np.ndarray  # int64 (n,), RAS z, largest tumour area first
+    slice_indices: np.ndarray  # int64 (n,), along each slice's normal axis (RAS z when axial), axial first
     box_mm: np.ndarray  # float64 (2, 3)
 
 

@@ -405,11 +405,11 @@ def predict(
     """Probability of malignancy per patient, under ``model.eval()`` (and autocast where AMP is on).
 
     2D: each patient's slices are scored and their probabilities averaged
-    with ``preprocess.d2.slice_weights`` (slices ordered by tumour area, largest
-    first), the study's patient-level rule.  ``evaluation.tta_flip``: each
-    input's probability is the mean over it and its left-right mirror (the
-    training flip, first spatial axis), so a prediction does not depend on
-    which side the scanner stored first.
+    with ``preprocess.d2.slice_weights`` (in the order of ``preprocess.d2.planes``),
+    the study's patient-level rule.  ``evaluation.tta_flip``: each input's
+    probability is the mean over it and its mirror along the first spatial axis
+    (the training flip: left-right, front-to-back for a sagittal slice), so a
+    prediction does not depend on which side the scanner stored first.
     """
     if len(indices) == 0:
         return np.zeros(0, dtype=np.float64)

@@ -38,15 +38,21 @@ Conventions (documented because results depend on them):
 * **2D slices**: the ``n_slices`` axial (RAS z) slices with the largest
   tumour area, largest first (so ``slice_weights[0]`` weighs the largest);
   equal areas: the slice closer to the mask's centroid first, then the lower
-  one.  A tumour on fewer slices repeats its largest slice.  Each slice's ROI
+  one.  A tumour on fewer slices repeats its largest slice.  With
+  ``d2.planes="orthogonal"`` the three slices are the largest axial, coronal
+  (RAS y) and sagittal (RAS x) sections, by the same rule along each axis;
+  a slice's rows follow the first of its two in-plane RAS axes (x for axial
+  and coronal, y for sagittal), its columns the second.  Each slice's ROI
   bounding box plus ``margin_mm`` in-plane is stretched to ``size``^2, with
   three channels: bone window, soft tissue [-160, 240], wide [-1000, 2000].
 * **Augmentation**: with probability ``prob`` an affine (rotation about every
   axis in 3D, in-plane in 2D, translation ``translate_frac * size`` voxels,
   per-axis scaling) and, independently with ``prob``, a left-right flip
-  (the first axis is R in both the 3D cube and the 2D slices: the mirror image
-  of a sacrum is anatomically plausible, a head-to-foot flip is not).
-  Padding is 0, i.e. air.
+  (the first axis is R in both the 3D cube and the axial and coronal slices:
+  the mirror image of a sacrum is anatomically plausible, a head-to-foot flip
+  is not).  A sagittal slice has no left-right axis; its first axis is A, so
+  there the same flip is front-to-back, which makes the 2D network indifferent
+  to it (measured with it; see ``quick.yaml``).  Padding is 0, i.e. air.
 * **Mask outside** (``d3.mask_outside_mm``, ``d2.mask_outside_mm``; 0 is
   off): after windowing, the image is set to 0 (air) where the Euclidean
   distance (mm, on the crop's own grid) to the ROI exceeds the setting, so
@@ -71,7 +77,7 @@ from monai.config import KeysCollection
 from monai.transforms import Compose, ConcatItemsd, MapTransform, RandAffined, RandFlipd, ToTensord
 from scipy import ndimage
 
-from common.config import AugmentConfig, Preprocess2DConfig, Preprocess3DConfig
+from common.config import AugmentConfig, Planes, Preprocess2DConfig, Preprocess3DConfig
 from common.sitedata import Volume
 
 AIR_HU = -1000.0
@@ -221,6 +227,16 @@ def select_slices(mask: np.ndarray, n_slices: int) -> np.ndarray:
     return np.asarray(chosen, dtype=np.int64)
 
 
+AXIAL, CORONAL, SAGITTAL = 2, 1, 0  # the RAS axis normal to each plane
+
+
+def section_planes(mask: np.ndarray, n_slices: int, planes: Planes) -> list[tuple[int, int]]:
+    """(normal axis, index) of each 2D section, in input order (see the module docstring)."""
+    if planes == "orthogonal":
+        return [(a, int(select_slices(np.moveaxis(mask, a, -1), 1)[0])) for a in (AXIAL, CORONAL, SAGITTAL)]
+    return [(AXIAL, int(z)) for z in select_slices(mask, n_slices)]
+
+
 def slice_coordinates(
     roi: np.ndarray, spacing_xy: tuple[float, float], margin_mm: float, size: int, *, square: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -284,11 +300,13 @@ class CropResampled(MapTransform):
         return d
 
 
-class AxialSlicesd(MapTransform):
-    """Pick the largest axial ROI slices and resample each ROI box (``crop``: stretched or square) to ``size``^2.
+class RoiSlicesd(MapTransform):
+    """Pick the largest ROI sections (``planes``) and resample each ROI box (``crop``: stretched or square) to ``size``^2.
 
-    ``image`` becomes (n, 1, s, s) HU, the mask (n, 1, s, s) in {0, 1};
-    the chosen slice indices (RAS z) are stored under ``slice_indices``.
+    ``image`` becomes (n, 1, s, s) HU, the mask (n, 1, s, s) in {0, 1}; each
+    section's index along its normal axis (RAS z for axial slices, y for
+    coronal, x for sagittal) is stored under ``slice_indices``, its in-plane
+    grid step (mm) under ``slice_step_mm``.
     """
 
     def __init__(self, keys: KeysCollection, cfg: Preprocess2DConfig, *, mask_key: str = "mask") -> None:
@@ -300,29 +318,35 @@ class AxialSlicesd(MapTransform):
         d = dict(data)
         mask = np.asarray(d[self.mask_key])
         spacing = np.sqrt((np.asarray(d["affine"], dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
-        chosen = select_slices(mask, self.cfg.n_slices)
+        sections = section_planes(mask, self.cfg.n_slices, self.cfg.planes)
+        in_plane = [np.asarray([a for a in range(3) if a != normal]) for normal, _ in sections]
         grids = [
             slice_coordinates(
-                mask[:, :, z],
-                (float(spacing[0]), float(spacing[1])),
+                np.take(mask, index, axis=normal),
+                (float(spacing[axes[0]]), float(spacing[axes[1]])),
                 self.cfg.margin_mm,
                 self.cfg.size,
                 square=self.cfg.crop == "square",
             )
-            for z in chosen
+            for (normal, index), axes in zip(sections, in_plane, strict=True)
         ]
         for key in self.key_iterator(d):
             is_mask = key == self.mask_key
             volume = np.asarray(d[key])
             planes = []
-            for z, (coords, step) in zip(chosen, grids, strict=True):
+            for (normal, index), (coords, step) in zip(sections, grids, strict=True):
                 out = sample(
-                    volume[:, :, z], coords, antialias_sigma(np.eye(2), step), 0.0 if is_mask else AIR_HU
+                    np.take(volume, index, axis=normal),
+                    coords,
+                    antialias_sigma(np.eye(2), step),
+                    0.0 if is_mask else AIR_HU,
                 )
                 planes.append((out >= 0.5).astype(np.float32) if is_mask else out)
             d[key] = np.stack(planes)[:, None]
-        d["slice_indices"] = chosen
-        d["slice_step_mm"] = np.stack([step * np.asarray(spacing[:2]) for _, step in grids])  # (n, 2)
+        d["slice_indices"] = np.asarray([index for _, index in sections], dtype=np.int64)
+        d["slice_step_mm"] = np.stack(
+            [step * spacing[axes] for (_, step), axes in zip(grids, in_plane, strict=True)]
+        )  # (n, 2)
         return d
 
 
@@ -452,7 +476,7 @@ def deterministic_2d(
     """
     steps: list[Any] = [
         LargestComponentd("mask"),
-        AxialSlicesd(("image", "mask"), cfg),
+        RoiSlicesd(("image", "mask"), cfg),
         HUWindowsd("image", [bone_window, SOFT_TISSUE_WINDOW, WIDE_WINDOW], channel_axis=1),
     ]
     if cfg.mask_outside_mm > 0:

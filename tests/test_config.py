@@ -58,6 +58,11 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
         ("evaluation: {select_from_round: 0}", r"evaluation\.select_from_round"),
         ("preprocess: {d2: {mask_outside_mm: -1}}", r"preprocess\.d2\.mask_outside_mm: must be >= 0"),
         ("preprocess: {d3: {mask_outside_mm: .nan}}", r"preprocess\.d3\.mask_outside_mm: must be >= 0"),
+        (
+            "preprocess: {d2: {planes: orthogonal, n_slices: 2, slice_weights: [0.5, 0.5]}}",
+            r"preprocess\.d2\.n_slices: must be 3 with planes: orthogonal",
+        ),
+        ("preprocess: {d2: {planes: coronal}}", r"preprocess\.d2\.planes: 'coronal' is not one of"),
         ("train: {label_smoothing: 1.0}", r"train\.label_smoothing: must be in \[0, 1\)"),
         ("train: {label_smoothing: -0.1}", r"train\.label_smoothing"),
     ],

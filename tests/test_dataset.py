@@ -158,6 +158,8 @@ def test_second_call_hits_the_cache(
     # a different preprocessing config is a different key and really preprocesses
     other = dataclasses.replace(CFG, d3=dataclasses.replace(CFG.d3, fov_mm=80.0))
     assert cache_key(site_dir, other) != arrays.digest
+    ortho = dataclasses.replace(CFG, d2=dataclasses.replace(CFG.d2, planes="orthogonal"))
+    assert cache_key(site_dir, ortho) != arrays.digest  # other 2D sections, other arrays
     with pytest.raises(AssertionError, match="preprocessing ran"):
         preprocess_site(site_dir, other, cache_dir)
 

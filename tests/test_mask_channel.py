@@ -169,11 +169,12 @@ def _rewrite_manifest(src: Path, dst: Path, edit: dict[str, object], drop: tuple
 def test_mask_channel_bundle_predicts_as_the_engine(
     tiny_cohort: Path, pelvis: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    # with the image blanked beyond a few mm of the ROI too (preprocess.d3/d2.mask_outside_mm):
-    # the bundle's config carries it, so prediction must apply it exactly as the training pipeline
+    # with the image blanked beyond a few mm of the ROI too (preprocess.d3/d2.mask_outside_mm) and
+    # the quick preset's orthogonal 2D sections (preprocess.d2.planes): the bundle's config carries
+    # both, so prediction must apply them exactly as the training pipeline
+    d2 = {"mask_outside_mm": 6.0, "planes": "orthogonal"}
     cfg = load_config(
-        "tiny",
-        {"preprocess": {"mask_channel": True, "d3": {"crop": "bbox", "mask_outside_mm": 6.0}, "d2": {"mask_outside_mm": 6.0}}},
+        "tiny", {"preprocess": {"mask_channel": True, "d3": {"crop": "bbox", "mask_outside_mm": 6.0}, "d2": d2}}
     )
     arrays = preprocess_site(tiny_cohort / "centre1", cfg.preprocess, tmp_path / "cache")
     path = _trained_bundle(cfg, arrays, tmp_path / "masked.zip")

@@ -259,6 +259,49 @@ def test_slice_selection_order_ties_and_repeats() -> None:
     assert select_slices(one, 3).tolist() == [7, 7, 7]
 
 
+def test_orthogonal_planes_are_the_largest_section_along_each_axis() -> None:
+    """Axial, coronal, sagittal: each the largest section along its own axis, rows and columns as documented."""
+    spacing = (0.8, 1.0, 2.5)
+    shape = (60, 50, 24)
+    x, y, z = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    # A cuboid lesion whose widest cross-sections sit off its centre, one per axis: a one-voxel
+    # wider "collar" at x = 31, y = 22 and z = 11.
+    mask = (abs(x - 30) <= 8) & (abs(y - 25) <= 6) & (abs(z - 12) <= 4)
+    mask |= (x == 31) & (abs(y - 25) <= 7) & (abs(z - 12) <= 5)
+    mask |= (y == 22) & (abs(x - 30) <= 9) & (abs(z - 12) <= 5)
+    mask |= (z == 11) & (abs(x - 30) <= 9) & (abs(y - 25) <= 7)
+    image = (40.0 * x * spacing[0] + 3.0 * z * spacing[2]).astype(np.float32)  # HU rises along R and S
+    vol = Volume(image, mask.astype(np.uint8), np.diag([*spacing, 1.0]), spacing)
+    cfg = Preprocess2DConfig(size=32, planes="orthogonal", margin_mm=2.0)
+    out = _run(deterministic_2d(cfg, bone_window=(-1000.0, 3000.0)), vol)
+    assert out["slice_indices"].tolist() == [11, 22, 31]  # RAS z, y, x
+    bone = out["image"][:, 0]  # (3, s, s): HU rises along x (axial rows, coronal rows) and z (columns)
+    axial, coronal, sagittal = bone
+    def rows_up(a: np.ndarray) -> bool:
+        return bool(np.all(np.diff(a[4:-4, 16]) > 0))
+
+    def cols_up(a: np.ndarray) -> bool:
+        return bool(np.all(np.diff(a[16, 4:-4]) > 0))
+
+    assert rows_up(axial) and np.ptp(axial[16, 4:-4]) < 1e-4  # axial: x rows, y columns (constant)
+    assert rows_up(coronal) and cols_up(coronal)  # coronal: x rows, z columns
+    assert np.ptp(sagittal[4:-4, 16]) < 1e-4 and cols_up(sagittal)  # sagittal: y rows (constant), z columns
+    # Each section's grid step: its ROI box plus the margin, along its own two in-plane axes.
+    box_mm = {0: 19 * 0.8, 1: 15 * 1.0, 2: 11 * 2.5}  # the collar's extents
+    for (a, b), step in zip([(0, 1), (0, 2), (1, 2)], out["slice_step_mm"], strict=True):
+        assert step == pytest.approx([(box_mm[a] + 4.0) / 32, (box_mm[b] + 4.0) / 32])
+
+
+def test_axial_planes_are_the_default_and_unchanged() -> None:
+    vol = sphere_volume(12.0, (1.0, 1.0, 2.0))
+    default = _run(deterministic_2d(Preprocess2DConfig(size=32)), vol)
+    axial = _run(deterministic_2d(Preprocess2DConfig(size=32, planes="axial")), vol)
+    assert np.array_equal(default["image"], axial["image"])
+    assert default["slice_indices"].tolist() == select_slices(vol.mask, 3).tolist()
+    ortho = _run(deterministic_2d(Preprocess2DConfig(size=32, planes="orthogonal")), vol)
+    assert ortho["image"].shape == default["image"].shape
+
+
 def test_2d_channels_are_the_three_hu_windows() -> None:
     image = np.full((20, 20, 10), 100.0, dtype=np.float32)
     mask = np.zeros((20, 20, 10), dtype=np.uint8)
@@ -318,6 +361,18 @@ def test_real_ct_preprocessing_runs(pelvis: Volume, size3: int, size2: int) -> N
     # the sacrum is bright in the bone window at the cube's centre, not air
     c = size3 // 2
     assert out3["image"][0, c - 2 : c + 2, c - 2 : c + 2, c - 2 : c + 2].mean() > 0.05
+
+
+def test_real_ct_orthogonal_sections_cut_through_the_sacrum_box(pelvis: Volume) -> None:
+    out = _run(deterministic_2d(Preprocess2DConfig(size=64, planes="orthogonal")), pelvis)
+    assert out["image"].shape == (3, 3, 64, 64)
+    z, y, x = out["slice_indices"].tolist()  # axial, coronal, sagittal: RAS z, y, x
+    assert SACRUM[2].start <= z < SACRUM[2].stop
+    assert SACRUM[1].start <= y < SACRUM[1].stop
+    assert SACRUM[0].start <= x < SACRUM[0].stop
+    # every section cuts through the body, not air; each step spans 22 voxels + 2 x 8 mm at 3 mm
+    assert all(section[16:48, 16:48].mean() > 0.05 for section in out["image"][:, 0])
+    np.testing.assert_allclose(out["slice_step_mm"], (22 * 3.0 + 16.0) / 64)
 
 
 # ---------------------------------------------------------------- augmentation
