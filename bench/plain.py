@@ -5,7 +5,8 @@ and the same round code (``common.rounds``: seed formula and schedule) and
 aggregation (``server.aggregation``) as ``client.site`` and the strategy, but no Flower, no
 messages, no process per site: for each round every site trains its
 local epochs from the global weights in turn, the weighted mean becomes the
-new global model, and every site's validation patients are scored with it;
+new global model, and every site's validation patients are scored with it
+(rounds that compete for selection, ``common.rounds.validated_round``);
 after the last round the best round (pooled validation AUC) predicts each
 site's test patients.  Run as ``python -m bench.plain SPEC_JSON`` so its
 wall time includes its own interpreter start and imports, as a user's
@@ -30,7 +31,7 @@ from common.engine import predict, seed_everything, set_threads
 from common.metrics import binary_metrics
 from common.models import ModelKind, build_model
 from common.records import ModelCodec
-from common.rounds import local_round
+from common.rounds import local_round, validated_round
 from common.splits import fivefold
 from server.aggregation import weighted_mean
 
@@ -78,12 +79,14 @@ def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> d
                     weights.append(res.n_patients)
                 global_vec = weighted_mean(vectors, weights)
                 model.load_state_dict({**model.state_dict(), **codec.unpack(global_vec)})
-                y, p = [], []
-                for arrays, folds, pos in sites:
-                    idx = [pos[q] for q in folds[fold].val]
-                    y.append(arrays.labels[idx])
-                    p.append(predict(model, arrays, idx, kind, cfg))
-                auc = binary_metrics(np.concatenate(y), np.concatenate(p)).auc
+                auc = float("nan")  # a round that does not compete is not validated, as in the federation
+                if validated_round(cfg, rnd):
+                    y, p = [], []
+                    for arrays, folds, pos in sites:
+                        idx = [pos[q] for q in folds[fold].val]
+                        y.append(arrays.labels[idx])
+                        p.append(predict(model, arrays, idx, kind, cfg))
+                    auc = binary_metrics(np.concatenate(y), np.concatenate(p)).auc
                 history.append(
                     {
                         "round": rnd,

@@ -216,6 +216,7 @@ def train(
     privacy: PrivacyLedger | None = None,
     wait: DataWait | None = None,
     optimizer_state: Mapping[str, Any] | None = None,
+    recalibrate: bool = True,
 ) -> TrainResult:
     """Train ``model`` in place on the patients ``indices`` for ``epochs`` epochs.
 
@@ -233,6 +234,9 @@ def train(
     :func:`fit_select`) would otherwise repeat.  A state that does not fit
     the model (another network, another version) is logged and training
     starts from a fresh Adam: a stale file never fails a round.
+
+    ``recalibrate=False`` skips ``train.bn_recalibration``'s pass, for a model
+    nobody evaluates (a round or an epoch before ``evaluation.select_from_round``).
     """
     keep = cfg.train.keep_optimizer_state
     rt = for_config(cfg)
@@ -296,7 +300,7 @@ def train(
                 loss_sum += float(loss.detach()) * len(y)
                 n_seen += len(y)
         epsilon = finish(engine, privacy, cfg.dp.delta, net) if engine is not None and privacy is not None else None
-        if cfg.train.bn_recalibration:
+        if cfg.train.bn_recalibration and recalibrate:
             recalibrate_batchnorm(model, arrays, indices, kind, cfg, seed, wait=wait)
     return TrainResult(
         n_patients=len(indices),
@@ -463,7 +467,7 @@ class Selection:
     """Best-validation-AUC checkpoint of a centralised training run (the study's rule)."""
 
     best_epoch: int
-    val_aucs: tuple[float, ...]
+    val_aucs: tuple[float, ...]  # per epoch; NaN for an epoch that does not compete (not validated)
     state: dict[str, torch.Tensor]
     seconds: float
 
@@ -485,8 +489,9 @@ def fit_select(
 
     One epoch here is one round with one local epoch in a federation: the
     same schedule, the same selection rule (only epochs ``>= first_epoch``
-    compete, as ``evaluation.select_from_round``), so pooled and federated
-    runs spend the same budget.
+    compete, as ``evaluation.select_from_round``, and earlier ones are neither
+    validated, their AUC NaN, nor recalibrated), so pooled and federated runs
+    spend the same budget.
     """
     t0 = time.perf_counter()
     labels = arrays.labels[np.asarray(val_idx, dtype=int)]
@@ -495,6 +500,7 @@ def fit_select(
     best_auc, best_epoch = -np.inf, 0
     opt_state: dict[str, Any] | None = None  # carried across epochs as a site carries it across rounds
     for e in range(epochs):
+        competes = e + 1 >= min(first_epoch, epochs)
         opt_state = train(
             model,
             arrays,
@@ -506,11 +512,15 @@ def fit_select(
             seed=seed * 1000 + e,
             desc=f"{desc} e{e + 1}",
             optimizer_state=opt_state,
+            recalibrate=competes,
         ).optimizer_state
+        if not competes:
+            aucs.append(math.nan)
+            continue
         auc = binary_metrics(labels, predict(model, arrays, val_idx, kind, cfg)).auc
         auc = -1.0 if np.isnan(auc) else float(auc)
         aucs.append(auc)
-        if e + 1 >= min(first_epoch, epochs) and auc > best_auc:  # earlier epochs do not compete
+        if auc > best_auc:
             best_auc, best_epoch = auc, e + 1
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return Selection(best_epoch=best_epoch, val_aucs=tuple(aucs), state=best_state, seconds=time.perf_counter() - t0)

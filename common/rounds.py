@@ -1,9 +1,9 @@
 """One site's local training in one federated round: the seed and schedule every caller shares.
 
 The ClientApp (``client.site``) and the plain-loop baseline (``bench.plain``)
-both train through :func:`local_round`, so the seed formula and the
-learning-rate schedule across rounds exist once: a change here changes the
-federated run and its baseline alike.
+both train through :func:`local_round`, so the seed formula, the
+learning-rate schedule across rounds and which rounds are validated exist
+once: a change here changes the federated run and its baseline alike.
 """
 
 from __future__ import annotations
@@ -26,6 +26,17 @@ def round_schedule(rnd: int, local_epochs: int, total_rounds: int) -> Schedule:
     return Schedule(start_epoch=(rnd - 1) * local_epochs, total_epochs=total_rounds * local_epochs)
 
 
+def validated_round(cfg: ExperimentConfig, rnd: int) -> bool:
+    """Whether round ``rnd``'s model is validated (and, with BatchNorm, recalibrated for it).
+
+    Only rounds that compete for selection (``evaluation.select_from_round``)
+    are: an earlier round's validation AUC is never used, so its validation
+    pass and its recalibration pass are skipped.  The last round always
+    competes (``select_from_round <= rounds``).
+    """
+    return rnd >= cfg.evaluation.select_from_round
+
+
 def local_round(
     model: Any,
     arrays: SiteArrays,
@@ -38,7 +49,13 @@ def local_round(
     total_rounds: int,
     **kwargs: Any,
 ) -> TrainResult:
-    """``train.local_epochs`` epochs of round ``rnd`` from the model's current (global) weights."""
+    """``train.local_epochs`` epochs of round ``rnd`` from the model's current (global) weights.
+
+    BatchNorm is recalibrated only if the round's model is :func:`validated_round`:
+    training mode normalises with batch statistics, and the next
+    recalibration resets the running ones, so a skipped pass changes no
+    later round.
+    """
     le = cfg.train.local_epochs
     return train(
         model,
@@ -49,5 +66,6 @@ def local_round(
         epochs=le,
         schedule=round_schedule(rnd, le, total_rounds),
         seed=round_seed(cfg.train.seed, fold, rnd),
+        recalibrate=validated_round(cfg, rnd),
         **kwargs,
     )

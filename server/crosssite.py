@@ -41,6 +41,7 @@ from common.protocol import (
     TrainRequest,
 )
 from common.replycheck import check_params
+from common.rounds import validated_round
 
 from .checkpoints import CheckpointStore
 from .messenger import Messenger
@@ -108,6 +109,7 @@ class CrossSiteEvaluation:
 
         pending: tuple[int, np.ndarray] | None = None  # the latest local model, not yet validated
         for rnd in range(1, total + 1):  # one exchange per round: it validates the previous round's model
+            check = pending is not None and validated_round(self.cfg, pending[0])  # if that one competes
             req = TrainRequest(
                 weights=vec,
                 model=kind,
@@ -115,7 +117,7 @@ class CrossSiteEvaluation:
                 server_round=rnd,
                 global_round=rnd,
                 total_rounds=total,
-                validate=pending is not None,
+                validate=check,
             )
             trained = messenger.send([node], TRAIN, req, dtype=dtype, validate=whole_model)
             if not trained:
@@ -123,7 +125,7 @@ class CrossSiteEvaluation:
                     "cross-site: %s did not train its local %s fold %d round %d", site, kind, fold, rnd
                 )
                 break
-            if pending is not None:
+            if pending is not None and check:
                 best = _keep(best, trained[0].body.validation, pending[1])
             vec = np.asarray(trained[0].body.weights, dtype=np.float32)
             pending = (rnd, vec)

@@ -62,22 +62,25 @@ class Progress:
         """Rounds an earlier server process finished (counted as done, not in the rate)."""
         self.done += rounds
 
-    def round(self, session: FoldSession, rlog: RoundLog, *, counted: bool = True) -> None:
+    def round(self, session: FoldSession, rlog: RoundLog, *, counted: bool = True, validated: bool = True) -> None:
         """Once a round's model is validated: the console line and the TensorBoard scalars.
 
         ``counted=False``: a round an earlier process trained (already counted by :meth:`resumed`).
+        ``validated=False``: a round before ``evaluation.select_from_round``, whose model is
+        not validated; its line counts the sites that trained.
         """
         if counted:
             self.done += 1
             self.timed += 1
             self.training_s += rlog.seconds
         left = max(self.total - self.done, 0) * self.training_s / max(self.timed, 1)
-        answered = len(rlog.evaluated)
+        answered = len(rlog.evaluated if validated else rlog.trained)
         asked = len(session.train_nodes)
         auc = "n/a" if rlog.val_auc is None else f"{rlog.val_auc:.4f}"
+        val = f"pooled validation AUC {auc}" if validated else "not validated (before evaluation.select_from_round)"
         self.line(
             f"{session.model} fold {session.fold} round {rlog.round}/{session.total_rounds}: "
-            f"sites answered {answered}/{asked}, pooled validation AUC {auc}, "
+            f"sites answered {answered}/{asked}, {val}, "
             f"round {rlog.seconds:.0f} s, training about {duration(left)} left ({self.done}/{self.total} rounds)"
         )
         if self._tb is not None:

@@ -34,7 +34,8 @@ class FoldSession:
     the plan runner reads them in its ``evaluate_fn`` to checkpoint and to
     select the best round.  Round r's model is validated by round r+1's
     train message (the last round's by one evaluate exchange), so its
-    statistics arrive one round after its checkpoint.
+    statistics arrive one round after its checkpoint; rounds before
+    ``validate_from`` do not compete for selection and are not validated.
     """
 
     model: str
@@ -57,6 +58,7 @@ class FoldSession:
     # global round -> its pooled validation histogram (None: no usable statistics); the plan pops them
     validated: dict[int, dict[str, Any] | None] = field(default_factory=dict)
     validate_first: bool = False  # round 1's train message validates its starting model (resume)
+    validate_from: int = 1  # the first round whose model is validated (common.rounds.validated_round)
     refresh: Callable[[], dict[int, str]] | None = None  # the training nodes now (sites may rejoin)
     check: Callable[[MessageSpec, Any, str], None] | None = None  # the messenger's reply validators (spec, body, site)
 

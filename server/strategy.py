@@ -106,7 +106,9 @@ class GuardedFedAvg(FedAvg):
 
     def _validates(self, server_round: int) -> bool:
         """Whether this round's train message validates the model it carries (the previous round's)."""
-        return server_round > 1 or self.session.validate_first
+        s = self.session
+        carried = server_round + s.round_offset - 1
+        return (server_round > 1 or s.validate_first) and carried >= s.validate_from
 
     def _last(self, server_round: int) -> bool:
         return server_round + self.session.round_offset >= self.session.total_rounds

@@ -45,6 +45,7 @@ from common.protocol import (
 )
 from common.radiomics import FederatedLogit
 from common.records import ModelCodec, weights_from_record, weights_record
+from common.rounds import validated_round
 
 from .checkpoints import CheckpointStore
 from .foldguard import GUARD_KEY, selection_problem
@@ -112,6 +113,7 @@ class FoldTrainer:
             site_patients={s.site: s.patients for s in self.registry.sites.values()},
             threshold=self.cfg.evaluation.fixed_threshold,
             check=self.messenger.check,
+            validate_from=self.cfg.evaluation.select_from_round,
         )
 
     def train_fold(self, kind: ModelKind, fold: int) -> dict[str, Any]:
@@ -136,7 +138,8 @@ class FoldTrainer:
             )
             self._restore_round_logs(kind, fold)
         session = self.session(kind, fold, last)
-        if last and not self.ckpt.validated(kind, fold, last):  # interrupted before its validation arrived
+        if last and validated_round(self.cfg, last) and not self.ckpt.validated(kind, fold, last):
+            # interrupted before its validation arrived
             meta = self.ckpt.meta(kind, fold, last)
             session.rounds[last] = RoundLog(**{f: meta[f] for f in _ROUNDLOG_FIELDS if f in meta})
             session.validate_first = True
@@ -157,7 +160,7 @@ class FoldTrainer:
                 self._record(kind, fold, session, rnd, validated=True, counted=rnd > last)
             if rlog.round in session.validated:  # the last round, validated by the evaluate exchange
                 meta = self._validation(session, rlog.round, session.validated.pop(rlog.round))
-            else:  # its validation comes with the next round's train replies
+            else:  # its validation comes with the next round's train replies, if it competes
                 meta = {**asdict(rlog), "validated": False}
             self.ckpt.save(kind, fold, rlog.round, weights_from_record(arrays), meta)
             self._record(kind, fold, session, rlog.round, validated=meta["validated"])
@@ -202,15 +205,16 @@ class FoldTrainer:
     ) -> None:
         """Round ``rnd``'s entry in the participation record (replacing an earlier one).
 
-        Once its model is validated, the round's progress line (``counted=False``: a round an
-        earlier process trained, already counted as done).
+        Once its model is validated, or at once if it is never to be, the round's progress
+        line (``counted=False``: a round an earlier process trained, already counted as done).
         """
         rlog = session.rounds[rnd]
         logs = self.participation.setdefault(f"{kind}/fold{fold}", [])
         kept = [e for e in logs if e["round"] != rnd]
         logs[:] = sorted([*kept, asdict(rlog)], key=lambda e: e["round"])
-        if validated and self.progress is not None:
-            self.progress.round(session, rlog, counted=counted)
+        competes = validated_round(self.cfg, rnd)
+        if (validated or not competes) and self.progress is not None:
+            self.progress.round(session, rlog, counted=counted, validated=competes)
 
     def _annotated(self, kind: ModelKind, fold: int, best: dict[str, Any]) -> dict[str, Any]:
         """The selection with its round's calibration (if fitted) and the guard's flag (if any)."""

@@ -11,6 +11,7 @@ folds ``k``, and the epoch budget equals the federation's
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,8 +107,8 @@ def evaluate_setting(
                 val_metrics.append(binary_metrics(y_val, p_val, thr).to_dict())
                 # as the federation: Platt scaling on the fold's validation scores (same grid)
                 platt = fit_platt(ClassHistogram.from_scores(y_val, p_val, ScoreGrid(cfg.evaluation.grid_bins))) if cfg.evaluation.calibrate_folds else IDENTITY
-                selection.append({"fold": k, "best_epoch": sel.best_epoch, "val_aucs": [round(a, 4) for a in sel.val_aucs], "seconds": round(sel.seconds, 1), "platt": list(platt)})
-                log.info("%s %s fold %d: best epoch %d, val AUCs %s", pool.site, kind, k, sel.best_epoch, [round(a, 3) for a in sel.val_aucs])
+                selection.append({"fold": k, "best_epoch": sel.best_epoch, "val_aucs": [None if math.isnan(a) else round(a, 4) for a in sel.val_aucs], "seconds": round(sel.seconds, 1), "platt": list(platt)})
+                log.info("%s %s fold %d: best epoch %d, val AUCs %s", pool.site, kind, k, sel.best_epoch, [None if math.isnan(a) else round(a, 3) for a in sel.val_aucs])
                 p_raw.append(predict(model, pool, idx["test"], kind, cfg))
                 p_test = apply_platt(p_raw[-1], platt)
                 if ext is not None:

@@ -25,6 +25,7 @@ from common.models import build_model
 from common.protocol import TRAIN
 from common.records import ModelCodec, to_transport
 from server.checkpoints import CheckpointStore
+from server.runfiles import PROGRESS_NAME
 from server.runner import PlanRunner
 
 from .inprocess import InProcessGrid, Interrupted
@@ -34,12 +35,12 @@ SITES = ("centre1", "centre2", "centre3")
 ROUNDS = 3
 
 
-def _cfg() -> ExperimentConfig:
+def _cfg(select_from_round: int = 1) -> ExperimentConfig:
     overrides = {
         "run_folds": [0],
         "models": {"densenet2d": {"enabled": False}, "radiomics": False},
         "train": {"rounds": ROUNDS},
-        "evaluation": {"calibrate_folds": True},
+        "evaluation": {"calibrate_folds": True, "select_from_round": select_from_round},
     }
     return with_sites(load_config("tiny", overrides), tuple(SiteConfig(name=s) for s in SITES))
 
@@ -79,8 +80,13 @@ def _check_rounds(
     summary: dict[str, Any],
 ) -> None:
     store = CheckpointStore(run_dir / "checkpoints", cfg.digest())
+    first = cfg.evaluation.select_from_round  # earlier rounds do not compete and are not validated
     rounds = summary["rounds"]["densenet3d/fold0"]
     assert [r["round"] for r in rounds] == list(range(1, ROUNDS + 1))
+    for r in rounds[: first - 1]:
+        assert r["evaluated"] == [] and r["val_auc"] is None and r["val_n"] == 0
+        assert not store.meta("densenet3d", 0, r["round"])["validated"]
+    rounds = rounds[first - 1 :]
     for r in rounds:
         pooled = _direct_validation(cfg, cohort, sites_out, run_id, store, r["round"])
         m = pooled_metrics(pooled, cfg.evaluation.fixed_threshold)
@@ -90,7 +96,7 @@ def _check_rounds(
         assert meta["validated"] and meta["val_auc"] == r["val_auc"]
         np.testing.assert_allclose(meta["platt"], fit_platt(pooled), rtol=1e-9, atol=1e-12)
     aucs = [-1.0 if r["val_auc"] is None else r["val_auc"] for r in rounds]
-    assert summary["selection"]["densenet3d"]["0"]["round"] == aucs.index(max(aucs)) + 1
+    assert summary["selection"]["densenet3d"]["0"]["round"] == aucs.index(max(aucs)) + first
 
 
 def test_each_round_is_validated_once_with_the_next_train_message(
@@ -201,3 +207,49 @@ def test_a_train_message_builds_the_received_model_once_and_validates_it_unchang
     assert h_once.n > 0
     np.testing.assert_array_equal(t_once.weights, t_apart.weights)
     assert not np.array_equal(t_once.weights, flat)  # it trained
+
+
+def test_rounds_before_select_from_round_are_neither_validated_nor_recalibrated(
+    cohort: dict[str, Path], sites_out: Path, tmp_path: Path
+) -> None:
+    """Round 1 does not compete (``select_from_round: 2``): no validation, no BatchNorm pass, no change after it.
+
+    Training mode normalises with batch statistics and round 2's recalibration
+    starts afresh, so rounds 2 and 3 are bit for bit the rounds of a run that
+    validates every round; round 1's aggregate differs in its running statistics only.
+    """
+    every, window = _cfg(), _cfg(select_from_round=2)
+    runs = {}
+    for name, cfg in (("x5-every", every), ("x5-window", window)):
+        grid = InProcessGrid(cohort, sites_out)
+        summary = PlanRunner(grid, cfg, tmp_path / name, name).run(expected_sites=3, wait_s=1)
+        for s in SITES:
+            assert grid.calls[(s, "train")] == ROUNDS and grid.calls[(s, "evaluate")] == 1
+        runs[name] = CheckpointStore(tmp_path / name / "checkpoints", cfg.digest())
+    _check_rounds(window, cohort, sites_out, "x5-window", tmp_path / "x5-window", summary)
+    lines = (tmp_path / "x5-window" / PROGRESS_NAME).read_text().splitlines()
+    round1 = [line for line in lines if "densenet3d fold 0 round 1/" in line]
+    assert len(round1) == 1 and "sites answered 3/3, not validated" in round1[0], lines
+
+    for rnd in (2, 3):
+        np.testing.assert_array_equal(runs["x5-window"].load("densenet3d", 0, rnd), runs["x5-every"].load("densenet3d", 0, rnd))
+    state = build_model("densenet3d", every.models.densenet3d, mask_channel=every.preprocess.mask_channel).state_dict()
+    codec = ModelCodec.for_state_dict(state)
+    a, b = (codec.unpack(runs[n].load("densenet3d", 0, 1)) for n in ("x5-every", "x5-window"))
+    differs = {k for k in a if not np.array_equal(np.asarray(a[k]), np.asarray(b[k]))}
+    assert differs and all(k.endswith(("running_mean", "running_var")) for k in differs), differs
+
+
+def test_an_interrupted_fold_does_not_validate_a_round_that_does_not_compete(
+    cohort: dict[str, Path], sites_out: Path, tmp_path: Path
+) -> None:
+    cfg = _cfg(select_from_round=2)
+    run_dir = tmp_path / "run"
+    with pytest.raises(Interrupted):  # dies as round 2 starts: round 1's checkpoint, never to be validated
+        PlanRunner(InProcessGrid(cohort, sites_out, fail_after_train=3), cfg, run_dir, "x6").run(expected_sites=3, wait_s=1)
+    second = InProcessGrid(cohort, sites_out)
+    summary = PlanRunner(second, cfg, run_dir, "x6").run(expected_sites=3, wait_s=1)
+    for s in SITES:
+        assert second.calls[(s, "train")] == ROUNDS - 1 and second.calls[(s, "evaluate")] == 1
+    assert summary["resumed"] == {"densenet3d/fold0": 1}
+    _check_rounds(cfg, cohort, sites_out, "x6", run_dir, summary)
