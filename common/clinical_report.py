@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from common.plots import png_bytes
-from common.report import SCORE_LABELS
+from common.report_format import SCORE_LABELS
 from common.reportdoc import Note, Plot, Section, Table
 
 __all__ = ["clinical_section", "forest_figure"]

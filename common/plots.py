@@ -1,6 +1,6 @@
 """Drawing for the run report: data in, PNG bytes out.
 
-The report (``common.report``) computes every curve from the pooled grid
+The report (``common.report_figures``) computes every curve from the pooled grid
 statistics; this module only draws them, so what is plotted is exactly what
 the report's JSON tables hold.  Figures are built with matplotlib's
 object-oriented API on an explicit Agg canvas: no display, no ``pyplot`` and

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.report import table4_section, training_section
+from common.report_federation import training_section
+from common.report_tables import table4_section
 from common.reportdoc import Note
 
 
