@@ -613,8 +613,8 @@ TRAIN = MessageSpec(
     _SERVER,
     _TRAINING,
     "one round of local epochs from the global model; from round 2 (or on resuming after an unvalidated "
-    "checkpoint) it first validates that model, the previous round's aggregate (model selection): the "
-    "model goes down once and up once per round",
+    "checkpoint) it first validates that model, the previous round's aggregate, if that round competes "
+    "for selection (evaluation.select_from_round): the model goes down once and up once per round",
     "model weights: DP-SGD (Opacus) when dp.enabled; norm screening at the server. Validation: " + _RELEASE,
 )
 EVALUATE = MessageSpec(

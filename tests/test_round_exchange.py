@@ -146,24 +146,33 @@ def test_an_interrupted_fold_validates_its_last_checkpoint_first(
     _check_rounds(cfg, cohort, sites_out, "x2", run_dir, summary)
 
 
+@pytest.mark.parametrize("first", [1, 2])
 def test_cross_site_local_models_are_validated_the_same_way(
-    cohort: dict[str, Path], sites_out: Path, tmp_path: Path
+    cohort: dict[str, Path], sites_out: Path, tmp_path: Path, first: int
 ) -> None:
-    """A site's local-only rounds: one exchange each, the best round by the site's own validation AUC."""
+    """A site's local-only rounds: one exchange each, the best round by the site's own validation AUC.
+
+    ``first``: ``evaluation.select_from_round``; earlier local models are not validated, as in the federation.
+    """
     from common.gridstats import auc
     from server.crosssite import CrossSiteEvaluation
 
-    cfg = _cfg()
+    cfg = _cfg(first)
     grid = InProcessGrid(cohort, sites_out)
     runner = PlanRunner(grid, cfg, tmp_path / "run", "x3")
     runner.discover(expected=3, wait_s=1)
     node = next(n for n, s in runner.registry.sites.items() if s.site == "centre1")
     trained: list[np.ndarray] = []
+    validated: list[bool] = []  # whether each train reply carried the previous local model's validation
     grid_send = grid.send_and_receive
 
     def record(messages, *, timeout=None):  # type: ignore[no-untyped-def]
         replies = list(grid_send(messages, timeout=timeout))
-        trained.extend(TRAIN.read_reply(r).weights for r in replies if r.metadata.message_type == TRAIN.type)
+        for r in replies:
+            if r.metadata.message_type == TRAIN.type:
+                reply = TRAIN.read_reply(r)
+                trained.append(reply.weights)
+                validated.append(reply.validation is not None)
         return replies
 
     grid.send_and_receive = record  # type: ignore[method-assign]
@@ -171,6 +180,7 @@ def test_cross_site_local_models_are_validated_the_same_way(
     best = cs.train_local("densenet3d", 0, node, "centre1")
     assert grid.calls[("centre1", "train")] == ROUNDS and grid.calls[("centre1", "evaluate")] == 1
     assert len(trained) == ROUNDS and best is not None
+    assert validated == [False] + [r >= first for r in range(1, ROUNDS)]  # round r+1's reply validates round r
     site = SiteRunner(
         SiteContext("centre1", cohort["centre1"], sites_out / "centre1"), cfg, "x3-local-centre1"
     )
@@ -179,7 +189,7 @@ def test_cross_site_local_models_are_validated_the_same_way(
         auc(site.validate_round("densenet3d", 0, to_transport(v, dtype).astype(np.float32), r))
         for r, v in enumerate(trained, 1)
     ]
-    scores = [a if np.isfinite(a) else -np.inf for a in aucs]
+    scores = [a if np.isfinite(a) and r >= first else -np.inf for r, a in enumerate(aucs, 1)]
     np.testing.assert_array_equal(best, trained[int(np.argmax(scores))])
 
 
