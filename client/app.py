@@ -54,6 +54,7 @@ from common.sitedata import SiteDataError
 from .clinical import SiteClinical
 from .floor import PrivacyFloorViolation, load_floor
 from .site import RunIdRejected, SiteContext, SiteRunner
+from .sitestats import SiteStatistics
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -193,7 +194,7 @@ def predict_fold(msg: Message, context: Context) -> Message:
 def ensemble_search(msg: Message, context: Context) -> Message:
     """Validation histograms for every candidate ensemble weight vector."""
     runner, req = _runner(msg, context, ENSEMBLE)
-    hists = runner.ensemble_search_stats(req.role, req.candidates, req.bins)
+    hists = SiteStatistics(runner).ensemble_search_stats(req.role, req.candidates, req.bins)
     return _ok(msg, runner, EnsembleReply(histograms=hists, n_arrays=len(hists)))
 
 
@@ -202,7 +203,7 @@ def ensemble_search(msg: Message, context: Context) -> Message:
 def final(msg: Message, context: Context) -> Message:
     """Internal-test or external histograms of every score with the fitted ensemble weights."""
     runner, req = _runner(msg, context, FINAL)
-    hists = runner.final_stats(req.role, req.ensembles)
+    hists = SiteStatistics(runner).final_stats(req.role, req.ensembles)
     return _ok(msg, runner, HistogramSetReply(histograms=hists, n_arrays=len(hists)))
 
 
@@ -222,7 +223,7 @@ def cross_site(msg: Message, context: Context) -> Message:
 def readers(msg: Message, context: Context) -> Message:
     """Reader-study grid statistics per tier and session (nothing when the site has no reader study)."""
     runner, _ = _runner(msg, context, READERS)
-    hists, readings = runner.reader_stats(), SiteClinical(runner).mrmc_stats()
+    hists, readings = SiteStatistics(runner).reader_stats(), SiteClinical(runner).mrmc_stats()
     return _ok(msg, runner, ReadersReply(histograms=hists, readings=readings, n_arrays=len(hists) + len(readings)))
 
 
@@ -235,7 +236,7 @@ def delong(msg: Message, context: Context) -> Message:
     if any(h.bins != bins for h in req.histograms.values()):
         raise ValueError(f"DeLong step 2: the server's histograms are not on this run's {bins}-bin grid")
     subsets = (ROLE_EXTERNAL,) if req.role == ROLE_EXTERNAL else ("internal",)
-    sums = runner.delong_sums(req.specs, req.histograms, req.ensembles, subsets)
+    sums = SiteStatistics(runner).delong_sums(req.specs, req.histograms, req.ensembles, subsets)
     return _ok(msg, runner, DelongReply(sums=sums))
 
 
