@@ -357,3 +357,30 @@ def test_a_site_claiming_impossible_patient_counts_is_left_out(
     runner = PlanRunner(grid, cfg, tmp_path / "run", "hostile-info")
     assert {s.site for s in runner.discover(expected=2, wait_s=1).values()} == {"centre1"}
     assert "siteinfo: patients" in runner.rejected["centre2"][0]
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_unrequested_validation_statistics_cannot_make_a_round_compete(
+    cohort: dict[str, Path], sites_out: Path, tmp_path: Path
+) -> None:
+    """Round 1 does not compete (``select_from_round: 2``): a site claiming a perfect validation of it is ignored."""
+    cfg = load_config(
+        "tiny",
+        {"train": {"rounds": 2}, "evaluation": {"select_from_round": 2}, "models": {"densenet2d": {"enabled": False}}},
+    )
+    cfg = with_sites(cfg, tuple(SiteConfig(name=s) for s in SITES))
+    perfect = ClassHistogram.from_scores([0, 1], [0.0, 1.0], ScoreGrid(cfg.evaluation.grid_bins)).to_arrays()
+
+    def claim(r: Message) -> RecordDict:  # round 2's train reply, as if it had validated round 1's model
+        return _with(r, arrays={"stats": arrays_record(perfect)})
+
+    grid = HostileGrid(cohort, sites_out, bad_site="centre2", tamper={"train": claim})
+    runner = PlanRunner(grid, cfg, tmp_path / "run", "hostile-unrequested")
+    runner.discover(expected=2, wait_s=1)
+    best = runner.train_fold("densenet3d", 0)
+
+    first, second = runner.participation["densenet3d/fold0"]
+    assert first["evaluated"] == [] and first["val_auc"] is None and first["val_n"] == 0
+    assert not runner.ckpt.meta("densenet3d", 0, 1)["validated"]
+    assert second["trained"] == ["centre1", "centre2"]  # well-formed, so the update itself counts
+    assert best["round"] == 2 and second["evaluated"] == ["centre1", "centre2"]  # by the honest evaluate exchange
