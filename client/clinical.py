@@ -50,7 +50,7 @@ class SiteClinical:
         """
         model = self.site.load_model(kind, fold, flat)
         ids = tuple(self.site.arrays.patient_ids) if role == "external" else self.site.folds[fold].test
-        idx = self.site._index(ids)
+        idx = self.site.index(ids)
         probs = predict(model, self.site.arrays, idx, kind, self.site.cfg)
         labels = self.site.arrays.labels[idx]
         if role == "external":
@@ -61,7 +61,7 @@ class SiteClinical:
             if fold != max(folds):
                 return ClassHistogram.zeros(self.site.cfg.evaluation.grid_bins)
             probs = np.mean([np.load(store / f"{safe}_{kind}_fold{k}.npy") for k in folds], axis=0)
-        return self.site.release(ClassHistogram.from_scores(labels, probs, self.site._grid()))
+        return self.site.released(labels, probs)
 
     def reader_groups(self) -> dict[str, list[Any]]:
         """Reader-study rows per tier, and of every tier together (``all``) when there are several."""
@@ -104,5 +104,5 @@ class SiteClinical:
             if y.size == 0:
                 continue
             for reading, p in scores.items():
-                out[(group, reading)] = self.site.release(ClassHistogram.from_scores(y, p, self.site._grid()))
+                out[(group, reading)] = self.site.released(y, p)
         return out

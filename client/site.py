@@ -106,7 +106,8 @@ class SiteRunner:
         save_splits(self.run_dir / "splits.json", self.ctx.name, folds)
         return folds
 
-    def _index(self, ids: tuple[str, ...]) -> list[int]:
+    def index(self, ids: tuple[str, ...]) -> list[int]:
+        """Rows of ``arrays`` of these patient ids, in their order."""
         pos = {pid: i for i, pid in enumerate(self.arrays.patient_ids)}
         return [pos[p] for p in ids]
 
@@ -182,7 +183,7 @@ class SiteRunner:
         """
         model = self.load_model(kind, fold, flat, rnd - 1)
         validation = self._validate(model, kind, fold, rnd - 1) if validate else None
-        idx = self._index(self.folds[fold].train)
+        idx = self.index(self.folds[fold].train)
         store = OptimizerStore(self.run_dir / "state" / f"{kind}_fold{fold}_optimizer.pt")
         state = store.load(rnd) if self.cfg.train.keep_optimizer_state else None
         res = local_round(
@@ -217,12 +218,12 @@ class SiteRunner:
         return self._validate(self.load_model(kind, fold, flat, rnd), kind, fold, rnd)
 
     def _validate(self, model: torch.nn.Module, kind: ModelKind, fold: int, rnd: int) -> ClassHistogram:
-        idx = self._index(self.folds[fold].val)
+        idx = self.index(self.folds[fold].val)
         probs = predict(model, self.arrays, idx, kind, self.cfg)
         labels = self.arrays.labels[idx]
         for problem in diagnose(probs, labels):
             log.warning("%s %s fold %d round %d validation: %s", self.ctx.name, kind, fold, rnd, problem)
-        return self.release(ClassHistogram.from_scores(labels, probs, self._grid()))
+        return self.released(labels, probs)
 
     def release(self, h: ClassHistogram) -> ClassHistogram:
         """What a histogram looks like when it leaves the site.
@@ -239,8 +240,9 @@ class SiteRunner:
             h = add_noise(h, ev.stats_noise, np.random.default_rng())
         return h
 
-    def _grid(self) -> ScoreGrid:
-        return ScoreGrid(self.cfg.evaluation.grid_bins)
+    def released(self, labels: np.ndarray, probs: np.ndarray) -> ClassHistogram:
+        """The run's grid histogram of these scores, as it leaves the site (:meth:`release`)."""
+        return self.release(ClassHistogram.from_scores(labels, probs, ScoreGrid(self.cfg.evaluation.grid_bins)))
 
     def predict_fold(
         self, kind: str, fold: int, flat: np.ndarray, rnd: int, role: str, platt: Sequence[float] | None = None
@@ -270,7 +272,7 @@ class SiteRunner:
 
         rows = []
         for split, ids in parts.items():
-            idx = self._index(ids)
+            idx = self.index(ids)
             probs = score(idx)
             rows += [(pid, split, int(self.arrays.labels[i]), float(p)) for pid, i, p in zip(ids, idx, probs, strict=True)]
         path = self.run_dir / "predictions" / f"{kind}_fold{fold}.csv"
@@ -284,11 +286,11 @@ class SiteRunner:
     # -- the radiomics baseline, federated -----------------------------------------------------
     def feature_moments(self, fold: int) -> FeatstatsReply:
         """Count, sum and sum of squares of the handcrafted features over the fold's training patients."""
-        x = self.arrays.features[self._index(self.folds[fold].train)]
+        x = self.arrays.features[self.index(self.folds[fold].train)]
         return FeatstatsReply(np.asarray([x.shape[0]], np.float64), x.sum(axis=0), (x**2).sum(axis=0), x.shape[0])
 
     def fit_radiomics(self, fold: int, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, int]:
         """Logistic regression on globally standardised features; returns its parameters and n."""
-        idx = self._index(self.folds[fold].train)
+        idx = self.index(self.folds[fold].train)
         lr = FederatedLogit.fit(self.arrays.features[idx], self.arrays.labels[idx], mean, std, seed=self.cfg.seed)
         return lr.pack(), len(idx)

@@ -81,7 +81,7 @@ class SiteStatistics:
                 scores[kind] = p
         if "radiologist" in kinds:
             scores["radiologist"] = self.radiologist_prob(ids)
-        labels = self.site.arrays.labels[self.site._index(tuple(ids))]
+        labels = self.site.arrays.labels[self.site.index(tuple(ids))]
         return labels, scores
 
     def ensemble_search_stats(self, role: str, candidates: dict[str, list[list[float]]], bins: int) -> HistogramSet:
@@ -126,7 +126,7 @@ class SiteStatistics:
                 members = name.split("+")
                 scores[name] = combine(np.stack([scores[m] for m in members], axis=1), np.asarray(w))
             for score, p in scores.items():
-                out[(score, subset)] = self.site.release(ClassHistogram.from_scores(y, p, self.site._grid()))
+                out[(score, subset)] = self.site.released(y, p)
         self._write_final(role, ensembles)
         return out
 
@@ -171,7 +171,7 @@ class SiteStatistics:
             if y.size == 0:
                 continue
             for session, p in scores.items():
-                out[(tier, session)] = self.site.release(ClassHistogram.from_scores(y, p, self.site._grid()))
+                out[(tier, session)] = self.site.released(y, p)
         return out
 
     def delong_sums(
