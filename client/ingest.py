@@ -56,8 +56,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from common.atomicfile import write_atomic
+from common.filecheck import validate_image_mask
 from common.sitedata import MANIFEST, OPTIONAL_COLUMNS, REQUIRED_COLUMNS
-from common.validation import validate_image_mask, validate_row
+from common.validation import validate_row
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ For each patient (one CT and its tumour ROI mask, optionally the
 radiologist's 9-point score):
 
 1. the image/mask pair is checked with the site validation's file checks
-   (``common.validation.validate_image_mask``: readable, HU, same grid, ROI
+   (``common.filecheck.validate_image_mask``: readable, HU, same grid, ROI
    present and inside the image), so a bad input is refused with a message
    naming the file and the patient;
 2. the model inputs come from the one preprocessing path
@@ -48,11 +48,11 @@ from common.dataset import ModelInputs, SiteArrays, model_inputs
 from common.device import Offer, Runtime, resolve
 from common.engine import predict as engine_predict
 from common.engine import set_threads
+from common.filecheck import validate_image_mask
 from common.foldcalibration import apply_platt
 from common.models import ModelKind
 from common.signing import load_public_key
 from common.sitedata import SiteDataError, load_volume, score_to_probability
-from common.validation import validate_image_mask
 
 from .heatmap import CubeGradCAM, cube_to_grid, default_cam_layer, key_slices_png, save_overlay
 

@@ -1,6 +1,6 @@
 """Remembered file checks: a restart of ``flower-client run`` re-reads only the cases that changed.
 
-Checking a case's image and mask (``common.validation``) reads both NIfTI
+Checking a case's image and mask (``common.filecheck``) reads both NIfTI
 files whole; for a hospital with hundreds of full CTs that is minutes at every
 start, although the files have not changed since the last one.  The memo
 keeps each case's problems under a key made of everything they depend on: the
@@ -25,11 +25,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .atomicfile import write_atomic
-from .validation import Problem
+from .problems import Problem
 
 log = logging.getLogger(__name__)
 
-MEMO_VERSION = 1  # bump whenever a file check in common.validation changes what it reports
+MEMO_VERSION = 1  # bump whenever a file check in common.filecheck changes what it reports
 TRANSIENT_CODES = frozenset({"missing_file", "check_failed"})
 
 

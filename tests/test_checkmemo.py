@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import common.validation as validation
+import common.filecheck as filecheck
 from common.checkmemo import FileCheckMemo
+from common.problems import Problem
 from common.sitedata import MANIFEST
 from common.validation import validate_site
 
@@ -29,11 +30,11 @@ def _refuse_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Make every file check record the patient and fail loudly (a read that the memo should have spared)."""
     read: list[str] = []
 
-    def check(pid: str, *args: object) -> list[validation.Problem]:
+    def check(pid: str, *args: object) -> list[Problem]:
         read.append(pid)
         raise AssertionError(f"{pid} was read again")
 
-    monkeypatch.setattr(validation, "_check_files", check)
+    monkeypatch.setattr(filecheck, "_check_files", check)
     return read
 
 

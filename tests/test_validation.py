@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-import common.validation as validation
+import common.filecheck as filecheck
 from client.cli import build_parser, lazy_handler, main
 from common.sitedata import MANIFEST, READER_STUDY, Case
 from common.validation import Problem, SiteReport, validate_case, validate_site
@@ -286,14 +286,14 @@ def test_validate_case_reports_fields_and_files(bad_site: Path) -> None:
 
 def test_crash_in_one_case_does_not_stop_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     site = _clean_site(tmp_path / "s")
-    real = validation.load_nifti
+    real = filecheck.load_nifti
 
     def flaky(path: Path) -> tuple[np.ndarray, np.ndarray]:
         if Path(path).name == "ok1.nii.gz" and "images" in str(path):
             raise RuntimeError("disk on fire")
         return real(path)
 
-    monkeypatch.setattr(validation, "load_nifti", flaky)
+    monkeypatch.setattr(filecheck, "load_nifti", flaky)
     rep = validate_site(site)
     assert [(p.code, p.patient_id) for p in rep.errors] == [("check_failed", "ok1")]
     assert "disk on fire" in rep.errors[0].message
