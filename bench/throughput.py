@@ -39,8 +39,9 @@ from torch import nn
 
 from common import engine
 from common.config import ConfigError, ExperimentConfig, load_config
-from common.dataset import FEATURE_NAMES, SiteArrays
+from common.dataset import SiteArrays
 from common.device import Runtime, for_config
+from common.features import FEATURE_NAMES
 from common.models import ModelKind, build_model, count_parameters, in_channels
 
 log = logging.getLogger(__name__)

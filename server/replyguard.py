@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.config import ExperimentConfig
-from common.dataset import FEATURE_NAMES
+from common.features import FEATURE_NAMES
 from common.gridstats import ClassHistogram
 from common.protocol import (
     CROSSSITE,

@@ -18,14 +18,13 @@ from torch.utils.data import DataLoader
 import common.dataset as dataset_mod
 from common.config import AugmentConfig, Preprocess2DConfig, Preprocess3DConfig, PreprocessConfig
 from common.dataset import (
-    FEATURE_NAMES,
     PatientDataset,
     SiteArrays,
     cache_key,
     load_arrays,
     preprocess_site,
-    radiomic_features,
 )
+from common.features import FEATURE_NAMES, radiomic_features
 from common.sitedata import SiteDataError, Volume
 from common.validation import validate_site
 

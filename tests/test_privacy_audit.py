@@ -19,7 +19,7 @@ import pytest
 from flwr.app import Message
 
 from common.config import SiteConfig, load_config, with_sites
-from common.dataset import FEATURE_NAMES
+from common.features import FEATURE_NAMES
 from common.models import build_model
 from common.protocol import MRMC, STATS
 from common.records import ModelCodec, arrays_from_record
