@@ -19,7 +19,7 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from client.cli import main
-from client.ingest import IngestError, seg_to_mask
+from client.dicom import IngestError, seg_to_mask
 from common.sitedata import load_nifti
 from common.validation import validate_site
 
@@ -250,7 +250,8 @@ def _nifti_with_extension(path: Path, text: bytes) -> Path:
 
 def test_ingest_clears_header_extensions_and_scans_whole_files(tmp_path: Path) -> None:
     """A patient's name in a NIfTI extension (past the 348-byte header) is found, and never written."""
-    from client.ingest import _leaks, write_image
+    from client.dicom import write_image
+    from client.ingest import _leaks
 
     secrets = ["Doe^Johnathan", "Johnathan", "HOSP-553311"]
     src = _nifti_with_extension(tmp_path / "dcm2niix.nii", b"PatientName=Doe^Johnathan ID=HOSP-553311")
