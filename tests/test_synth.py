@@ -15,7 +15,7 @@ from scipy import stats
 from sklearn.metrics import roc_auc_score
 
 from common import sitedata
-from simulation import anatomy, readers, synth
+from simulation import anatomy, cohortplan, readers, synth
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_default_centres_have_the_study_counts_and_demographics() -> None:
     assert c1.n_male == 276 and c2.n_male + c3.n_male == 27
     assert not c1.external and c2.external and c3.external
     assert {c.orientation for c in (c1, c2, c3)} == {"LAS", "LPS", "RAI"}
-    ages = synth._ages(c1)
+    ages = cohortplan._ages(c1)
     assert ages.min() == 6 and ages.max() == 81 and abs(ages.mean() - 42.0) < 0.5
 
 
