@@ -24,7 +24,7 @@ import torch
 from common.config import ExperimentConfig
 from common.dataset import SiteArrays, preprocess_site
 from common.device import for_config
-from common.engine import diagnose, predict, set_threads
+from common.engine import predict, set_threads
 from common.environment import environment
 from common.foldcalibration import apply_platt, check_platt
 from common.gridstats import ClassHistogram, ScoreGrid, add_noise, suppress_small_cells
@@ -34,6 +34,7 @@ from common.protocol import FeatstatsReply, PredictReply, SiteInfoReply, TrainRe
 from common.radiomics import FederatedLogit
 from common.records import ModelCodec
 from common.rounds import local_round
+from common.selection import diagnose
 from common.splits import Fold, fivefold, save_splits
 
 from .optimstore import OptimizerStore

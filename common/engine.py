@@ -20,6 +20,10 @@ was, so callers (codecs, checkpoints) keep CPU models.  On CUDA, batches are
 pinned, AMP runs as ``train.amp`` resolves and the random augmentation is
 batched on the device (``common.device_augment``); on the CPU the path is
 the original one, bit for bit.
+
+Beside it: ``common.selection`` (the best-validation epoch of a centralised
+run, and the constant/inverted-model guard) and ``common.optimstate`` (the
+check of a saved Adam state before it is trusted).
 """
 
 from __future__ import annotations
@@ -44,15 +48,11 @@ from .config import ExperimentConfig
 from .dataset import PatientDataset, SiteArrays
 from .device import Runtime, for_config, placed
 from .device_augment import BatchAugment
-from .metrics import binary_metrics
 from .models import ModelKind, in_channels
+from .optimstate import OptimizerStateError, detached_state, load_optimizer_state
 from .privacy import PrivacyLedger, finish, make_private
 
 log = logging.getLogger(__name__)
-
-
-class OptimizerStateError(ValueError):
-    """A saved optimiser state that does not fit the model being trained."""
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ def train(
     ``optimizer_state`` (the previous call's ``TrainResult.optimizer_state``)
     instead of starting afresh: a fresh Adam's first steps are full-size
     sign-like steps, which every round of a federation (and every epoch of
-    :func:`fit_select`) would otherwise repeat.  A state that does not fit
+    ``common.selection.fit_select``) would otherwise repeat.  A state that does not fit
     the model (another network, another version) is logged and training
     starts from a fresh Adam: a stale file never fails a round.
 
@@ -310,43 +310,13 @@ def train(
         seconds=time.perf_counter() - t0,
         lr_last=lr,
         epsilon=epsilon,
-        optimizer_state=_detached(opt.state_dict()) if keep else None,
+        optimizer_state=detached_state(opt.state_dict()) if keep else None,
     )
 
 
 def _adam(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
     """The training optimiser of every caller (the study's Adam), fresh."""
     return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-
-
-def load_optimizer_state(opt: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
-    """Resume ``opt`` from ``state``; :class:`OptimizerStateError` when it does not fit its parameters.
-
-    The moments are copied (torch would alias the caller's tensors and update
-    them in place) and moved to each parameter's device.  The learning rate is
-    the schedule's, set before every step, so the saved one does not matter.
-    """
-    try:
-        opt.load_state_dict(_detached(dict(state)))
-    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise OptimizerStateError(f"the saved optimiser state does not fit this model: {exc}") from exc
-    for group in opt.param_groups:
-        for p in group["params"]:
-            for key, value in opt.state.get(p, {}).items():
-                if isinstance(value, torch.Tensor) and key != "step" and value.shape != p.shape:
-                    raise OptimizerStateError(
-                        f"the saved optimiser state does not fit this model: {key} of shape "
-                        f"{tuple(value.shape)} for a parameter of shape {tuple(p.shape)}"
-                    )
-
-
-def _detached(state: dict[str, Any]) -> dict[str, Any]:
-    """A CPU copy of an optimiser's ``state_dict`` (the live one aliases its tensors)."""
-    moments = {
-        i: {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-        for i, s in state["state"].items()
-    }
-    return {"state": moments, "param_groups": [dict(g) for g in state["param_groups"]]}
 
 
 def _augment_generator(seed: int, epoch: int) -> torch.Generator:
@@ -444,83 +414,3 @@ def predict(
             else:
                 out.append(prob(x).cpu().numpy())
     return np.concatenate(out).astype(np.float64)
-
-
-def diagnose(probs: np.ndarray, labels: np.ndarray, *, min_std: float = 1e-3) -> list[str]:
-    """Flag a model whose outputs are constant or whose ranking is inverted.
-
-    Both failure modes were seen on this task with BatchNorm and few steps
-    per epoch; they pass silently through a loss curve but not through this.
-    """
-    problems = []
-    if probs.size and float(np.std(probs)) < min_std:
-        problems.append(f"constant output: probability SD {np.std(probs):.2e} < {min_std:g}")
-    if np.unique(labels).size == 2:
-        auc = binary_metrics(labels, probs).auc
-        if auc < 0.5:
-            problems.append(f"inverted ranking: AUC {auc:.3f} < 0.5")
-    return problems
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Best-validation-AUC checkpoint of a centralised training run (the study's rule)."""
-
-    best_epoch: int
-    val_aucs: tuple[float, ...]  # per epoch; NaN for an epoch that does not compete (not validated)
-    state: dict[str, torch.Tensor]
-    seconds: float
-
-
-def fit_select(
-    model: nn.Module,
-    arrays: SiteArrays,
-    train_idx: Sequence[int],
-    val_idx: Sequence[int],
-    kind: ModelKind,
-    cfg: ExperimentConfig,
-    *,
-    epochs: int,
-    seed: int,
-    desc: str = "fit",
-    first_epoch: int = 1,
-) -> Selection:
-    """Train ``epochs`` epochs, validating after each; keep the best-validation-AUC weights.
-
-    One epoch here is one round with one local epoch in a federation: the
-    same schedule, the same selection rule (only epochs ``>= first_epoch``
-    compete, as ``evaluation.select_from_round``, and earlier ones are neither
-    validated, their AUC NaN, nor recalibrated), so pooled and federated runs
-    spend the same budget.
-    """
-    t0 = time.perf_counter()
-    labels = arrays.labels[np.asarray(val_idx, dtype=int)]
-    aucs: list[float] = []
-    best_state: dict[str, torch.Tensor] = {}
-    best_auc, best_epoch = -np.inf, 0
-    opt_state: dict[str, Any] | None = None  # carried across epochs as a site carries it across rounds
-    for e in range(epochs):
-        competes = e + 1 >= min(first_epoch, epochs)
-        opt_state = train(
-            model,
-            arrays,
-            train_idx,
-            kind,
-            cfg,
-            epochs=1,
-            schedule=Schedule(e, epochs),
-            seed=seed * 1000 + e,
-            desc=f"{desc} e{e + 1}",
-            optimizer_state=opt_state,
-            recalibrate=competes,
-        ).optimizer_state
-        if not competes:
-            aucs.append(math.nan)
-            continue
-        auc = binary_metrics(labels, predict(model, arrays, val_idx, kind, cfg)).auc
-        auc = -1.0 if np.isnan(auc) else float(auc)
-        aucs.append(auc)
-        if auc > best_auc:
-            best_auc, best_epoch = auc, e + 1
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    return Selection(best_epoch=best_epoch, val_aucs=tuple(aucs), state=best_state, seconds=time.perf_counter() - t0)

@@ -13,8 +13,9 @@ import torch
 from client.optimstore import OptimizerStore
 from client.site import SiteContext, SiteRunner
 from common.config import SiteConfig, load_config, with_sites
-from common.engine import OptimizerStateError, Schedule, TrainResult, load_optimizer_state, train
+from common.engine import Schedule, TrainResult, train
 from common.models import build_model
+from common.optimstate import OptimizerStateError, load_optimizer_state
 
 from .test_engine import tiny_arrays, tiny_cfg
 
