@@ -98,7 +98,7 @@ def cube_to_grid(cam: np.ndarray, box_mm: np.ndarray, affine: np.ndarray, shape:
     """Resample a map on the 3D model's cube onto a voxel grid (``affine``, ``shape``), 0 outside the cube.
 
     The cube's voxel ``i`` sits at world ``lo + (i + 0.5) * step`` on each RAS
-    axis (``common.transforms.box_coordinates``), so a grid voxel ``v`` at
+    axis (``common.roigeometry.box_coordinates``), so a grid voxel ``v`` at
     world ``A v + t`` reads the cube at ``(A v + t - lo) / step - 0.5``:
     one affine map, evaluated (trilinear) only on the block of the grid the
     cube covers.

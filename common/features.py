@@ -14,8 +14,8 @@ import math
 import numpy as np
 from scipy import ndimage
 
+from common.roigeometry import largest_component
 from common.sitedata import Volume
-from common.transforms import largest_component
 
 FEATURE_NAMES = ("log_volume_ml", "mean_hu", "sd_hu", "shell_mean_hu", "sphericity", "max_extent_mm")
 SHELL_VOXELS = 2

@@ -11,18 +11,15 @@ import pytest
 import torch
 
 from common.config import AugmentConfig, Preprocess2DConfig, Preprocess3DConfig
+from common.roigeometry import hu_window, largest_component, outside_roi, select_slices
 from common.sitedata import Case, Volume, load_case, load_nifti, spacing_of
 from common.transforms import (
     SOFT_TISSUE_WINDOW,
     WIDE_WINDOW,
     deterministic_2d,
     deterministic_3d,
-    hu_window,
-    largest_component,
-    outside_roi,
     random_2d,
     random_3d,
-    select_slices,
     volume_dict,
 )
 
