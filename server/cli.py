@@ -16,10 +16,16 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from common.processes import exit_on_sigterm
+
+if TYPE_CHECKING:  # the command's imports stay lazy: `flower-server --help` loads none of them
+    from .enrolment import Enrolment
+    from .proxy import FleetProxy
+    from .superlink import SuperLinkSpec, TLSFiles
 
 log = logging.getLogger("flower-server")
 REPO = Path(__file__).resolve().parents[1]
@@ -40,66 +46,101 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Refused(Exception):
+    """A ``flower-server run`` option that cannot be honoured: printed as ``error: ...``, exit 2."""
+
+
+def _tls(args: argparse.Namespace) -> TLSFiles | None:
+    """The public listener's certificate (TLS is on by default)."""
+    from .certs import existing
+    from .superlink import TLSFiles
+
+    if args.insecure:
+        return None
+    if not args.certs:
+        raise _Refused("TLS is on by default: give --certs DIR (see `flower-server certs`) or --insecure")
+    try:
+        c = existing(Path(args.certs))
+    except FileNotFoundError as exc:
+        raise _Refused(str(exc)) from exc
+    return TLSFiles(ca_cert=c.ca_cert.resolve(), cert=c.server_cert.resolve(), key=c.server_key.resolve())
+
+
+def _enrolment(args: argparse.Namespace) -> Enrolment | None:
+    """The hospitals' enrolled keys (``--enroll``), or ``None`` under ``--open-enrolment``."""
+    from .enrolment import Enrolment, EnrolmentError
+
+    if args.open_enrolment == bool(args.enroll):
+        raise _Refused(
+            "enrolment is on by default: give --enroll DIR (one <site>.pub per hospital, from "
+            "`flower-client keygen --site <site>`), or --open-enrolment for a local test (not both)"
+        )
+    if not args.enroll:
+        return None
+    try:
+        registry = Enrolment.from_key_dir(Path(args.enroll))
+    except (EnrolmentError, OSError) as exc:
+        raise _Refused(f"--enroll {args.enroll}: {exc}") from exc
+    if not registry.sites:
+        raise _Refused(f"--enroll {args.enroll}: no <site>.pub key found")
+    return registry
+
+
+def _exposure(args: argparse.Namespace, nginx: Path | None) -> None:
+    """Refuse a public listener that would expose the SuperLink's control API, or go without TLS."""
+    from common.hosts import is_loopback
+
+    local_only = is_loopback(args.host)
+    if args.insecure and not local_only:
+        raise _Refused(f"--insecure is for a test on this machine only: refused with --host {args.host}")
+    if nginx is None and not local_only:
+        raise _Refused(
+            f"nginx not found: refusing to expose the SuperLink on {args.host} (its control API, which starts "
+            "runs and registers keys, would be public). Install nginx (Debian: apt-get install nginx-light), "
+            "or use --host 127.0.0.1 for a test on this machine."
+        )
+
+
+def _listeners(
+    args: argparse.Namespace, tls: TLSFiles | None, auth: bool, nginx: Path | None, flwr_home: Path
+) -> tuple[SuperLinkSpec, FleetProxy | None]:
+    """The SuperLink on loopback and, with nginx, the public proxy that forwards the Fleet API alone.
+
+    The SuperLink serves its Fleet, Control and Runtime APIs on one port, so it
+    never listens beyond loopback when nginx is there (``server/proxy.py``).
+    """
+    from .certs import make_certificates
+    from .proxy import FleetProxy
+    from .superlink import SuperLinkSpec, TLSFiles, free_port
+
+    if nginx is None:
+        link = SuperLinkSpec(host="127.0.0.1", port=args.port, tls=tls, supernode_auth=auth)
+        log.warning("nginx not found: SuperLink serves every API on %s (loopback test mode)", link.address)
+        return link, None
+    inner = make_certificates(flwr_home / "loopback-tls", hosts=("localhost", "127.0.0.1"), days=30, force=True)
+    inner_tls = TLSFiles(ca_cert=inner.ca_cert, cert=inner.server_cert, key=inner.server_key)
+    link = SuperLinkSpec(host="127.0.0.1", port=free_port(), tls=inner_tls, supernode_auth=auth)
+    return link, FleetProxy(args.host, args.port, link.port, tls, backend_ca=inner.ca_cert)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from common.appdigest import local_app_digest
     from common.config import ConfigError, load_config
-    from common.hosts import is_loopback
 
-    from .certs import existing, make_certificates
-    from .enrolment import Enrolment, EnrolmentError
     from .launch import REPO, RunLaunch, finish, timed_launch, write_config
-    from .proxy import FleetProxy, find_nginx
-    from .superlink import SuperLinkSpec, TLSFiles, free_port
+    from .proxy import find_nginx
 
     try:
         cfg = load_config(args.config)
-    except ConfigError as exc:
+        nginx = find_nginx()
+        _exposure(args, nginx)
+        registry = _enrolment(args)
+        tls = _tls(args)
+    except (ConfigError, _Refused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    local_only = is_loopback(args.host)
-    if args.insecure and not local_only:
-        print(f"error: --insecure is for a test on this machine only: refused with --host {args.host}", file=sys.stderr)
-        return 2
-    nginx = find_nginx()
-    if nginx is None and not local_only:
-        print(
-            f"error: nginx not found: refusing to expose the SuperLink on {args.host} (its control API, which starts "
-            "runs and registers keys, would be public). Install nginx (Debian: apt-get install nginx-light), "
-            "or use --host 127.0.0.1 for a test on this machine.",
-            file=sys.stderr,
-        )
-        return 2
-    if args.open_enrolment == bool(args.enroll):
-        print(
-            "error: enrolment is on by default: give --enroll DIR (one <site>.pub per hospital, from "
-            "`flower-client keygen --site <site>`), or --open-enrolment for a local test (not both)",
-            file=sys.stderr,
-        )
-        return 2
-    tls = None
-    if not args.insecure:
-        if not args.certs:
-            print("error: TLS is on by default: give --certs DIR (see `flower-server certs`) or --insecure", file=sys.stderr)
-            return 2
-        try:
-            c = existing(Path(args.certs))
-        except FileNotFoundError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        tls = TLSFiles(ca_cert=c.ca_cert.resolve(), cert=c.server_cert.resolve(), key=c.server_key.resolve())
-    registry = None
-    if args.enroll:
-        try:
-            registry = Enrolment.from_key_dir(Path(args.enroll))
-        except (EnrolmentError, OSError) as exc:
-            print(f"error: --enroll {args.enroll}: {exc}", file=sys.stderr)
-            return 2
-        if not registry.sites:
-            print(f"error: --enroll {args.enroll}: no <site>.pub key found", file=sys.stderr)
-            return 2
     run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.name}-server").resolve()
     write_config(run_dir, cfg)
-    flwr_home = run_dir / "flower"
     expected = args.expected_sites or len(cfg.sites) or 1
     run_config: dict[str, object] = {
         "config-path": str(run_dir / "config.yaml"),
@@ -119,18 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    # The SuperLink (Fleet, Control and Runtime APIs on one port) listens on loopback only; the
-    # public port is nginx's, which forwards the Fleet API alone (server/proxy.py).
-    auth = registry is not None
-    if nginx is not None:
-        inner = make_certificates(flwr_home / "loopback-tls", hosts=("localhost", "127.0.0.1"), days=30, force=True)
-        inner_tls = TLSFiles(ca_cert=inner.ca_cert, cert=inner.server_cert, key=inner.server_key)
-        link = SuperLinkSpec(host="127.0.0.1", port=free_port(), tls=inner_tls, supernode_auth=auth)
-        proxy: FleetProxy | None = FleetProxy(args.host, args.port, link.port, tls, backend_ca=inner.ca_cert)
-    else:
-        link = SuperLinkSpec(host="127.0.0.1", port=args.port, tls=tls, supernode_auth=auth)
-        proxy = None
-        log.warning("nginx not found: SuperLink serves every API on %s (loopback test mode)", link.address)
+    link, proxy = _listeners(args, tls, registry is not None, nginx, run_dir / "flower")
     public = f"{proxy.listen} (nginx: fleet API only)" if proxy else f"{link.address} (no proxy: loopback test mode)"
     say = lambda line: print(f"flower-server: {line}", flush=True)  # noqa: E731
     say(f"hospitals connect to {public}, {'TLS' if tls else 'INSECURE'}; SuperLink on {link.address}")

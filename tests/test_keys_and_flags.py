@@ -133,6 +133,17 @@ def test_server_requires_enrolment_unless_told_open(
     assert rc == 2 and "no <site>.pub key found" in err
 
 
+def test_server_requires_tls_certificates_unless_told_insecure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, err = _run(["--open-enrolment", "--run-dir", str(tmp_path / "r")], capsys)
+    assert rc == 2 and "TLS is on by default: give --certs DIR" in err
+    missing = tmp_path / "no-certs"
+    rc, err = _run(["--open-enrolment", "--certs", str(missing), "--run-dir", str(tmp_path / "r")], capsys)
+    assert rc == 2 and str(missing) in err
+    assert not (tmp_path / "r").exists()  # refused before anything was written or started
+
+
 def test_server_refuses_a_public_host_without_nginx(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
