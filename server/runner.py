@@ -32,6 +32,7 @@ from .identity import SiteGate
 from .messenger import Messenger
 from .meteredgrid import MeteredGrid
 from .progress import Progress
+from .radiomicsfit import RadiomicsTrainer
 from .registry import SiteNode, SiteRegistry
 from .strategy import FederationError
 from .summary import SummaryWriter
@@ -63,6 +64,7 @@ class PlanRunner:
         header = Header(experiment=to_dict(cfg), run_id=run_id)
         self.messenger = Messenger(self.grid, self.registry, header, cfg.federation.round_timeout_s)
         self.trainer = FoldTrainer(cfg, self.messenger, self.registry, self.ckpt, self.progress)
+        self.radiomics = RadiomicsTrainer(self.messenger, self.registry, self.ckpt)
         self.evaluator = Evaluator(cfg, self.messenger, self.registry)
         self.writer = SummaryWriter(cfg, run_dir)
         self.selected: dict[str, dict[int, dict[str, Any]]] = {}
@@ -171,7 +173,7 @@ class PlanRunner:
                 f"radiomics: federated logistic regression, folds {list(self.cfg.active_folds)}"
             )
             for fold in self.cfg.active_folds:
-                self.trainer.train_radiomics(fold)
+                self.radiomics.fit_fold(fold)
         ev = self.evaluator
         self.progress.phase("evaluation: ensemble weights on pooled validation statistics")
         fitted = ev.fit_ensembles()

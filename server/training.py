@@ -33,17 +33,11 @@ from common.foldcalibration import fit_platt
 from common.gridstats import ClassHistogram
 from common.models import ModelKind, build_model
 from common.protocol import (
-    FEATSTATS,
     PREDICT,
-    RADIOMICS,
     ROLE_TRAIN,
     ROLES,
-    FeatstatsReply,
-    FoldRequest,
     PredictRequest,
-    RadiomicsRequest,
 )
-from common.radiomics import FederatedLogit
 from common.records import ModelCodec, weights_from_record, weights_record
 from common.rounds import validated_round
 
@@ -258,34 +252,3 @@ class FoldTrainer:
                     platt=None if not platt else (float(platt[0]), float(platt[1])),
                 )
                 self.messenger.send(nodes, PREDICT, req, dtype=self.cfg.federation.transport_dtype)
-
-    def train_radiomics(self, fold: int) -> None:
-        """One-shot federated logistic regression on the handcrafted features, then prediction."""
-        nodes = list(self.registry.nodes(ROLE_TRAIN))
-        parts = [a.body for a in self.messenger.send(nodes, FEATSTATS, FoldRequest(fold=fold))]
-        if not parts:
-            log.warning("radiomics fold %d: no site returned feature statistics", fold)
-            return
-        moments: FeatstatsReply = parts[0]
-        for m in parts[1:]:
-            moments = moments + m
-        mean, std = FederatedLogit.moments_to_mean_std(float(moments.n[0]), moments.sum, moments.sumsq)
-        fits = [
-            a.body
-            for a in self.messenger.send(nodes, RADIOMICS, RadiomicsRequest(fold=fold, mean=mean, std=std))
-        ]
-        if not fits:
-            log.warning("radiomics fold %d: no site returned a model", fold)
-            return
-        avg = np.average(
-            np.stack([f.params for f in fits]), axis=0, weights=[float(f.num_examples) for f in fits]
-        )
-        model = FederatedLogit.from_params(avg, mean, std)
-        self.ckpt.save("radiomics", fold, 1, model.pack_full().astype(np.float32), {"val_auc": None})
-        for role in ROLES:
-            targets = list(self.registry.nodes(role))
-            if targets:
-                req = PredictRequest(
-                    weights=model.pack_full(), model="radiomics", fold=fold, round=1, role=role
-                )
-                self.messenger.send(targets, PREDICT, req)
