@@ -47,6 +47,23 @@ def trimmed_mean(vectors: Sequence[np.ndarray], fraction: float) -> np.ndarray:
     return stack[k : len(vectors) - k].mean(axis=0).astype(np.float32)
 
 
+def robust_aggregate(
+    vectors: Sequence[np.ndarray], weights: Sequence[float], rule: str, trim_fraction: float
+) -> np.ndarray:
+    """The kept updates' aggregate under ``federation.robust``.
+
+    ``mean``: FedAvg's patient-weighted mean; ``median``: coordinate-wise
+    median; ``trimmed``: coordinate-wise mean after trimming ``trim_fraction``
+    at each end.  The robust rules ignore the weights: a site cannot buy
+    influence by claiming more patients.
+    """
+    if rule == "median":
+        return coordinate_median(vectors)
+    if rule == "trimmed":
+        return trimmed_mean(vectors, trim_fraction)
+    return weighted_mean(vectors, weights)
+
+
 def screen_updates(
     vectors: Sequence[np.ndarray],
     reference: np.ndarray,

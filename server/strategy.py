@@ -42,7 +42,7 @@ from common.protocol import (
 from common.records import metric_record, weights_from_record, weights_record
 from common.replycheck import check_num_examples
 
-from .aggregation import coordinate_median, screen_updates, trimmed_mean, weighted_mean
+from .aggregation import robust_aggregate, screen_updates
 from .session import FoldSession, RoundLog
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,17 @@ log = logging.getLogger(__name__)
 
 class FederationError(RuntimeError):
     """The federation cannot continue (e.g. fewer sites than the configured minimum)."""
+
+
+@dataclasses.dataclass
+class _Updates:
+    """A round's usable train replies, index-aligned, in site order."""
+
+    vectors: list[np.ndarray] = dataclasses.field(default_factory=list)
+    weights: list[float] = dataclasses.field(default_factory=list)  # patients, as checked
+    names: list[str] = dataclasses.field(default_factory=list)
+    losses: list[float] = dataclasses.field(default_factory=list)
+    validation: list[tuple[str, ClassHistogram]] = dataclasses.field(default_factory=list)
 
 
 class GuardedFedAvg(FedAvg):
@@ -176,14 +187,44 @@ class GuardedFedAvg(FedAvg):
         rlog.missing = sorted({self.session.site_of(m.metadata.dst_node_id) for m in self._sent} - answered)
         for site in rlog.missing:
             log.warning("[round %d] no reply from %s within the round timeout: left out", rlog.round, site)
-        good = sorted(
-            self._split_replies(server_round, replies, "train"), key=self._site
-        )  # order-free result
-        validating = self._validates(server_round)
-        vlog = self.session.log_for(server_round - 1) if validating else None  # the model they validated
-        vectors, weights, names, losses = [], [], [], []
-        val: list[tuple[str, ClassHistogram]] = []
-        for msg in good:
+        vlog = self.session.log_for(server_round - 1) if self._validates(server_round) else None
+        updates = self._read_updates(rlog, self._split_replies(server_round, replies, "train"), vlog)
+        rlog.seconds = time.perf_counter() - self._round_started
+        if vlog is not None:
+            self._pool(vlog, updates.validation)
+        if not updates.vectors:
+            log.error("[round %d] no usable training update: the global model is unchanged", rlog.round)
+            return None, None
+        screen = screen_updates(
+            updates.vectors,
+            self._reference(updates.vectors[0].shape),
+            norm_bound_factor=self.session.norm_bound_factor,
+            max_norm=self.session.max_update_norm,
+            names=updates.names,
+        )
+        for i, reason in screen.dropped.items():
+            rlog.dropped[updates.names[i]] = f"train: {reason}"
+            log.warning("[round %d] update dropped: %s", rlog.round, reason)
+        if not screen.kept:
+            log.error("[round %d] every update was dropped: the global model is unchanged", rlog.round)
+            return None, None
+        kept_w = [updates.weights[i] for i in screen.kept]
+        agg = robust_aggregate(
+            [updates.vectors[i] for i in screen.kept], kept_w, self.session.robust, self.session.trim_fraction
+        )
+        rlog.trained = [updates.names[i] for i in screen.kept]
+        rlog.train_loss = float(np.average([updates.losses[i] for i in screen.kept], weights=kept_w))
+        return weights_record(agg), MetricRecord({NUM_EXAMPLES: int(sum(kept_w)), "loss": rlog.train_loss})
+
+    def _read_updates(self, rlog: RoundLog, good: list[Message], vlog: RoundLog | None) -> _Updates:
+        """Decode and check each train reply, in site order (an order-free result).
+
+        A malformed reply is dropped whole, its validation statistics too;
+        ``vlog`` (the log of the round whose model these replies validated,
+        when they were asked to) notes every site that gave none.
+        """
+        out = _Updates()
+        for msg in sorted(good, key=self._site):
             site = self._site(msg)
             try:
                 update = TRAIN.read_reply(msg)
@@ -199,45 +240,14 @@ class GuardedFedAvg(FedAvg):
                 if update.validation is None:
                     _note(vlog, site, "evaluate: the train reply has no validation statistics")
                 else:
-                    val.append((site, update.validation))
-            vectors.append(update.weights)
-            weights.append(n)
-            names.append(site)
+                    out.validation.append((site, update.validation))
+            out.vectors.append(update.weights)
+            out.weights.append(n)
+            out.names.append(site)
             if update.epsilon is not None:
                 rlog.epsilon[site] = _finite_or_nan(update.epsilon)
-            losses.append(_finite_or_nan(update.loss))
-        rlog.seconds = time.perf_counter() - self._round_started
-        if vlog is not None:
-            self._pool(vlog, val)
-        if not vectors:
-            log.error("[round %d] no usable training update: the global model is unchanged", rlog.round)
-            return None, None
-        reference = self._reference(vectors[0].shape)
-        screen = screen_updates(
-            vectors,
-            reference,
-            norm_bound_factor=self.session.norm_bound_factor,
-            max_norm=self.session.max_update_norm,
-            names=names,
-        )
-        for i, reason in screen.dropped.items():
-            rlog.dropped[names[i]] = f"train: {reason}"
-            log.warning("[round %d] update dropped: %s", rlog.round, reason)
-        if not screen.kept:
-            log.error("[round %d] every update was dropped: the global model is unchanged", rlog.round)
-            return None, None
-        kept_v = [vectors[i] for i in screen.kept]
-        kept_w = [weights[i] for i in screen.kept]
-        if self.session.robust == "median":
-            agg = coordinate_median(kept_v)
-        elif self.session.robust == "trimmed":
-            agg = trimmed_mean(kept_v, self.session.trim_fraction)
-        else:
-            agg = weighted_mean(kept_v, kept_w)
-        rlog.trained = [names[i] for i in screen.kept]
-        rlog.train_loss = float(np.average([losses[i] for i in screen.kept], weights=kept_w))
-        n_total = int(sum(kept_w))
-        return weights_record(agg), MetricRecord({NUM_EXAMPLES: n_total, "loss": rlog.train_loss})
+            out.losses.append(_finite_or_nan(update.loss))
+        return out
 
     def _reference(self, shape: tuple[int, ...]) -> np.ndarray:
         ref = getattr(self, "_global", None)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.aggregation import coordinate_median, screen_updates, trimmed_mean, weighted_mean
+from server.aggregation import (
+    coordinate_median,
+    robust_aggregate,
+    screen_updates,
+    trimmed_mean,
+    weighted_mean,
+)
 
 
 def test_weighted_mean_matches_numpy_average() -> None:
@@ -27,6 +33,17 @@ def test_median_and_trimmed_mean_match_numpy() -> None:
     np.testing.assert_allclose(coordinate_median(vs), np.median(np.stack(vs), axis=0), rtol=1e-6)
     s = np.sort(np.stack(vs), axis=0)
     np.testing.assert_allclose(trimmed_mean(vs, 0.2), s[1:4].mean(axis=0), rtol=1e-6)
+
+
+def test_robust_aggregate_follows_the_rule_and_only_the_mean_uses_the_weights() -> None:
+    rng = np.random.default_rng(2)
+    vs = [rng.normal(size=30) for _ in range(5)]
+    w = [1, 1, 1, 1, 1000]  # one site claiming many patients
+    stack = np.stack(vs)
+    np.testing.assert_allclose(robust_aggregate(vs, w, "mean", 0.2), np.average(stack, axis=0, weights=w), rtol=1e-6)
+    np.testing.assert_allclose(robust_aggregate(vs, w, "median", 0.2), np.median(stack, axis=0), rtol=1e-6)
+    trimmed = np.sort(stack, axis=0)[1:4].mean(axis=0)
+    np.testing.assert_allclose(robust_aggregate(vs, w, "trimmed", 0.2), trimmed, rtol=1e-6)
 
 
 def test_screen_drops_nan_wrong_shape_and_outsized_updates_with_reasons() -> None:
