@@ -249,13 +249,7 @@ def train(
     weight = class_weights(labels).to(dev) if cfg.train.class_weighting else None
     loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.train.label_smoothing)
     with placed(model, dev, rt.memory_format(kind)):
-        opt = _adam(model, cfg)
-        if keep and optimizer_state is not None:
-            try:
-                load_optimizer_state(opt, optimizer_state)
-            except OptimizerStateError as exc:  # before any step: the model is as it came in
-                log.warning("%s: %s: fresh optimiser", desc, exc)
-                opt = _adam(model, cfg)  # the failed load may have left part of the state in it
+        opt = _resumed_adam(model, cfg, optimizer_state if keep else None, desc)
         anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
         net: nn.Module = model
         engine = None
@@ -317,6 +311,21 @@ def train(
 def _adam(model: nn.Module, cfg: ExperimentConfig) -> torch.optim.Optimizer:
     """The training optimiser of every caller (the study's Adam), fresh."""
     return torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def _resumed_adam(
+    model: nn.Module, cfg: ExperimentConfig, state: Mapping[str, Any] | None, desc: str
+) -> torch.optim.Optimizer:
+    """Adam resumed from ``state`` where it fits the model, else fresh (logged, never fatal)."""
+    opt = _adam(model, cfg)
+    if state is None:
+        return opt
+    try:
+        load_optimizer_state(opt, state)
+    except OptimizerStateError as exc:  # before any step: the model is as it came in
+        log.warning("%s: %s: fresh optimiser", desc, exc)
+        opt = _adam(model, cfg)  # the failed load may have left part of the state in it
+    return opt
 
 
 def _augment_generator(seed: int, epoch: int) -> torch.Generator:
