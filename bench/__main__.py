@@ -50,141 +50,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    cpus = os.cpu_count() or 1
     p = argparse.ArgumentParser(
         prog="python -m bench",
         description="What users pay: throughput and memory, federation overhead, bytes on the wire, AUC "
         "against pooled/local/oracle, end-to-end times and scaling; one table per section.",
     )
-    p.add_argument(
-        "--only",
-        type=_sections,
-        default=None,
-        metavar="S1,S2",
-        help=f"comma-separated sections out of {','.join(SECTIONS)} (default: all on cpu, throughput on cuda)",
+    cpus = os.cpu_count() or 1
+    _run_options(p.add_argument_group("what to measure and where the results go"))
+    _federation_options(
+        p.add_argument_group("federated sections (overhead, comm, quality, e2e, scaling)"), cpus
     )
-    p.add_argument(
-        "--work",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="folder for the runs, logs and results (default: a new runs/bench-<time>); reusing one reuses "
-        "its finished runs, e.g. to add a section",
-    )
-    p.add_argument(
-        "--doc",
-        type=Path,
-        metavar="MD",
-        help="also write the report as Markdown to this file (docs/benchmarks.md)",
-    )
-    p.add_argument(
-        "--rounds",
-        type=int,
-        default=BenchParams.rounds,
-        metavar="R",
-        help="federated rounds (default %(default)s)",
-    )
-    p.add_argument(
-        "--cohort",
-        type=int,
-        default=BenchParams.patients,
-        metavar="N",
-        help="patients in the benchmark cohort, a multiple of 24 (default %(default)s)",
-    )
-    p.add_argument(
-        "--report-from",
-        type=Path,
-        metavar="JSON",
-        help="measure nothing: print (and with --doc write) the report of an earlier run's bench.json",
-    )
-    p.add_argument(
-        "--plain-threads",
-        type=int,
-        default=cpus,
-        metavar="T",
-        help=f"torch threads of the plain loop in overhead (default os.cpu_count() = {cpus}; on a busy machine 1"
-        " can be several times faster)",
-    )
-    p.add_argument(
-        "--section-timeout",
-        type=float,
-        default=None,
-        metavar="S",
-        help="stop any section after S seconds (default: per section, see bench/__main__.py)",
-    )
-    p.add_argument(
-        "--quick-only", action="store_true", help="skip the study sizes (96^3, 3x224^2): slow on CPU"
-    )
-    p.add_argument(
-        "--patients",
-        type=int,
-        default=0,
-        metavar="N",
-        help="patients per configuration (default: quick 16 / study 8 on cpu, quick 64 / study 80 on cuda)",
-    )
-    p.add_argument(
-        "--batch",
-        type=int,
-        default=0,
-        metavar="B",
-        help="training batch size (default: the preset's, quick 8, study 20)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=cpus,
-        metavar="T",
-        help=f"torch threads (default os.cpu_count() = {cpus})",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=-1,
-        metavar="W",
-        help="DataLoader worker processes (default: the preset's, 0 = load in the training process)",
-    )
-    p.add_argument(
-        "--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)"
-    )
-    p.add_argument(
-        "--amp",
-        type=_amps,
-        default=None,
-        metavar="A1,A2",
-        help="train.amp values to measure, out of off,auto,bf16,fp16 (default: off on cpu, off,auto on cuda)",
-    )
-    p.add_argument(
-        "--augment-on",
-        default="auto",
-        choices=("auto", "workers", "device"),
-        help="train.augment_on (default auto: on the device on cuda, in the DataLoader on cpu)",
-    )
-    p.add_argument(
-        "--memory-format",
-        type=_formats,
-        default=("auto",),
-        metavar="F1,F2",
-        help="train.memory_format values to measure, out of auto,contiguous,channels_last (default auto: "
-        "channels-last for 2D, contiguous for 3D)",
-    )
-    p.add_argument(
-        "--arch",
-        default="densenet121",
-        choices=("densenet121", "small"),
-        help="network of every section (default densenet121; small: a quick trial of the bench itself)",
-    )
-    p.add_argument(
-        "--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="which networks (default both)"
-    )
-    p.add_argument(
-        "--json",
-        type=Path,
-        metavar="OUT",
-        help="also write the machine and figures to this JSON file (always written to WORK/bench.json)",
-    )
-    p.add_argument(
-        "--timeout", type=float, default=None, metavar="S", help="give up on a configuration after S seconds"
-    )
+    _throughput_options(p.add_argument_group("throughput section"), cpus)
     args = p.parse_args(argv)
     for name in ("patients", "batch", "threads"):
         if getattr(args, name) < 0:
@@ -198,6 +74,145 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.amp is None:
         args.amp = ("off",) if args.device == "cpu" else ("off", "auto")
     return args
+
+
+def _run_options(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--only",
+        type=_sections,
+        default=None,
+        metavar="S1,S2",
+        help=f"comma-separated sections out of {','.join(SECTIONS)} (default: all on cpu, throughput on cuda)",
+    )
+    g.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="where the model runs (default cpu)"
+    )
+    g.add_argument(
+        "--arch",
+        default="densenet121",
+        choices=("densenet121", "small"),
+        help="network of every section (default densenet121; small: a quick trial of the bench itself)",
+    )
+    g.add_argument(
+        "--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="which networks (default both)"
+    )
+    g.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder for the runs, logs and results (default: a new runs/bench-<time>); reusing one reuses "
+        "its finished runs, e.g. to add a section",
+    )
+    g.add_argument(
+        "--doc",
+        type=Path,
+        metavar="MD",
+        help="also write the report as Markdown to this file (docs/benchmarks.md)",
+    )
+    g.add_argument(
+        "--json",
+        type=Path,
+        metavar="OUT",
+        help="also write the machine and figures to this JSON file (always written to WORK/bench.json)",
+    )
+    g.add_argument(
+        "--report-from",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: print (and with --doc write) the report of an earlier run's bench.json",
+    )
+    g.add_argument(
+        "--section-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop any section after S seconds (default: per section, see bench/__main__.py)",
+    )
+
+
+def _federation_options(g: argparse._ArgumentGroup, cpus: int) -> None:
+    g.add_argument(
+        "--rounds",
+        type=int,
+        default=BenchParams.rounds,
+        metavar="R",
+        help="federated rounds (default %(default)s)",
+    )
+    g.add_argument(
+        "--cohort",
+        type=int,
+        default=BenchParams.patients,
+        metavar="N",
+        help="patients in the benchmark cohort, a multiple of 24 (default %(default)s)",
+    )
+    g.add_argument(
+        "--plain-threads",
+        type=int,
+        default=cpus,
+        metavar="T",
+        help=f"torch threads of the plain loop in overhead (default os.cpu_count() = {cpus}; on a busy machine 1"
+        " can be several times faster)",
+    )
+
+
+def _throughput_options(g: argparse._ArgumentGroup, cpus: int) -> None:
+    g.add_argument(
+        "--quick-only", action="store_true", help="skip the study sizes (96^3, 3x224^2): slow on CPU"
+    )
+    g.add_argument(
+        "--patients",
+        type=int,
+        default=0,
+        metavar="N",
+        help="patients per configuration (default: quick 16 / study 8 on cpu, quick 64 / study 80 on cuda)",
+    )
+    g.add_argument(
+        "--batch",
+        type=int,
+        default=0,
+        metavar="B",
+        help="training batch size (default: the preset's, quick 8, study 20)",
+    )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=cpus,
+        metavar="T",
+        help=f"torch threads (default os.cpu_count() = {cpus})",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=-1,
+        metavar="W",
+        help="DataLoader worker processes (default: the preset's, 0 = load in the training process)",
+    )
+    g.add_argument(
+        "--amp",
+        type=_amps,
+        default=None,
+        metavar="A1,A2",
+        help="train.amp values to measure, out of off,auto,bf16,fp16 (default: off on cpu, off,auto on cuda)",
+    )
+    g.add_argument(
+        "--augment-on",
+        default="auto",
+        choices=("auto", "workers", "device"),
+        help="train.augment_on (default auto: on the device on cuda, in the DataLoader on cpu)",
+    )
+    g.add_argument(
+        "--memory-format",
+        type=_formats,
+        default=("auto",),
+        metavar="F1,F2",
+        help="train.memory_format values to measure, out of auto,contiguous,channels_last (default auto: "
+        "channels-last for 2D, contiguous for 3D)",
+    )
+    g.add_argument(
+        "--timeout", type=float, default=None, metavar="S", help="give up on a configuration after S seconds"
+    )
+
 
 
 def _amps(text: str) -> tuple[str, ...]:
