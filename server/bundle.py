@@ -15,6 +15,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.bundle import MODEL_KINDS, BundleError, EnsembleSpec, FoldModel, write_bundle
@@ -42,6 +43,49 @@ def export_bundle(run_dir: Path, out: Path, signing_key: Path) -> Path:
     key = _signing_key(Path(signing_key))
     cfg = _run_config(run_dir)
     summary = _summary(run_dir)
+    _check_bundleable(run_dir, cfg, summary)
+    models = _fold_models(run_dir, cfg)
+    scores = summary.get("models", {})
+    metrics = {
+        name: {
+            subset: {k: v for k, v in part.items() if k != "folds"}
+            for subset, part in entry.items()
+            if subset in ("internal", "external")
+        }
+        for name, entry in scores.items()
+    }
+    source = {
+        "run": run_dir.resolve().name,
+        "plan": summary.get("plan"),
+        "config_digest": cfg.digest(),
+        "sites": summary.get("sites", {}),
+    }
+    # The bundle travels to other hospitals: the training sites' folders stay out of it.
+    portable = dataclasses.replace(cfg, sites=(), external_sites=())
+    thresholds = {k: float(v["threshold"]) for k, v in (summary.get("thresholds") or {}).items()}
+    ensembles = _ensembles(scores)
+    path = write_bundle(
+        out,
+        config=portable,
+        models=models,
+        ensembles=ensembles,
+        metrics=metrics,
+        source=source,
+        signing_key=key,
+        thresholds=thresholds,
+    )
+    log.info(
+        "bundle of %s written to %s (%d fold models, %d ensembles)",
+        run_dir,
+        path,
+        len(models),
+        len(ensembles),
+    )
+    return path
+
+
+def _check_bundleable(run_dir: Path, cfg: ExperimentConfig, summary: dict[str, Any]) -> None:
+    """Refuse a run that has no one complete model set, or whose folder mixes two runs."""
     if summary.get("plan") == "loco":
         raise BundleError(
             f"{run_dir}: a leave-one-centre-out run holds one model set per held-out site; "
@@ -57,6 +101,10 @@ def export_bundle(run_dir: Path, out: Path, signing_key: Path) -> Path:
             f"{run_dir}: summary.json was written under config {summary.get('config_digest')}, "
             f"config.yaml is {cfg.digest()}: the folder mixes two runs"
         )
+
+
+def _fold_models(run_dir: Path, cfg: ExperimentConfig) -> list[tuple[FoldModel, dict[str, np.ndarray]]]:
+    """Each enabled network's selected model of every fold, with its calibration and guard flag."""
     store = CheckpointStore(run_dir / "checkpoints", cfg.digest())
     models = []
     for kind in MODEL_KINDS:
@@ -97,48 +145,18 @@ def export_bundle(run_dir: Path, out: Path, signing_key: Path) -> Path:
         raise BundleError(
             f"{run_dir}: no network was trained in this run (both densenet3d and densenet2d disabled)"
         )
-    scores = summary.get("models", {})
+    return models
+
+
+def _ensembles(scores: dict[str, Any]) -> list[EnsembleSpec]:
+    """The ensembles whose weights the run fitted, as the summary holds them."""
     ensembles = []
     for name, members in ENSEMBLES.items():
         entry = scores.get(name, {})
         if "weights" in entry:
             weights = tuple(float(entry["weights"][m]) for m in members)
             ensembles.append(EnsembleSpec(name, members, weights, entry.get("val_auc")))
-    metrics = {
-        name: {
-            subset: {k: v for k, v in part.items() if k != "folds"}
-            for subset, part in entry.items()
-            if subset in ("internal", "external")
-        }
-        for name, entry in scores.items()
-    }
-    source = {
-        "run": run_dir.resolve().name,
-        "plan": summary.get("plan"),
-        "config_digest": cfg.digest(),
-        "sites": summary.get("sites", {}),
-    }
-    # The bundle travels to other hospitals: the training sites' folders stay out of it.
-    portable = dataclasses.replace(cfg, sites=(), external_sites=())
-    thresholds = {k: float(v["threshold"]) for k, v in (summary.get("thresholds") or {}).items()}
-    path = write_bundle(
-        out,
-        config=portable,
-        models=models,
-        ensembles=ensembles,
-        metrics=metrics,
-        source=source,
-        signing_key=key,
-        thresholds=thresholds,
-    )
-    log.info(
-        "bundle of %s written to %s (%d fold models, %d ensembles)",
-        run_dir,
-        path,
-        len(models),
-        len(ensembles),
-    )
-    return path
+    return ensembles
 
 
 def _signing_key(path: Path) -> Ed25519PrivateKey:

@@ -482,3 +482,32 @@ def test_bundle_carries_the_run_thresholds_and_refuses_hostile_ones(
     ):
         with pytest.raises(BundleError, match="threshold"):
             read_bundle(_rewrite(bundle_path, tmp_path / "bad.zip", {"thresholds": bad}), trusted)
+
+
+@pytest.mark.parametrize(
+    ("change", "summary", "message"),
+    [
+        ({}, {"plan": "loco"}, "a leave-one-centre-out run holds one model set per held-out site"),
+        ({"federation": {"strategy": "fedbn"}}, {"plan": "federated"}, "trained with FedBN"),
+        ({}, {"plan": "federated", "config_digest": "0" * 16}, "the folder mixes two runs"),
+        ({}, {"plan": "federated"}, "densenet3d fold 0 has no selected round"),
+        (
+            {"models": {"densenet3d": {"enabled": False}, "densenet2d": {"enabled": False}}},
+            {"plan": "federated"},
+            "no network was trained in this run",
+        ),
+    ],
+)
+def test_export_refuses_a_run_folder_without_one_complete_model_set(
+    tmp_path: Path, change: dict[str, object], summary: dict[str, object], message: str
+) -> None:
+    """Each refusal names the run folder and the reason, and writes no bundle."""
+    cfg = load_config("tiny", change)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (run / "summary.json").write_text(json.dumps({"config_digest": cfg.digest(), **summary}))
+    out = tmp_path / "model.bundle"
+    with pytest.raises(BundleError, match=re.escape(message)) as err:
+        export_bundle(run, out, tmp_path / "signing.pem")
+    assert str(run) in str(err.value) and not out.exists()
