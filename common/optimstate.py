@@ -45,5 +45,3 @@ def detached_state(state: dict[str, Any]) -> dict[str, Any]:
         for i, s in state["state"].items()
     }
     return {"state": moments, "param_groups": [dict(g) for g in state["param_groups"]]}
-
-

@@ -1,8 +1,10 @@
 """Centralised model selection (the study's best-validation-AUC rule) and the guard on its outputs.
 
 The pooled and local baselines select a checkpoint here; the federated
-strategy applies the same rule round by round.  :func:`diagnose` is the
-guard both paths share: a constant or inverted model is named, not averaged.
+strategy applies the same rule round by round (``server.training``).
+:func:`diagnose` names the two ways a selected model fails on this task
+(constant output, inverted ranking); a site logs it for every model it
+validates.
 """
 
 from __future__ import annotations
