@@ -64,12 +64,10 @@ class RadiomicsTrainer:
         avg = np.average(
             np.stack([f.params for f in fits]), axis=0, weights=[float(f.num_examples) for f in fits]
         )
-        model = FederatedLogit.from_params(avg, mean, std)
-        self.ckpt.save("radiomics", fold, 1, model.pack_full().astype(np.float32), {"val_auc": None})
+        full = FederatedLogit.from_params(avg, mean, std).pack_full()
+        self.ckpt.save("radiomics", fold, 1, full.astype(np.float32), {"val_auc": None})
         for role in ROLES:
             targets = list(self.registry.nodes(role))
             if targets:
-                req = PredictRequest(
-                    weights=model.pack_full(), model="radiomics", fold=fold, round=1, role=role
-                )
+                req = PredictRequest(weights=full, model="radiomics", fold=fold, round=1, role=role)
                 self.messenger.send(targets, PREDICT, req)
