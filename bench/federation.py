@@ -61,7 +61,8 @@ class Experiment:
             },
             "sites": [{"name": n, "data_dir": str(cohort_dir / d)} for n, d in info["sites"].items()],
             "models": {
-                "densenet3d": {"enabled": True, "arch": self.arch},
+                # the bench's own rounds, not the preset's per-network budget
+                "densenet3d": {"enabled": True, "arch": self.arch, "rounds": 0, "select_from_round": 0},
                 "densenet2d": {"enabled": False},
                 "radiomics": False,
             },

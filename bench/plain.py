@@ -55,10 +55,11 @@ def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> d
         pos = {p: i for i, p in enumerate(arrays.patient_ids)}
         sites.append((arrays, folds, pos))
     load_s = time.perf_counter() - t0
-    total = cfg.train.rounds
     out: dict[str, Any] = {"import_s": started - launched, "load_s": load_s, "threads": threads, "models": {}}
     kinds: list[ModelKind] = [k for k in ("densenet3d", "densenet2d") if getattr(cfg.models, k).enabled]  # type: ignore[misc]
     for kind in kinds:
+        mcfg = cfg.for_model(kind)  # the network's rounds and selection window, as FoldTrainer reads them
+        total = mcfg.train.rounds
         for fold in cfg.active_folds:
             seed_everything(cfg.train.seed)
             model = build_model(kind, getattr(cfg.models, kind), mask_channel=cfg.preprocess.mask_channel)
@@ -73,14 +74,14 @@ def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> d
                     model.load_state_dict({**model.state_dict(), **codec.unpack(global_vec)})
                     idx = [pos[p] for p in folds[fold].train]
                     state = opt_states.get(i)
-                    res = local_round(model, arrays, idx, kind, cfg, fold=fold, rnd=rnd, total_rounds=total, optimizer_state=state)
+                    res = local_round(model, arrays, idx, kind, mcfg, fold=fold, rnd=rnd, total_rounds=total, optimizer_state=state)
                     opt_states[i] = res.optimizer_state
                     vectors.append(codec.pack(model.state_dict()))
                     weights.append(res.n_patients)
                 global_vec = weighted_mean(vectors, weights)
                 model.load_state_dict({**model.state_dict(), **codec.unpack(global_vec)})
                 auc = float("nan")  # a round that does not compete is not validated, as in the federation
-                if validated_round(cfg, rnd):
+                if validated_round(mcfg, rnd):
                     y, p = [], []
                     for arrays, folds, pos in sites:
                         idx = [pos[q] for q in folds[fold].val]

@@ -192,7 +192,7 @@ class SiteRunner:
             self.arrays,
             idx,
             kind,
-            self.cfg,
+            self.cfg.for_model(kind),
             fold=fold,
             rnd=rnd,
             total_rounds=total_rounds,

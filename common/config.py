@@ -141,6 +141,11 @@ class ModelConfig:
     pretrained_path: str = ""
     allow_random_init: bool = True
     dropout: float = 0.0
+    # This network's own round budget and selection window (0: ``train.rounds`` and
+    # ``evaluation.select_from_round``): the two networks learn at different speeds, and a
+    # budget is spent where it buys AUC (ExperimentConfig.for_model).
+    rounds: int = 0
+    select_from_round: int = 0
 
 
 @dataclass(frozen=True)
@@ -315,6 +320,16 @@ class ExperimentConfig:
             "evaluation.select_from_round",
             f"must be a round in 1..{self.train.rounds} (train.rounds)",
         )
+        for key in ("densenet3d", "densenet2d"):
+            own = getattr(self.models, key)
+            _check(own.rounds >= 0, f"models.{key}.rounds", "must be >= 0 (0: train.rounds)")
+            rounds = own.rounds or self.train.rounds
+            first = own.select_from_round or min(self.evaluation.select_from_round, rounds)
+            _check(
+                1 <= first <= rounds,
+                f"models.{key}.select_from_round",
+                f"must be a round in 1..{rounds} (the network's rounds) or 0 (evaluation.select_from_round)",
+            )
         _check(
             re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.train.device) is not None,
             "train.device",
@@ -385,6 +400,25 @@ class ExperimentConfig:
     def active_folds(self) -> tuple[int, ...]:
         """The folds this run trains (``run_folds``, or all of them): e.g. one fold for a smoke test."""
         return self.run_folds or tuple(range(self.folds))
+
+    def for_model(self, kind: str) -> ExperimentConfig:
+        """The config as network ``kind`` trains under it: its own rounds and selection window.
+
+        Every caller that trains, validates or selects one network reads
+        ``train.rounds`` and ``evaluation.select_from_round`` from this view,
+        so a per-network budget (``models.<kind>.rounds``) changes the server's
+        rounds, the sites' learning-rate schedule and the baselines alike.
+        """
+        own: ModelConfig = getattr(self.models, kind)
+        rounds = own.rounds or self.train.rounds
+        first = own.select_from_round or min(self.evaluation.select_from_round, rounds)
+        if rounds == self.train.rounds and first == self.evaluation.select_from_round:
+            return self
+        return dataclasses.replace(
+            self,
+            train=dataclasses.replace(self.train, rounds=rounds, epochs=rounds * self.train.local_epochs),
+            evaluation=dataclasses.replace(self.evaluation, select_from_round=first),
+        )
 
     def digest(self) -> str:
         """Stable short hash of the whole config, stored with checkpoints."""

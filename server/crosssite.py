@@ -97,7 +97,7 @@ class CrossSiteEvaluation:
 
     def train_local(self, kind: ModelKind, fold: int, node: int, site: str) -> np.ndarray | None:
         """Rounds at one site only; the vector of its best validation round (None if the site never answered)."""
-        total = self.cfg.train.rounds
+        total = self.cfg.for_model(kind).train.rounds
         dtype = self.cfg.federation.transport_dtype
         vec = self.trainer.initial_vector(kind)
         size = vec.size
@@ -109,7 +109,7 @@ class CrossSiteEvaluation:
 
         pending: tuple[int, np.ndarray] | None = None  # the latest local model, not yet validated
         for rnd in range(1, total + 1):  # one exchange per round: it validates the previous round's model
-            check = pending is not None and validated_round(self.cfg, pending[0])  # if that one competes
+            check = pending is not None and validated_round(self.cfg.for_model(kind), pending[0])  # if that one competes
             req = TrainRequest(
                 weights=vec,
                 model=kind,

@@ -35,7 +35,7 @@ class Progress:
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, tensorboard: bool = True) -> None:
         kinds = [k for k in ("densenet3d", "densenet2d") if getattr(cfg.models, k).enabled]
-        self.total = len(kinds) * len(cfg.active_folds) * cfg.train.rounds
+        self.total = len(cfg.active_folds) * sum(cfg.for_model(k).train.rounds for k in kinds)
         self.done = 0  # rounds finished (in this process or, resumed, before it)
         self.timed = 0  # rounds finished in this process: the rate for the estimate
         self.started = time.monotonic()

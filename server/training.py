@@ -97,7 +97,7 @@ class FoldTrainer:
             fold=fold,
             train_nodes=self.registry.nodes(ROLE_TRAIN),
             refresh=lambda: self.registry.rejoin(self.messenger),
-            total_rounds=self.cfg.train.rounds,
+            total_rounds=self.cfg.for_model(kind).train.rounds,
             round_offset=offset,
             header=self.messenger.header,
             transport_dtype=self.cfg.federation.transport_dtype,
@@ -107,14 +107,14 @@ class FoldTrainer:
             site_patients={s.site: s.patients for s in self.registry.sites.values()},
             threshold=self.cfg.evaluation.fixed_threshold,
             check=self.messenger.check,
-            validate_from=self.cfg.evaluation.select_from_round,
+            validate_from=self.cfg.for_model(kind).evaluation.select_from_round,
         )
 
     def train_fold(self, kind: ModelKind, fold: int) -> dict[str, Any]:
         """Federated rounds for one fold; returns the selected round and its pooled validation AUC."""
         if not self.registry.nodes(ROLE_TRAIN):
             raise FederationError("no training site is available")
-        total = self.cfg.train.rounds
+        total = self.cfg.for_model(kind).train.rounds
         done = self.ckpt.finished(kind, fold)
         if done is not None:
             log.info("%s fold %d already finished (round %d selected): skipping", kind, fold, done["round"])
@@ -132,7 +132,7 @@ class FoldTrainer:
             )
             self._restore_round_logs(kind, fold)
         session = self.session(kind, fold, last)
-        if last and validated_round(self.cfg, last) and not self.ckpt.validated(kind, fold, last):
+        if last and validated_round(self.cfg.for_model(kind), last) and not self.ckpt.validated(kind, fold, last):
             # interrupted before its validation arrived
             meta = self.ckpt.meta(kind, fold, last)
             session.rounds[last] = RoundLog(**{f: meta[f] for f in _ROUNDLOG_FIELDS if f in meta})
@@ -170,7 +170,7 @@ class FoldTrainer:
                 evaluate_config=ConfigRecord(),
                 evaluate_fn=after_round,
             )
-        best = self.ckpt.select_best(kind, fold, self.cfg.evaluation.select_from_round)
+        best = self.ckpt.select_best(kind, fold, self.cfg.for_model(kind).evaluation.select_from_round)
         log.info(
             "%s fold %d: selected round %d (pooled validation AUC %s)",
             kind,
@@ -206,7 +206,7 @@ class FoldTrainer:
         logs = self.participation.setdefault(f"{kind}/fold{fold}", [])
         kept = [e for e in logs if e["round"] != rnd]
         logs[:] = sorted([*kept, asdict(rlog)], key=lambda e: e["round"])
-        competes = validated_round(self.cfg, rnd)
+        competes = validated_round(self.cfg.for_model(kind), rnd)
         if (validated or not competes) and self.progress is not None:
             self.progress.round(session, rlog, counted=counted, validated=competes)
 

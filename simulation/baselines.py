@@ -84,8 +84,6 @@ def evaluate_setting(
     pool = SiteArrays.concat([_prefixed(s) for s in train_sites], site="+".join(s.name for s in train_sites))
     ext = SiteArrays.concat([_prefixed(s) for s in external], site="external") if external else None
     thr = cfg.evaluation.fixed_threshold
-    epochs = cfg.train.rounds * cfg.train.local_epochs
-    first_epoch = (cfg.evaluation.select_from_round - 1) * cfg.train.local_epochs + 1  # the round's first epoch
     result: dict[str, Any] = {}
     for name in models:
         y_all, p_all, fold_metrics, val_metrics, selection, p_raw = [], [], [], [], [], []
@@ -99,9 +97,12 @@ def evaluate_setting(
                     ext_probs.append(radiomics.predict(lr, ext, range(len(ext))))
             else:
                 kind: ModelKind = name  # type: ignore[assignment]
+                mcfg = cfg.for_model(kind)  # the network's own rounds and selection window, as in the federation
+                epochs = mcfg.train.rounds * mcfg.train.local_epochs
+                first_epoch = (mcfg.evaluation.select_from_round - 1) * mcfg.train.local_epochs + 1  # the round's first epoch
                 seed_everything(cfg.train.seed)
                 model = build_model(kind, getattr(cfg.models, kind), mask_channel=cfg.preprocess.mask_channel)
-                sel = fit_select(model, pool, idx["train"], idx["val"], kind, cfg, epochs=epochs, seed=cfg.train.seed + k, desc=f"{pool.site} {kind} f{k}", first_epoch=first_epoch)
+                sel = fit_select(model, pool, idx["train"], idx["val"], kind, mcfg, epochs=epochs, seed=cfg.train.seed + k, desc=f"{pool.site} {kind} f{k}", first_epoch=first_epoch)
                 model.load_state_dict(sel.state)
                 y_val = pool.labels[idx["val"]]
                 p_val = predict(model, pool, idx["val"], kind, cfg)

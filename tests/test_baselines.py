@@ -41,3 +41,13 @@ def test_deep_baseline_reports_the_selected_models_validation_figures(tiny_cohor
     (val,) = entry["validation"]["folds"]
     assert val["auc"] == pytest.approx(max(sel["val_aucs"]), abs=1e-4)  # the kept epoch is the best one
     assert val["n"] > 0 and np.sum(val["confusion_matrix"]) == val["n"]
+
+
+def test_the_pooled_baseline_trains_each_network_for_its_own_rounds(tiny_cohort: Path, tmp_path: Path) -> None:
+    """As the federation (``ExperimentConfig.for_model``): epochs and the selection window per network."""
+    models = {"densenet2d": {"enabled": False}, "densenet3d": {"rounds": 3, "select_from_round": 2}}
+    cfg = _cfg(tiny_cohort, run_folds=[0], train={"rounds": 1}, models=models)
+    out = run_baselines(cfg, tmp_path / "cache", local=False, models=["densenet3d"])
+    (sel,) = out["pooled"]["densenet3d"]["selection"]
+    assert len(sel["val_aucs"]) == 3 and sel["val_aucs"][0] is None  # epoch 1 does not compete
+    assert sel["best_epoch"] in (2, 3)

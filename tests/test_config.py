@@ -56,6 +56,8 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
         ("dp: {enabled: true}", r"BatchNorm is not compatible with DP-SGD"),
         ("evaluation: {select_from_round: 9}", r"evaluation\.select_from_round: must be a round in 1\.\.4"),
         ("evaluation: {select_from_round: 0}", r"evaluation\.select_from_round"),
+        ("models: {densenet3d: {rounds: 5, select_from_round: 6}}", r"models\.densenet3d\.select_from_round: must be a round in 1\.\.5"),
+        ("models: {densenet2d: {rounds: -1}}", r"models\.densenet2d\.rounds: must be >= 0"),
         ("preprocess: {d2: {mask_outside_mm: -1}}", r"preprocess\.d2\.mask_outside_mm: must be >= 0"),
         ("preprocess: {d3: {mask_outside_mm: .nan}}", r"preprocess\.d3\.mask_outside_mm: must be >= 0"),
         (
@@ -108,3 +110,14 @@ def test_roles_follow_the_plan() -> None:
     assert [s.role for s in fed.sites] == ["train", "train", "train"]
     marked = with_sites(load_config("quick", {"external_sites": ["centre3"]}), sites)
     assert [s.role for s in marked.sites] == ["train", "train", "external"]
+
+
+def test_a_network_may_have_its_own_rounds_and_selection_window() -> None:
+    """``models.<kind>.rounds`` and ``select_from_round`` override the run's for that network only."""
+    cfg = load_config("tiny", {"train": {"rounds": 4}, "evaluation": {"select_from_round": 3}, "models": {"densenet3d": {"rounds": 8, "select_from_round": 7}}})
+    d3, d2 = cfg.for_model("densenet3d"), cfg.for_model("densenet2d")
+    assert (d3.train.rounds, d3.evaluation.select_from_round) == (8, 7)
+    assert d2 is cfg and (d2.train.rounds, d2.evaluation.select_from_round) == (4, 3)
+    assert d3.train.lr == cfg.train.lr and d3.models == cfg.models and d3.for_model("densenet3d") == d3
+    short = load_config("tiny", {"train": {"rounds": 4}, "evaluation": {"select_from_round": 3}, "models": {"densenet2d": {"rounds": 2}}})
+    assert (short.for_model("densenet2d").train.rounds, short.for_model("densenet2d").evaluation.select_from_round) == (2, 2)

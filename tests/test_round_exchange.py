@@ -263,3 +263,28 @@ def test_an_interrupted_fold_does_not_validate_a_round_that_does_not_compete(
         assert second.calls[(s, "train")] == ROUNDS - 1 and second.calls[(s, "evaluate")] == 1
     assert summary["resumed"] == {"densenet3d/fold0": 1}
     _check_rounds(cfg, cohort, sites_out, "x6", run_dir, summary)
+
+
+def test_each_network_trains_its_own_rounds_and_selection_window(
+    cohort: dict[str, Path], sites_out: Path, tmp_path: Path
+) -> None:
+    """``models.densenet3d.rounds`` 3 from round 3, the 2D network the run's 2 rounds from round 1."""
+    overrides = {
+        "run_folds": [0],
+        "models": {"densenet3d": {"rounds": 3, "select_from_round": 3}, "radiomics": False},
+        "train": {"rounds": 2},
+        "evaluation": {"select_from_round": 1},
+    }
+    cfg = with_sites(load_config("tiny", overrides), tuple(SiteConfig(name=s) for s in SITES))
+    grid = InProcessGrid(cohort, sites_out)
+    summary = PlanRunner(grid, cfg, tmp_path / "run", "x8").run(expected_sites=3, wait_s=1)
+    for s in SITES:  # 3 + 2 rounds, one evaluate per network and fold
+        assert grid.calls[(s, "train")] == 5 and grid.calls[(s, "evaluate")] == 2
+    d3, d2 = summary["rounds"]["densenet3d/fold0"], summary["rounds"]["densenet2d/fold0"]
+    assert [r["round"] for r in d3] == [1, 2, 3] and [r["round"] for r in d2] == [1, 2]
+    assert [r["val_auc"] is None for r in d3] == [True, True, False]  # only round 3 competes
+    assert all(r["evaluated"] == list(SITES) for r in d2)  # every 2D round does
+    assert summary["selection"]["densenet3d"]["0"]["round"] == 3
+    lines = (tmp_path / "run" / PROGRESS_NAME).read_text().splitlines()
+    assert any("densenet3d fold 0 round 3/3" in line and "(3/5 rounds)" in line for line in lines), lines
+    assert any("densenet2d fold 0 round 2/2" in line and "(5/5 rounds)" in line for line in lines), lines
