@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +31,29 @@ def duration(seconds: float) -> str:
     return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def time_left(left: Mapping[str, int], seconds: Mapping[str, float], timed: Mapping[str, int]) -> float:
+    """Seconds still to train: each network's rounds left at its own mean round time.
+
+    A 3D and a 2D round differ in cost (and a network may have more rounds), so one rate
+    for all misleads; a network with no timed round yet borrows the mean over all timed rounds.
+    """
+    n = sum(timed.values())
+    overall = sum(seconds.values()) / n if n else 0.0
+    return sum(r * (seconds[k] / timed[k] if timed.get(k) else overall) for k, r in left.items())
+
+
 class Progress:
     """Counts the plan's rounds, estimates the time left, writes the lines and the event files."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, tensorboard: bool = True) -> None:
         kinds = [k for k in ("densenet3d", "densenet2d") if getattr(cfg.models, k).enabled]
-        self.total = len(cfg.active_folds) * sum(cfg.for_model(k).train.rounds for k in kinds)
-        self.done = 0  # rounds finished (in this process or, resumed, before it)
-        self.timed = 0  # rounds finished in this process: the rate for the estimate
+        # per network: rounds in the plan, finished (in this process or, resumed, before it),
+        # finished in this process and their seconds (the network's rate for the estimate)
+        self.total = {k: len(cfg.active_folds) * cfg.for_model(k).train.rounds for k in kinds}
+        self.done = dict.fromkeys(kinds, 0)
+        self.timed = dict.fromkeys(kinds, 0)
+        self.training_s = dict.fromkeys(kinds, 0.0)
         self.started = time.monotonic()
-        self.training_s = 0.0
         self.path = run_dir / PROGRESS_NAME
         run_dir.mkdir(parents=True, exist_ok=True)
         self._tb: Any = None
@@ -58,9 +72,13 @@ class Progress:
     def phase(self, text: str) -> None:
         self.line(text)
 
-    def resumed(self, rounds: int) -> None:
-        """Rounds an earlier server process finished (counted as done, not in the rate)."""
-        self.done += rounds
+    def repeat(self, passes: int) -> None:
+        """The plan runs ``passes`` times (leave-one-centre-out: once per held-out site)."""
+        self.total = {k: n * max(passes, 1) for k, n in self.total.items()}
+
+    def resumed(self, kind: str, rounds: int) -> None:
+        """Rounds of ``kind`` an earlier server process finished (counted as done, not in the rate)."""
+        self.done[kind] += rounds
 
     def round(self, session: FoldSession, rlog: RoundLog, *, counted: bool = True, validated: bool = True) -> None:
         """Once a round's model is validated: the console line and the TensorBoard scalars.
@@ -69,11 +87,13 @@ class Progress:
         ``validated=False``: a round before ``evaluation.select_from_round``, whose model is
         not validated; its line counts the sites that trained.
         """
+        kind = session.model
         if counted:
-            self.done += 1
-            self.timed += 1
-            self.training_s += rlog.seconds
-        left = max(self.total - self.done, 0) * self.training_s / max(self.timed, 1)
+            self.done[kind] += 1
+            self.timed[kind] += 1
+            self.training_s[kind] += rlog.seconds
+        left = time_left({k: max(n - self.done[k], 0) for k, n in self.total.items()}, self.training_s, self.timed)
+        done, total = sum(self.done.values()), sum(self.total.values())
         answered = len(rlog.evaluated if validated else rlog.trained)
         asked = len(session.train_nodes)
         auc = "n/a" if rlog.val_auc is None else f"{rlog.val_auc:.4f}"
@@ -81,7 +101,7 @@ class Progress:
         self.line(
             f"{session.model} fold {session.fold} round {rlog.round}/{session.total_rounds}: "
             f"sites answered {answered}/{asked}, {val}, "
-            f"round {rlog.seconds:.0f} s, training about {duration(left)} left ({self.done}/{self.total} rounds)"
+            f"round {rlog.seconds:.0f} s, training about {duration(left)} left ({done}/{total} rounds)"
         )
         if self._tb is not None:
             tag = f"{session.model}/fold{session.fold}"

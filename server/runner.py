@@ -118,7 +118,7 @@ class PlanRunner:
         """Leave-one-centre-out: one full pass per site, that site external, the others training."""
         passes: dict[str, Any] = {}
         held = sorted({s.site for s in self.registry.sites.values()})
-        self.progress.total *= max(len(held), 1)
+        self.progress.repeat(len(held))
         for held_out in held:
             cfg = dataclasses.replace(self.cfg, plan="federated", external_sites=(held_out,))
             sub = PlanRunner(

@@ -232,7 +232,7 @@ class FoldTrainer:
         ]
         self.resumed[key] = len(rounds)
         if self.progress is not None:
-            self.progress.resumed(len(rounds))
+            self.progress.resumed(kind, len(rounds))
 
     def predict_fold(
         self, kind: ModelKind, fold: int, best: dict[str, Any], roles: Sequence[str] = ROLES

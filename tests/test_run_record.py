@@ -18,7 +18,7 @@ from flwr.app import Message
 
 from common.config import SiteConfig, load_config, with_sites
 from server.launch import follow
-from server.progress import TENSORBOARD_DIR
+from server.progress import TENSORBOARD_DIR, time_left
 from server.runfiles import PROGRESS_NAME
 from server.runner import PlanRunner
 
@@ -181,3 +181,11 @@ def test_report_reads_what_the_launching_command_wrote_beside_the_summary(tmp_pa
     (tmp_path / "baselines.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"baselines\.json: expected a JSON object"):
         load_summary(tmp_path)
+
+
+def test_time_left_counts_each_networks_rounds_at_its_own_rate() -> None:
+    # 3D: 10 of 40 rounds done at 6 s each; 2D: none timed yet, so it borrows the mean of all timed rounds
+    assert time_left({"densenet3d": 30, "densenet2d": 20}, {"densenet3d": 60.0, "densenet2d": 0.0}, {"densenet3d": 10, "densenet2d": 0}) == 30 * 6 + 20 * 6
+    # both timed: 3D rounds of 6 s, 2D rounds of 9 s
+    assert time_left({"densenet3d": 2, "densenet2d": 4}, {"densenet3d": 60.0, "densenet2d": 27.0}, {"densenet3d": 10, "densenet2d": 3}) == 2 * 6 + 4 * 9
+    assert time_left({"densenet3d": 5}, {"densenet3d": 0.0}, {"densenet3d": 0}) == 0.0  # nothing timed: no estimate yet
