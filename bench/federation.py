@@ -78,7 +78,7 @@ class Experiment:
 
 def prepare_caches(config_path: Path, cache_root: Path) -> dict[str, Any]:
     """Preprocess every site once (cold unless cached before); seconds per patient."""
-    from common.config import load_config
+    from common.configfile import load_config
     from common.dataset import preprocess_site
 
     cfg = load_config(config_path)

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from common.config import load_config
+from common.configfile import load_config
 from common.dataset import preprocess_site
 from common.engine import predict, seed_everything, set_threads
 from common.metrics import binary_metrics

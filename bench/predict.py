@@ -32,7 +32,8 @@ BIN = Path(sys.executable).parent
 
 def timing_run(run_dir: Path) -> Path:
     """A run folder with the quick preset's fold models at initialisation and equal ensemble weights."""
-    from common.config import load_config, to_dict
+    from common.config import to_dict
+    from common.configfile import load_config
     from common.engine import seed_everything
     from common.ensemble import ENSEMBLES
     from common.models import build_model
@@ -65,7 +66,7 @@ def timing_run(run_dir: Path) -> Path:
 def bundle_for(run_dir: Path | None, work: Path, bundles: Path) -> tuple[Path, str]:
     """The bundle to time and what it holds; exported once and kept in ``bundles`` (not part of the timing)."""
     from common.bundle import BundleError
-    from common.config import load_config
+    from common.configfile import load_config
     from server.bundle import export_bundle
 
     bundles.mkdir(parents=True, exist_ok=True)

@@ -194,7 +194,7 @@ def float16_effect(run_dir: Path, cache_root: Path) -> dict[str, Any]:
     """
     import numpy as np
 
-    from common.config import load_config
+    from common.configfile import load_config
     from common.dataset import preprocess_site
     from common.engine import predict, set_threads
     from common.metrics import binary_metrics
@@ -268,7 +268,7 @@ def section_comm(p: BenchParams, work: Path) -> dict[str, Any]:
 
 def _oracle_on(cohort: Path, cfg_path: Path, folds: tuple[int, ...]) -> tuple[float, int]:
     """The generator's oracle AUC (latent evidence) on exactly the internal test patients of ``folds``."""
-    from common.config import load_config
+    from common.configfile import load_config
     from common.metrics import binary_metrics
     from common.sitedata import read_manifest_rows
     from common.splits import fivefold
@@ -296,7 +296,8 @@ def _oracle_on(cohort: Path, cfg_path: Path, folds: tuple[int, ...]) -> tuple[fl
 
 def section_quality(p: BenchParams, work: Path) -> dict[str, Any]:
     """Federated vs pooled vs local-only internal AUC on the same folds, against the cohort's oracle."""
-    from common.config import load_config, with_sites
+    from common.config import with_sites
+    from common.configfile import load_config
     from simulation.baselines import run_baselines
 
     prep = prepared(p, work, 3)
@@ -347,7 +348,8 @@ def latest_simulate_run(runs: Path) -> dict[str, Any] | None:
     """
     import dataclasses
 
-    from common.config import ConfigError, load_config
+    from common.config import ConfigError
+    from common.configfile import load_config
 
     preset = load_config("quick").digest()
     found = []

@@ -38,7 +38,8 @@ import torch
 from torch import nn
 
 from common import engine
-from common.config import ConfigError, ExperimentConfig, load_config
+from common.config import ConfigError, ExperimentConfig
+from common.configfile import load_config
 from common.dataset import SiteArrays
 from common.device import Runtime, for_config
 from common.features import FEATURE_NAMES

@@ -21,13 +21,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
-from pathlib import Path
 from typing import Any, Literal
-
-import yaml
-
-PRESETS = ("quick", "quick-study", "study", "tiny")
 
 Plan = Literal["federated", "study", "loco"]
 Role = Literal["train", "external"]
@@ -499,59 +493,6 @@ def to_dict(cfg: Any) -> Any:
     if isinstance(cfg, tuple | list):
         return [to_dict(v) for v in cfg]
     return cfg
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def preset_text(name: str) -> str:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r} (known: {list(PRESETS)})")
-    return resources.files("common").joinpath("presets", f"{name}.yaml").read_text()
-
-
-def load_config(source: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Load a preset name (``quick``, ``study``, ``tiny``) or a YAML file.
-
-    A YAML file may say ``base: quick`` to start from a preset and change only
-    what it lists.  ``overrides`` (nested dict) are merged last.
-    """
-    text = preset_text(str(source)) if str(source) in PRESETS else _read(Path(source))
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping")
-    data = _resolve_base(data, str(source))
-    if overrides:
-        data = _deep_merge(data, overrides)
-    try:
-        return from_dict(data)
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
-
-
-def _resolve_base(data: dict[str, Any], source: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Merge ``data`` over its ``base`` preset, and that preset over its own base (``quick-study`` is ``quick``'s)."""
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    if str(base) in seen:
-        raise ConfigError(f"{source}: 'base' presets form a cycle: {' -> '.join((*seen, str(base)))}")
-    parent = yaml.safe_load(preset_text(str(base))) or {}
-    return _deep_merge(_resolve_base(parent, source, (*seen, str(base))), data)
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from exc
 
 
 def with_sites(cfg: ExperimentConfig, sites: tuple[SiteConfig, ...]) -> ExperimentConfig:

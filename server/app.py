@@ -19,7 +19,7 @@ from typing import cast
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import load_config
+from common.configfile import load_config
 
 from .identity import SiteGate
 from .runner import PlanRunner

@@ -19,7 +19,8 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from common.bundle import MODEL_KINDS, BundleError, EnsembleSpec, FoldModel, write_bundle
-from common.config import ConfigError, ExperimentConfig, load_config
+from common.config import ConfigError, ExperimentConfig
+from common.configfile import load_config
 from common.ensemble import ENSEMBLES
 from common.foldcalibration import IDENTITY
 from common.models import build_model

@@ -125,7 +125,8 @@ def _listeners(
 
 def cmd_run(args: argparse.Namespace) -> int:
     from common.appdigest import local_app_digest
-    from common.config import ConfigError, load_config
+    from common.config import ConfigError
+    from common.configfile import load_config
 
     from .launch import REPO, RunLaunch, finish, timed_launch, write_config
     from .proxy import find_nginx

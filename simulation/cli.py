@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from common.config import ConfigError, ExperimentConfig, SiteConfig, load_config, with_sites
+from common.config import ConfigError, ExperimentConfig, SiteConfig, with_sites
+from common.configfile import load_config
 from common.processes import exit_on_sigterm
 from common.validation import validate_site
 

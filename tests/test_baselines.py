@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.config import SiteConfig, load_config, with_sites
+from common.config import SiteConfig, with_sites
+from common.configfile import load_config
 from common.dataset import preprocess_site
 from simulation.baselines import run_baselines
 

@@ -25,7 +25,8 @@ from bench.proctree import TreeSampler, descendants, parse_kib, parse_ppid, samp
 from bench.report import format_report
 from bench.sections import latest_simulate_run
 from bench.throughput import BenchError, Spec, bench_config, measure, runtime, warmup_patients
-from common.config import load_config, to_dict
+from common.config import to_dict
+from common.configfile import load_config
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 

@@ -24,7 +24,8 @@ from client.cli import main as client_main
 from client.heatmap import cube_to_grid
 from client.predict import PatientInput, PredictionError, Predictor
 from common.bundle import FORMAT_VERSION, MANIFEST_NAME, SIGNATURE_NAME, BundleError, read_bundle
-from common.config import SiteConfig, load_config, to_dict, with_sites
+from common.config import SiteConfig, to_dict, with_sites
+from common.configfile import load_config
 from common.signing import create_signing_key, load_private_key, load_public_key, sign
 from server.bundle import export_bundle
 from server.cli import main as server_main

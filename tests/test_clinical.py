@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from common.clinical import auc_ci, clinical_summary, site_results
-from common.config import ConfigError, load_config
+from common.config import ConfigError
+from common.configfile import load_config
 from common.delong import delong_ci
 from common.gridstats import ClassHistogram, ScoreGrid
 from common.metrics import binary_metrics

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flwr.app import Message, RecordDict
 
-from common.config import SiteConfig, load_config, with_sites
+from common.config import SiteConfig, with_sites
+from common.configfile import load_config
 from common.gridstats import ClassHistogram, ScoreGrid
 from common.protocol import (
     CROSSSITE,

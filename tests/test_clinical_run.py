@@ -17,7 +17,8 @@ import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.calibration import calibration
-from common.config import SiteConfig, load_config, with_sites
+from common.config import SiteConfig, with_sites
+from common.configfile import load_config
 from common.delong import delong_ci
 from common.gridstats import ClassHistogram, ScoreGrid
 from common.metrics import binary_metrics

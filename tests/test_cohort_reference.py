@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import ConfigError, SiteConfig, load_config, with_sites
+from common.config import ConfigError, SiteConfig, with_sites
+from common.configfile import load_config
 from simulation.cli import _experiment, cohort_reference, cohort_sites
 
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, SiteConfig, from_dict, load_config, to_dict, with_sites
+from common.config import ConfigError, SiteConfig, from_dict, to_dict, with_sites
+from common.configfile import load_config
 
 
 @pytest.mark.parametrize("name", ["quick", "study", "tiny"])
@@ -88,7 +89,7 @@ def test_a_file_may_start_from_a_preset_that_has_its_own_base(tmp_path: Path) ->
 
 
 def test_a_cycle_of_base_presets_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import common.config as config_module
+    import common.configfile as config_module
 
     monkeypatch.setattr(config_module, "preset_text", lambda name: f"base: {'b' if name == 'a' else 'a'}\n")
     f = tmp_path / "loop.yaml"

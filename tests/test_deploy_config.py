@@ -27,7 +27,7 @@ import pytest
 import yaml
 
 from client.cli import build_parser as client_parser
-from common.config import load_config
+from common.configfile import load_config
 from server.cli import build_parser as server_parser
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from common.config import AugmentConfig, ConfigError, ExperimentConfig, load_config
+from common.config import AugmentConfig, ConfigError, ExperimentConfig
+from common.configfile import load_config
 from common.device import Offer, Runtime, for_config, placed, resolve
 from common.device_augment import BatchAugment, Draw, affine_grid_theta, rotation, warp
 from common.engine import DataWait, Schedule, predict, recalibrate_batchnorm, train

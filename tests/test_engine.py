@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.config import ModelConfig, load_config
+from common.config import ModelConfig
+from common.configfile import load_config
 from common.dataset import SiteArrays
 from common.engine import Schedule, predict, train
 from common.features import FEATURE_NAMES

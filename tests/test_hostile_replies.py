@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from common.config import SiteConfig, load_config, with_sites
+from common.config import SiteConfig, with_sites
+from common.configfile import load_config
 from common.gridstats import ClassHistogram, ScoreGrid
 from common.records import arrays_from_record, arrays_record, weights_from_record, weights_record
 from common.replycheck import (

@@ -16,7 +16,8 @@ from flwr.cli.supernode.register import try_load_public_key
 from flwr.proto.node_pb2 import NodeInfo
 
 from client.keys import make_keypair
-from common.config import SiteConfig, load_config, with_sites
+from common.config import SiteConfig, with_sites
+from common.configfile import load_config
 from server.enrolment import Enrolment, EnrolmentError, key_fingerprint
 from server.identity import Claim, SiteGate, decide
 from server.runner import PlanRunner

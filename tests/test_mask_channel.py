@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.predict import PatientInput, Predictor
 from common.bundle import MANIFEST_NAME, SIGNATURE_NAME, BundleError, FoldModel, read_bundle, write_bundle
-from common.config import AugmentConfig, ExperimentConfig, Preprocess2DConfig, Preprocess3DConfig, load_config
+from common.config import AugmentConfig, ExperimentConfig, Preprocess2DConfig, Preprocess3DConfig
+from common.configfile import load_config
 from common.dataset import PatientDataset, SiteArrays, cache_key, preprocess_site
 from common.engine import Schedule, predict, seed_everything, train
 from common.models import build_model, in_channels

@@ -12,7 +12,8 @@ import torch
 
 from client.optimstore import OptimizerStore
 from client.site import SiteContext, SiteRunner
-from common.config import SiteConfig, load_config, with_sites
+from common.config import SiteConfig, with_sites
+from common.configfile import load_config
 from common.engine import Schedule, TrainResult, train
 from common.models import build_model
 from common.optimstate import OptimizerStateError, load_optimizer_state

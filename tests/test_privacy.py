@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.config import DPConfig, load_config
+from common.config import DPConfig
+from common.configfile import load_config
 from common.engine import Schedule, train
 from common.models import build_model
 from common.privacy import PrivacyBudgetExhausted, PrivacyLedger

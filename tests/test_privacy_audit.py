@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from common.config import SiteConfig, load_config, with_sites
+from common.config import SiteConfig, with_sites
+from common.configfile import load_config
 from common.features import FEATURE_NAMES
 from common.models import build_model
 from common.protocol import MRMC, STATS

@@ -237,7 +237,7 @@ def test_no_message_name_or_record_key_literal_outside_the_protocol_module() -> 
 def test_the_messengers_reply_checks_reject_statistics_on_another_grid() -> None:
     from typing import cast
 
-    from common.config import load_config
+    from common.configfile import load_config
     from common.protocol import FINAL, HistogramSetReply
     from server.messenger import Messenger
     from server.meteredgrid import MeteredGrid

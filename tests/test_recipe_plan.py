@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from common.config import SiteConfig, load_config, with_sites
+from common.config import SiteConfig, with_sites
+from common.configfile import load_config
 from common.foldcalibration import IDENTITY
 from server.runner import PlanRunner
 

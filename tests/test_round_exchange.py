@@ -18,7 +18,8 @@ import pytest
 
 from bench import figures
 from client.site import SiteContext, SiteRunner
-from common.config import ExperimentConfig, SiteConfig, load_config, with_sites
+from common.config import ExperimentConfig, SiteConfig, with_sites
+from common.configfile import load_config
 from common.foldcalibration import fit_platt
 from common.gridstats import ClassHistogram, ScoreGrid, pooled_metrics
 from common.models import build_model

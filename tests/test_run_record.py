@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flwr.app import Message
 
-from common.config import SiteConfig, load_config, with_sites
+from common.config import SiteConfig, with_sites
+from common.configfile import load_config
 from server.launch import follow
 from server.progress import TENSORBOARD_DIR, time_left
 from server.runfiles import PROGRESS_NAME

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from common import rounds
-from common.config import ExperimentConfig, load_config
+from common.config import ExperimentConfig
+from common.configfile import load_config
 from server.training import FoldTrainer
 
 

@@ -11,7 +11,8 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from client.app import app as client_app
 from client.floor import PrivacyFloor, PrivacyFloorViolation, load_floor
 from client.site import RunIdRejected, SiteContext, SiteRunner, run_folder
-from common.config import SiteConfig, load_config, to_dict, with_sites
+from common.config import SiteConfig, to_dict, with_sites
+from common.configfile import load_config
 from common.records import config_record
 from common.sitedata import MANIFEST, SiteDataError, confined_path, iter_cases
 from common.validation import validate_site

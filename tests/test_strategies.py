@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flwr.app import Message, RecordDict
 
-from common.config import SiteConfig, load_config, with_sites
+from common.config import SiteConfig, with_sites
+from common.configfile import load_config
 from common.models import build_model, is_norm_key
 from common.records import weights_from_record, weights_record
 from server.runner import PlanRunner

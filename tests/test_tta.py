@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bench.throughput import random_arrays
-from common.config import load_config
+from common.configfile import load_config
 from common.engine import predict, seed_everything
 from common.models import build_model
 
