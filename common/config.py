@@ -317,8 +317,7 @@ class ExperimentConfig:
         for key in ("densenet3d", "densenet2d"):
             own = getattr(self.models, key)
             _check(own.rounds >= 0, f"models.{key}.rounds", "must be >= 0 (0: train.rounds)")
-            rounds = own.rounds or self.train.rounds
-            first = own.select_from_round or min(self.evaluation.select_from_round, rounds)
+            rounds, first = self._budget(key)
             _check(
                 1 <= first <= rounds,
                 f"models.{key}.select_from_round",
@@ -403,9 +402,7 @@ class ExperimentConfig:
         so a per-network budget (``models.<kind>.rounds``) changes the server's
         rounds, the sites' learning-rate schedule and the baselines alike.
         """
-        own: ModelConfig = getattr(self.models, kind)
-        rounds = own.rounds or self.train.rounds
-        first = own.select_from_round or min(self.evaluation.select_from_round, rounds)
+        rounds, first = self._budget(kind)
         if rounds == self.train.rounds and first == self.evaluation.select_from_round:
             return self
         return dataclasses.replace(
@@ -413,6 +410,12 @@ class ExperimentConfig:
             train=dataclasses.replace(self.train, rounds=rounds, epochs=rounds * self.train.local_epochs),
             evaluation=dataclasses.replace(self.evaluation, select_from_round=first),
         )
+
+    def _budget(self, kind: str) -> tuple[int, int]:
+        """Network ``kind``'s rounds and first competing round: its own, else the run's (capped at its rounds)."""
+        own: ModelConfig = getattr(self.models, kind)
+        rounds = own.rounds or self.train.rounds
+        return rounds, own.select_from_round or min(self.evaluation.select_from_round, rounds)
 
     def digest(self) -> str:
         """Stable short hash of the whole config, stored with checkpoints."""
