@@ -48,7 +48,7 @@ class SiteClinical:
         ``folds`` has come (an empty histogram before).  The model may be the
         global one or another site's local-only model; only counts leave.
         """
-        model = self.site.load_model(kind, fold, flat)
+        model = self.site.models.load(kind, fold, flat)
         ids = tuple(self.site.arrays.patient_ids) if role == "external" else self.site.folds[fold].test
         idx = self.site.index(ids)
         probs = predict(model, self.site.arrays, idx, kind, self.site.cfg)

@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import torch
@@ -28,16 +28,16 @@ from common.engine import predict, set_threads
 from common.environment import environment
 from common.foldcalibration import apply_platt, check_platt
 from common.gridstats import ClassHistogram, ScoreGrid, add_noise, suppress_small_cells
-from common.models import ModelKind, build_model
+from common.models import ModelKind
 from common.privacy import PrivacyLedger
 from common.protocol import FeatstatsReply, PredictReply, SiteInfoReply, TrainReply
 from common.radiomics import FederatedLogit
-from common.records import ModelCodec
 from common.rounds import local_round
 from common.selection import diagnose
 from common.splits import Fold, fivefold, save_splits
 
 from .optimstore import OptimizerStore
+from .sitemodels import SiteModels
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class SiteRunner:
         self.cfg = cfg
         self.run_dir = run_folder(ctx.out_dir, run_id)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._codecs: dict[str, ModelCodec] = {}
+        self.models = SiteModels(cfg, self.run_dir)
         set_threads(ctx.threads)
 
     # -- data -----------------------------------------------------------------
@@ -124,45 +124,6 @@ class SiteRunner:
             device=dict(for_config(self.cfg).describe()),
         )
 
-    # -- models ------------------------------------------------------------------
-    def _model_cfg(self, kind: ModelKind) -> Any:
-        return getattr(self.cfg.models, kind)
-
-    def codec(self, kind: ModelKind, state: dict[str, torch.Tensor] | None = None) -> ModelCodec:
-        """Which entries travel (all float tensors; under FedBN, not the normalisation layers).
-
-        ``state``: a fresh model's state dict, when the caller has one (saves building another).
-        """
-        if kind not in self._codecs:
-            if state is None:
-                state = build_model(kind, self._model_cfg(kind), mask_channel=self.cfg.preprocess.mask_channel).state_dict()
-            self._codecs[kind] = ModelCodec.for_state_dict(state, exclude_norm=self.cfg.federation.strategy == "fedbn")
-        return self._codecs[kind]
-
-    def _local_state_path(self, kind: ModelKind, fold: int, rnd: int) -> Path:
-        return self.run_dir / "state" / f"{kind}_fold{fold}_round{rnd}.pt"
-
-    def load_model(self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int | None = None) -> torch.nn.Module:
-        """Global weights plus, under FedBN, this site's own normalisation layers of round ``rnd``."""
-        model = build_model(kind, self._model_cfg(kind), mask_channel=self.cfg.preprocess.mask_channel)
-        state = model.state_dict()
-        state.update(self.codec(kind, state).unpack(flat))
-        if rnd is not None and self.cfg.federation.strategy == "fedbn":
-            path = self._local_state_path(kind, fold, rnd)
-            if path.is_file():
-                state.update(torch.load(path, map_location="cpu", weights_only=True))
-        model.load_state_dict(state)
-        return model
-
-    def _save_local(self, model: torch.nn.Module, kind: ModelKind, fold: int, rnd: int) -> None:
-        if self.cfg.federation.strategy != "fedbn":
-            return
-        keep = set(self.codec(kind).keys)
-        local = {k: v for k, v in model.state_dict().items() if k not in keep}
-        path = self._local_state_path(kind, fold, rnd)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(local, path)
-
     # -- federated steps -------------------------------------------------------------
     def train_round(
         self,
@@ -182,7 +143,7 @@ class SiteRunner:
         two: prediction under ``eval()`` leaves it unchanged), and the statistics
         travel back with the update.
         """
-        model = self.load_model(kind, fold, flat, rnd - 1)
+        model = self.models.load(kind, fold, flat, rnd - 1)
         validation = self._validate(model, kind, fold, rnd - 1) if validate else None
         idx = self.index(self.folds[fold].train)
         store = OptimizerStore(self.run_dir / "state" / f"{kind}_fold{fold}_optimizer.pt")
@@ -202,9 +163,9 @@ class SiteRunner:
             optimizer_state=state,
         )
         store.save(rnd, res.optimizer_state)
-        self._save_local(model, kind, fold, rnd)
+        self.models.save_local(model, kind, fold, rnd)
         return TrainReply(
-            weights=self.codec(kind).pack(model.state_dict()),
+            weights=self.models.codec(kind).pack(model.state_dict()),
             num_examples=res.n_patients,
             loss=res.loss,
             seconds=res.seconds,
@@ -216,7 +177,7 @@ class SiteRunner:
 
     def validate_round(self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int) -> ClassHistogram:
         """Validation-split statistics of the global model (for model selection across sites)."""
-        return self._validate(self.load_model(kind, fold, flat, rnd), kind, fold, rnd)
+        return self._validate(self.models.load(kind, fold, flat, rnd), kind, fold, rnd)
 
     def _validate(self, model: torch.nn.Module, kind: ModelKind, fold: int, rnd: int) -> ClassHistogram:
         idx = self.index(self.folds[fold].val)
@@ -266,7 +227,7 @@ class SiteRunner:
             def score(idx: list[int]) -> np.ndarray:
                 return lr.predict(self.arrays.features[idx])
         else:
-            model = self.load_model(cast(ModelKind, kind), fold, flat, rnd)
+            model = self.models.load(cast(ModelKind, kind), fold, flat, rnd)
 
             def score(idx: list[int]) -> np.ndarray:
                 return apply_platt(predict(model, self.arrays, idx, cast(ModelKind, kind), self.cfg), params)

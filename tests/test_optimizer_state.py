@@ -144,7 +144,7 @@ def test_a_site_round_survives_a_bad_state_file_and_replaces_it(
         (SiteConfig(name="centre1"),),
     )
     site = SiteRunner(SiteContext("centre1", cohort["centre1"], tmp_path / "centre1"), cfg, "r1")
-    flat = site.codec("densenet3d").pack(build_model("densenet3d", cfg.models.densenet3d, mask_channel=cfg.preprocess.mask_channel).state_dict())
+    flat = site.models.codec("densenet3d").pack(build_model("densenet3d", cfg.models.densenet3d, mask_channel=cfg.preprocess.mask_channel).state_dict())
     path = site.run_dir / "state" / "densenet3d_fold0_optimizer.pt"
 
     site.train_round("densenet3d", 0, flat, 1, 3)
