@@ -86,6 +86,10 @@ def evaluate_setting(
     thr = cfg.evaluation.fixed_threshold
     result: dict[str, Any] = {}
     for name in models:
+        # a network's own rounds and selection window, as in the federation (radiomics has neither)
+        mcfg = cfg if name == "radiomics" else cfg.for_model(name)
+        epochs = mcfg.train.rounds * mcfg.train.local_epochs
+        first_epoch = (mcfg.evaluation.select_from_round - 1) * mcfg.train.local_epochs + 1  # the round's first epoch
         y_all, p_all, fold_metrics, val_metrics, selection, p_raw = [], [], [], [], [], []
         ext_probs = []
         for k in cfg.active_folds:
@@ -97,9 +101,6 @@ def evaluate_setting(
                     ext_probs.append(radiomics.predict(lr, ext, range(len(ext))))
             else:
                 kind: ModelKind = name  # type: ignore[assignment]
-                mcfg = cfg.for_model(kind)  # the network's own rounds and selection window, as in the federation
-                epochs = mcfg.train.rounds * mcfg.train.local_epochs
-                first_epoch = (mcfg.evaluation.select_from_round - 1) * mcfg.train.local_epochs + 1  # the round's first epoch
                 seed_everything(cfg.train.seed)
                 model = build_model(kind, getattr(cfg.models, kind), mask_channel=cfg.preprocess.mask_channel)
                 sel = fit_select(model, pool, idx["train"], idx["val"], kind, mcfg, epochs=epochs, seed=cfg.train.seed + k, desc=f"{pool.site} {kind} f{k}", first_epoch=first_epoch)
