@@ -153,8 +153,10 @@ class ModelsConfig:
 class TrainConfig:
     """The study's defaults: batch 20, Adam 1e-4, cross-entropy, 50 epochs.
 
-    In a federation ``rounds * local_epochs`` plays the role of the study's
-    epochs.  ``schedule="cosine"`` decays the rate over the whole budget.
+    ``rounds * local_epochs`` plays the role of the study's epochs, in the
+    federation and in the pooled baseline alike (per network:
+    ``models.<kind>.rounds``).  ``schedule="cosine"`` decays the rate over the
+    whole budget.
     """
 
     batch_size: int = 20
@@ -162,7 +164,6 @@ class TrainConfig:
     weight_decay: float = 0.0
     # Cross-entropy against (1 - e) one-hot + e/2: no patient's label is taken as certain.
     label_smoothing: float = 0.0
-    epochs: int = 50
     rounds: int = 50
     local_epochs: int = 1
     schedule: Literal["constant", "cosine"] = "cosine"
@@ -407,7 +408,7 @@ class ExperimentConfig:
             return self
         return dataclasses.replace(
             self,
-            train=dataclasses.replace(self.train, rounds=rounds, epochs=rounds * self.train.local_epochs),
+            train=dataclasses.replace(self.train, rounds=rounds),
             evaluation=dataclasses.replace(self.evaluation, select_from_round=first),
         )
 
@@ -429,6 +430,14 @@ class ExperimentConfig:
         raise ConfigError(f"sites: no site named {name!r} (known: {[s.name for s in self.sites]})")
 
 
+# Keys an older config file may still carry, with what replaced them: a clear error instead of
+# "unknown key" (or, as before their removal, a value that silently did nothing).
+_REMOVED_KEYS = {
+    "train.epochs": "removed: it was never read; the budget is train.rounds x train.local_epochs "
+    "(per network models.<kind>.rounds), in the federation and the pooled baseline alike",
+}
+
+
 def _check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {msg}")
@@ -443,6 +452,10 @@ def _parse(tp: Any, value: Any, path: str) -> Any:
         hints = typing.get_type_hints(tp)
         fields = {f.name for f in dataclasses.fields(tp)}
         extra = set(value) - fields
+        for key in sorted(extra):
+            full = f"{path}.{key}" if path else key
+            if full in _REMOVED_KEYS:
+                raise ConfigError(f"{full}: {_REMOVED_KEYS[full]}")
         if extra:
             raise ConfigError(f"{path + '.' if path else ''}{sorted(extra)[0]}: unknown key (allowed: {sorted(fields)})")
         kwargs = {k: _parse(hints[k], v, f"{path}.{k}" if path else k) for k, v in value.items()}

@@ -36,7 +36,7 @@ def test_checked_in_experiments_load_and_differ_from_their_reference_only_in_dp(
 
 def test_study_preset_has_the_papers_hyperparameters() -> None:
     cfg = load_config("study")
-    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.epochs) == (20, 1e-4, 50)
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.rounds, cfg.train.local_epochs) == (20, 1e-4, 50, 1)
     assert cfg.preprocess.d2.size == 224 and cfg.folds == 5 and cfg.plan == "study"
 
 
@@ -122,3 +122,10 @@ def test_a_network_may_have_its_own_rounds_and_selection_window() -> None:
     assert d3.train.lr == cfg.train.lr and d3.models == cfg.models and d3.for_model("densenet3d") == d3
     short = load_config("tiny", {"train": {"rounds": 4}, "evaluation": {"select_from_round": 3}, "models": {"densenet2d": {"rounds": 2}}})
     assert (short.for_model("densenet2d").train.rounds, short.for_model("densenet2d").evaluation.select_from_round) == (2, 2)
+
+
+def test_a_removed_key_says_what_replaced_it(tmp_path: Path) -> None:
+    f = tmp_path / "old.yaml"
+    f.write_text("base: quick\ntrain:\n  epochs: 8\n  rounds: 8\n")
+    with pytest.raises(ConfigError, match=r"train\.epochs: removed: .*train\.rounds x train\.local_epochs"):
+        load_config(f)
