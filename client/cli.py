@@ -127,7 +127,7 @@ def add_predict(sub: Subparsers) -> None:
         default="auto",
         help="auto (default: the first CUDA GPU if any, else the CPU), cpu, cuda or cuda:N",
     )
-    p.set_defaults(handler=lazy_handler("client.predict", "predict_cli"))
+    p.set_defaults(handler=lazy_handler("client.predict_cli", "predict_cli"))
 
 
 def add_ingest(sub: Subparsers) -> None:
