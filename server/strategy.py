@@ -33,16 +33,13 @@ from common.protocol import (
     PROXIMAL_MU,
     TRAIN,
     MessageSpec,
-    ProtocolError,
     RoundRequest,
     TrainRequest,
-    reply_node,
-    status_of,
 )
 from common.records import metric_record, weights_from_record, weights_record
-from common.replycheck import check_num_examples
 
 from .aggregation import robust_aggregate, screen_updates
+from .replies import ReplyReader
 from .session import FoldSession, RoundLog
 
 log = logging.getLogger(__name__)
@@ -52,24 +49,13 @@ class FederationError(RuntimeError):
     """The federation cannot continue (e.g. fewer sites than the configured minimum)."""
 
 
-@dataclasses.dataclass
-class _Updates:
-    """A round's usable train replies, index-aligned, in site order."""
-
-    vectors: list[np.ndarray] = dataclasses.field(default_factory=list)
-    weights: list[float] = dataclasses.field(default_factory=list)  # patients, as checked
-    names: list[str] = dataclasses.field(default_factory=list)
-    losses: list[float] = dataclasses.field(default_factory=list)
-    validation: list[tuple[str, ClassHistogram]] = dataclasses.field(default_factory=list)
-
-
 class GuardedFedAvg(FedAvg):
     """FedAvg over the plan's training sites only, never crashing on one bad reply."""
 
     session: FoldSession
     _round_started: float = 0.0
     _global: np.ndarray | None = None  # the round's global vector: reference for the norm bound
-    _sent: tuple[Message, ...] = ()  # this phase's messages (Flower sets their ids when it pushes them)
+    _replies: ReplyReader  # this phase's messages and the reading of their replies
 
     def bind(self, session: FoldSession) -> GuardedFedAvg:
         self.session = session
@@ -90,17 +76,9 @@ class GuardedFedAvg(FedAvg):
 
     def _messages(self, spec: MessageSpec, request: RoundRequest, nodes: list[int]) -> list[Message]:
         s = self.session
-        self._sent = tuple(spec.message(s.header, request, n, dtype=s.transport_dtype) for n in nodes)
-        return list(self._sent)
-
-    def _site(self, reply: Message) -> str:
-        """The site a reply stands for (a dead node's reply comes from the SuperLink: see ``reply_node``)."""
-        return self.session.site_of(reply_node(reply, self._sent))
-
-    def _check(self, spec: MessageSpec, body: object, site: str) -> None:
-        """The messenger's reply validators (raise ProtocolError or ValueError to drop the reply)."""
-        if self.session.check is not None:
-            self.session.check(spec, body, site)
+        sent = [spec.message(s.header, request, n, dtype=s.transport_dtype) for n in nodes]
+        self._replies = ReplyReader(s, sent)  # Flower sets the messages' ids when it pushes them
+        return sent
 
     def _request(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> RoundRequest:
         s = self.session
@@ -161,34 +139,17 @@ class GuardedFedAvg(FedAvg):
         return self._messages(EVALUATE, self._request(server_round, arrays, config), nodes)
 
     # -- aggregation ------------------------------------------------------------
-    def _split_replies(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
-        rlog = self.session.log_for(server_round)
-        ok: list[Message] = []
-        for msg in replies:
-            site = self._site(msg)
-            if msg.has_error():
-                rlog.dropped[site] = f"{phase}: error reply: {msg.error.reason}"
-                log.warning("[round %d] %s dropped (%s error: %s)", rlog.round, site, phase, msg.error.reason)
-                continue
-            status = status_of(msg)
-            if status is not None and not status.ok:
-                rlog.dropped[site] = f"{phase}: site unavailable: {status.reason}"
-                log.warning("[round %d] %s unavailable: %s", rlog.round, site, status.reason)
-                continue
-            ok.append(msg)
-        return ok
-
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         rlog = self.session.log_for(server_round)
-        answered = {self._site(m) for m in replies}
-        rlog.missing = sorted({self.session.site_of(m.metadata.dst_node_id) for m in self._sent} - answered)
+        reader = self._replies
+        rlog.missing = reader.missing(replies)
         for site in rlog.missing:
             log.warning("[round %d] no reply from %s within the round timeout: left out", rlog.round, site)
         vlog = self.session.log_for(server_round - 1) if self._validates(server_round) else None
-        updates = self._read_updates(rlog, self._split_replies(server_round, replies, "train"), vlog)
+        updates = reader.updates(rlog, reader.answered(rlog, replies, "train"), vlog)
         rlog.seconds = time.perf_counter() - self._round_started
         if vlog is not None:
             self._pool(vlog, updates.validation)
@@ -216,39 +177,6 @@ class GuardedFedAvg(FedAvg):
         rlog.train_loss = float(np.average([updates.losses[i] for i in screen.kept], weights=kept_w))
         return weights_record(agg), MetricRecord({NUM_EXAMPLES: int(sum(kept_w)), "loss": rlog.train_loss})
 
-    def _read_updates(self, rlog: RoundLog, good: list[Message], vlog: RoundLog | None) -> _Updates:
-        """Decode and check each train reply, in site order (an order-free result).
-
-        A malformed reply is dropped whole, its validation statistics too;
-        ``vlog`` (the log of the round whose model these replies validated,
-        when they were asked to) notes every site that gave none.
-        """
-        out = _Updates()
-        for msg in sorted(good, key=self._site):
-            site = self._site(msg)
-            try:
-                update = TRAIN.read_reply(msg)
-                self._check(TRAIN, update, site)  # the validation statistics too: a bad part drops the reply
-                n = check_num_examples(update.num_examples, self.session.site_patients.get(site))
-            except (ProtocolError, ValueError) as exc:
-                rlog.dropped[site] = f"train: malformed reply ({exc})"
-                log.warning("[round %d] %s dropped: malformed reply (%s)", rlog.round, site, exc)
-                if vlog is not None:
-                    _note(vlog, site, f"evaluate: malformed train reply ({exc})")
-                continue
-            if vlog is not None:
-                if update.validation is None:
-                    _note(vlog, site, "evaluate: the train reply has no validation statistics")
-                else:
-                    out.validation.append((site, update.validation))
-            out.vectors.append(update.weights)
-            out.weights.append(n)
-            out.names.append(site)
-            if update.epsilon is not None:
-                rlog.epsilon[site] = _finite_or_nan(update.epsilon)
-            out.losses.append(_finite_or_nan(update.loss))
-        return out
-
     def _reference(self, shape: tuple[int, ...]) -> np.ndarray:
         ref = getattr(self, "_global", None)
         if ref is None or ref.shape != shape:
@@ -260,17 +188,8 @@ class GuardedFedAvg(FedAvg):
         if not self._last(server_round):
             return None
         rlog = self.session.log_for(server_round)
-        val: list[tuple[str, ClassHistogram]] = []
-        for msg in sorted(self._split_replies(server_round, replies, "evaluate"), key=self._site):
-            site = self._site(msg)
-            try:
-                stats = EVALUATE.read_reply(msg)
-                self._check(EVALUATE, stats, site)
-            except (ProtocolError, ValueError) as exc:
-                _note(rlog, site, f"evaluate: malformed statistics ({exc})")
-                log.warning("[round %d] %s dropped: malformed statistics (%s)", rlog.round, site, exc)
-                continue
-            val.append((site, stats.histogram))
+        reader = self._replies
+        val = reader.statistics(rlog, reader.answered(rlog, replies, "evaluate"))
         rlog.seconds = time.perf_counter() - self._round_started
         return self._pool(rlog, val)
 
@@ -298,17 +217,3 @@ class GuardedFedAvg(FedAvg):
         )
         return metric_record({"val-auc": m.auc if not np.isnan(m.auc) else -1.0, NUM_EXAMPLES: m.n})
 
-
-def _note(rlog: RoundLog, site: str, reason: str) -> None:
-    """Record why a site is out of a round's step, keeping an earlier reason (e.g. its update was dropped too)."""
-    earlier = rlog.dropped.get(site)
-    rlog.dropped[site] = f"{earlier}; {reason}" if earlier else reason
-
-
-def _finite_or_nan(value: object) -> float:
-    """A reported diagnostic (loss, epsilon) as a float; anything else becomes NaN."""
-    try:
-        x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return float("nan")
-    return x if np.isfinite(x) else float("nan")
