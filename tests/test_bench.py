@@ -17,9 +17,10 @@ import torch
 import yaml
 
 from bench import figures, tables
-from bench.__main__ import Outcome, main, parse_args, render_report, specs
+from bench.__main__ import Outcome, main, render_report
 from bench.cohort import BASE_SITES, CohortError, CohortRequest, groups, merge_site
 from bench.machine import describe_machine
+from bench.options import parse_args, specs
 from bench.params import SECTIONS, BenchParams
 from bench.proctree import TreeSampler, descendants, parse_kib, parse_ppid, sampling_wait, tree_sample
 from bench.report import format_report
