@@ -40,10 +40,10 @@ from torch import nn
 from common import engine
 from common.config import ConfigError, ExperimentConfig
 from common.configfile import load_config
-from common.dataset import SiteArrays
 from common.device import Runtime, for_config
 from common.features import FEATURE_NAMES
 from common.models import ModelKind, build_model, count_parameters, in_channels
+from common.sitearrays import SiteArrays
 
 log = logging.getLogger(__name__)
 

@@ -40,12 +40,13 @@ import numpy as np
 
 from common.bundle import BundleError, EnsembleSpec, ModelBundle
 from common.config import ExperimentConfig
-from common.dataset import ModelInputs, SiteArrays, model_inputs
+from common.dataset import ModelInputs, model_inputs
 from common.device import Offer, Runtime, resolve
 from common.engine import predict as engine_predict
 from common.filecheck import validate_image_mask
 from common.foldcalibration import apply_platt
 from common.models import ModelKind
+from common.sitearrays import SiteArrays
 from common.sitedata import SiteDataError, load_volume, score_to_probability
 
 from .heatmap import CubeGradCAM, cube_to_grid, default_cam_layer, key_slices_png, save_overlay

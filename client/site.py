@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from common.config import ExperimentConfig
-from common.dataset import SiteArrays, preprocess_site
+from common.dataset import preprocess_site
 from common.device import for_config
 from common.engine import predict, set_threads
 from common.environment import environment
@@ -34,6 +34,7 @@ from common.protocol import FeatstatsReply, PredictReply, SiteInfoReply, TrainRe
 from common.radiomics import FederatedLogit
 from common.rounds import local_round
 from common.selection import diagnose
+from common.sitearrays import SiteArrays
 from common.splits import Fold, fivefold, save_splits
 
 from .optimstore import OptimizerStore

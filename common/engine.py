@@ -45,12 +45,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .config import ExperimentConfig
-from .dataset import PatientDataset, SiteArrays
+from .dataset import PatientDataset
 from .device import Runtime, for_config, placed
 from .device_augment import BatchAugment
 from .models import ModelKind, in_channels
 from .optimstate import OptimizerStateError, detached_state, load_optimizer_state
 from .privacy import PrivacyLedger, finish, make_private
+from .sitearrays import SiteArrays
 
 log = logging.getLogger(__name__)
 

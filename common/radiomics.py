@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from .dataset import SiteArrays
+from .sitearrays import SiteArrays
 
 
 def fit(arrays: SiteArrays, indices: Sequence[int], *, c: float = 1.0, seed: int = 0) -> Pipeline:

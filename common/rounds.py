@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from .config import ExperimentConfig
-from .dataset import SiteArrays
 from .engine import Schedule, TrainResult, train
 from .models import ModelKind
+from .sitearrays import SiteArrays
 
 
 def round_seed(seed: int, fold: int, rnd: int) -> int:

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from .config import ExperimentConfig
-from .dataset import SiteArrays
 from .engine import Schedule, predict, train
 from .metrics import binary_metrics
 from .models import ModelKind
+from .sitearrays import SiteArrays
 
 
 def diagnose(probs: np.ndarray, labels: np.ndarray, *, min_std: float = 1e-3) -> list[str]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from common import radiomics
 from common.config import ExperimentConfig
-from common.dataset import SiteArrays, preprocess_site
+from common.dataset import preprocess_site
 from common.device import for_config
 from common.engine import predict, seed_everything, set_threads
 from common.foldcalibration import IDENTITY, apply_platt, fit_platt
@@ -29,6 +29,7 @@ from common.gridstats import ClassHistogram, ScoreGrid
 from common.metrics import binary_metrics
 from common.models import ModelKind, build_model
 from common.selection import fit_select
+from common.sitearrays import SiteArrays
 from common.splits import Fold, fivefold
 
 log = logging.getLogger(__name__)

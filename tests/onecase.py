@@ -9,8 +9,9 @@ import nibabel as nib
 import numpy as np
 
 from common.bundle import ModelBundle
-from common.dataset import SiteArrays, preprocess_site
+from common.dataset import preprocess_site
 from common.engine import predict
+from common.sitearrays import SiteArrays
 
 SACRUM = (slice(50, 72), slice(14, 36), slice(28, 50))
 """A box over the sacrum of ``../shared/data/ct/pelvis_ct.nii.gz`` (voxel indices)."""

@@ -17,14 +17,9 @@ from torch.utils.data import DataLoader
 
 import common.dataset as dataset_mod
 from common.config import AugmentConfig, Preprocess2DConfig, Preprocess3DConfig, PreprocessConfig
-from common.dataset import (
-    PatientDataset,
-    SiteArrays,
-    cache_key,
-    load_arrays,
-    preprocess_site,
-)
+from common.dataset import PatientDataset, cache_key, preprocess_site
 from common.features import FEATURE_NAMES, radiomic_features
+from common.sitearrays import SiteArrays, load_arrays
 from common.sitedata import SiteDataError, Volume
 from common.validation import validate_site
 

@@ -14,12 +14,12 @@ from torch import nn
 
 from common.config import ModelConfig
 from common.configfile import load_config
-from common.dataset import SiteArrays
 from common.engine import Schedule, predict, train
 from common.features import FEATURE_NAMES
 from common.metrics import binary_metrics
 from common.models import IMAGENET_FILE, PretrainedWeightsError, build_model, load_imagenet_weights
 from common.selection import diagnose, fit_select
+from common.sitearrays import SiteArrays
 
 S3, S2, NSL = 32, 32, 3
 

@@ -16,10 +16,11 @@ from client.predict import PatientInput, Predictor
 from common.bundle import MANIFEST_NAME, SIGNATURE_NAME, BundleError, FoldModel, read_bundle, write_bundle
 from common.config import AugmentConfig, ExperimentConfig, Preprocess2DConfig, Preprocess3DConfig
 from common.configfile import load_config
-from common.dataset import PatientDataset, SiteArrays, cache_key, preprocess_site
+from common.dataset import PatientDataset, cache_key, preprocess_site
 from common.engine import Schedule, predict, seed_everything, train
 from common.models import build_model, in_channels
 from common.signing import sign
+from common.sitearrays import SiteArrays
 from common.transforms import deterministic_2d, deterministic_3d, random_2d, random_3d, volume_dict
 
 from .onecase import engine_fold_probabilities, one_patient_site, sacrum_roi
