@@ -24,10 +24,11 @@ import torch
 from common.config import ExperimentConfig
 from common.dataset import preprocess_site
 from common.device import for_config
+from common.disclosure import add_noise, suppress_small_cells
 from common.engine import predict, set_threads
 from common.environment import environment
 from common.foldcalibration import apply_platt, check_platt
-from common.gridstats import ClassHistogram, ScoreGrid, add_noise, suppress_small_cells
+from common.gridstats import ClassHistogram, ScoreGrid
 from common.models import ModelKind
 from common.privacy import PrivacyLedger
 from common.protocol import FeatstatsReply, PredictReply, SiteInfoReply, TrainReply

@@ -10,10 +10,10 @@ import pytest
 from sklearn import calibration as skc
 from sklearn import metrics as skm
 
+from common.disclosure import add_noise, suppress_small_cells
 from common.gridstats import (
     ClassHistogram,
     ScoreGrid,
-    add_noise,
     auc,
     auc_bound,
     brier,
@@ -22,7 +22,6 @@ from common.gridstats import (
     net_benefit,
     pooled_metrics,
     roc_curve,
-    suppress_small_cells,
 )
 from common.metrics import binary_metrics
 
