@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import math
 import re
 import types
@@ -28,6 +29,8 @@ Role = Literal["train", "external"]
 Norm = Literal["batch", "group", "instance"]
 Planes = Literal["axial", "orthogonal"]
 Strategy = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedbn", "fedmedian", "fedtrimmedavg"]
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -430,10 +433,10 @@ class ExperimentConfig:
         raise ConfigError(f"sites: no site named {name!r} (known: {[s.name for s in self.sites]})")
 
 
-# Keys an older config file may still carry, with what replaced them: a clear error instead of
-# "unknown key" (or, as before their removal, a value that silently did nothing).
+# Keys that older config files, run folders and model bundles still carry, which never changed
+# anything: skipped with a warning that says what replaced them, so an old bundle still loads.
 _REMOVED_KEYS = {
-    "train.epochs": "removed: it was never read; the budget is train.rounds x train.local_epochs "
+    "train.epochs": "ignored: it was never read; the budget is train.rounds x train.local_epochs "
     "(per network models.<kind>.rounds), in the federation and the pooled baseline alike",
 }
 
@@ -455,7 +458,9 @@ def _parse(tp: Any, value: Any, path: str) -> Any:
         for key in sorted(extra):
             full = f"{path}.{key}" if path else key
             if full in _REMOVED_KEYS:
-                raise ConfigError(f"{full}: {_REMOVED_KEYS[full]}")
+                log.warning("%s: %s", full, _REMOVED_KEYS[full])
+                value = {k: v for k, v in value.items() if k != key}
+                extra.discard(key)
         if extra:
             raise ConfigError(f"{path + '.' if path else ''}{sorted(extra)[0]}: unknown key (allowed: {sorted(fields)})")
         kwargs = {k: _parse(hints[k], v, f"{path}.{k}" if path else k) for k, v in value.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -124,8 +126,15 @@ def test_a_network_may_have_its_own_rounds_and_selection_window() -> None:
     assert (short.for_model("densenet2d").train.rounds, short.for_model("densenet2d").evaluation.select_from_round) == (2, 2)
 
 
-def test_a_removed_key_says_what_replaced_it(tmp_path: Path) -> None:
+def test_a_removed_key_is_skipped_with_a_warning_that_says_what_replaced_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Old files, run folders and bundles carry ``train.epochs``: they still load, the same config."""
     f = tmp_path / "old.yaml"
     f.write_text("base: quick\ntrain:\n  epochs: 8\n  rounds: 8\n")
-    with pytest.raises(ConfigError, match=r"train\.epochs: removed: .*train\.rounds x train\.local_epochs"):
-        load_config(f)
+    with caplog.at_level(logging.WARNING, logger="common.config"):
+        cfg = load_config(f)
+    assert cfg == load_config("quick", {"train": {"rounds": 8}})
+    assert re.search(r"train\.epochs: ignored: .*train\.rounds x train\.local_epochs", caplog.text)
+    old_bundle_config = {**to_dict(cfg), "train": {**to_dict(cfg.train), "epochs": 50}}
+    assert from_dict(old_bundle_config) == cfg
