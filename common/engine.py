@@ -366,11 +366,24 @@ def recalibrate_batchnorm(
         bn.momentum = None
     with placed(model, rt.torch_device, rt.memory_format(kind)):
         model.train()
+
+        def forward(x: torch.Tensor) -> None:
+            with rt.autocast():
+                model(x.flatten(0, 1) if kind == "densenet2d" else x)
+
+        held: torch.Tensor | None = None  # each batch waits one step, so a last batch of one can join it
         for batch in _waited(make_loader(arrays, indices, kind, "eval", cfg, seed, rt), wait):
             assert isinstance(batch, dict)
             x = batch["image"].to(rt.torch_device, non_blocking=True).float()
-            with rt.autocast():
-                model(x.flatten(0, 1) if kind == "densenet2d" else x)
+            if held is not None and x.shape[0] == 1:
+                # one patient left over (17 at batches of 16): in training mode BatchNorm cannot
+                # normalise a 1x1x1 map (DenseNet121 3D at 32^3), so it joins the batch before it
+                x = torch.cat([held, x])
+            elif held is not None:
+                forward(held)
+            held = x
+        if held is not None:
+            forward(held)
     for bn, m in zip(bns, saved, strict=True):
         bn.momentum = m
     model.eval()

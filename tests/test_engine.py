@@ -14,7 +14,7 @@ from torch import nn
 
 from common.config import ModelConfig
 from common.configfile import load_config
-from common.engine import Schedule, predict, train
+from common.engine import Schedule, make_loader, predict, recalibrate_batchnorm, train
 from common.features import FEATURE_NAMES
 from common.metrics import binary_metrics
 from common.models import IMAGENET_FILE, PretrainedWeightsError, build_model, load_imagenet_weights
@@ -181,6 +181,25 @@ def test_a_last_training_batch_of_one_patient_does_not_break_batchnorm() -> None
     model = build_model("densenet3d", cfg.models.densenet3d)
     res = train(model, arrays, range(9), "densenet3d", cfg, epochs=1, schedule=Schedule(0, 1), seed=0)
     assert res.steps == 1
+
+
+def test_batchnorm_recalibration_takes_a_last_patient_left_over_into_the_batch_before() -> None:
+    """17 patients at recalibration batches of 16: the 17th cannot be a batch of its own at 32^3.
+
+    In training mode BatchNorm needs more than one value per channel, and
+    DenseNet121's last feature map is 1x1x1 here; a site with 17, 33, 49 ...
+    training patients failed every validated round.  The 17 go through as one
+    batch, so the first BatchNorm layer's running mean is exactly the mean of
+    its input over all 17.
+    """
+    arrays, cfg = tiny_arrays(17), tiny_cfg()
+    model = build_model("densenet3d", ModelConfig(arch="densenet121"))
+    recalibrate_batchnorm(model, arrays, range(17), "densenet3d", cfg, seed=0)
+    x = torch.cat([b["image"].float() for b in make_loader(arrays, range(17), "densenet3d", "eval", cfg, 0)])
+    assert x.shape[0] == 17
+    with torch.no_grad():
+        first = model.features.conv0(x)
+    torch.testing.assert_close(model.features.norm0.running_mean, first.mean(dim=(0, 2, 3, 4)), rtol=1e-5, atol=1e-6)
 
 
 def test_training_accepts_numpy_index_arrays() -> None:
