@@ -21,7 +21,8 @@ from typing import Any, cast
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from common.config import ConfigError, ExperimentConfig, from_dict
+from common.config import ConfigError, ExperimentConfig
+from common.configparse import from_dict
 from common.models import ModelKind
 from common.privacy import PrivacyBudgetExhausted
 from common.protocol import (

@@ -57,7 +57,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from torch import nn
 
 from common.atomicfile import atomic_write
-from common.config import ConfigError, ExperimentConfig, from_dict, to_dict
+from common.config import ConfigError, ExperimentConfig, to_dict
+from common.configparse import from_dict
 from common.dataset import CACHE_VERSION
 from common.ensemble import combine
 from common.foldcalibration import IDENTITY, check_platt

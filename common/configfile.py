@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, ExperimentConfig, from_dict
+from .config import ConfigError, ExperimentConfig
+from .configparse import from_dict
 
 PRESETS = ("quick", "quick-study", "study", "tiny")
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, SiteConfig, from_dict, to_dict, with_sites
+from common.config import ConfigError, SiteConfig, to_dict, with_sites
 from common.configfile import load_config
+from common.configparse import from_dict
 
 
 @pytest.mark.parametrize("name", ["quick", "study", "tiny"])
