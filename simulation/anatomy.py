@@ -15,10 +15,11 @@ wings beyond the sacro-iliac joints.  The cortex is the outermost voxel layer
 of the bone (one erosion), so its apparent thickness follows the voxel size, as
 partial-volume averaging does on a real scanner.
 
-The lesion is a lobulated ellipsoid described by an approximate signed
-distance ``sd`` (mm, negative inside) so that shells around it (sclerotic rim,
-expanded neo-cortex, permeative zone) are bands of ``sd`` and are drawn with
-partial-volume occupancy rather than aliased binary layers.
+The lesion (its shape: ``simulation.lesionshape``) is a lobulated ellipsoid
+described by an approximate signed distance ``sd`` (mm, negative inside) so
+that shells around it (sclerotic rim, expanded neo-cortex, permeative zone)
+are bands of ``sd`` and are drawn with partial-volume occupancy rather than
+aliased binary layers.
 """
 
 from __future__ import annotations
@@ -29,6 +30,18 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 from scipy.special import ndtri
+
+from .lesionshape import (
+    Blob,
+    LesionParams,
+    band,
+    fine_field,
+    harmonics,
+    inside,
+    lesion_blobs,
+    smooth_field,
+    sphere_function,
+)
 
 # Sacral levels: the plate is described for z in [Z_LO, Z_HI] (patient frame, mm).
 Z_LO, Z_HI = -65.0, 65.0
@@ -78,61 +91,6 @@ class AnatomyParams:
     muscle_hu: float
 
 
-@dataclass(frozen=True)
-class LesionParams:
-    """One sacral lesion; every visual feature is an explicit parameter.
-
-    ``lobulation``/``ragged``: relative radial amplitude of low/high-frequency
-    margin irregularity.  ``rim_hu``/``rim_mm``: sclerotic margin inside bone.
-    ``breach``: fraction of the extra-osseous surface left without neo-cortex.
-    ``reactive_sclerosis``: density of the bone left between the holes, as a
-    multiple of what keeps the zone's mean unchanged (< 1 net lytic, > 1 net
-    sclerotic; a nuisance, so the zone's mean HU says little about the class).
-    ``neocortex_hu``/``neocortex_mm``: the expanded shell over the extra-osseous
-    part of the lesion (thin shells read lower).
-    ``spiculation`` in [0, 1]: extent of a spiculated ("sunburst") periosteal
-    reaction over the breached surface, of density ``spicule_hu``; like the
-    neo-cortex it is bright bone at the margin, so shell statistics cannot
-    tell them apart, but the pattern (smooth shell vs radiating rays) differs.
-    ``extension``: radius of the soft-tissue mass outside bone relative to the
-    lesion's mean radius (0: none).  ``permeative_mm``/``hole_fraction``:
-    moth-eaten zone of transition in the surrounding bone.  ``mineral_fraction``
-    of the matrix is mineralised, as calcified foci (``foci_vs_septa`` = 1) or
-    thin septa (0).  ``necrosis_fraction`` of the matrix is fluid density.
-    ``contour_mm``: where the reader drew the ROI relative to the lesion edge
-    (> 0: outside it, taking in part of the margin); manual contours vary,
-    which moves first-order ROI/shell statistics but not the image.
-    """
-
-    centre_mm: tuple[float, float, float]
-    radii_mm: tuple[float, float, float]
-    angle_rad: float
-    lobulation: float
-    ragged: float
-    rim_hu: float
-    rim_mm: float
-    breach: float
-    extension: float
-    extension_dir: tuple[float, float, float]
-    permeative_mm: float
-    hole_fraction: float
-    reactive_sclerosis: float
-    neocortex_hu: float
-    neocortex_mm: float
-    spiculation: float
-    spicule_hu: float
-    mineral_fraction: float
-    foci_vs_septa: float
-    necrosis_fraction: float
-    matrix_hu: float
-    contour_mm: float = 0.0
-
-    @property
-    def mean_radius_mm(self) -> float:
-        r = self.radii_mm
-        return float((r[0] * r[1] * r[2]) ** (1.0 / 3.0))
-
-
 # ---------------------------------------------------------------- sacral geometry
 def sacral_level(z: np.ndarray | float) -> np.ndarray:
     """Relative level u in [0, 1]: 0 caudal (S4-5), 1 cranial (S1)."""
@@ -171,79 +129,6 @@ def lesion_site(
     y = float(sacrum_centre_y(x, level)) + y_frac * float(sacrum_half_thickness(x, level, anat))
     z = Z_LO + level * (Z_HI - Z_LO)
     return (float(x), y, float(z))
-
-
-# ---------------------------------------------------------------- random fields
-def _smooth_field(
-    rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...], cell_mm: float
-) -> np.ndarray:
-    """Unit-variance smooth random field, linearly interpolated from a ``cell_mm`` lattice.
-
-    Separable interpolation matrices keep it cheap on a whole volume (no
-    per-voxel filtering at full resolution).
-    """
-    coarse_shape = tuple(math.ceil(n * s / cell_mm) + 2 for n, s in zip(shape, spacing, strict=True))
-    coarse = ndi.gaussian_filter(rng.standard_normal(coarse_shape).astype(np.float32), 0.7, mode="wrap")
-    coarse /= max(float(coarse.std()), 1e-6)
-
-    def weights(axis: int) -> np.ndarray:
-        n, s = shape[axis], spacing[axis]
-        pos = np.arange(n, dtype=np.float32) * s / cell_mm + 0.5
-        lo = np.floor(pos).astype(np.int64)
-        frac = pos - lo
-        w = np.zeros((n, coarse_shape[axis]), dtype=np.float32)
-        w[np.arange(n), lo] = 1.0 - frac
-        w[np.arange(n), lo + 1] = frac
-        return w
-
-    # x and y on the small coarse array, then z as one contiguous matrix product at full size.
-    out = np.einsum("ia,abc->ibc", weights(0), coarse)
-    out = np.matmul(weights(1)[None], out)
-    full = out.reshape(-1, coarse_shape[2]) @ weights(2).T
-    return full.reshape(shape).astype(np.float32, copy=False)
-
-
-def _fine_field(
-    rng: np.random.Generator, shape: tuple[int, ...], spacing: tuple[float, ...], sigma_mm: float
-) -> np.ndarray:
-    """Unit-variance Gaussian-filtered white noise with correlation length ``sigma_mm``."""
-    field = ndi.gaussian_filter(
-        rng.standard_normal(shape, dtype=np.float32), [sigma_mm / s for s in spacing], mode="reflect"
-    )
-    field /= max(float(field.std()), 1e-6)
-    return field
-
-
-def _harmonics(rng: np.random.Generator, n_terms: int, freq: tuple[float, float]) -> tuple[np.ndarray, ...]:
-    """Random directions, frequencies and phases of a smooth function on the unit sphere."""
-    v = rng.standard_normal((n_terms, 3))
-    v /= np.linalg.norm(v, axis=1, keepdims=True)
-    return (
-        v.astype(np.float32),
-        rng.uniform(*freq, n_terms).astype(np.float32),
-        rng.uniform(0, 2 * np.pi, n_terms),
-    )
-
-
-def _sphere_function(
-    ux: np.ndarray, uy: np.ndarray, uz: np.ndarray, terms: tuple[np.ndarray, ...]
-) -> np.ndarray:
-    """Evaluate a harmonic sum (unit variance) at unit directions (ux, uy, uz)."""
-    v, f, phi = terms
-    acc = np.zeros(np.broadcast_shapes(ux.shape, uy.shape, uz.shape), dtype=np.float32)
-    for k in range(len(f)):
-        acc += np.cos(f[k] * (v[k, 0] * ux + v[k, 1] * uy + v[k, 2] * uz) + np.float32(phi[k]))
-    return acc * np.float32(math.sqrt(2.0 / len(f)))
-
-
-def _band(sd: np.ndarray, lo: float, hi: float, h: float) -> np.ndarray:
-    """Partial-volume occupancy of the band lo < sd < hi for a voxel of size h (mm)."""
-    return np.clip((np.minimum(sd + h / 2, hi) - np.maximum(sd - h / 2, lo)) / h, 0.0, 1.0)
-
-
-def _inside(sd: np.ndarray, h: float) -> np.ndarray:
-    """Partial-volume occupancy of sd < 0."""
-    return np.clip(0.5 - sd / h, 0.0, 1.0)
 
 
 # ---------------------------------------------------------------- rendering
@@ -299,79 +184,6 @@ def _bone_masks(
     return bone, canal & sacrum, foramina & sacrum
 
 
-@dataclass(frozen=True)
-class _Blob:
-    """A lobulated ellipsoid: radius ``radii`` (rotated by ``angle`` about z) times 1 + sum of harmonics."""
-
-    centre: np.ndarray  # (3,) patient frame, mm
-    radii: np.ndarray  # (3,)
-    angle: float
-    terms: tuple[tuple[float, tuple[np.ndarray, ...]], ...]  # (amplitude, harmonics)
-
-    def _margin(self, ux: np.ndarray, uy: np.ndarray, uz: np.ndarray) -> np.ndarray:
-        g = np.ones(np.broadcast_shapes(ux.shape, uy.shape, uz.shape), dtype=np.float32)
-        for amp, terms in self.terms:
-            if amp > 0.0:
-                g += np.float32(amp) * _sphere_function(ux, uy, uz, terms)
-        return np.maximum(g, np.float32(0.35))
-
-    def extent(self) -> tuple[np.ndarray, np.ndarray]:
-        """Patient-frame bounding box (lo, hi), from the margin on 2000 directions (+3 %)."""
-        n = 2000
-        k = np.arange(n) + 0.5
-        polar = np.arccos(1.0 - 2.0 * k / n)
-        azim = np.pi * (1.0 + 5.0**0.5) * k
-        u = np.stack([np.sin(polar) * np.cos(azim), np.sin(polar) * np.sin(azim), np.cos(polar)]).astype(
-            np.float32
-        )
-        g = self._margin(u[0], u[1], u[2]) * np.float32(1.03)
-        ca, sa = math.cos(self.angle), math.sin(self.angle)
-        px, py, pz = u[0] * self.radii[0] * g, u[1] * self.radii[1] * g, u[2] * self.radii[2] * g
-        pts = np.stack([ca * px - sa * py, sa * px + ca * py, pz]) + self.centre[:, None]
-        return pts.min(axis=1), pts.max(axis=1)
-
-    def signed_distance(self, dx: np.ndarray, dy: np.ndarray, dz: np.ndarray) -> np.ndarray:
-        """Approximate signed distance (mm) for offsets (dx, dy, dz) from ``centre``."""
-        ca, sa = np.float32(math.cos(self.angle)), np.float32(math.sin(self.angle))
-        rx, ry, rz = (np.float32(r) for r in self.radii)
-        qx, qy, qz = (ca * dx + sa * dy) / rx, (-sa * dx + ca * dy) / ry, dz / rz
-        rho = np.sqrt(qx * qx + qy * qy + qz * qz) + np.float32(1e-6)
-        r_mean = np.float32(float(np.prod(self.radii)) ** (1.0 / 3.0))
-        return (rho - self._margin(qx / rho, qy / rho, qz / rho)) * r_mean
-
-    def radius_along(self, d: np.ndarray) -> float:
-        """Ellipsoid radius (no harmonics) along unit direction ``d``."""
-        ca, sa = math.cos(self.angle), math.sin(self.angle)
-        q = np.array([ca * d[0] + sa * d[1], -sa * d[0] + ca * d[1], d[2]]) / self.radii
-        return float(1.0 / np.linalg.norm(q))
-
-
-def _blobs(lesion: LesionParams, rng: np.random.Generator) -> tuple[_Blob, _Blob | None]:
-    """The lesion and its soft-tissue extension (if any) as blobs."""
-    main = _Blob(
-        centre=np.asarray(lesion.centre_mm, dtype=np.float64),
-        radii=np.asarray(lesion.radii_mm, dtype=np.float64),
-        angle=lesion.angle_rad,
-        terms=(
-            (lesion.lobulation, _harmonics(rng, 6, (2.0, 4.5))),
-            (lesion.ragged, _harmonics(rng, 8, (8.0, 16.0))),
-        ),
-    )
-    ext_terms = _harmonics(rng, 5, (2.5, 5.0))
-    if lesion.extension <= 0.0:
-        return main, None
-    d = np.asarray(lesion.extension_dir, dtype=np.float64)
-    d /= np.linalg.norm(d)
-    r_ext = lesion.extension * lesion.mean_radius_mm
-    centre = main.centre + d * (main.radius_along(d) + 0.2 * r_ext)
-    return main, _Blob(
-        centre=centre,
-        radii=np.array([r_ext, 0.8 * r_ext, 1.2 * r_ext]),
-        angle=0.0,
-        terms=((0.25, ext_terms),),
-    )
-
-
 def _box(grid: Grid, anat: AnatomyParams, lo: np.ndarray, hi: np.ndarray) -> tuple[slice, slice, slice]:
     """Grid index box covering the patient-frame box [lo, hi] (all 8 corners, after the patient pose)."""
     c, s = math.cos(anat.rotation_rad), math.sin(anat.rotation_rad)
@@ -402,7 +214,7 @@ def render(grid: Grid, anat: AnatomyParams, lesion: LesionParams, rng: np.random
     inner2d = np.broadcast_to(r_inner < 1.0, shape)
     hu[body2d] = anat.fat_hu
     hu[inner2d] = anat.muscle_hu
-    coarse = _smooth_field(rng, shape, grid.spacing, 12.0)
+    coarse = smooth_field(rng, shape, grid.spacing, 12.0)
     u = sacral_level(zp)
     anterior = sacrum_centre_y(xp, u) + sacrum_half_thickness(xp, u, anat)
     pelvis = inner2d & (yp > anterior + 2.0) & (np.abs(xp) < 62.0 + 0.25 * (yp - anterior))
@@ -413,14 +225,14 @@ def render(grid: Grid, anat: AnatomyParams, lesion: LesionParams, rng: np.random
     # --- bone
     bone, canal, foramina = _bone_masks(xp, yp, zp, anat)
     cortex = bone & ~ndi.binary_erosion(bone, border_value=1)
-    density = _smooth_field(rng, shape, grid.spacing, 9.0)
+    density = smooth_field(rng, shape, grid.spacing, 9.0)
     hu[bone] = anat.cancellous_hu * (1.0 + 0.12 * density[bone])
     hu[cortex] = anat.cortex_hu
     hu[canal] = CSF_HU
     hu[foramina] = anat.muscle_hu - 15.0
 
     # --- lesion
-    main, ext = _blobs(lesion, rng)
+    main, ext = lesion_blobs(lesion, rng)
     lo, hi = main.extent()
     shell = max(lesion.permeative_mm, lesion.rim_mm, lesion.neocortex_mm, 4.0 + 10.0 * lesion.spiculation) + h
     lo, hi = lo - shell, hi + shell
@@ -443,7 +255,7 @@ def _paint_lesion(
     tissue: tuple[np.ndarray, np.ndarray, np.ndarray],
     grid: Grid,
     lesion: LesionParams,
-    blobs: tuple[_Blob, _Blob | None],
+    blobs: tuple[Blob, Blob | None],
     rng: np.random.Generator,
 ) -> None:
     """Draw the lesion, its shells and its soft-tissue extension into ``hu``/``mask`` (in place, box only)."""
@@ -458,14 +270,14 @@ def _paint_lesion(
     sd = main.signed_distance(dx, dy, dz)
 
     b_bone, b_cortex, b_body = (t[box] for t in tissue)
-    occ_les = _inside(sd, h) * b_body
+    occ_les = inside(sd, h) * b_body
 
     # Soft-tissue extension: a lobulated mass outside bone, seated on the lesion surface.
     occ_ext = np.zeros(bshape, dtype=np.float32)
     if ext is not None:
         ce = ext.centre.astype(np.float32)
         esd = ext.signed_distance(px - ce[0], py - ce[1], pz - ce[2])
-        occ_ext = _inside(esd, h) * (~b_bone) * b_body * (1.0 - occ_les)
+        occ_ext = inside(esd, h) * (~b_bone) * b_body * (1.0 - occ_les)
 
     # Breach: patches of the outer surface without neo-cortex, always where the mass leaves.
     outside = sd > 0
@@ -473,7 +285,7 @@ def _paint_lesion(
     if lesion.breach > 0.0:
         dist = np.sqrt(dx * dx + dy * dy + dz * dz) + np.float32(1e-6)
         wx, wy, wz = dx / dist, dy / dist, dz / dist
-        bfield = _sphere_function(wx, wy, wz, _harmonics(rng, 4, (1.5, 3.5)))
+        bfield = sphere_function(wx, wy, wz, harmonics(rng, 4, (1.5, 3.5)))
         if ext is not None:
             d = np.asarray(lesion.extension_dir, dtype=np.float32)
             d /= np.linalg.norm(d)
@@ -483,9 +295,9 @@ def _paint_lesion(
 
     # Shell texture fields (shared white noise, two correlation lengths).
     # Texture scales are >= 2 mm so that they survive the models' ~4 mm input grid.
-    fine = _fine_field(rng, bshape, grid.spacing, 2.2)
-    smooth = _fine_field(rng, bshape, grid.spacing, 3.5)
-    coarse = _fine_field(rng, bshape, grid.spacing, 5.0)
+    fine = fine_field(rng, bshape, grid.spacing, 2.2)
+    smooth = fine_field(rng, bshape, grid.spacing, 3.5)
+    coarse = fine_field(rng, bshape, grid.spacing, 5.0)
     out = hu[box]
 
     # Permeative zone of transition: moth-eaten holes in the surrounding bone.
@@ -498,18 +310,18 @@ def _paint_lesion(
         out = np.where(holes, out + depth * (SOFT_HU - out), out + depth * sclerosis * b_bone)
     # Sclerotic rim inside the bone.
     if lesion.rim_hu > 0.0:
-        out = out + lesion.rim_hu * _band(sd, 0.0, lesion.rim_mm, h) * (b_bone & ~b_cortex)
+        out = out + lesion.rim_hu * band(sd, 0.0, lesion.rim_mm, h) * (b_bone & ~b_cortex)
     # Expanded neo-cortex where the lesion leaves the bone (or crosses its cortex).
     extra_osseous = ((~b_bone) | b_cortex) & b_body
-    nc = _band(sd, 0.0, lesion.neocortex_mm, h) * integrity * extra_osseous * (1.0 - occ_ext)
+    nc = band(sd, 0.0, lesion.neocortex_mm, h) * integrity * extra_osseous * (1.0 - occ_ext)
     out = out + nc * (lesion.neocortex_hu - out)
     # Spiculated periosteal reaction: rays (a direction-only field) over the breached surface.
     if lesion.spiculation > 0.0:
         dist = np.sqrt(dx * dx + dy * dy + dz * dz) + np.float32(1e-6)
-        rays = _sphere_function(dx / dist, dy / dist, dz / dist, _harmonics(rng, 10, (10.0, 18.0)))
+        rays = sphere_function(dx / dist, dy / dist, dz / dist, harmonics(rng, 10, (10.0, 18.0)))
         length = 4.0 + 10.0 * lesion.spiculation
         thr = np.float32(1.0 - 1.4 * lesion.spiculation)
-        ray_occ = np.clip((rays - thr) / 0.3, 0.0, 1.0) * _band(sd, 0.0, length, h) * (1.0 - integrity)
+        ray_occ = np.clip((rays - thr) / 0.3, 0.0, 1.0) * band(sd, 0.0, length, h) * (1.0 - integrity)
         ray_occ = ray_occ * extra_osseous
         out = out + ray_occ * (lesion.spicule_hu - out)
     # Extension: soft tissue carrying calcified fragments of the tumour matrix.

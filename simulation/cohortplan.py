@@ -21,7 +21,8 @@ from scipy.stats import beta as beta_dist
 
 from common.sitedata import ReaderScore
 from simulation import anatomy, readers
-from simulation.anatomy import AnatomyParams, Grid, LesionParams
+from simulation.anatomy import AnatomyParams, Grid
+from simulation.lesionshape import LesionParams
 
 MIN_PER_CLASS = 10  # the floor: fivefold CV with an 8:2 train/validation split still sees both classes
 FEATURES = ("margin", "rim", "cortex", "extension", "permeation", "matrix")
