@@ -133,7 +133,7 @@ def test_a_removed_key_is_skipped_with_a_warning_that_says_what_replaced_it(
     """Old files, run folders and bundles carry ``train.epochs``: they still load, the same config."""
     f = tmp_path / "old.yaml"
     f.write_text("base: quick\ntrain:\n  epochs: 8\n  rounds: 8\n")
-    with caplog.at_level(logging.WARNING, logger="common.config"):
+    with caplog.at_level(logging.WARNING, logger="common.configparse"):
         cfg = load_config(f)
     assert cfg == load_config("quick", {"train": {"rounds": 8}})
     assert re.search(r"train\.epochs: ignored: .*train\.rounds x train\.local_epochs", caplog.text)
