@@ -54,6 +54,7 @@ from common.sitedata import SiteDataError
 
 from .clinical import SiteClinical
 from .floor import PrivacyFloorViolation, load_floor
+from .requestcheck import RequestRejected, check_request
 from .site import RunIdRejected, SiteContext, SiteRunner
 from .sitestats import SiteStatistics
 
@@ -94,6 +95,7 @@ def _runner(msg: Message, context: Context, spec: MessageSpec) -> tuple[SiteRunn
     ctx = site_context(context)
     bins = getattr(body, "bins", None)  # a grid the message itself asks for (the ensemble search)
     load_floor(ctx.data_dir, context.node_config).check(cfg, bins=bins, step=spec.name)
+    check_request(body, cfg, spec.type)
     return SiteRunner(ctx, cfg, header.run_id), body
 
 
@@ -132,7 +134,9 @@ def _safe(handler: Callable[[Message, Context], Message]) -> Callable[[Message, 
             reason = f"{type(exc).__name__} at the site while handling {msg.metadata.message_type}"
             if isinstance(exc, SiteDataError):
                 reason = "site data failed validation (details in the site's log)"
-            elif isinstance(exc, PrivacyBudgetExhausted | PrivacyFloorViolation | RunIdRejected | ConfigError):
+            elif isinstance(
+                exc, PrivacyBudgetExhausted | PrivacyFloorViolation | RunIdRejected | RequestRejected | ConfigError
+            ):
                 reason = str(exc)
             return unavailable(msg, site, reason)
 

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import shutil
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client.app import app as client_app
 from client.floor import PrivacyFloor, PrivacyFloorViolation, load_floor
+from client.requestcheck import RequestRejected, check_request, request_problems
 from client.site import RunIdRejected, SiteContext, SiteRunner, run_folder
 from common.config import SiteConfig, to_dict, with_sites
 from common.configfile import load_config
+from common.protocol import TRAIN, CrossSiteRequest, Header, PredictRequest, TrainRequest
 from common.records import config_record
 from common.sitedata import MANIFEST, SiteDataError, confined_path, iter_cases
 from common.validation import validate_site
@@ -98,6 +104,13 @@ def test_a_run_id_through_a_symlink_out_of_the_output_folder_is_refused(tmp_path
     assert run_folder(out, "run-2026.12_01") == out / "run-2026.12_01"
 
 
+def _site_reply(msg: Message, data_dir: Path, out: Path) -> ConfigRecord:
+    """The status record of site ``centre1``'s ClientApp's reply to ``msg``."""
+    node = {"site": "centre1", "data-dir": str(data_dir), "out-dir": str(out)}
+    reply = client_app(msg, Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={}))
+    return reply.content.config_records["status"]
+
+
 @pytest.mark.usefixtures("task_identity")
 def test_the_client_app_refuses_a_path_run_id_and_writes_nothing_outside(
     tiny_cohort: Path, tmp_path: Path
@@ -110,11 +123,7 @@ def test_the_client_app_refuses_a_path_run_id_and_writes_nothing_outside(
             dst_node_id=1,
             message_type="query.siteinfo",
         )
-        node = {"site": "centre1", "data-dir": str(tiny_cohort / "centre1"), "out-dir": str(out)}
-        reply = client_app(
-            msg, Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
-        )
-        status = reply.content.config_records["status"]
+        status = _site_reply(msg, tiny_cohort / "centre1", out)
         assert isinstance(status, ConfigRecord) and status["state"] == "unavailable"
         assert "run id" in str(status["reason"])
     assert not (tmp_path / "escaped").exists() and not (tmp_path / "abs").exists()
@@ -165,3 +174,78 @@ def test_confined_path_keeps_ordinary_relative_paths(tmp_path: Path) -> None:
     assert confined_path(tmp_path, "images/a.nii.gz") == tmp_path / "images" / "a.nii.gz"
     with pytest.raises(SiteDataError, match=r"\.\."):
         confined_path(tmp_path, "./images/../images/a.nii.gz")
+
+
+# -- a request's fields against the run config it carries ----------------------------------------
+def _train(**change: Any) -> TrainRequest:
+    base = TrainRequest(
+        weights=np.zeros(4, np.float32), model="densenet3d", fold=0, server_round=1, global_round=1, total_rounds=2
+    )
+    return dataclasses.replace(base, **change)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"total_rounds": 1_000_000}, "total rounds 1000000 differ from this network's 2"),
+        ({"global_round": 3}, "round 3 is outside this network's rounds 1-2"),
+        ({"global_round": 0}, "round 0 is outside"),
+        ({"fold": -1}, "fold -1 is not one of this run's folds [0, 1]"),
+        ({"fold": 2}, "fold 2 is not one of"),
+        ({"model": "__class__"}, "model '__class__' is not one this run trains (densenet3d, densenet2d)"),
+        ({"model": "radiomics"}, "model 'radiomics' is not one this run trains"),
+        ({"proximal_mu": 1e6}, "FedProx mu 1000000.0 is not one of [0.0] (strategy fedavg)"),
+        ({"proximal_mu": float("nan")}, "FedProx mu nan"),
+    ],
+)
+def test_a_round_request_outside_its_own_run_config_is_refused_naming_the_field(
+    change: dict[str, Any], problem: str
+) -> None:
+    cfg = load_config("tiny")
+    assert list(request_problems(_train(), cfg)) == []  # what the server sends
+    with pytest.raises(RequestRejected, match=r"^train request refused: .*" + re.escape(problem)):
+        check_request(_train(**change), cfg, "train")
+
+
+def test_request_checks_follow_the_run_config_not_fixed_values() -> None:
+    cfg = load_config(
+        "tiny",
+        {
+            "run_folds": [1],
+            "federation": {"strategy": "fedprox", "proximal_mu": 0.05},
+            "models": {"densenet3d": {"rounds": 4}, "densenet2d": {"enabled": False}},
+        },
+    )
+    ok = _train(fold=1, total_rounds=4, global_round=4, proximal_mu=0.05)
+    assert list(request_problems(ok, cfg)) == []
+    assert list(request_problems(dataclasses.replace(ok, proximal_mu=0.0), cfg)) == []  # evaluation, local-only
+    assert [p for p in request_problems(_train(fold=0, total_rounds=4), cfg)] == [
+        "fold 0 is not one of this run's folds [1]"
+    ]
+    assert "not one this run trains (densenet3d)" in " ".join(request_problems(_train(model="densenet2d"), cfg))
+    predict = PredictRequest(weights=np.zeros(3, np.float32), model="radiomics", fold=1, round=1, role="train")
+    assert list(request_problems(predict, cfg)) == []
+    assert list(request_problems(dataclasses.replace(predict, role="../x"), cfg)) == [
+        "role '../x' is not one of ['train', 'external']"
+    ]
+    assert list(request_problems(dataclasses.replace(predict, model="densenet3d", round=5), cfg)) == [
+        "round 5 is outside this network's rounds 1-4"
+    ]
+    cross = CrossSiteRequest(
+        weights=np.zeros(4, np.float32), model="densenet3d", fold=1, role="external", name="global", folds=[]
+    )
+    assert "folds [] must hold fold 1" in " ".join(request_problems(cross, cfg))
+    assert list(request_problems(dataclasses.replace(cross, folds=[1]), cfg)) == []
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_client_app_refuses_a_request_outside_its_run_config_before_reading_data(
+    tiny_cohort: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "site-out"
+    cfg = load_config("tiny")
+    header = Header(experiment=to_dict(cfg), run_id="r1")
+    status = _site_reply(TRAIN.message(header, _train(total_rounds=10**9), dst=1), tiny_cohort / "centre1", out)
+    assert status["state"] == "unavailable"
+    assert "train request refused: total rounds 1000000000 differ from this network's 2" in str(status["reason"])
+    assert not (out / "r1" / "cache").exists() and not (out / "r1" / "state").exists()
