@@ -24,7 +24,7 @@ from common.sitedata import MANIFEST, READER_STUDY
 
 log = logging.getLogger(__name__)
 
-PROFILES = 3  # the study's three scanner profiles (simulation.cohortplan.default_centres)
+PROFILES = 3  # the study's three scanner profiles (simulation.centres.default_centres)
 BASE_SITES = 12
 COHORT_JSON = "cohort.json"
 REFERENCE_KEYS = ("oracle_auc", "radiologist_auc", "handcrafted_lr_auc", "size_only_auc")

@@ -66,15 +66,13 @@ from scipy import ndimage as ndi
 from common.atomicfile import write_atomic
 from common.sitedata import MANIFEST, READER_COLUMNS, READER_STUDY
 from simulation import anatomy, readers
+from simulation.centres import CentreSpec, CohortError, default_centres
 from simulation.cohortplan import (
     FEATURE_GAIN,
     FEATURE_NOISE,
     FEATURES,
     CentrePlan,
-    CentreSpec,
-    CohortError,
     PatientPlan,
-    default_centres,
     plan_centre,
     sigmoid,
 )
