@@ -311,7 +311,7 @@ def measure(spec: Spec) -> Measurement:
     )
     probe = engine.make_loader(arrays, [0], spec.kind, "train", cfg, 0, rt)
     train_batch = int(probe.batch_size or 1)
-    eval_batch = int(engine.make_loader(arrays, [0], spec.kind, "eval", cfg, 0, rt).batch_size or 1)
+    eval_batch = engine.eval_batch_size(cfg)
     items_per_patient = d2.n_slices if spec.kind == "densenet2d" else 1  # 2D trains on slices
 
     n_items = spec.patients * items_per_patient

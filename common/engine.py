@@ -170,19 +170,38 @@ def make_loader(
         mask_channel=cfg.preprocess.mask_channel,
     )
     gen = torch.Generator().manual_seed(seed)
-    batch = cfg.train.batch_size if mode == "train" else max(cfg.train.batch_size, 16)
+    # BatchNorm in training mode cannot normalise a batch of one sample (DenseNet121's final
+    # feature map is 1x1x1 at 32^3): training drops that single leftover (reshuffled next
+    # epoch); evaluation, which BatchNorm recalibration runs in training mode, puts it into
+    # the batch before (17 patients at 16: one batch of 17), so every patient is counted.
+    batching: dict[str, Any]
+    if mode == "train":
+        batch = cfg.train.batch_size
+        batching = {"batch_size": batch, "shuffle": True, "drop_last": len(ds) > 1 and len(ds) % batch == 1}
+    else:
+        batching = {"batch_sampler": eval_batches(len(ds), eval_batch_size(cfg))}
     return DataLoader(
         ds,
-        batch_size=batch,
-        shuffle=mode == "train",
         generator=gen,
         num_workers=cfg.train.num_workers,
-        # BatchNorm cannot train on a last batch of one sample (DenseNet121's final
-        # feature map is 1x1x1 at 32^3): drop that single leftover, reshuffled next epoch.
-        drop_last=mode == "train" and len(ds) > 1 and len(ds) % batch == 1,
         pin_memory=cuda,
         persistent_workers=cuda and cfg.train.num_workers > 0 and (mode == "eval" or on_device),
+        **batching,
     )
+
+
+def eval_batches(n: int, batch: int) -> list[list[int]]:
+    """Consecutive batches of ``batch`` items in order, a last batch of one joined to the one before."""
+    out = [list(range(start, min(start + batch, n))) for start in range(0, n, batch)]
+    if len(out) > 1 and len(out[-1]) == 1:
+        last = out.pop()
+        out[-1] += last
+    return out
+
+
+def eval_batch_size(cfg: ExperimentConfig) -> int:
+    """Patients per evaluation batch (prediction, BatchNorm recalibration): no fewer than 16."""
+    return max(cfg.train.batch_size, 16)
 
 
 def device_augment(kind: ModelKind, cfg: ExperimentConfig, runtime: Runtime) -> BatchAugment | None:
@@ -366,24 +385,11 @@ def recalibrate_batchnorm(
         bn.momentum = None
     with placed(model, rt.torch_device, rt.memory_format(kind)):
         model.train()
-
-        def forward(x: torch.Tensor) -> None:
-            with rt.autocast():
-                model(x.flatten(0, 1) if kind == "densenet2d" else x)
-
-        held: torch.Tensor | None = None  # each batch waits one step, so a last batch of one can join it
         for batch in _waited(make_loader(arrays, indices, kind, "eval", cfg, seed, rt), wait):
             assert isinstance(batch, dict)
             x = batch["image"].to(rt.torch_device, non_blocking=True).float()
-            if held is not None and x.shape[0] == 1:
-                # one patient left over (17 at batches of 16): in training mode BatchNorm cannot
-                # normalise a 1x1x1 map (DenseNet121 3D at 32^3), so it joins the batch before it
-                x = torch.cat([held, x])
-            elif held is not None:
-                forward(held)
-            held = x
-        if held is not None:
-            forward(held)
+            with rt.autocast():
+                model(x.flatten(0, 1) if kind == "densenet2d" else x)
     for bn, m in zip(bns, saved, strict=True):
         bn.momentum = m
     model.eval()
