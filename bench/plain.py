@@ -29,7 +29,7 @@ from common.configfile import load_config
 from common.dataset import preprocess_site
 from common.engine import predict, seed_everything, set_threads
 from common.metrics import binary_metrics
-from common.models import ModelKind, build_model
+from common.models import build_model
 from common.records import ModelCodec
 from common.rounds import local_round, validated_round
 from common.splits import fivefold
@@ -56,8 +56,7 @@ def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> d
         sites.append((arrays, folds, pos))
     load_s = time.perf_counter() - t0
     out: dict[str, Any] = {"import_s": started - launched, "load_s": load_s, "threads": threads, "models": {}}
-    kinds: list[ModelKind] = [k for k in ("densenet3d", "densenet2d") if getattr(cfg.models, k).enabled]  # type: ignore[misc]
-    for kind in kinds:
+    for kind in cfg.networks:
         mcfg = cfg.for_model(kind)  # the network's rounds and selection window, as FoldTrainer reads them
         total = mcfg.train.rounds
         for fold in cfg.active_folds:

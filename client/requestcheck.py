@@ -38,7 +38,7 @@ def request_problems(body: Any, cfg: ExperimentConfig) -> Iterator[str]:
     """Each field of a request outside what its run config allows, in words."""
     model = getattr(body, "model", None)
     if model is not None:
-        allowed = _networks(cfg) + ((RADIOMICS_MODEL,) if isinstance(body, PredictRequest) and cfg.models.radiomics else ())
+        allowed = cfg.networks + ((RADIOMICS_MODEL,) if isinstance(body, PredictRequest) and cfg.models.radiomics else ())
         if model not in allowed:
             yield f"model {model!r} is not one this run trains ({', '.join(allowed) or 'none'})"
             return  # the round checks below read the network's own budget
@@ -58,10 +58,6 @@ def request_problems(body: Any, cfg: ExperimentConfig) -> Iterator[str]:
         folds = list(body.folds)
         if not folds or body.fold not in folds or any(k not in cfg.active_folds for k in folds):
             yield f"folds {folds} must hold fold {body.fold} and only this run's folds {list(cfg.active_folds)}"
-
-
-def _networks(cfg: ExperimentConfig) -> tuple[str, ...]:
-    return tuple(k for k in ("densenet3d", "densenet2d") if getattr(cfg.models, k).enabled)
 
 
 def _round_problems(req: RoundRequest, cfg: ExperimentConfig) -> Iterator[str]:

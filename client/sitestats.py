@@ -47,7 +47,7 @@ class SiteStatistics:
 
     def scores_enabled(self) -> tuple[str, ...]:
         """The single scores of this run: the enabled networks, radiomics, the radiologist."""
-        kinds = [k for k in ("densenet3d", "densenet2d") if getattr(self.site.cfg.models, k).enabled]
+        kinds: list[str] = list(self.site.cfg.networks)
         if self.site.cfg.models.radiomics:
             kinds.append("radiomics")
         return (*kinds, "radiologist")

@@ -19,7 +19,10 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+if TYPE_CHECKING:
+    from .models import ModelKind
 
 Plan = Literal["federated", "study", "loco"]
 Role = Literal["train", "external"]
@@ -387,6 +390,12 @@ class ExperimentConfig:
                     f"models.{key}.norm",
                     "BatchNorm is not compatible with DP-SGD: use 'group'",
                 )
+
+    @property
+    def networks(self) -> tuple[ModelKind, ...]:
+        """The networks this run trains (``models.<kind>.enabled``), 3D first."""
+        kinds: tuple[ModelKind, ...] = ("densenet3d", "densenet2d")
+        return tuple(k for k in kinds if cast(ModelConfig, getattr(self.models, k)).enabled)
 
     @property
     def active_folds(self) -> tuple[int, ...]:

@@ -46,7 +46,7 @@ class Progress:
     """Counts the plan's rounds, estimates the time left, writes the lines and the event files."""
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, *, tensorboard: bool = True) -> None:
-        kinds = [k for k in ("densenet3d", "densenet2d") if getattr(cfg.models, k).enabled]
+        kinds: list[str] = list(cfg.networks)
         # per network: rounds in the plan, finished (in this process or, resumed, before it),
         # finished in this process and their seconds (the network's rate for the estimate)
         self.total = {k: len(cfg.active_folds) * cfg.for_model(k).train.rounds for k in kinds}

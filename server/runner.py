@@ -153,9 +153,7 @@ class PlanRunner:
                 f"{len(train)} training site(s) available ({', '.join(train.values()) or 'none'}), "
                 f"federation.min_sites is {self.cfg.federation.min_sites}; unavailable: {self.registry.unavailable or 'none'}"
             )
-        kinds: list[ModelKind] = [
-            k for k in ("densenet3d", "densenet2d") if getattr(self.cfg.models, k).enabled
-        ]  # type: ignore[misc]
+        kinds = self.cfg.networks
         for kind in kinds:
             for fold in self.cfg.active_folds:
                 best = self.trainer.train_fold(kind, fold)

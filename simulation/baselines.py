@@ -151,7 +151,7 @@ def run_baselines(cfg: ExperimentConfig, cache_dir: Path, *, pooled: bool = True
     train_sites = [s for s in sites if s.role == "train"]
     external = [s for s in sites if s.role == "external"]
     if models is None:
-        models = [k for k in ("densenet3d", "densenet2d") if getattr(cfg.models, k).enabled]
+        models = list(cfg.networks)
         if cfg.models.radiomics:
             models = [*models, "radiomics"]
     out: dict[str, Any] = {"device": device}
