@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from server.aggregation import (
+    BLOCK,
     coordinate_median,
+    distance,
     robust_aggregate,
     screen_updates,
     trimmed_mean,
@@ -25,6 +28,38 @@ def test_weighted_mean_of_float16_accumulates_in_float64() -> None:
     out = weighted_mean(vs, [1, 1])
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, 1.00048828125)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_weighted_mean_in_blocks_gives_the_bits_of_one_whole_vector_float64_pass(dtype: type) -> None:
+    rng = np.random.default_rng(3)
+    n = 3 * BLOCK + 17  # several blocks and a short last one
+    vs = [rng.normal(scale=0.05, size=n).astype(dtype) for _ in range(3)]
+    w = np.array([99.0, 13.0, 13.0])
+    whole = np.zeros(n, np.float64)
+    for v, wi in zip(vs, w / w.sum(), strict=True):
+        whole += wi * v.astype(np.float64)
+    assert np.array_equal(weighted_mean(vs, w), whole.astype(np.float32))
+    grid = [v.reshape(1, n) for v in vs]  # any shape, averaged element by element
+    assert weighted_mean(grid, w).shape == (1, n)
+
+
+def test_weighted_mean_refuses_vectors_of_other_shapes_instead_of_truncating() -> None:
+    a = np.zeros(BLOCK + 1, np.float32)
+    with pytest.raises(ValueError, match="differ in shape"):
+        weighted_mean([a, np.zeros(BLOCK + 2, np.float32)], [1, 1])
+    with pytest.raises(ValueError, match="2 vectors but 3 weights"):
+        weighted_mean([a, a], [1, 1, 1])
+
+
+def test_distance_in_blocks_matches_numpy() -> None:
+    rng = np.random.default_rng(4)
+    ref = rng.normal(size=2 * BLOCK + 5).astype(np.float32)
+    v = (ref + rng.normal(scale=1e-3, size=ref.size)).astype(np.float16)
+    expected = np.linalg.norm(v.astype(np.float64) - ref.astype(np.float64))
+    assert distance(v, ref) == pytest.approx(expected, rel=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        distance(v[:-1], ref)
 
 
 def test_median_and_trimmed_mean_match_numpy() -> None:
