@@ -4,7 +4,9 @@ Each round's training runs in a fresh ClientApp process (deployment) or a
 Ray worker (simulation), so Adam's moments survive from round r to round
 r+1 only on disk.  They are the site's alone: derived from its patients'
 gradients, they never leave the folder (the wire carries model weights and
-aggregate statistics only).  A missing, unreadable or ill-fitting file means
+aggregate statistics only).  A fold's last round writes none (no round reads
+it), and the file is deleted when the fold's chosen model predicts
+(``SiteRunner.predict_fold``): a run leaves no optimiser states behind.  A missing, unreadable or ill-fitting file means
 a fresh optimiser, logged, never a failed round.
 """
 
@@ -45,6 +47,10 @@ class OptimizerStore:
             log.info("%s: written by round %d, not before round %d: fresh optimiser", self.path, written, rnd)
             return None
         return state
+
+    def discard(self) -> None:
+        """Delete the state once no round of its fold can read it (90 MB for a DenseNet121 3D's Adam)."""
+        self.path.unlink(missing_ok=True)
 
     def save(self, rnd: int, state: dict[str, Any] | None) -> None:
         """Replace the file atomically (a crash mid-write leaves the previous round's state)."""

@@ -148,7 +148,7 @@ class SiteRunner:
         model = self.models.load(kind, fold, flat, rnd - 1)
         validation = self._validate(model, kind, fold, rnd - 1) if validate else None
         idx = self.index(self.folds[fold].train)
-        store = OptimizerStore(self.run_dir / "state" / f"{kind}_fold{fold}_optimizer.pt")
+        store = self._optimizer_store(kind, fold)
         state = store.load(rnd) if self.cfg.train.keep_optimizer_state else None
         res = local_round(
             model,
@@ -164,7 +164,8 @@ class SiteRunner:
             privacy=PrivacyLedger(self.run_dir / "state" / f"dp_{kind}_fold{fold}.json") if self.cfg.dp.enabled else None,
             optimizer_state=state,
         )
-        store.save(rnd, res.optimizer_state)
+        if rnd < total_rounds:  # the fold's last round has no next round to resume it
+            store.save(rnd, res.optimizer_state)
         self.models.save_local(model, kind, fold, rnd)
         return TrainReply(
             weights=self.models.codec(kind).pack(model.state_dict()),
@@ -176,6 +177,10 @@ class SiteRunner:
             epsilon=res.epsilon,
             validation=validation,
         )
+
+    def _optimizer_store(self, kind: str, fold: int) -> OptimizerStore:
+        """Where this fold's optimiser state waits between rounds (``train.keep_optimizer_state``)."""
+        return OptimizerStore(self.run_dir / "state" / f"{kind}_fold{fold}_optimizer.pt")
 
     def validate_round(self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int) -> ClassHistogram:
         """Validation-split statistics of the global model (for model selection across sites)."""
@@ -219,6 +224,9 @@ class SiteRunner:
         ``platt``: the fold's calibration ``(a, b)`` from the server (``common.foldcalibration``).
         """
         params = check_platt(platt)
+        # The server predicts with a fold's model once it chose it: the fold trains no more (a server
+        # restarted later skips a finished fold), so its optimiser state is deleted, not left on disk.
+        self._optimizer_store(kind, fold).discard()
         if role == "external":
             parts = {"external": tuple(self.arrays.patient_ids)}
         else:

@@ -147,7 +147,7 @@ def test_a_site_round_survives_a_bad_state_file_and_replaces_it(
     flat = site.models.codec("densenet3d").pack(build_model("densenet3d", cfg.models.densenet3d, mask_channel=cfg.preprocess.mask_channel).state_dict())
     path = site.run_dir / "state" / "densenet3d_fold0_optimizer.pt"
 
-    site.train_round("densenet3d", 0, flat, 1, 3)
+    site.train_round("densenet3d", 0, flat, 1, 4)
     saved = torch.load(path, weights_only=True)
     assert saved["round"] == 1 and saved["state"]["state"]
 
@@ -158,14 +158,33 @@ def test_a_site_round_survives_a_bad_state_file_and_replaces_it(
     foreign.step()
     torch.save({"round": 1, "state": foreign.state_dict()}, path)
     with caplog.at_level(logging.WARNING):
-        reply = site.train_round("densenet3d", 0, flat, 2, 3)
+        reply = site.train_round("densenet3d", 0, flat, 2, 4)
     assert "does not fit" in caplog.text and "fresh optimiser" in caplog.text
     assert np.all(np.isfinite(reply.weights)) and reply.num_examples > 0
     assert torch.load(path, weights_only=True)["round"] == 2  # replaced by this round's own state
 
     path.write_bytes(b"\x00" * 7)  # torn
-    reply = site.train_round("densenet3d", 0, flat, 3, 3)
+    reply = site.train_round("densenet3d", 0, flat, 3, 4)
     assert np.all(np.isfinite(reply.weights)) and torch.load(path, weights_only=True)["round"] == 3
+
+
+def test_a_fold_leaves_no_optimiser_state_once_its_model_is_chosen(cohort: dict[str, Path], tmp_path: Path) -> None:
+    cfg = with_sites(
+        load_config("tiny", {"models": {"densenet2d": {"enabled": False}, "radiomics": False}}),
+        (SiteConfig(name="centre1"),),
+    )
+    site = SiteRunner(SiteContext("centre1", cohort["centre1"], tmp_path / "centre1"), cfg, "r1")
+    flat = site.models.codec("densenet3d").pack(build_model("densenet3d", cfg.models.densenet3d, mask_channel=cfg.preprocess.mask_channel).state_dict())
+    path = site.run_dir / "state" / "densenet3d_fold0_optimizer.pt"
+    other = site.run_dir / "state" / "densenet3d_fold1_optimizer.pt"
+    site.train_round("densenet3d", 1, flat, 1, 2)  # another fold, still training
+
+    site.train_round("densenet3d", 0, flat, 1, 2)
+    site.train_round("densenet3d", 0, flat, 2, 2)  # the last round: nothing reads a state after it
+    assert torch.load(path, weights_only=True)["round"] == 1
+    assert OptimizerStore(path).load(2) is not None  # a repeated last round still resumes from round 1
+    site.predict_fold("densenet3d", 0, flat, 2, "train")  # the server chose fold 0's model
+    assert not path.exists() and other.exists()
 
 
 def _input_2d(cfg) -> tuple[int, ...]:  # type: ignore[no-untyped-def]
