@@ -136,15 +136,22 @@ def test_a_torn_or_foreign_store_file_means_a_fresh_optimiser(
     assert "unreadable optimiser state" in caplog.text and str(path) in caplog.text
 
 
-def test_a_site_round_survives_a_bad_state_file_and_replaces_it(
-    cohort: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def _site_and_initial_3d(cohort: dict[str, Path], tmp_path: Path) -> tuple[SiteRunner, np.ndarray]:
+    """Site centre1 of a tiny 3D-only run, and a fresh 3D model packed as the server sends it."""
     cfg = with_sites(
         load_config("tiny", {"models": {"densenet2d": {"enabled": False}, "radiomics": False}}),
         (SiteConfig(name="centre1"),),
     )
     site = SiteRunner(SiteContext("centre1", cohort["centre1"], tmp_path / "centre1"), cfg, "r1")
-    flat = site.models.codec("densenet3d").pack(build_model("densenet3d", cfg.models.densenet3d, mask_channel=cfg.preprocess.mask_channel).state_dict())
+    model = build_model("densenet3d", cfg.models.densenet3d, mask_channel=cfg.preprocess.mask_channel)
+    return site, site.models.codec("densenet3d").pack(model.state_dict())
+
+
+def test_a_site_round_survives_a_bad_state_file_and_replaces_it(
+    cohort: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    site, flat = _site_and_initial_3d(cohort, tmp_path)
+    cfg = site.cfg
     path = site.run_dir / "state" / "densenet3d_fold0_optimizer.pt"
 
     site.train_round("densenet3d", 0, flat, 1, 4)
@@ -169,12 +176,7 @@ def test_a_site_round_survives_a_bad_state_file_and_replaces_it(
 
 
 def test_a_fold_leaves_no_optimiser_state_once_its_model_is_chosen(cohort: dict[str, Path], tmp_path: Path) -> None:
-    cfg = with_sites(
-        load_config("tiny", {"models": {"densenet2d": {"enabled": False}, "radiomics": False}}),
-        (SiteConfig(name="centre1"),),
-    )
-    site = SiteRunner(SiteContext("centre1", cohort["centre1"], tmp_path / "centre1"), cfg, "r1")
-    flat = site.models.codec("densenet3d").pack(build_model("densenet3d", cfg.models.densenet3d, mask_channel=cfg.preprocess.mask_channel).state_dict())
+    site, flat = _site_and_initial_3d(cohort, tmp_path)
     path = site.run_dir / "state" / "densenet3d_fold0_optimizer.pt"
     other = site.run_dir / "state" / "densenet3d_fold1_optimizer.pt"
     site.train_round("densenet3d", 1, flat, 1, 2)  # another fold, still training
