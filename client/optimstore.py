@@ -6,8 +6,9 @@ r+1 only on disk.  They are the site's alone: derived from its patients'
 gradients, they never leave the folder (the wire carries model weights and
 aggregate statistics only).  A fold's last round writes none (no round reads
 it), and the file is deleted when the fold's chosen model predicts
-(``SiteRunner.predict_fold``): a run leaves no optimiser states behind.  A missing, unreadable or ill-fitting file means
-a fresh optimiser, logged, never a failed round.
+(``SiteRunner.predict_fold``), so a finished run leaves none behind.  A
+missing, unreadable or ill-fitting file means a fresh optimiser, logged,
+never a failed round.
 """
 
 from __future__ import annotations

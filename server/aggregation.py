@@ -22,7 +22,7 @@ class Screening:
 
 # Elements per block in the float64 passes below: 512 KiB per temporary, so the passes stay in the
 # cache instead of writing whole-model float64 copies (a DenseNet121 is 11 M values; three updates
-# took 0.16 s unblocked and 0.04 s blocked, while every site waits for the next round).
+# took 0.16 s unblocked and 0.05 s blocked, while every site waits for the next round).
 BLOCK = 1 << 16
 
 
