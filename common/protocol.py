@@ -582,6 +582,12 @@ class MessageSpec:
     def message(self, header: Header, body: Any, dst: int, *, dtype: str = "float32") -> Message:
         return Message(encode(header, body, dtype=dtype), message_type=self.type, dst_node_id=dst)
 
+    def messages(self, header: Header, body: Any, dsts: Iterable[int], *, dtype: str = "float32") -> list[Message]:
+        """The same request to every node in ``dsts``, encoded once: the model is cast for the wire
+        once per round, not once per site (the records are read-only once sent)."""
+        content = encode(header, body, dtype=dtype)
+        return [Message(content, message_type=self.type, dst_node_id=d) for d in dsts]
+
     def read_request(self, msg: Message) -> tuple[Header, Any]:
         return decode(msg.content, Header), decode(msg.content, self.request)
 

@@ -92,7 +92,7 @@ class Messenger:
 
         ``validate``: a check that needs the request (e.g. the reply covers exactly what was asked).
         """
-        msgs = [spec.message(self.header, body, n, dtype=dtype) for n in nodes]
+        msgs = spec.messages(self.header, body, nodes, dtype=dtype)
         timeout = self.timeout if timeout is None else timeout
         replies = list(self.grid.send_and_receive(msgs, timeout=timeout))
         good: list[Answer] = []

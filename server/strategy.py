@@ -76,7 +76,7 @@ class GuardedFedAvg(FedAvg):
 
     def _messages(self, spec: MessageSpec, request: RoundRequest, nodes: list[int]) -> list[Message]:
         s = self.session
-        sent = [spec.message(s.header, request, n, dtype=s.transport_dtype) for n in nodes]
+        sent = spec.messages(s.header, request, nodes, dtype=s.transport_dtype)
         self._replies = ReplyReader(s, sent)  # Flower sets the messages' ids when it pushes them
         return sent
 

@@ -79,6 +79,29 @@ def test_round_request_travels_intact_in_float16() -> None:
     assert list(msg.content.array_records[ARRAYS].keys()) == ["weights"]  # plain: Flower aggregates it by key
 
 
+def test_a_request_to_every_site_is_cast_for_the_wire_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import common.protocol as protocol
+
+    casts: list[str] = []
+    real = protocol.to_transport
+
+    def counted(flat: np.ndarray, dtype: str) -> np.ndarray:
+        casts.append(dtype)
+        return real(flat, dtype)
+
+    monkeypatch.setattr(protocol, "to_transport", counted)
+    w = np.linspace(-1, 1, 50, dtype=np.float32)
+    req = RoundRequest(weights=w, model="densenet3d", fold=2, server_round=1, global_round=3, total_rounds=5)
+    msgs = TRAIN.messages(HEADER, req, iter([11, 12, 13]), dtype="float16")
+    assert casts == ["float16"]  # one cast for three sites
+    assert [m.metadata.dst_node_id for m in msgs] == [11, 12, 13]
+    for m in msgs:
+        assert m.metadata.message_type == TRAIN.type
+        header, back = TRAIN.read_request(m)
+        assert header == HEADER and back.fold == 2
+        np.testing.assert_allclose(back.weights, w, atol=1e-3)
+
+
 def test_a_reply_of_many_histograms_is_a_few_arrays_on_the_wire() -> None:
     from common.protocol import EnsembleReply
     from common.records import PACKED_INDEX
