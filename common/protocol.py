@@ -580,11 +580,11 @@ class MessageSpec:
         return f"{self.action}.{self.name}" if self.name else self.action
 
     def message(self, header: Header, body: Any, dst: int, *, dtype: str = "float32") -> Message:
-        return Message(encode(header, body, dtype=dtype), message_type=self.type, dst_node_id=dst)
+        return self.messages(header, body, [dst], dtype=dtype)[0]
 
     def messages(self, header: Header, body: Any, dsts: Iterable[int], *, dtype: str = "float32") -> list[Message]:
         """The same request to every node in ``dsts``, encoded once: the model is cast for the wire
-        once per round, not once per site (the records are read-only once sent)."""
+        once per exchange, not once per site (the messages share records that nothing changes once sent)."""
         content = encode(header, body, dtype=dtype)
         return [Message(content, message_type=self.type, dst_node_id=d) for d in dsts]
 
