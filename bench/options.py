@@ -11,10 +11,11 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from common.config import NETWORKS
+
 from .params import SECTIONS, BenchParams
 from .throughput import Spec
 
-KINDS = ("densenet3d", "densenet2d")
 # Patients per configuration when --patients is not given: enough for several optimiser
 # steps, few enough that the default run stays within ~5 minutes on 2 CPU cores.
 DEFAULT_PATIENTS = {"cpu": {"quick": 16, "study": 8}, "cuda": {"quick": 64, "study": 80}}
@@ -65,7 +66,7 @@ def _run_options(g: argparse._ArgumentGroup) -> None:
         help="network of every section (default densenet121; small: a quick trial of the bench itself)",
     )
     g.add_argument(
-        "--kinds", nargs="+", default=list(KINDS), choices=KINDS, help="which networks (default both)"
+        "--kinds", nargs="+", default=list(NETWORKS), choices=NETWORKS, help="which networks (default both)"
     )
     g.add_argument(
         "--work",

@@ -309,8 +309,7 @@ def measure(spec: Spec) -> Measurement:
     arrays = random_arrays(
         spec.patients, d3.size, d2.size, d2.n_slices, seed=spec.seed, mask_channel=cfg.preprocess.mask_channel
     )
-    probe = engine.make_loader(arrays, [0], spec.kind, "train", cfg, 0, rt)
-    train_batch = int(probe.batch_size or 1)
+    train_batch = cfg.train.batch_size
     eval_batch = engine.eval_batch_size(cfg)
     items_per_patient = d2.n_slices if spec.kind == "densenet2d" else 1  # 2D trains on slices
 

@@ -43,8 +43,6 @@ from .sitemodels import SiteModels
 
 log = logging.getLogger(__name__)
 
-SCORES_IMAGE: tuple[ModelKind, ...] = ("densenet3d", "densenet2d")
-
 
 @dataclass(frozen=True)
 class SiteContext:

@@ -57,7 +57,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from torch import nn
 
 from common.atomicfile import atomic_write
-from common.config import ConfigError, ExperimentConfig, to_dict
+from common.config import NETWORKS, ConfigError, ExperimentConfig, to_dict
 from common.configparse import from_dict
 from common.dataset import CACHE_VERSION
 from common.ensemble import combine
@@ -75,7 +75,6 @@ MAX_MEMBER_BYTES = 1 << 30
 MAX_TOTAL_BYTES = 8 << 30
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_MEMBERS = 256
-MODEL_KINDS: tuple[ModelKind, ...] = ("densenet3d", "densenet2d")
 
 
 class BundleError(ValueError):
@@ -135,7 +134,7 @@ class ModelBundle:
 
     @property
     def kinds(self) -> tuple[ModelKind, ...]:
-        return tuple(k for k in MODEL_KINDS if self.folds.get(k))
+        return tuple(k for k in NETWORKS if self.folds.get(k))
 
     @property
     def score_mapping(self) -> tuple[float, ...]:
@@ -350,7 +349,7 @@ def read_bundle(
         raise BundleError(f"{path}: the bundle's config is invalid for this version ({exc})") from exc
     folds: dict[str, tuple[FoldModel, ...]] = {}
     for kind, entries in cast(dict[str, list[dict[str, Any]]], manifest.get("models", {})).items():
-        if kind not in MODEL_KINDS:
+        if kind not in NETWORKS:
             raise BundleError(f"{path}: unknown model kind {kind!r} in the manifest")
         try:
             folds[kind] = tuple(
@@ -433,7 +432,7 @@ def check_input_channels(recorded: Any, config: ExperimentConfig, path: Path) ->
             f"{path}: manifest input_channels must map model kinds to channel counts, got {recorded!r}"
         )
     for kind, n in recorded.items():
-        if kind not in MODEL_KINDS:
+        if kind not in NETWORKS:
             raise BundleError(f"{path}: unknown model kind {kind!r} in input_channels")
         expected = in_channels(kind, config.preprocess.mask_channel)
         if n != expected:

@@ -24,6 +24,9 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 if TYPE_CHECKING:
     from .models import ModelKind
 
+# Every network kind the project builds, 3D first (the order of the plan, the summary and a bundle).
+NETWORKS: tuple[ModelKind, ...] = ("densenet3d", "densenet2d")
+
 Plan = Literal["federated", "study", "loco"]
 Role = Literal["train", "external"]
 Norm = Literal["batch", "group", "instance"]
@@ -316,7 +319,7 @@ class ExperimentConfig:
             "evaluation.select_from_round",
             f"must be a round in 1..{self.train.rounds} (train.rounds)",
         )
-        for key in ("densenet3d", "densenet2d"):
+        for key in NETWORKS:
             own = getattr(self.models, key)
             _check(own.rounds >= 0, f"models.{key}.rounds", "must be >= 0 (0: train.rounds)")
             rounds, first = self._budget(key)
@@ -383,7 +386,7 @@ class ExperimentConfig:
         unknown = set(self.external_sites) - set(names) if names else set()
         _check(not unknown, "external_sites", f"names unknown sites {sorted(unknown)}")
         if self.dp.enabled:
-            for key in ("densenet3d", "densenet2d"):
+            for key in NETWORKS:
                 model = getattr(self.models, key)
                 _check(
                     not model.enabled or model.norm != "batch",
@@ -394,8 +397,7 @@ class ExperimentConfig:
     @property
     def networks(self) -> tuple[ModelKind, ...]:
         """The networks this run trains (``models.<kind>.enabled``), 3D first."""
-        kinds: tuple[ModelKind, ...] = ("densenet3d", "densenet2d")
-        return tuple(k for k in kinds if cast(ModelConfig, getattr(self.models, k)).enabled)
+        return tuple(k for k in NETWORKS if cast(ModelConfig, getattr(self.models, k)).enabled)
 
     @property
     def active_folds(self) -> tuple[int, ...]:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from common.bundle import MODEL_KINDS, BundleError, EnsembleSpec, FoldModel, write_bundle
+from common.bundle import BundleError, EnsembleSpec, FoldModel, write_bundle
 from common.config import ConfigError, ExperimentConfig
 from common.configfile import load_config
 from common.ensemble import ENSEMBLES
@@ -108,10 +108,8 @@ def _fold_models(run_dir: Path, cfg: ExperimentConfig) -> list[tuple[FoldModel, 
     """Each enabled network's selected model of every fold, with its calibration and guard flag."""
     store = CheckpointStore(run_dir / "checkpoints", cfg.digest())
     models = []
-    for kind in MODEL_KINDS:
+    for kind in cfg.networks:
         model_cfg = getattr(cfg.models, kind)
-        if not model_cfg.enabled:
-            continue
         codec = ModelCodec.for_state_dict(
             build_model(
                 kind,
