@@ -210,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "throughput":
             out.results, out.failures = measure_throughput(args)
         else:
-            timeout = args.section_timeout or SECTION_TIMEOUT_S[name]
+            # the overhead section's budget is per block of runs (--repeats)
+            timeout = args.section_timeout or SECTION_TIMEOUT_S[name] * (out.params.repeats if name == "overhead" else 1)
             try:
                 out.sections[name] = run_section(name, out.params, work, timeout)
             except BenchError as exc:

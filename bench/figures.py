@@ -34,6 +34,20 @@ def bracketed(first: Mapping[str, Any], last: Mapping[str, Any]) -> dict[str, fl
     return {k: (first[k] + last[k]) / 2 for k in ("wall_s", "steady_round_s")}
 
 
+def block_values(blocks: Sequence[Mapping[str, Any]], run: str, key: str) -> list[float]:
+    """``key`` of run ``run`` in each block of repeated runs (the overhead section's ``blocks``)."""
+    return [float(b[run][key]) for b in blocks if run in b]
+
+
+def median(values: Sequence[float]) -> float:
+    """The middle value (the mean of the two middle ones for an even count); NaN for none or a NaN."""
+    ordered = sorted(values)
+    if not ordered or any(math.isnan(v) for v in ordered):
+        return math.nan
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
 def ratio(value: float, baseline: float) -> float:
     """``value / baseline``, NaN when either is missing or the baseline is not positive."""
     if not (math.isfinite(value) and math.isfinite(baseline)) or baseline <= 0:

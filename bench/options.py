@@ -39,6 +39,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--{name} must be >= 0")
     if args.plain_threads < 1:
         p.error("--plain-threads must be >= 1")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     if args.rounds < 2:
         p.error("--rounds must be >= 2 (the steady round is the mean of rounds 2..)")
     if args.only is None:
@@ -126,6 +128,14 @@ def _federation_options(g: argparse._ArgumentGroup, cpus: int) -> None:
         help=f"torch threads of the plain loop in overhead (default os.cpu_count() = {cpus}; on a busy machine 1"
         " can be several times faster)",
     )
+    g.add_argument(
+        "--repeats",
+        type=int,
+        default=BenchParams.repeats,
+        metavar="N",
+        help="overhead: measure every run N times in paired blocks, each between two plain loops, and judge the"
+        " targets on the median (default %(default)s; one block takes about 3 minutes on 2 fast cores)",
+    )
 
 
 def _throughput_options(g: argparse._ArgumentGroup, cpus: int) -> None:
@@ -210,7 +220,11 @@ def _sections(text: str) -> tuple[str, ...]:
 
 def bench_params(args: argparse.Namespace) -> BenchParams:
     return BenchParams(
-        patients=args.cohort, rounds=args.rounds, arch=args.arch, plain_threads=args.plain_threads
+        patients=args.cohort,
+        rounds=args.rounds,
+        arch=args.arch,
+        plain_threads=args.plain_threads,
+        repeats=args.repeats,
     )
 
 

@@ -59,6 +59,36 @@ def _gib(mem: Mapping[str, Any] | None, key: str = "peak_total_pss_gib") -> str:
     return fmt((mem or {}).get(key), ".2f")
 
 
+_TIMINGS = ("wall_s", "ratio_whole", "steady_round_s", "ratio_steady")
+
+
+def _repeat_note(r: Mapping[str, Any]) -> str:
+    """Each block's ratios, and the plain loops that bracket them (``--repeats``)."""
+    blocks, plains = r["blocks"], r.get("plains", [])
+
+    def series(key: str, ratio: str) -> str:
+        values = figures.block_values(blocks, key, ratio)
+        return ", ".join(fmt(v, ".2f", "x") for v in values) + f" (median {fmt(figures.median(values), '.2f', 'x')})"
+
+    return (
+        f"Repeated in {len(blocks)} blocks, one after another, each of a simulation, a deployment and a deployment"
+        " with the hospitals running, between two runs of the plain loop; each block's ratios are to the mean of"
+        " the plain loops just before and after it, and the federated rows show the median block (the plain rows:"
+        f" the first and the last plain loop).  Simulation steady round {series('simulation', 'ratio_steady')};"
+        f" deployment whole run {series('deployment', 'ratio_whole')}"
+        + (
+            f"; hospitals running whole run {series('deployment_standing', 'ratio_whole')}"
+            if all("deployment_standing" in b for b in blocks)
+            else ""
+        )
+        + ".  Plain loop whole run s: "
+        + ", ".join(fmt(p["wall_s"], ".0f") for p in plains)
+        + "; steady round s: "
+        + ", ".join(fmt(p["steady_round_s"], ".1f") for p in plains)
+        + ".  Peak memory: the largest of the blocks.  Round seconds and where the time goes below: the first block."
+    )
+
+
 def overhead_table(r: Mapping[str, Any]) -> Table:
     plain, sim, dep = r["plain"], r["simulation"], r["deployment"]
     standing = r.get("deployment_standing")  # absent from a bench.json written before it was measured
@@ -76,15 +106,25 @@ def overhead_table(r: Mapping[str, Any]) -> Table:
         )
         for name, run in plains
     ]
-    federated = [("Flower simulation", sim, "steady"), ("loopback deployment (TLS)", dep, "whole")]
+    blocks = r.get("blocks") or []  # absent from a bench.json written before --repeats
+    repeated = len(blocks) > 1
+    federated = [("Flower simulation", "simulation", "steady"), ("loopback deployment (TLS)", "deployment", "whole")]
     if standing is not None:
-        federated.append(("loopback deployment, hospitals running", standing, "whole"))
-    for name, run, target_key in federated:
+        federated.append(("loopback deployment, hospitals running", "deployment_standing", "whole"))
+    for name, key, target_key in federated:
         target = figures.TARGET_SIM_STEADY if target_key == "steady" else figures.TARGET_DEPLOY_WHOLE
+        run = (
+            {
+                **{k: figures.median(figures.block_values(blocks, key, k)) for k in _TIMINGS},
+                "memory": max((b[key]["memory"] for b in blocks), key=lambda m: m.get("peak_total_pss_gib", 0.0)),
+            }
+            if repeated
+            else r[key]
+        )
         value = run["ratio_steady"] if target_key == "steady" else run["ratio_whole"]
         rows.append(
             (
-                name,
+                f"{name}, median of {len(blocks)}" if repeated else name,
                 fmt(run["wall_s"], ".0f"),
                 fmt(run["ratio_whole"], ".2f", "x"),
                 fmt(run["steady_round_s"], ".1f"),
@@ -110,7 +150,9 @@ def overhead_table(r: Mapping[str, Any]) -> Table:
             " each flower-client run was started before, as a hospital keeps it between runs, and had imported"
             " its libraries; the clock runs from flower-server run's start to its exit (the hospitals reconnect,"
             " every message still crosses nginx, TLS and the SuperLink).",
-            (
+            _repeat_note(r)
+            if repeated
+            else (
                 f"Ratios are to the mean of the two plain-loop runs ({fmt(plain['wall_s'], '.0f')} s first,"
                 f" {fmt(again['wall_s'], '.0f')} s last; steady rounds {fmt(plain['steady_round_s'], '.1f')} and"
                 f" {fmt(again['steady_round_s'], '.1f')} s): the same work, so their difference is the machine's"
