@@ -20,6 +20,8 @@ import re
 import time
 from typing import Any
 
+from common.objectpull import PULL_BACKOFF_CAP_S, PULL_BACKOFF_S
+
 log = logging.getLogger("flower-client.approval")
 DIGEST = re.compile(r"[0-9a-f]{64}")
 
@@ -40,8 +42,8 @@ def refusal(fab_content: bytes, approved: str) -> str:
 
 
 # The SuperNode hands out a task while it still downloads the message from the SuperLink; Flower's
-# own pull then retries after 1, 2, 4 ... s (3 s lost on a 43 MiB model on loopback).  Retry sooner.
-PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.5
+# own pull then retries after 1, 2, 4 ... s (3 s lost on a 43 MiB model on loopback).  Retry sooner
+# (common.objectpull: the same for the SuperNode's and the ServerApp's pulls).
 
 
 def pull_task_input(client: Any) -> tuple[Any, Any, Any, Any]:

@@ -17,6 +17,8 @@ While the server is down (between runs, or restarting) the SuperNode retries
 its connection with exponential backoff up to Flower's 20 s, so a hospital
 that stays connected joined a new run up to 20 s late; here the backoff stops
 growing at ``RECONNECT_MAX_S`` (one small connection attempt every 2 s).
+A message's objects still uploading to the SuperLink are asked for again
+after tenths of a second, not Flower's 1 s (``common.objectpull``).
 
 ``python -m client.supernode [--poll-interval S] FLOWER-SUPERNODE-ARGS...``
 (``flower-client run`` starts it).
@@ -29,6 +31,8 @@ import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+
+from common.objectpull import PULL_BACKOFF_S, SUPERNODE_MODULE, prompt_object_pulls
 
 log = logging.getLogger("flower-client.supernode")
 
@@ -119,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if shorten_polling(poll_s):
         log.info("polling the SuperLink every %.2f s (Flower's SuperNode waits 3 s when idle)", poll_s)
+    if prompt_object_pulls(SUPERNODE_MODULE):
+        log.info("retrying a message's objects still uploading after %.2f s (Flower: 1 s, then 2, 4 ...)", PULL_BACKOFF_S)
     if cap_reconnect_backoff():
         log.info("reconnecting at least every %.0f s while the server is down (Flower: up to 20 s)", RECONNECT_MAX_S)
     sys.argv = ["flower-supernode", *rest]

@@ -20,6 +20,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.configfile import load_config
+from common.objectpull import SERVERAPP_MODULE, prompt_object_pulls
 
 from .identity import SiteGate
 from .runner import PlanRunner
@@ -54,6 +55,7 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = Path(str(rc.get("run-dir") or "runs/server"))
     run_dir.mkdir(parents=True, exist_ok=True)
     _progress_logging()
+    prompt_object_pulls(SERVERAPP_MODULE)  # a reply still uploading is fetched tenths of a second later, not 1 s
     enrolment = str(rc.get("enrolment-file") or "")  # absent: open enrolment (simulation, tests)
     gate = SiteGate(Path(enrolment) if enrolment else None)
     runner = PlanRunner(grid, cfg, run_dir, run_id=str(rc.get("run-id") or run_dir.name), gate=gate)
