@@ -156,8 +156,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     root = Path.cwd()
-    for s in cfg.sites:
-        report = validate_site(Path(s.data_dir))
+    for s in cfg.sites:  # the NIfTI reads in threads (zlib and numpy release the GIL), one per allowed CPU
+        report = validate_site(Path(s.data_dir), workers=max(1, args.cpus))
         print(f"  validate {report.summary()}")
     run_dir = Path(args.out).resolve() if args.out else new_run_dir(root / "runs", cfg.name).resolve()
     write_config(run_dir, cfg)
