@@ -29,7 +29,7 @@ class BenchParams:
     plain_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
     scaling_sites: tuple[int, ...] = (3, 6, 12)
     # Overhead: blocks of (plain, simulation, deployment, hospitals running), each bracketed by the
-    # plain loop before and after it; the targets are judged on the median over the blocks.
+    # plain loop before and after it; the targets are judged on the medians over the blocks.
     repeats: int = 1
 
     def to_json(self) -> str:

@@ -156,7 +156,7 @@ def section_overhead(p: BenchParams, work: Path) -> dict[str, Any]:
     # plain loops before and after it: a shared machine's speed drifts (the same plain loop took 92 s at
     # 12:27 and 129-144 s after 15:00 UTC on 2026-12-02, on one machine), and one block's ratio moved by
     # more than the distance to its target between runs (simulation steady round 1.13x and 1.19x twenty
-    # minutes apart, 2026-12-04), so with ``repeats`` > 1 the targets are judged on the median block.
+    # minutes apart, 2026-12-04), so with ``repeats`` > 1 the targets are judged on the medians over the blocks.
     plains: list[dict[str, Any]] = []
     blocks: list[dict[str, Any]] = []
     for i in range(p.repeats):

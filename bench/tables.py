@@ -73,8 +73,8 @@ def _repeat_note(r: Mapping[str, Any]) -> str:
     return (
         f"Repeated in {len(blocks)} blocks, one after another, each of a simulation, a deployment and a deployment"
         " with the hospitals running, between two runs of the plain loop; each block's ratios are to the mean of"
-        " the plain loops just before and after it, and the federated rows show the median block (the plain rows:"
-        f" the first and the last plain loop).  Simulation steady round {series('simulation', 'ratio_steady')};"
+        " the plain loops just before and after it, and each figure of a federated row is its median over the blocks"
+        f" (the plain rows: the first and the last plain loop).  Simulation steady round {series('simulation', 'ratio_steady')};"
         f" deployment whole run {series('deployment', 'ratio_whole')}"
         + (
             f"; hospitals running whole run {series('deployment_standing', 'ratio_whole')}"
