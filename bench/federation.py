@@ -48,7 +48,11 @@ class Experiment:
 
     def config(self, cohort_dir: Path, name: str) -> dict[str, Any]:
         """The experiment YAML (``base: quick``) for the sites of ``cohort_dir``."""
+        from common.configfile import load_config
+
         info = json.loads((cohort_dir / "cohort.json").read_text())
+        # the preset's selection window, inside the bench's rounds (quick's round 3 would refuse --rounds 2)
+        select_from = min(load_config("quick").evaluation.select_from_round, self.rounds)
         return {
             "base": "quick",
             "name": name,
@@ -67,6 +71,7 @@ class Experiment:
                 "radiomics": False,
             },
             "train": {"rounds": self.rounds, "local_epochs": 1, "threads": self.threads},
+            "evaluation": {"select_from_round": select_from},
             "federation": {"transport_dtype": self.transport},
         }
 

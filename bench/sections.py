@@ -2,9 +2,8 @@
 
 ``python -m bench.sections NAME --work DIR --params JSON --out FILE`` runs one
 section and writes its result (plain JSON) to FILE.  Runs that several
-sections need (the 3-site float32 simulation: overhead, communication,
-quality and scaling all read it) are kept in ``DIR/memo`` and done once
-per work folder, so sections can be run alone or together.
+sections need are made once per work folder (``bench.runs``), so sections
+can be run alone or together.
 """
 
 from __future__ import annotations
@@ -25,107 +24,11 @@ from common.config import FederationConfig
 
 from . import figures
 from .cohort import BASE_SITES, CohortRequest, ensure_cohort
-from .federation import REPO, Experiment, prepare_caches, run_deployment, run_plain, run_simulation
+from .federation import REPO, run_deployment, run_plain
 from .params import BenchParams
+from .runs import COHORT_ROOT, RUN_TIMEOUT_S, describe, fed_result, memo, prepared, simulation, timed
 
 log = logging.getLogger("bench")
-
-COHORT_ROOT = REPO / "data" / "bench"
-RUN_TIMEOUT_S = 1200.0  # one federated run; the section's own timeout is the real budget
-
-
-# ---------------------------------------------------------------- shared runs
-
-
-def memo(work: Path, key: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """``fn()``'s result, computed once per work folder (``work/memo/<key>.json``)."""
-    path = work / "memo" / f"{key}.json"
-    if path.is_file():
-        log.info("reusing %s", path)
-        result: dict[str, Any] = json.loads(path.read_text())
-        return result
-    result = fn()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    return result
-
-
-def experiment(p: BenchParams, transport: str = "float32") -> Experiment:
-    return Experiment(
-        rounds=p.rounds, folds_run=p.folds_run, transport=transport, threads=p.site_threads, arch=p.arch
-    )
-
-
-def describe(p: BenchParams, n_sites: int = 3) -> str:
-    return (
-        f"{'DenseNet121' if p.arch == 'densenet121' else 'small DenseNet'} 3D at 32^3, batch 8, {p.rounds} rounds x 1 local epoch, fold 0 of 5"
-        f"{f' and {p.folds_run - 1} more' if p.folds_run > 1 else ''}; synthetic benchmark cohort of "
-        f"{p.patients} patients in {n_sites} sites; {p.site_threads} torch thread(s) per site"
-    )
-
-
-def prepared(p: BenchParams, work: Path, n_sites: int) -> dict[str, Any]:
-    """The cohort of ``n_sites`` sites, its experiment YAMLs and warm per-site caches."""
-
-    def make() -> dict[str, Any]:
-        t0 = time.perf_counter()
-        cohort = ensure_cohort(COHORT_ROOT, CohortRequest(p.patients), n_sites)
-        cohort_s = time.perf_counter() - t0
-        configs = {
-            t: str(
-                experiment(p, t).write(
-                    cohort, work / "configs" / f"sites{n_sites}-{t}.yaml", f"bench-{n_sites}sites-{t}"
-                )
-            )
-            for t in ("float32", "float16")
-        }
-        cache = work / "cache" / f"sites{n_sites}"
-        prep = prepare_caches(Path(configs["float32"]), cache)
-        return {
-            "cohort": str(cohort),
-            "cohort_s": cohort_s,
-            "configs": configs,
-            "cache": str(cache),
-            "preprocess": prep,
-        }
-
-    return memo(work, f"prepare-sites{n_sites}", make)
-
-
-def _fed_result(run: dict[str, Any]) -> dict[str, Any]:
-    """What the sections read from a federated run (the summary itself stays in its run folder)."""
-    s = run["summary"]
-    return {
-        "wall_s": run["wall_s"],
-        "memory": run["memory"],
-        "run_dir": run["run_dir"],
-        "plan_s": s.get("wall_seconds"),
-        "round_s": figures.round_seconds(s),
-        "communication": s.get("communication", {}),
-        "auc": figures.pooled_auc(s),
-        "sites": s.get("sites", {}),
-    }
-
-
-def simulation(
-    p: BenchParams, work: Path, n_sites: int = 3, transport: str = "float32", suffix: str = ""
-) -> dict[str, Any]:
-    """One simulation run of the experiment; ``suffix`` names a repeat (its own run folder and memo)."""
-    prep = prepared(p, work, n_sites)
-    name = f"sim-sites{n_sites}-{transport}{suffix}"
-
-    def make() -> dict[str, Any]:
-        return _fed_result(
-            run_simulation(Path(prep["configs"][transport]), Path(prep["cache"]), work / "runs" / name, RUN_TIMEOUT_S)
-        )
-
-    return memo(work, name, make)
-
-
-def _timed(run: dict[str, Any]) -> dict[str, Any]:
-    rs = run["round_s"]
-    return {**run, "steady_round_s": figures.steady_mean(rs)}
-
 
 # ---------------------------------------------------------------- sections
 
@@ -149,7 +52,7 @@ def section_overhead(p: BenchParams, work: Path) -> dict[str, Any]:
 
     def deploy(standing: bool, suffix: str) -> Callable[[], dict[str, Any]]:
         name = f"deploy-{'standing-' if standing else ''}sites3-{transport}{suffix}"
-        return lambda: _fed_result(run_deployment(cfg, cache, work / "runs" / name, RUN_TIMEOUT_S, standing=standing))
+        return lambda: fed_result(run_deployment(cfg, cache, work / "runs" / name, RUN_TIMEOUT_S, standing=standing))
 
     # Block i runs the plain loop, the simulation, the deployment and the deployment as hospitals run it;
     # the plain loop runs once more after the last block, and each block's ratios use the mean of the
@@ -161,17 +64,17 @@ def section_overhead(p: BenchParams, work: Path) -> dict[str, Any]:
     blocks: list[dict[str, Any]] = []
     for i in range(p.repeats):
         suffix = f"-r{i}" if i else ""  # the first block keeps the names the other sections share
-        plains.append(_timed(memo(work, f"plain{suffix}", plain)))
+        plains.append(timed(memo(work, f"plain{suffix}", plain)))
         blocks.append(
             {
-                "simulation": _timed(simulation(p, work, 3, transport, suffix)),
-                "deployment": _timed(memo(work, f"deploy-sites3-{transport}{suffix}", deploy(False, suffix))),
-                "deployment_standing": _timed(
+                "simulation": timed(simulation(p, work, 3, transport, suffix)),
+                "deployment": timed(memo(work, f"deploy-sites3-{transport}{suffix}", deploy(False, suffix))),
+                "deployment_standing": timed(
                     memo(work, f"deploy-standing-sites3-{transport}{suffix}", deploy(True, suffix))
                 ),
             }
         )
-    plains.append(_timed(memo(work, "plain-again", plain)))
+    plains.append(timed(memo(work, "plain-again", plain)))
     for i, block in enumerate(blocks):
         reference = figures.bracketed(plains[i], plains[i + 1])
         for run in block.values():
@@ -425,7 +328,7 @@ def section_scaling(p: BenchParams, work: Path) -> dict[str, Any]:
     for n in p.scaling_sites:
         if BASE_SITES % n:
             raise ValueError(f"scaling: {n} sites does not divide the {BASE_SITES} generated sites")
-        run = _timed(simulation(p, work, n, "float32"))
+        run = timed(simulation(p, work, n, "float32"))
         rows[str(n)] = {k: run[k] for k in ("wall_s", "plan_s", "round_s", "steady_round_s", "memory")}
     return {"experiment": describe(p, 0).replace(" in 0 sites", ""), "sites": rows}
 

@@ -369,7 +369,7 @@ def test_repeated_overhead_blocks_are_each_bracketed_by_their_own_plain_loops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The orchestration and arithmetic of ``--repeats`` (the runs' launchers are replaced: each is tested live elsewhere)."""
-    from bench import sections
+    from bench import runs, sections
 
     calls: list[str] = []
     plain_walls = iter([20.0, 30.0, 40.0])  # block 1 between 20 and 30 s, block 2 between 30 and 40 s
@@ -385,17 +385,17 @@ def test_repeated_overhead_blocks_are_each_bracketed_by_their_own_plain_loops(
         return {"wall_s": wall, "memory": {}, "models": {"densenet3d": {"round_seconds": [9.0, wall / 10, wall / 10]}}, "import_s": 3.0, "threads": threads}
 
     sims = iter([(50.0, 3.0), (75.0, 3.0)])
-    monkeypatch.setattr(
-        sections,
-        "prepared",
-        lambda p, work, n: {
+    def prepared(p: BenchParams, work: Path, n: int) -> dict[str, object]:
+        return {
             "configs": {"float16": "c16.yaml", "float32": "c32.yaml"},
             "cache": "cache",
             "preprocess": {"sites": {"site01": {"seconds": 6.0, "patients": 100, "cold": True, "warm_load_s": 0.05}}},
-        },
-    )
+        }
+
+    for module in (runs, sections):  # the section's own call, and the shared simulation's
+        monkeypatch.setattr(module, "prepared", prepared)
     monkeypatch.setattr(sections, "run_plain", plain)
-    monkeypatch.setattr(sections, "run_simulation", lambda cfg, cache, run_dir, t: fed(Path(run_dir).name, *next(sims)))
+    monkeypatch.setattr(runs, "run_simulation", lambda cfg, cache, run_dir, t: fed(Path(run_dir).name, *next(sims)))
     monkeypatch.setattr(
         sections, "run_deployment", lambda cfg, cache, run_dir, t, standing: fed(Path(run_dir).name, 100.0, 6.0)
     )
@@ -428,3 +428,14 @@ def test_repeated_overhead_blocks_are_each_bracketed_by_their_own_plain_loops(
     assert sim_row[6] == "7.50"  # the larger peak of the two blocks
     note = next(n for n in t.notes if n.startswith("Repeated in 2 blocks"))
     assert "Simulation steady round 1.20x, 0.86x (median 1.03x)" in note and "Plain loop whole run s: 20, 30, 40" in note
+
+
+@pytest.mark.parametrize(("rounds", "select_from"), [(2, 2), (3, 3), (5, 3)])
+def test_the_experiment_config_loads_at_any_round_count(tmp_path: Path, rounds: int, select_from: int) -> None:
+    """``--rounds 2`` (the README's quick try) was refused: the quick preset selects from round 3."""
+    from bench.federation import Experiment
+
+    (tmp_path / "cohort.json").write_text(json.dumps({"scale": 0.0, "seed": 0, "sites": {"site01": "site01"}}))
+    cfg = load_config(Experiment(rounds=rounds).write(tmp_path, tmp_path / "exp.yaml", "bench-x"))
+    assert cfg.train.rounds == rounds and cfg.for_model("densenet3d").train.rounds == rounds
+    assert cfg.for_model("densenet3d").evaluation.select_from_round == select_from
