@@ -6,7 +6,7 @@ aggregation (``server.aggregation``) as ``client.site`` and the strategy, but no
 messages, no process per site: for each round every site trains its
 local epochs from the global weights in turn, the weighted mean becomes the
 new global model, and every site's validation patients are scored with it
-(rounds that compete for selection, ``common.rounds.validated_round``);
+(rounds that compete for selection, ``common.config.validated_round``);
 after the last round the best round (pooled validation AUC) predicts each
 site's test patients.  Run as ``python -m bench.plain SPEC_JSON`` so its
 wall time includes its own interpreter start and imports, as a user's
@@ -25,13 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from common.config import validated_round
 from common.configfile import load_config
 from common.dataset import preprocess_site
 from common.engine import predict, seed_everything, set_threads
 from common.metrics import binary_metrics
 from common.models import build_model
 from common.records import ModelCodec
-from common.rounds import local_round, validated_round
+from common.rounds import local_round
 from common.splits import fivefold
 from server.aggregation import weighted_mean
 

@@ -472,3 +472,15 @@ def with_sites(cfg: ExperimentConfig, sites: tuple[SiteConfig, ...]) -> Experime
             role = "external"
         resolved.append(dataclasses.replace(s, role=role))
     return dataclasses.replace(cfg, sites=tuple(resolved))
+
+
+def validated_round(cfg: ExperimentConfig, rnd: int) -> bool:
+    """Whether round ``rnd``'s model is validated (and, with BatchNorm, recalibrated for it).
+
+    Only rounds that compete for selection (``evaluation.select_from_round``)
+    are: an earlier round's validation AUC is never used, so its validation
+    pass and its recalibration pass are skipped.  The last round always
+    competes (``select_from_round <= rounds``).  Here, not in ``common.rounds``,
+    because the server decides it too and imports no training code.
+    """
+    return rnd >= cfg.evaluation.select_from_round

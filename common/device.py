@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -220,23 +220,3 @@ def placed(
             model.to(home)
         else:
             model.to(home, memory_format=torch.contiguous_format)  # type: ignore[call-overload]
-
-
-REPORTED_KEYS = ("device", "name", "amp", "augment_on", "layout")
-MAX_REPORTED_CHARS = 80
-
-
-def reported(record: Mapping[str, object]) -> dict[str, str]:
-    """A site's :meth:`Runtime.describe` as the server keeps it (another party's input: trust nothing).
-
-    Only the known keys, only strings, printable characters, at most
-    ``MAX_REPORTED_CHARS`` each; anything else is dropped.
-    """
-    out: dict[str, str] = {}
-    for k in REPORTED_KEYS:
-        v = record.get(k)
-        if isinstance(v, str):
-            clean = "".join(c for c in v if c.isprintable())[:MAX_REPORTED_CHARS]
-            if clean:
-                out[k] = clean
-    return out

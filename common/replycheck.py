@@ -25,7 +25,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 __all__ = [
+    "MAX_REPORTED_CHARS",
     "MAX_SITE_PATIENTS",
+    "REPORTED_KEYS",
     "ReplyLimits",
     "ReplyRejected",
     "check_delong_sums",
@@ -35,6 +37,7 @@ __all__ = [
     "check_params",
     "check_site_info",
     "histogram_groups",
+    "reported",
 ]
 
 MAX_SITE_PATIENTS = 1_000_000
@@ -275,3 +278,24 @@ def check_delong_sums(
         )
         per.setdefault(int(idx), {})[field] = x
     return per
+
+
+# A site's training device (common.device.Runtime.describe), as the server keeps it.
+REPORTED_KEYS = ("device", "name", "amp", "augment_on", "layout")
+MAX_REPORTED_CHARS = 80
+
+
+def reported(record: Mapping[str, object]) -> dict[str, str]:
+    """A site's :meth:`Runtime.describe` as the server keeps it (another party's input: trust nothing).
+
+    Only the known keys, only strings, printable characters, at most
+    ``MAX_REPORTED_CHARS`` each; anything else is dropped.
+    """
+    out: dict[str, str] = {}
+    for k in REPORTED_KEYS:
+        v = record.get(k)
+        if isinstance(v, str):
+            clean = "".join(c for c in v if c.isprintable())[:MAX_REPORTED_CHARS]
+            if clean:
+                out[k] = clean
+    return out

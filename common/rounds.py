@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .config import ExperimentConfig
+from .config import ExperimentConfig, validated_round
 from .engine import Schedule, TrainResult, train
 from .models import ModelKind
 from .sitearrays import SiteArrays
@@ -24,17 +24,6 @@ def round_seed(seed: int, fold: int, rnd: int) -> int:
 def round_schedule(rnd: int, local_epochs: int, total_rounds: int) -> Schedule:
     """Round ``rnd``'s place in the whole run's learning-rate schedule (epochs across rounds)."""
     return Schedule(start_epoch=(rnd - 1) * local_epochs, total_epochs=total_rounds * local_epochs)
-
-
-def validated_round(cfg: ExperimentConfig, rnd: int) -> bool:
-    """Whether round ``rnd``'s model is validated (and, with BatchNorm, recalibrated for it).
-
-    Only rounds that compete for selection (``evaluation.select_from_round``)
-    are: an earlier round's validation AUC is never used, so its validation
-    pass and its recalibration pass are skipped.  The last round always
-    competes (``select_from_round <= rounds``).
-    """
-    return rnd >= cfg.evaluation.select_from_round
 
 
 def local_round(

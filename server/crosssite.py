@@ -22,14 +22,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from common.clinical import auc_ci
-from common.config import ExperimentConfig
+from common.config import ExperimentConfig, validated_round
 from common.gridstats import ClassHistogram, auc
-from common.models import ModelKind
 from common.protocol import (
     CROSSSITE,
     EVALUATE,
@@ -41,12 +40,14 @@ from common.protocol import (
     TrainRequest,
 )
 from common.replycheck import check_params
-from common.rounds import validated_round
 
 from .checkpoints import CheckpointStore
 from .messenger import Messenger
 from .registry import SiteRegistry
 from .training import FoldTrainer
+
+if TYPE_CHECKING:  # a name for annotations only: importing common.models would load torch and MONAI
+    from common.models import ModelKind
 
 log = logging.getLogger(__name__)
 

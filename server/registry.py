@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from common.config import ExperimentConfig, SiteConfig, with_sites
-from common.device import reported
 from common.protocol import ROLE_TRAIN, SITEINFO, Empty, SiteInfoReply
+from common.replycheck import reported
 
 from .identity import SiteGate
 

@@ -15,12 +15,11 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.serverapp import Grid
 
 from common.config import ExperimentConfig, to_dict
-from common.models import ModelKind
 from common.protocol import ROLE_EXTERNAL, ROLE_TRAIN, Header
 from common.readerstudy import MRMC_PREFIX
 
@@ -37,6 +36,9 @@ from .registry import SiteNode, SiteRegistry
 from .strategy import FederationError
 from .summary import SummaryWriter
 from .training import FoldTrainer
+
+if TYPE_CHECKING:  # a name for annotations only: importing common.models would load torch and MONAI
+    from common.models import ModelKind
 
 log = logging.getLogger(__name__)
 

@@ -58,7 +58,7 @@ class FoldSession:
     # global round -> its pooled validation histogram (None: no usable statistics); the plan pops them
     validated: dict[int, dict[str, Any] | None] = field(default_factory=dict)
     validate_first: bool = False  # round 1's train message validates its starting model (resume)
-    validate_from: int = 1  # the first round whose model is validated (common.rounds.validated_round)
+    validate_from: int = 1  # the first round whose model is validated (common.config.validated_round)
     refresh: Callable[[], dict[int, str]] | None = None  # the training nodes now (sites may rejoin)
     check: Callable[[MessageSpec, Any, str], None] | None = None  # the messenger's reply validators (spec, body, site)
 

@@ -22,16 +22,14 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
-from common.config import ExperimentConfig
-from common.engine import seed_everything
+from common.config import ExperimentConfig, validated_round
 from common.foldcalibration import fit_platt
 from common.gridstats import ClassHistogram
-from common.models import ModelKind, build_model
 from common.protocol import (
     PREDICT,
     ROLE_TRAIN,
@@ -39,7 +37,6 @@ from common.protocol import (
     PredictRequest,
 )
 from common.records import ModelCodec, weights_from_record, weights_record
-from common.rounds import validated_round
 
 from .checkpoints import CheckpointStore
 from .foldguard import GUARD_KEY, selection_problem
@@ -49,6 +46,9 @@ from .registry import SiteRegistry
 from .session import FoldSession, RoundLog
 from .strategies import make_strategy
 from .strategy import FederationError
+
+if TYPE_CHECKING:  # a name for annotations only: importing common.models would load torch and MONAI
+    from common.models import ModelKind
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,14 @@ class FoldTrainer:
         self.participation: dict[str, list[dict[str, Any]]] = {}
 
     def initial_vector(self, kind: ModelKind) -> np.ndarray:
-        """The round-0 global model: the factory's initialisation under the run's seed."""
+        """The round-0 global model: the factory's initialisation under the run's seed.
+
+        The one place the server needs torch and MONAI, imported here: the rest of the
+        ServerApp (messages, aggregation, statistics) is numpy, so it starts without them.
+        """
+        from common.engine import seed_everything
+        from common.models import build_model
+
         seed_everything(self.cfg.train.seed)
         model = build_model(
             kind, getattr(self.cfg.models, kind), mask_channel=self.cfg.preprocess.mask_channel

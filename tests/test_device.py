@@ -309,7 +309,7 @@ def test_simulated_sites_of_a_round_run_at_once_up_to_twice_the_cores() -> None:
 
 
 def test_a_sites_device_report_is_cleaned_and_shown_in_the_report_header() -> None:
-    from common.device import MAX_REPORTED_CHARS, reported
+    from common.replycheck import MAX_REPORTED_CHARS, reported
     from common.report import _devices
 
     hostile = {
