@@ -12,9 +12,7 @@ listed there join as training sites unless the plan says otherwise.
 
 from __future__ import annotations
 
-import importlib
 import logging
-import threading
 from pathlib import Path
 from typing import cast
 
@@ -49,21 +47,6 @@ def _progress_logging() -> None:
             logger.propagate = False
 
 
-def _preload_model_factory() -> None:
-    """Import what the first fold's initial model needs (torch, MONAI) while the sites are asked who they are.
-
-    The ServerApp's own modules are numpy (``import server.app`` loads no torch); only
-    ``FoldTrainer.initial_vector`` builds a network.  Imported here in a thread, the
-    2-3 s of imports overlap site discovery instead of following it; the first fold's
-    own import waits for this one if it is not done (Python's import lock).
-    """
-    try:
-        importlib.import_module("common.models")
-        importlib.import_module("common.engine")
-    except Exception:  # the fold's own import will raise it where it is handled
-        log.debug("preloading the model factory failed", exc_info=True)
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured plan; any failure propagates so the run is marked failed."""
@@ -75,7 +58,6 @@ def main(grid: Grid, context: Context) -> None:
     prompt_object_pulls(SERVERAPP_MODULE)  # a reply still uploading is fetched tenths of a second later, not 1 s
     enrolment = str(rc.get("enrolment-file") or "")  # absent: open enrolment (simulation, tests)
     gate = SiteGate(Path(enrolment) if enrolment else None)
-    threading.Thread(target=_preload_model_factory, name="preload-model-factory", daemon=True).start()
     runner = PlanRunner(grid, cfg, run_dir, run_id=str(rc.get("run-id") or run_dir.name), gate=gate)
     expected = int(cast(int, rc.get("expected-sites", 0))) or len(cfg.sites) or 1
     runner.run(expected_sites=expected, wait_s=float(cast(float, rc.get("discovery-timeout", 120.0))))

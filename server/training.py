@@ -84,6 +84,10 @@ class FoldTrainer:
 
         The one place the server needs torch and MONAI, imported here: the rest of the
         ServerApp (messages, aggregation, statistics) is numpy, so it starts without them.
+        Not imported in a thread meanwhile: in a simulation the ClientApp imports torch
+        in another thread of the same process, and two concurrent first imports of torch
+        failed ("partially initialized module"); by the first fold the sites have
+        answered, so the ClientApp's import is done.
         """
         from common.engine import seed_everything
         from common.models import build_model
