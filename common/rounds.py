@@ -3,7 +3,8 @@
 The ClientApp (``client.site``) and the plain-loop baseline (``bench.plain``)
 both train through :func:`local_round`, so the seed formula, the
 learning-rate schedule across rounds and which rounds are validated
-(``common.config.validated_round``, which the server reads too) exist once: a change here changes the federated run and its baseline alike.
+(``common.config.validated_round``, which the server reads too) exist
+once: a change here changes the federated run and its baseline alike.
 """
 
 from __future__ import annotations
