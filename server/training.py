@@ -82,8 +82,9 @@ class FoldTrainer:
     def initial_vector(self, kind: ModelKind) -> np.ndarray:
         """The round-0 global model: the factory's initialisation under the run's seed.
 
-        The one place the server needs torch and MONAI, imported here: the rest of the
-        ServerApp (messages, aggregation, statistics) is numpy, so it starts without them.
+        Where the ServerApp first needs torch and MONAI, so they are imported here (after it:
+        the TensorBoard writer, the summary's environment record); its messages, aggregation
+        and statistics are numpy, so it starts without them.
         Not imported in a thread meanwhile: in a simulation the ClientApp imports torch
         in another thread of the same process, and two concurrent first imports of torch
         failed ("partially initialized module"); by the first fold the sites have

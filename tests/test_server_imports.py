@@ -1,8 +1,9 @@
 """The ServerApp orchestrates with numpy: importing it loads no deep-learning stack.
 
 ``flwr-serverapp`` imports ``server.app`` before the plan's first message; torch,
-MONAI and Opacus took 2.6 of its 4.5 s there (Intel Xeon, 2026-12-04).  Only the
-initial model needs torch and MONAI, imported where it is built.
+MONAI and Opacus took 2.6 of its 4.5 s there (Intel Xeon, 2026-12-04).  The first
+fold's initial model is where the server first needs torch and MONAI; they are
+imported there.
 """
 
 from __future__ import annotations
