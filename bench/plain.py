@@ -28,13 +28,14 @@ import numpy as np
 from common.config import validated_round
 from common.configfile import load_config
 from common.dataset import preprocess_site
-from common.engine import predict, seed_everything, set_threads
+from common.engine import predict, set_threads
 from common.metrics import binary_metrics
 from common.models import build_model
 from common.records import ModelCodec
 from common.rounds import local_round
 from common.splits import fivefold
 from server.aggregation import weighted_mean
+from server.training import initial_vector
 
 
 def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> dict[str, Any]:
@@ -61,10 +62,9 @@ def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> d
         mcfg = cfg.for_model(kind)  # the network's rounds and selection window, as FoldTrainer reads them
         total = mcfg.train.rounds
         for fold in cfg.active_folds:
-            seed_everything(cfg.train.seed)
+            global_vec = initial_vector(cfg, kind)  # the federation's round-0 model, from the same function
             model = build_model(kind, getattr(cfg.models, kind), mask_channel=cfg.preprocess.mask_channel)
             codec = ModelCodec.for_state_dict(model.state_dict())
-            global_vec = codec.pack(model.state_dict())
             history: list[dict[str, Any]] = []
             opt_states: dict[int, Any] = {}  # each site's optimiser between rounds (client.optimstore)
             for rnd in range(1, total + 1):

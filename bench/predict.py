@@ -32,13 +32,11 @@ BIN = Path(sys.executable).parent
 
 def timing_run(run_dir: Path) -> Path:
     """A run folder with the quick preset's fold models at initialisation and equal ensemble weights."""
-    from common.config import to_dict
+    from common.config import NETWORKS, to_dict
     from common.configfile import load_config
-    from common.engine import seed_everything
     from common.ensemble import ENSEMBLES
-    from common.models import build_model
-    from common.records import ModelCodec
     from server.checkpoints import CheckpointStore
+    from server.training import initial_vector
 
     cfg = load_config("quick")
     if run_dir.exists():
@@ -46,12 +44,8 @@ def timing_run(run_dir: Path) -> Path:
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     store = CheckpointStore(run_dir / "checkpoints", cfg.digest())
-    for kind in ("densenet3d", "densenet2d"):
-        seed_everything(cfg.train.seed)
-        state = build_model(
-            kind, getattr(cfg.models, kind), mask_channel=cfg.preprocess.mask_channel
-        ).state_dict()  # type: ignore[arg-type]
-        vector = ModelCodec.for_state_dict(state).pack(state)
+    for kind in NETWORKS:
+        vector = initial_vector(cfg, kind)
         for fold in cfg.active_folds:
             store.save(kind, fold, 1, vector, {"val_auc": None})
             store.select_best(kind, fold)

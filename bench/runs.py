@@ -1,9 +1,9 @@
 """The federated runs the benchmark's sections share, each made once per work folder.
 
-A run's result is kept in ``DIR/memo/<name>.json`` (``memo``), so the
-3-site float32 simulation that overhead, communication, quality and scaling
-all read is trained once, and a section run again with the same ``--work``
-reuses what is done.
+A run's result is kept in ``DIR/memo/<name>.json`` (``memo``), so a run that
+several sections read is trained once (the 3-site float16 simulation: overhead
+and communication; the float32 one: communication, quality and scaling), and a
+section run again with the same ``--work`` reuses what is done.
 """
 
 from __future__ import annotations

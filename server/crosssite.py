@@ -44,7 +44,7 @@ from common.replycheck import check_params
 from .checkpoints import CheckpointStore
 from .messenger import Messenger
 from .registry import SiteRegistry
-from .training import FoldTrainer
+from .training import FoldTrainer, initial_vector
 
 if TYPE_CHECKING:  # a name for annotations only: importing common.models would load torch and MONAI
     from common.models import ModelKind
@@ -100,7 +100,7 @@ class CrossSiteEvaluation:
         """Rounds at one site only; the vector of its best validation round (None if the site never answered)."""
         total = self.cfg.for_model(kind).train.rounds
         dtype = self.cfg.federation.transport_dtype
-        vec = self.trainer.initial_vector(kind)
+        vec = initial_vector(self.cfg, kind)
         size = vec.size
         messenger = self._local_messenger(site)
         best: tuple[float, np.ndarray] | None = None

@@ -58,6 +58,26 @@ PLATT_KEY = "platt"
 """Key of a checkpoint's (and a selection's) per-fold calibration ``[a, b]`` (server-side bookkeeping)."""
 
 
+def initial_vector(cfg: ExperimentConfig, kind: ModelKind) -> np.ndarray:
+    """The round-0 global model: the factory's initialisation under the run's seed, as sent.
+
+    The plan's folds and the bench's plain loop start from it.  Where the ServerApp first
+    needs torch and MONAI, so they are imported here (after it: the TensorBoard writer,
+    the summary's environment record); its messages, aggregation and statistics are
+    numpy, so it starts without them.  Not imported in a thread meanwhile: in a
+    simulation the ClientApp imports torch in another thread of the same process, and
+    two concurrent first imports of torch failed ("partially initialized module"); by
+    the first fold the sites have answered, so the ClientApp's import is done.
+    """
+    from common.engine import seed_everything
+    from common.models import build_model
+
+    seed_everything(cfg.train.seed)
+    model = build_model(kind, getattr(cfg.models, kind), mask_channel=cfg.preprocess.mask_channel)
+    codec = ModelCodec.for_state_dict(model.state_dict(), exclude_norm=cfg.federation.strategy == "fedbn")
+    return codec.pack(model.state_dict())
+
+
 class FoldTrainer:
     """Trains and predicts fold models; keeps who took part in every round."""
 
@@ -78,29 +98,6 @@ class FoldTrainer:
             str, int
         ] = {}  # "<model>/fold<k>" -> rounds taken from an earlier process's checkpoints
         self.participation: dict[str, list[dict[str, Any]]] = {}
-
-    def initial_vector(self, kind: ModelKind) -> np.ndarray:
-        """The round-0 global model: the factory's initialisation under the run's seed.
-
-        Where the ServerApp first needs torch and MONAI, so they are imported here (after it:
-        the TensorBoard writer, the summary's environment record); its messages, aggregation
-        and statistics are numpy, so it starts without them.
-        Not imported in a thread meanwhile: in a simulation the ClientApp imports torch
-        in another thread of the same process, and two concurrent first imports of torch
-        failed ("partially initialized module"); by the first fold the sites have
-        answered, so the ClientApp's import is done.
-        """
-        from common.engine import seed_everything
-        from common.models import build_model
-
-        seed_everything(self.cfg.train.seed)
-        model = build_model(
-            kind, getattr(self.cfg.models, kind), mask_channel=self.cfg.preprocess.mask_channel
-        )
-        codec = ModelCodec.for_state_dict(
-            model.state_dict(), exclude_norm=self.cfg.federation.strategy == "fedbn"
-        )
-        return codec.pack(model.state_dict())
 
     def session(self, kind: ModelKind, fold: int, offset: int) -> FoldSession:
         """What the strategy needs to know about this fold (rounds before ``offset`` are done)."""
@@ -133,7 +130,7 @@ class FoldTrainer:
             self._restore_round_logs(kind, fold)
             return self._annotated(kind, fold, done)
         last = self.ckpt.last_round(kind, fold)
-        start_vec = self.ckpt.load(kind, fold, last) if last else self.initial_vector(kind)
+        start_vec = self.ckpt.load(kind, fold, last) if last else initial_vector(self.cfg, kind)
         if last:
             log.info(
                 "%s fold %d: resuming after round %d of %d (earlier rounds not retrained)",

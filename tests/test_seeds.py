@@ -14,7 +14,7 @@ import pytest
 from common import rounds
 from common.config import ExperimentConfig
 from common.configfile import load_config
-from server.training import FoldTrainer
+from server.training import initial_vector
 
 
 def _cfg(seed: int, train_seed: int) -> ExperimentConfig:
@@ -36,8 +36,7 @@ def test_each_round_trains_under_train_seed_not_the_split_seed(monkeypatch: pyte
 
 def test_the_initial_global_model_follows_train_seed_only() -> None:
     def initial(seed: int, train_seed: int) -> np.ndarray:
-        trainer = FoldTrainer(_cfg(seed, train_seed), None, None, None)  # type: ignore[arg-type]
-        return trainer.initial_vector("densenet3d")
+        return initial_vector(_cfg(seed, train_seed), "densenet3d")
 
     base = initial(0, 0)
     assert np.array_equal(initial(3, 0), base)

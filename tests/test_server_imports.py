@@ -30,12 +30,10 @@ def test_the_initial_model_is_still_the_factorys_under_the_runs_seed() -> None:
     from common.engine import seed_everything
     from common.models import build_model
     from common.records import ModelCodec
-    from server.training import FoldTrainer
+    from server.training import initial_vector
 
     cfg = load_config("tiny")
-    phase = FoldTrainer.__new__(FoldTrainer)  # initial_vector reads the config only
-    phase.cfg = cfg
-    got = phase.initial_vector("densenet3d")
+    got = initial_vector(cfg, "densenet3d")
     seed_everything(cfg.train.seed)
     model = build_model("densenet3d", cfg.models.densenet3d, mask_channel=cfg.preprocess.mask_channel)
     want = ModelCodec.for_state_dict(model.state_dict()).pack(model.state_dict())
