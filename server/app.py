@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.configfile import load_config
 from common.objectpull import SERVERAPP_MODULE, prompt_object_pulls
 
+from .exitflush import prompt_exit_flush
 from .identity import SiteGate
 from .runner import PlanRunner
 
@@ -56,6 +57,7 @@ def main(grid: Grid, context: Context) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     _progress_logging()
     prompt_object_pulls(SERVERAPP_MODULE)  # a reply still uploading is fetched tenths of a second later, not 1 s
+    prompt_exit_flush()  # the run is marked finished 0.2 s after its last log line, not 1 s
     enrolment = str(rc.get("enrolment-file") or "")  # absent: open enrolment (simulation, tests)
     gate = SiteGate(Path(enrolment) if enrolment else None)
     runner = PlanRunner(grid, cfg, run_dir, run_id=str(rc.get("run-id") or run_dir.name), gate=gate)

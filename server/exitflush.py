@@ -1,0 +1,67 @@
+"""The ServerApp's exit without Flower's fixed one-second wait after its last log upload.
+
+As a Flower 1.42 ServerApp runtime exits (``flwr-serverapp`` in a deployment,
+``flwr-simulation`` in a simulation) it calls ``flush_logs``: that waits until
+the log uploader has taken every queued line, then sleeps 1 s more "to allow
+the PushLogs call to complete", and only then pushes the task's output, which
+is what marks the run finished.  The upload is one request to the SuperLink
+on the coordinating site's own machine (milliseconds), so every run ended a
+second after its summary was written (docs/benchmarks.md).  Here the same
+wait for the queue, then ``SETTLE_S``, the uploader's own interval between
+uploads (it takes the queued lines and pushes them within it).  A push slower
+than that still completes: the runtime stops the uploader and joins it (up to
+3 s) after pushing the output; its lines then reach the SuperLink after the
+run is marked finished and may be missing from ``flwr run``'s log stream
+(``flower.log``), never from the run folder's summary or progress log.
+Version-gated like ``common.objectpull``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from queue import Queue
+
+log = logging.getLogger(__name__)
+
+CHECKED_FLWR = ("1.42.",)  # versions whose runtimes' exit handlers were read
+RUNTIME_MODULES = ("flwr.superlink.runtime.run_serverapp", "flwr.simulation.app")
+SETTLE_S = 0.2  # flwr.common.constant.LOG_UPLOAD_INTERVAL in the checked versions
+POLL_S = 0.02
+
+
+def prompt_flush(log_queue: Queue[str | None], timeout: float = 3.0) -> bool:
+    """Flower's ``flush_logs`` with ``SETTLE_S`` instead of 1 s after the queue empties; False on timeout."""
+    deadline = time.monotonic() + timeout
+    while not log_queue.empty():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_S)
+    time.sleep(max(0.0, min(SETTLE_S, deadline - time.monotonic())))
+    return True
+
+
+def prompt_exit_flush() -> list[str]:
+    """Give the runtime modules loaded in this process ``prompt_flush``; the modules changed.
+
+    Only modules already imported are touched (the one running this ServerApp),
+    so a deployment never imports the simulation's runtime or the reverse.
+    """
+    import flwr
+    from flwr.supercore.logger import flush_logs
+
+    changed: list[str] = []
+    for name in RUNTIME_MODULES:
+        module = sys.modules.get(name)
+        if module is None:
+            continue
+        current = getattr(module, "flush_logs", None)
+        if current is prompt_flush:
+            changed.append(name)
+        elif flwr.__version__.startswith(CHECKED_FLWR) and current is flush_logs:
+            module.flush_logs = prompt_flush  # type: ignore[attr-defined]
+            changed.append(name)
+        else:
+            log.warning("flwr %s: %s's exit flush was not checked; left with Flower's 1 s wait", flwr.__version__, name)
+    return changed
