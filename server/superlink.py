@@ -24,6 +24,11 @@ from common.processes import flower_env, free_port, port_open, terminate_group
 
 log = logging.getLogger(__name__)
 
+TASK_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # read by the SuperExec the SuperLink spawns
+TASK_POLL_S = 0.25
+"""How often the SuperLink's SuperExec asks for a run to start: Flower's default 1 s started the
+ServerApp 0.5 s late on average; four small local requests a second cost next to nothing."""
+
 __all__ = ["SuperLinkError", "SuperLinkSpec", "TLSFiles", "flower_env", "flwr_run", "free_port", "local_spec", "superlink", "terminate_group", "write_connection"]
 
 
@@ -107,9 +112,9 @@ def superlink(spec: SuperLinkSpec, flwr_home: Path, start_timeout_s: float = 60.
     flwr_home.mkdir(parents=True, exist_ok=True)
     log_file = flwr_home / "superlink.log"
     out = (flwr_home / "superlink.stdout").open("wb")
-    proc = subprocess.Popen(
-        spec.command(log_file), env=flower_env(flwr_home), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    env = flower_env(flwr_home)
+    env.setdefault(TASK_POLL_ENV, str(TASK_POLL_S))
+    proc = subprocess.Popen(spec.command(log_file), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + start_timeout_s
         while not port_open(spec.host, spec.port):
@@ -117,7 +122,7 @@ def superlink(spec: SuperLinkSpec, flwr_home: Path, start_timeout_s: float = 60.
                 raise SuperLinkError(f"flower-superlink exited with code {proc.returncode}; see {flwr_home / 'superlink.stdout'}")
             if time.monotonic() > deadline:
                 raise SuperLinkError(f"flower-superlink did not open {spec.address} within {start_timeout_s:.0f} s")
-            time.sleep(0.3)
+            time.sleep(0.05)
         log.info("SuperLink up on %s", spec.address)
         yield proc
     finally:
