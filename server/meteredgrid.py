@@ -48,7 +48,7 @@ def next_poll_interval(current: float, replied: bool, floor: float, ceiling: flo
 class MeteredGrid(Grid):
     """Delegating Grid that tallies payload bytes per destination/source node and message type."""
 
-    def __init__(self, inner: Grid, poll_interval_s: float = 0.2, max_poll_interval_s: float = 1.0) -> None:
+    def __init__(self, inner: Grid, poll_interval_s: float = 0.05, max_poll_interval_s: float = 0.5) -> None:
         self.inner = inner
         self.poll_interval_s = poll_interval_s
         self.max_poll_interval_s = max_poll_interval_s

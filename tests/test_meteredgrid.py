@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 
 import pytest
@@ -53,3 +54,19 @@ def test_send_and_receive_polls_fast_after_each_reply_and_slower_between(monkeyp
     assert sorted(m.metadata.reply_to_message_id for m in replies) == ["id0", "id1"]
     assert inner.pulls == 6  # stops at the last reply
     assert [round(w, 4) for w in waits] == [0.3, 0.45, 0.675, 0.2, 0.3]
+
+
+def test_the_default_polls_see_a_short_exchanges_reply_within_a_quarter_second() -> None:
+    """The plan's evaluation exchanges take about 0.5 s at a site; training rounds seconds."""
+    grid = MeteredGrid(_ScriptedGrid([]))
+    w, t, polls = grid.poll_interval_s, 0.0, [0.0]
+    while t < 10:
+        w = next_poll_interval(w, False, grid.poll_interval_s, grid.max_poll_interval_s)
+        t += w
+        polls.append(t)
+    for reply_at, lag in ((0.3, 0.25), (0.5, 0.25), (0.8, 0.25), (1.5, 0.5), (6.0, 0.5)):
+        seen = min(p for p in polls if p >= reply_at)
+        assert seen - reply_at <= lag, (reply_at, seen)
+    late = [b - a for a, b in itertools.pairwise(polls) if a >= 2]
+    assert late and all(g == pytest.approx(grid.max_poll_interval_s) for g in late)  # a long round: 2 polls a second
+    assert grid.max_poll_interval_s == 0.5
