@@ -7,8 +7,9 @@ of a run therefore starts on average 1.5 s (up to 3 s) after the server sent
 it, and a round waits for the slowest of its sites: 2-3 s per exchange on
 loopback, about a fifth of a short round (docs/benchmarks.md).  Flower has
 no option for it, so this entry point runs Flower's own ``flower-supernode``
-unchanged except that module's clock: each of those sleeps is cut to at most
-``--poll-interval`` (each pull is one small request to the SuperLink).
+unchanged except that module's clock: each pull's sleep is cut to at most
+``--poll-interval`` (each pull is one small request to the SuperLink), each
+local wait to ``LOCAL_WAIT_S``.
 Nothing else of the SuperNode changes (same arguments, TLS, authentication,
 isolation).  On a Flower version this was not checked against, it warns and
 runs the stock SuperNode.
@@ -38,23 +39,32 @@ log = logging.getLogger("flower-client.supernode")
 
 CHECKED_FLWR = ("1.42.",)  # versions whose SuperNode loop was read: its only sleeps are polling waits
 DEFAULT_POLL_S = 0.2
+LOCAL_WAIT_S = 0.02
 RECONNECT_MAX_S = 2.0
 RETRY_MODULES = ("flwr.supercore.retry.http_retry", "flwr.supercore.retry.grpc_retry")  # read MAX_RETRY_DELAY per call
 
 
 class PollingClock:
-    """The ``time`` module, except that ``sleep`` waits at most ``poll_s`` seconds."""
+    """The ``time`` module, except that ``sleep`` waits at most ``poll_s`` seconds (``local_s`` for a local wait).
 
-    def __init__(self, poll_s: float) -> None:
-        if not poll_s > 0:
-            raise ValueError(f"poll interval must be > 0 s, got {poll_s}")
+    The checked loop sleeps 3 s after an empty pull from the SuperLink (a request over
+    the network: ``poll_s``) and 0.5 s at a time while it waits on its own in-memory state
+    for the ClientApp's reply and that reply's contents (a dictionary lookup: ``local_s``,
+    so the reply leaves within hundredths of a second of being ready, not a quarter second
+    on average).  A wait shorter than 1 s is a local one.
+    """
+
+    def __init__(self, poll_s: float, local_s: float = LOCAL_WAIT_S) -> None:
+        if not poll_s > 0 or not local_s > 0:
+            raise ValueError(f"poll interval must be > 0 s, got {poll_s} (local waits {local_s})")
         self.poll_s = poll_s
+        self.local_s = local_s
 
     def __getattr__(self, name: str) -> Any:  # everything but sleep: the real time module
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.poll_s))
+        time.sleep(min(seconds, self.local_s if seconds < 1 else self.poll_s))
 
 
 def shorten_polling(poll_s: float) -> bool:

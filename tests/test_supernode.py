@@ -10,17 +10,25 @@ import flwr.supernode.start_client_internal as loop
 import pytest
 
 from client.node import supernode_command
-from client.supernode import RECONNECT_MAX_S, PollingClock, cap_reconnect_backoff, shorten_polling, split_args
+from client.supernode import (
+    LOCAL_WAIT_S,
+    RECONNECT_MAX_S,
+    PollingClock,
+    cap_reconnect_backoff,
+    shorten_polling,
+    split_args,
+)
 
 
 def test_the_clock_cuts_every_wait_to_the_poll_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     waits: list[float] = []
     monkeypatch.setattr(time, "sleep", waits.append)
     clock = PollingClock(0.2)
-    clock.sleep(3)  # Flower's idle pause between pulls
-    clock.sleep(0.5)  # its wait for the ClientApp's reply
-    clock.sleep(0.05)
-    assert waits == [0.2, 0.2, 0.05]
+    clock.sleep(3)  # Flower's idle pause between pulls from the SuperLink
+    clock.sleep(0.5)  # its wait on its own state for the ClientApp's reply
+    clock.sleep(0.01)
+    assert waits == [0.2, LOCAL_WAIT_S, 0.01]
+    assert LOCAL_WAIT_S < 0.2
     assert clock.monotonic is time.monotonic and clock.time is time.time  # the rest is the real module
 
 
