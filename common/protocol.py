@@ -803,7 +803,8 @@ def protocol_table() -> str:
         "F is the number of handcrafted features; grid_bins comes from the evaluation config. "
         "A record of histograms travels packed: one array per dtype plus a JSON index of "
         "(name, dtype, shape) (`common/records.py`), so hundreds of histograms are a few objects on the wire; "
-        "a model vector's record is one plain array.",
+        "a dtype's array travels zlib-compressed when that halves it (grid histograms are mostly empty bins), "
+        "and must inflate to exactly what the index lists; a model vector's record is one plain array.",
         "",
         "| message | from → to | purpose | request fields | reply fields | privacy control |",
         "|---|---|---|---|---|---|",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 
 import numpy as np
 import pytest
@@ -12,7 +13,10 @@ from flwr.app import Array, ArrayRecord
 from common.config import ModelConfig
 from common.models import build_model, is_norm_key
 from common.records import (
+    MAX_INFLATED_BYTES,
     PACKED_INDEX,
+    PACKED_PREFIX,
+    PACKED_ZLIB_PREFIX,
     ModelCodec,
     RecordError,
     arrays_from_record,
@@ -91,6 +95,80 @@ def test_a_histogram_set_travels_as_one_array_per_dtype() -> None:
         np.testing.assert_array_equal(back[k], v)
     plain = arrays_record(d, pack=False)
     assert len(plain) == len(d) and all(np.array_equal(arrays_from_record(plain)[k], v) for k, v in d.items())
+
+
+def test_a_sparse_histogram_set_travels_compressed_and_comes_back_exact() -> None:
+    """10,000-bin histograms of a few dozen patients: nearly all zeros, so the float64 array travels deflated."""
+    rng = np.random.default_rng(1)
+    d = {}
+    for i in range(12):
+        for field in ("neg", "pos"):
+            h = np.zeros(10_000)
+            h[rng.integers(0, 10_000, 30)] += 1.0
+            d[f"r{i}/{field}"] = h
+    d["n"] = rng.integers(0, 2**62, 7)  # no runs of zeros: deflating would not halve it, so it travels as is
+    rec = arrays_record(d)
+    assert set(rec) == {PACKED_INDEX, PACKED_ZLIB_PREFIX + "<f8", PACKED_PREFIX + "<i8"}
+    assert sum(len(a.data) for a in rec.values()) < 0.05 * sum(v.nbytes for v in d.values())
+    back = arrays_from_record(rec)
+    assert list(back) == list(d)
+    for k, v in d.items():
+        assert back[k].dtype == v.dtype and np.array_equal(back[k], v)
+
+
+def test_dense_statistics_travel_as_they_are() -> None:
+    d = {"sums": np.random.default_rng(2).random(5000)}  # noise-protected or summed values do not deflate
+    rec = arrays_record(d)
+    assert PACKED_PREFIX + "<f8" in rec and PACKED_ZLIB_PREFIX + "<f8" not in rec
+    np.testing.assert_array_equal(arrays_from_record(rec)["sums"], d["sums"])
+
+
+def _deflated(index: list[list[object]], dt: str, payload: bytes) -> ArrayRecord:
+    rec = {PACKED_INDEX: Array(np.frombuffer(json.dumps(index).encode(), dtype=np.uint8))}
+    rec[PACKED_ZLIB_PREFIX + dt] = Array(np.frombuffer(payload, dtype=np.uint8))
+    return ArrayRecord(rec)
+
+
+ZEROS_4 = zlib.compress(np.zeros(4).tobytes())
+
+
+@pytest.mark.parametrize(
+    ("record", "why"),
+    [
+        # a bomb: the stream holds far more than its index lists; it is cut at the listed size, then refused
+        (_deflated([["a", "<f8", [4]]], "<f8", zlib.compress(bytes(16 * 2**20))), "does not inflate to the 4 values"),
+        (_deflated([["a", "<f8", [8]]], "<f8", ZEROS_4), "does not inflate to the 8 values"),  # less than listed
+        (_deflated([["a", "<f8", [4]]], "<f8", ZEROS_4 + b"trailing"), "does not inflate"),
+        (_deflated([["a", "<f8", [4]]], "<f8", ZEROS_4[:-6]), "does not inflate"),  # truncated stream
+        (_deflated([["a", "<f8", [4]]], "<f8", b"not zlib at all"), "not zlib data"),
+        # an index claiming more than the cap is refused before anything is inflated
+        (_deflated([["a", "<f8", [MAX_INFLATED_BYTES // 8 + 1]]], "<f8", ZEROS_4), "would inflate to"),
+        (_deflated([["a", "<f8", [2**30, 2**30]]], "<f8", ZEROS_4), "would inflate to"),
+        (
+            ArrayRecord(
+                {
+                    PACKED_INDEX: Array(np.frombuffer(json.dumps([["a", "<f8", [4]]]).encode(), dtype=np.uint8)),
+                    PACKED_PREFIX + "<f8": Array(np.zeros(4)),
+                    PACKED_ZLIB_PREFIX + "<f8": Array(np.frombuffer(ZEROS_4, dtype=np.uint8)),
+                }
+            ),
+            "two <f8 arrays",
+        ),
+        (
+            ArrayRecord(
+                {
+                    PACKED_INDEX: Array(np.frombuffer(json.dumps([["a", "<f8", [4]]]).encode(), dtype=np.uint8)),
+                    PACKED_ZLIB_PREFIX + "<f8": Array(np.zeros(4)),  # not bytes
+                }
+            ),
+            "expected flat bytes",
+        ),
+        (_deflated([["a", "<f8", [4]]], "|O", ZEROS_4), "unexpected array"),
+    ],
+)
+def test_a_hostile_compressed_record_is_refused_with_the_reason(record: ArrayRecord, why: str) -> None:
+    with pytest.raises(RecordError, match=why):
+        arrays_from_record(record)
 
 
 def _packed(index: object, **arrays: np.ndarray) -> ArrayRecord:

@@ -115,14 +115,15 @@ def test_each_round_is_validated_once_with_the_next_train_message(
     model = build_model("densenet3d", cfg.models.densenet3d, mask_channel=cfg.preprocess.mask_channel)
     model_bytes = ModelCodec.for_state_dict(model.state_dict()).size * 2  # float16 transport
     empty = ClassHistogram.from_scores(np.zeros(0), np.zeros(0), ScoreGrid(cfg.evaluation.grid_bins))
-    hist_bytes = sum(a.nbytes for a in empty.to_arrays().values())  # a validation histogram up
+    hist_bytes = sum(a.nbytes for a in empty.to_arrays().values())  # a validation histogram up (at most: it
+    # travels compressed when that halves it, common.records)
     overhead = 8192  # the request's config (the experiment as JSON), the reply's status and scalars
     for s in SITES:
         t = figures.site_traffic(summary["communication"][s], rounds=ROUNDS, folds=1)
         assert model_bytes <= t["round_received"] <= model_bytes + overhead
         assert model_bytes <= t["round_sent"] <= model_bytes + hist_bytes + overhead
         assert model_bytes <= t["fold_evaluate_received"] <= model_bytes + overhead
-        assert hist_bytes <= t["fold_evaluate_sent"] <= hist_bytes + overhead  # statistics only
+        assert 0 < t["fold_evaluate_sent"] <= hist_bytes + overhead  # statistics only
 
 
 def test_an_interrupted_fold_validates_its_last_checkpoint_first(
