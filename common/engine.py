@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import random
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -51,6 +50,7 @@ from .device_augment import BatchAugment
 from .models import ModelKind, in_channels
 from .optimstate import OptimizerStateError, detached_state, load_optimizer_state
 from .privacy import PrivacyLedger, finish, make_private
+from .seeding import seed_everything
 from .sitearrays import SiteArrays
 
 log = logging.getLogger(__name__)
@@ -129,12 +129,6 @@ def set_threads(n: int) -> None:
         torch.set_num_threads(n)
         with contextlib.suppress(RuntimeError):  # only settable before the first parallel op
             torch.set_num_interop_threads(1)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _progress(it: Sequence[object] | DataLoader[dict[str, torch.Tensor]], desc: str) -> Iterator[object]:

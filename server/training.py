@@ -61,16 +61,17 @@ PLATT_KEY = "platt"
 def initial_vector(cfg: ExperimentConfig, kind: ModelKind) -> np.ndarray:
     """The round-0 global model: the factory's initialisation under the run's seed, as sent.
 
-    The plan's folds and the bench's plain loop start from it.  Where the ServerApp first
-    needs torch and MONAI, so they are imported here (after it: the TensorBoard writer,
-    the summary's environment record); its messages, aggregation and statistics are
-    numpy, so it starts without them.  Not imported in a thread meanwhile: in a
-    simulation the ClientApp imports torch in another thread of the same process, and
-    two concurrent first imports of torch failed ("partially initialized module"); by
-    the first fold the sites have answered, so the ClientApp's import is done.
+    The plan's folds and the bench's plain loop start from it.  The ServerApp's messages,
+    aggregation and statistics are numpy; it needs MONAI only here, so MONAI is imported
+    here (torch is already there, for the progress's TensorBoard writer), and only the
+    factory and the seeding: not the training engine, its data pipeline and Opacus (0.6 s
+    before the first round).  Not imported in a thread meanwhile: in a simulation the
+    ClientApp imports torch in another thread of the same process, and two concurrent
+    first imports of torch failed ("partially initialized module"); by the first fold
+    the sites have answered, so the ClientApp's imports are done.
     """
-    from common.engine import seed_everything
     from common.models import build_model
+    from common.seeding import seed_everything
 
     seed_everything(cfg.train.seed)
     model = build_model(kind, getattr(cfg.models, kind), mask_channel=cfg.preprocess.mask_channel)

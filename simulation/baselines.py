@@ -23,11 +23,12 @@ from common import radiomics
 from common.config import ExperimentConfig
 from common.dataset import preprocess_site
 from common.device import for_config
-from common.engine import predict, seed_everything, set_threads
+from common.engine import predict, set_threads
 from common.foldcalibration import IDENTITY, apply_platt, fit_platt
 from common.gridstats import ClassHistogram, ScoreGrid
 from common.metrics import binary_metrics
 from common.models import ModelKind, build_model
+from common.seeding import seed_everything
 from common.selection import fit_select
 from common.sitearrays import SiteArrays
 from common.splits import Fold, fivefold
