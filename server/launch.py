@@ -14,12 +14,14 @@ ServerApp alone.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
+import logging
 import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,9 +30,12 @@ from common.config import ExperimentConfig, to_dict
 
 from .runfiles import PROGRESS_NAME, SUMMARY_NAME
 
+log = logging.getLogger(__name__)
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH_NAME = "launch.json"
 BASELINES_NAME = "baselines.json"
+REPORT_MODULES = ("common.report",)  # what rendering the report after a run imports (matplotlib among them)
 
 
 @dataclass(frozen=True)
@@ -60,15 +65,33 @@ def write_config(run_dir: Path, cfg: ExperimentConfig) -> Path:
 
 
 @contextlib.contextmanager
+def _every(interval_s: float, tick: Callable[[], bool], name: str) -> Iterator[None]:
+    """Call ``tick`` every ``interval_s`` in a thread while the block runs, until it returns True; joined at the end."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            if tick():
+                return
+
+    thread = threading.Thread(target=loop, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@contextlib.contextmanager
 def follow(path: Path, echo: Callable[[str], None], interval_s: float = 0.5) -> Iterator[None]:
     """Echo the lines appended to ``path`` while the block runs (and those left when it ends)."""
-    stop = threading.Event()
     pos = path.stat().st_size if path.is_file() else 0
 
-    def drain() -> None:
+    def drain() -> bool:
         nonlocal pos
         if not path.is_file():
-            return
+            return False
         with path.open() as fh:
             fh.seek(pos)
             chunk = fh.read()
@@ -77,19 +100,48 @@ def follow(path: Path, echo: Callable[[str], None], interval_s: float = 0.5) -> 
             pos += len(complete.encode()) + 1
             for line in complete.splitlines():
                 echo(line)
+        return False  # until the block ends
 
-    def loop() -> None:
-        while not stop.wait(interval_s):
-            drain()
-
-    thread = threading.Thread(target=loop, name="progress", daemon=True)
-    thread.start()
     try:
-        yield
+        with _every(interval_s, drain, "progress"):
+            yield
     finally:
-        stop.set()
-        thread.join()
         drain()
+
+
+@contextlib.contextmanager
+def import_once_written(path: Path, modules: Sequence[str], interval_s: float = 0.1) -> Iterator[None]:
+    """Import ``modules`` in a thread as soon as ``path`` is written anew, while the block runs; joined at its end.
+
+    The report follows the run's summary: its libraries (matplotlib and the report's
+    modules, 0.5 s) load while the ServerApp exits and the SuperLink stops (about 1 s
+    after the summary), not after them.  Nothing else imports in that window (the
+    launching thread only waits for processes), so the two threads never import the
+    same module at once; a summary left by an earlier run in the folder does not count.
+    """
+
+    def stamp() -> tuple[int, int] | None:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_ino
+
+    before = stamp()
+
+    def written() -> bool:
+        now = stamp()
+        if now is None or now == before:
+            return False
+        try:
+            for name in modules:
+                importlib.import_module(name)
+        except Exception:  # the report's own import after the run says what is wrong
+            log.debug("preloading %s failed", modules, exc_info=True)
+        return True
+
+    with _every(interval_s, written, "import-once-written"):
+        yield
 
 
 def launch(spec: RunLaunch, echo: Callable[[str], None] = print) -> int:
@@ -103,7 +155,7 @@ def launch(spec: RunLaunch, echo: Callable[[str], None] = print) -> int:
         if spec.proxy is not None and spec.nginx is not None
         else contextlib.nullcontext()
     )
-    with superlink(spec.listen, flwr_home), public:
+    with import_once_written(spec.run_dir / SUMMARY_NAME, REPORT_MODULES), superlink(spec.listen, flwr_home), public:
         write_connection(flwr_home, spec.connection, spec.connect or spec.listen)
         for key in spec.keys:
             enroll(flwr_home, spec.connection, key.resolve())

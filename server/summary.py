@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from common.atomicfile import write_atomic
 from common.clinical import clinical_summary
 from common.config import ExperimentConfig
 from common.environment import environment
@@ -40,8 +41,8 @@ class SummaryWriter:
         return self.run_dir / SUMMARY_NAME
 
     def write(self, summary: dict[str, Any]) -> Path:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(summary, indent=2))
+        # atomically: the launching command starts on the report when this file appears
+        write_atomic(self.path, json.dumps(summary, indent=2))
         log.info("summary written to %s", self.path)
         return self.path
 

@@ -18,7 +18,7 @@ from flwr.app import Message
 
 from common.config import SiteConfig, with_sites
 from common.configfile import load_config
-from server.launch import follow
+from server.launch import REPORT_MODULES, follow, import_once_written
 from server.progress import TENSORBOARD_DIR, time_left
 from server.runfiles import PROGRESS_NAME
 from server.runner import PlanRunner
@@ -99,6 +99,39 @@ def test_console_follows_the_progress_file_line_by_line(tmp_path: Path) -> None:
         t.start()
         t.join()
     assert seen == [f"line {i}" for i in range(5)]
+
+
+def test_the_report_modules_load_once_the_summary_is_written_anew(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "reportlike.py").write_text("LOADED = True\n")
+    monkeypatch.delitem(sys.modules, "reportlike", raising=False)
+    summary = tmp_path / "summary.json"
+    summary.write_text("{}")  # an earlier run's summary in the folder: not this run's
+    with import_once_written(summary, ["reportlike"], interval_s=0.01):
+        time.sleep(0.1)
+        assert "reportlike" not in sys.modules
+        tmp = tmp_path / "summary.tmp"
+        tmp.write_text('{"plan": "federated"}')
+        tmp.replace(summary)  # as the ServerApp writes it: atomically
+        deadline = time.monotonic() + 5
+        while "reportlike" not in sys.modules and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert "reportlike" in sys.modules
+    from common.report import render_report
+
+    assert render_report.__module__ in REPORT_MODULES  # what the launching command imports after the run
+
+
+def test_no_summary_no_report_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "reportlike2.py").write_text("LOADED = True\n")
+    with import_once_written(tmp_path / "summary.json", ["reportlike2"], interval_s=0.01):
+        time.sleep(0.1)  # a failed run writes none
+    assert "reportlike2" not in sys.modules
 
 
 def test_same_config_and_seed_give_identical_results_whatever_order_sites_answer(
