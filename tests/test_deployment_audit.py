@@ -5,7 +5,8 @@ real ``flower-server``: it terminates TLS with the federation's server
 certificate (the test made the CA), records the plaintext each hospital
 sends, and forwards it over TLS to the SuperLink.  The recorded requests
 (Flower's fleet API over HTTP/1.1, or HTTP/2 DATA frames per stream) are
-reassembled and searched for anything
+reassembled and searched (with every zlib stream in them inflated: statistics travel
+compressed, ``common.records``) for anything
 per patient: an id, a path of the site folder, or the exact float64 bytes
 of any probability the sites hold in their own prediction files (what an
 unprotected histogram's lone-cell sum carries).
@@ -16,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import re
 import shutil
 import ssl
 import struct
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +31,7 @@ import pytest
 
 from common.gridstats import ClassHistogram, ScoreGrid
 from common.processes import free_port
+from common.records import MAX_INFLATED_BYTES, PACKED_ZLIB_PREFIX, arrays_record
 from common.sitedata import iter_cases
 from tests.loopback import Loopback, tiny_experiment
 
@@ -157,19 +161,41 @@ def payloads(stream: bytes) -> Iterator[bytes]:
     return http2_payloads(stream) if stream.startswith(PREFACE) else http1_payloads(stream)
 
 
+ZLIB_HEADER = re.compile(rb"\x78[\x01\x5e\x9c\xda]")
+
+
+def inflated(blob: bytes, cap: int = MAX_INFLATED_BYTES) -> Iterator[bytes]:
+    """Every complete zlib stream inside ``blob``, inflated: statistics travel compressed (``common.records``).
+
+    Each candidate header is tried where it stands (a memoryview, no copy); a model's bytes hold
+    a few hundred chance headers, each of which fails within a few bytes.
+    """
+    view = memoryview(blob)
+    for m in ZLIB_HEADER.finditer(blob):
+        inflater = zlib.decompressobj()
+        try:
+            out = inflater.decompress(view[m.start() :], cap)
+        except zlib.error:
+            continue
+        if inflater.eof and out:
+            yield out
+
+
 def leaks(payloads: list[bytes], ids: set[str], paths: list[str], probabilities: np.ndarray) -> list[str]:
-    """What of a patient occurs in the payloads: ids, site paths, exact probability bytes."""
+    """What of a patient occurs in the payloads (or any zlib stream in them): ids, site paths, probability bytes."""
     found = []
-    for i, blob in enumerate(payloads):
-        text = blob.decode("latin-1")
-        found += [f"payload {i}: patient id {pid!r}" for pid in ids if pid in text]
-        found += [f"payload {i}: path {p!r}" for p in paths if p in text]
-        # float64: what histogram sums carry; a float32 pattern (4 bytes) would match model weights by chance
-        found += [
-            f"payload {i}: the bytes of probability {p!r}"
-            for p in probabilities
-            if struct.pack("<d", p) in blob
-        ]
+    for i, raw in enumerate(payloads):
+        for blob in (raw, *inflated(raw)):
+            found += _leaks_in(i, blob, ids, paths, probabilities)
+    return found
+
+
+def _leaks_in(i: int, blob: bytes, ids: set[str], paths: list[str], probabilities: np.ndarray) -> list[str]:
+    text = blob.decode("latin-1")
+    found = [f"payload {i}: patient id {pid!r}" for pid in ids if pid in text]
+    found += [f"payload {i}: path {p!r}" for p in paths if p in text]
+    # float64: what histogram sums carry; a float32 pattern (4 bytes) would match model weights by chance
+    found += [f"payload {i}: the bytes of probability {p!r}" for p in probabilities if struct.pack("<d", p) in blob]
     return found
 
 
@@ -200,6 +226,19 @@ def test_the_leak_search_finds_an_unprotected_histogram_in_a_byte_stream() -> No
     chunked += b"\r\n" + f"{len(blob) - 7:x}".encode() + b"\r\n" + blob[7:] + b"\r\n0\r\n\r\n"
     plain = b"POST /v1/fleet/pull HTTP/1.1\r\nContent-Length: 4\r\n\r\nabcd"
     assert list(payloads(chunked + plain))[1::2] == [blob, b"abcd"]
+
+
+def test_the_leak_search_finds_a_histogram_that_travels_compressed() -> None:
+    """Statistics on the wire are zlib streams inside the record's array (``common.records``): inflated, then searched."""
+    probs = np.array([0.123456789, 0.87654321])
+    h = ClassHistogram.from_scores([0, 1], probs, ScoreGrid(10_000))
+    rec = arrays_record(h.to_arrays())
+    wire = rec[PACKED_ZLIB_PREFIX + "<f8"].data  # the sums, as the record serialises them
+    assert struct.pack("<d", probs[0]) not in wire  # not visible without inflating
+    noise = np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes()  # a model's chance headers
+    blob = noise + b"\x08\x01" + wire + noise
+    assert f"payload 0: the bytes of probability {probs[0]!r}" in leaks([blob], set(), [], probs)
+    assert leaks([noise], set(), [], probs) == []
 
 
 @pytest.mark.deployment
