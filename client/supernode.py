@@ -39,7 +39,7 @@ log = logging.getLogger("flower-client.supernode")
 
 CHECKED_FLWR = ("1.42.",)  # versions whose SuperNode loop was read: its only sleeps are polling waits
 DEFAULT_POLL_S = 0.2
-LOCAL_WAIT_S = 0.02
+LOCAL_WAIT_S = 0.05
 RECONNECT_MAX_S = 2.0
 RETRY_MODULES = ("flwr.supercore.retry.http_retry", "flwr.supercore.retry.grpc_retry")  # read MAX_RETRY_DELAY per call
 
