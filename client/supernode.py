@@ -33,11 +33,11 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from common.flowerpatch import flower_checked, replace_checked
 from common.objectpull import PULL_BACKOFF_S, SUPERNODE_MODULE, prompt_object_pulls
 
 log = logging.getLogger("flower-client.supernode")
 
-CHECKED_FLWR = ("1.42.",)  # versions whose SuperNode loop was read: its only sleeps are polling waits
 DEFAULT_POLL_S = 0.2
 LOCAL_WAIT_S = 0.05
 RECONNECT_MAX_S = 2.0
@@ -69,27 +69,19 @@ class PollingClock:
 
 def shorten_polling(poll_s: float) -> bool:
     """Make Flower's SuperNode loop poll every ``poll_s`` s; False (stock loop) on an unchecked version."""
-    import flwr
     import flwr.supernode.start_client_internal as loop
 
-    if not flwr.__version__.startswith(CHECKED_FLWR) or getattr(loop, "time", None) is not time:
-        log.warning(
-            "flwr %s: its SuperNode loop was not checked for polling; running it unchanged (3 s idle polls)",
-            flwr.__version__,
-        )
-        return False
-    loop.time = PollingClock(poll_s)  # type: ignore[assignment]
-    return True
+    return replace_checked(
+        loop, "time", time, PollingClock(poll_s), "its SuperNode loop runs unchanged (3 s idle polls)"
+    )
 
 
 def cap_reconnect_backoff(max_s: float = RECONNECT_MAX_S) -> list[str]:
     """Cap the delay between Flower's connection retries at ``max_s``; the modules changed."""
     import importlib
 
-    import flwr
-
     changed: list[str] = []
-    if not flwr.__version__.startswith(CHECKED_FLWR):
+    if not flower_checked():
         return changed
     for name in RETRY_MODULES:
         module = importlib.import_module(name)

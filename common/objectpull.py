@@ -10,35 +10,32 @@ three waited about 1 s more for half of the model exchanges, and the round
 with it (docs/benchmarks.md).  Here the same retries start at
 ``PULL_BACKOFF_S`` and stop growing at ``PULL_BACKOFF_CAP_S``: a few more
 small requests while an upload finishes, nothing else of the pull changes
-(the same objects, checks, tries and time limit).
+(the same objects, checks, tries and time limit).  Version-gated by
+``common.flowerpatch``.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
-import logging
 
-log = logging.getLogger(__name__)
+from .flowerpatch import replace_checked
 
 PULL_BACKOFF_S, PULL_BACKOFF_CAP_S = 0.05, 0.5
-CHECKED_FLWR = ("1.42.",)  # versions whose callers of pull_objects were read
 SUPERNODE_MODULE = "flwr.supernode.start_client_internal"  # a SuperNode's pulls from the SuperLink
 SERVERAPP_MODULE = "flwr.superlink.grid.http_grid"  # a deployed ServerApp's pulls of the sites' replies
 
 
 def prompt_object_pulls(module_name: str) -> bool:
     """Make ``module_name``'s ``pull_objects`` retry sooner; False (left as is, logged) on an unchecked Flower."""
-    import flwr
     from flwr.supercore.inflatable.inflatable_utils import pull_objects
 
-    module = importlib.import_module(module_name)
-    current = getattr(module, "pull_objects", None)
-    if isinstance(current, functools.partial) and current.func is pull_objects:
-        return True  # done before in this process
-    if not flwr.__version__.startswith(CHECKED_FLWR) or current is not pull_objects:
-        log.warning("flwr %s: %s's object pulls were not checked; left with Flower's 1 s backoff", flwr.__version__, module_name)
-        return False
     prompt = functools.partial(pull_objects, initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S)
-    module.pull_objects = prompt  # type: ignore[attr-defined]
-    return True
+    return replace_checked(
+        importlib.import_module(module_name),
+        "pull_objects",
+        pull_objects,
+        prompt,
+        "object pulls keep Flower's 1 s backoff",
+        done=lambda f: isinstance(f, functools.partial) and f.func is pull_objects,
+    )

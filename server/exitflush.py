@@ -13,19 +13,17 @@ than that still completes: the runtime stops the uploader and joins it (up to
 3 s) after pushing the output; its lines then reach the SuperLink after the
 run is marked finished and may be missing from ``flwr run``'s log stream
 (``flower.log``), never from the run folder's summary or progress log.
-Version-gated like ``common.objectpull``.
+Version-gated by ``common.flowerpatch``.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from queue import Queue
 
-log = logging.getLogger(__name__)
+from common.flowerpatch import replace_checked
 
-CHECKED_FLWR = ("1.42.",)  # versions whose runtimes' exit handlers were read
 RUNTIME_MODULES = ("flwr.superlink.runtime.run_serverapp", "flwr.simulation.app")
 SETTLE_S = 0.2  # flwr.common.constant.LOG_UPLOAD_INTERVAL in the checked versions
 POLL_S = 0.02
@@ -48,20 +46,11 @@ def prompt_exit_flush() -> list[str]:
     Only modules already imported are touched (the one running this ServerApp),
     so a deployment never imports the simulation's runtime or the reverse.
     """
-    import flwr
     from flwr.supercore.logger import flush_logs
 
-    changed: list[str] = []
-    for name in RUNTIME_MODULES:
-        module = sys.modules.get(name)
-        if module is None:
-            continue
-        current = getattr(module, "flush_logs", None)
-        if current is prompt_flush:
-            changed.append(name)
-        elif flwr.__version__.startswith(CHECKED_FLWR) and current is flush_logs:
-            module.flush_logs = prompt_flush  # type: ignore[attr-defined]
-            changed.append(name)
-        else:
-            log.warning("flwr %s: %s's exit flush was not checked; left with Flower's 1 s wait", flwr.__version__, name)
-    return changed
+    return [
+        name
+        for name in RUNTIME_MODULES
+        if name in sys.modules
+        and replace_checked(sys.modules[name], "flush_logs", flush_logs, prompt_flush, "its exit keeps Flower's 1 s wait")
+    ]
