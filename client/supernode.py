@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from common.flowerpatch import flower_checked, replace_checked
+from common.heap import imports_frozen
 from common.objectpull import PULL_BACKOFF_S, SUPERNODE_MODULE, prompt_object_pulls
 
 log = logging.getLogger("flower-client.supernode")
@@ -118,8 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     poll_s, rest = split_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise (REST fleet API)
-    from flwr.supercore.logger import update_console_handler
-    from flwr.supernode.cli import flower_supernode
+    with imports_frozen():
+        from flwr.supercore.logger import update_console_handler
+        from flwr.supernode.cli import flower_supernode
 
     update_console_handler(timestamps=True)  # a site's log says when each message came and went
 

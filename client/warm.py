@@ -37,6 +37,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from common.heap import imports_frozen
+
 log = logging.getLogger("flower-client.warm")
 
 # Third-party libraries the ClientApp needs.
@@ -197,8 +199,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     t0 = time.perf_counter()
-    preload()
-    app = "this installation's ClientApp" if preload_client_app() else "not the ClientApp (see the error above)"
+    with imports_frozen():  # each forked child's collections then skip (and leave unshared) the imported heap
+        preload()
+        app = "this installation's ClientApp" if preload_client_app() else "not the ClientApp (see the error above)"
     log.info("preloaded %d libraries and %s in %.1f s", len(PRELOAD), app, time.perf_counter() - t0)
     log.info("approved app digest %s: other runs are refused", args.approved_app)
     return serve(args.runtime_api_address, args.parent_pid, args.approved_app, args.poll)

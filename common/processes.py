@@ -68,6 +68,10 @@ def flower_env(flwr_home: Path) -> dict[str, str]:
     # for that request, which a firewall that drops packets turns into 4 s per message.
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env.setdefault("RAY_DEDUP_LOGS", "0")
+    # numpy's OpenBLAS pool: the Flower processes' only BLAS calls are dot products over a model
+    # (aggregation), where a second thread saves nothing and its spin-wait afterwards cost the
+    # ServerApp 0.5 s of CPU per bench deployment (perf); the training threads are torch's own
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     # the venv's console scripts first, so child processes find flwr-serverapp & co
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env

@@ -12,6 +12,7 @@ listed there join as training sites unless the plan says otherwise.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import cast
@@ -20,6 +21,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.configfile import load_config
+from common.heap import imports_frozen
 from common.objectpull import SERVERAPP_MODULE, prompt_object_pulls
 
 from .exitflush import prompt_exit_flush
@@ -28,6 +30,10 @@ from .runner import PlanRunner
 
 log = logging.getLogger(__name__)
 app = ServerApp()
+
+RUN_IMPORTS = ("torch.utils.tensorboard", "common.models")
+"""What every plan imports before its first round (the progress event files; the model factory, MONAI):
+imported at the start, with the collector paused and then frozen (``common.heap``)."""
 
 
 def _progress_logging() -> None:
@@ -51,6 +57,9 @@ def _progress_logging() -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Run the configured plan; any failure propagates so the run is marked failed."""
+    with imports_frozen():
+        for name in RUN_IMPORTS:
+            importlib.import_module(name)
     rc = context.run_config
     cfg = load_config(str(rc.get("config-path") or "quick"))
     run_dir = Path(str(rc.get("run-dir") or "runs/server"))
