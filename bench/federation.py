@@ -82,9 +82,16 @@ class Experiment:
 
 
 def prepare_caches(config_path: Path, cache_root: Path) -> dict[str, Any]:
-    """Preprocess every site once (cold unless cached before); seconds per patient."""
+    """Check and preprocess every site once (cold unless done before); the seconds of each.
+
+    The file check is ``flower-client run``'s own (``common.validation``), remembered in the memo
+    it reads beside the cache: a hospital whose cases were preprocessed has had them checked.
+    """
+    from client.node import VALIDATION_MEMO
+    from common.checkmemo import FileCheckMemo
     from common.configfile import load_config
     from common.dataset import preprocess_site
+    from common.validation import validate_site
 
     cfg = load_config(config_path)
     out: dict[str, Any] = {"sites": {}}
@@ -97,23 +104,32 @@ def prepare_caches(config_path: Path, cache_root: Path) -> dict[str, Any]:
         preprocess_site(
             Path(s.data_dir), cfg.preprocess, cache, site=s.name
         )  # a warm load, as each message does
+        t2 = time.perf_counter()
+        # resolved, as flower-client run resolves it: the memo's keys hold the path
+        report = validate_site(Path(s.data_dir).resolve(), memo=FileCheckMemo(cache / VALIDATION_MEMO))
         out["sites"][s.name] = {
             "patients": len(arrays),
             "cold": cold,
             "seconds": t1 - t0,
-            "warm_load_s": time.perf_counter() - t1,
+            "warm_load_s": t2 - t1,
+            "check_s": time.perf_counter() - t2,
+            "checked": report.n_patients,
         }
     return out
 
 
 def link_caches(cache_root: Path, sites: Sequence[str], site_out: Path) -> None:
-    """Hard-link each site's warm cache into ``site_out/<site>/cache`` (where a site run looks)."""
+    """Hard-link each site's warm cache into ``site_out/<site>/cache`` (where a site run looks), with a copy of its file-check memo."""
+    from client.node import VALIDATION_MEMO
+
     for name in sites:
-        dest = site_out / name / "cache"
+        src, dest = cache_root / name / "cache", site_out / name / "cache"
         dest.mkdir(parents=True, exist_ok=True)
-        for f in (cache_root / name / "cache").glob("*.npz"):
+        for f in src.glob("*.npz"):
             if not (dest / f.name).exists():
                 os.link(f, dest / f.name)
+        if (src / VALIDATION_MEMO).is_file():  # a copy: the run rewrites its own
+            shutil.copyfile(src / VALIDATION_MEMO, dest / VALIDATION_MEMO)
 
 
 def fresh(folder: Path) -> None:

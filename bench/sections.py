@@ -93,6 +93,8 @@ def section_overhead(p: BenchParams, work: Path) -> dict[str, Any]:
         "preprocess_s_per_patient": sum(s["seconds"] for s in prep_sites)
         / max(sum(s["patients"] for s in prep_sites), 1),
         "preprocess_cold": all(s["cold"] for s in prep_sites),
+        "check_s_per_patient": sum(s.get("check_s", math.nan) for s in prep_sites)
+        / max(sum(s["patients"] for s in prep_sites), 1),
         "cache_load_s": max(s["warm_load_s"] for s in prep_sites),
         "plain": plains[0],
         "plain_again": plains[-1],

@@ -439,3 +439,18 @@ def test_the_experiment_config_loads_at_any_round_count(tmp_path: Path, rounds: 
     cfg = load_config(Experiment(rounds=rounds).write(tmp_path, tmp_path / "exp.yaml", "bench-x"))
     assert cfg.train.rounds == rounds and cfg.for_model("densenet3d").train.rounds == rounds
     assert cfg.for_model("densenet3d").evaluation.select_from_round == select_from
+
+
+def test_site_folders_start_with_the_cache_and_a_copy_of_the_file_check_memo(tmp_path: Path) -> None:
+    from bench.federation import link_caches
+    from client.node import VALIDATION_MEMO
+
+    src = tmp_path / "cache" / "site01" / "cache"
+    src.mkdir(parents=True)
+    (src / "p001.npz").write_bytes(b"arrays")
+    (src / VALIDATION_MEMO).write_text('{"version": 1, "entries": {}}')
+    link_caches(tmp_path / "cache", ["site01"], tmp_path / "run")
+    dest = tmp_path / "run" / "site01" / "cache"
+    assert os.path.samefile(dest / "p001.npz", src / "p001.npz")  # linked, not copied
+    assert (dest / VALIDATION_MEMO).read_text() == (src / VALIDATION_MEMO).read_text()
+    assert not os.path.samefile(dest / VALIDATION_MEMO, src / VALIDATION_MEMO)  # the run rewrites its own
