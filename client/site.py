@@ -178,7 +178,7 @@ class SiteRunner:
 
     def _optimizer_store(self, kind: str, fold: int) -> OptimizerStore:
         """Where this fold's optimiser state waits between rounds (``train.keep_optimizer_state``)."""
-        return OptimizerStore(self.run_dir / "state" / f"{kind}_fold{fold}_optimizer.pt")
+        return OptimizerStore(self.run_dir / "state" / f"{kind}_fold{fold}_optimizer.tensors")
 
     def validate_round(self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int) -> ClassHistogram:
         """Validation-split statistics of the global model (for model selection across sites)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from common.configfile import load_config
 from common.engine import Schedule, TrainResult, train
 from common.models import build_model
 from common.optimstate import OptimizerStateError, load_optimizer_state
+from common.tensortree import read_tree, write_tree
 
 from .test_engine import tiny_arrays, tiny_cfg
 
@@ -102,7 +104,7 @@ def test_a_state_of_another_model_is_refused() -> None:
 
 
 def test_the_store_resumes_only_from_an_earlier_round(tmp_path: Path) -> None:
-    store = OptimizerStore(tmp_path / "state" / "densenet3d_fold0_optimizer.pt")
+    store = OptimizerStore(tmp_path / "state" / "densenet3d_fold0_optimizer.tensors")
     assert store.load(1) is None
     state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}}, "param_groups": [{"params": [0]}]}
     store.save(2, state)
@@ -116,18 +118,27 @@ class _Foreign:
     pass
 
 
+def _saved(path: Path) -> Any:
+    """What the store wrote, read as it reads it."""
+    with path.open("rb") as fh:
+        return read_tree(fh, path.stat().st_size)
+
+
 @pytest.mark.parametrize(
     "content",
-    [b"", b"not a torch file", "pickle", "list"],
+    [b"", b"not a tensor-tree file", "pickle", "list", "torch.save"],
 )
 def test_a_torn_or_foreign_store_file_means_a_fresh_optimiser(
     tmp_path: Path, content: object, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = tmp_path / "densenet3d_fold0_optimizer.pt"
-    if content == "pickle":  # an arbitrary object: weights-only loading refuses to build it
+    path = tmp_path / "densenet3d_fold0_optimizer.tensors"
+    if content == "pickle":  # a pickled object (nothing in the file is ever unpickled)
         torch.save({"round": 1, "state": _Foreign()}, path)
-    elif content == "list":
-        torch.save({"round": 1, "state": [1, 2]}, path)
+    elif content == "list":  # the right format, the wrong contents
+        with path.open("wb") as fh:
+            write_tree(fh, {"round": 1, "state": [1, 2]})
+    elif content == "torch.save":  # the format before common.tensortree: a fresh optimiser, not a failed round
+        torch.save({"round": 1, "state": {"state": {}, "param_groups": []}}, path)
     else:
         assert isinstance(content, bytes)
         path.write_bytes(content)
@@ -152,10 +163,10 @@ def test_a_site_round_survives_a_bad_state_file_and_replaces_it(
 ) -> None:
     site, flat = _site_and_initial_3d(cohort, tmp_path)
     cfg = site.cfg
-    path = site.run_dir / "state" / "densenet3d_fold0_optimizer.pt"
+    path = site.run_dir / "state" / "densenet3d_fold0_optimizer.tensors"
 
     site.train_round("densenet3d", 0, flat, 1, 4)
-    saved = torch.load(path, weights_only=True)
+    saved = _saved(path)
     assert saved["round"] == 1 and saved["state"]["state"]
 
     # a state of another network (2D), written as if by round 1: refused at load, the round runs afresh
@@ -163,27 +174,28 @@ def test_a_site_round_survives_a_bad_state_file_and_replaces_it(
     foreign = torch.optim.Adam(m2.parameters())
     m2(torch.zeros(2, *_input_2d(cfg))).sum().backward()
     foreign.step()
-    torch.save({"round": 1, "state": foreign.state_dict()}, path)
+    with path.open("wb") as fh:
+        write_tree(fh, {"round": 1, "state": foreign.state_dict()})
     with caplog.at_level(logging.WARNING):
         reply = site.train_round("densenet3d", 0, flat, 2, 4)
     assert "does not fit" in caplog.text and "fresh optimiser" in caplog.text
     assert np.all(np.isfinite(reply.weights)) and reply.num_examples > 0
-    assert torch.load(path, weights_only=True)["round"] == 2  # replaced by this round's own state
+    assert _saved(path)["round"] == 2  # replaced by this round's own state
 
     path.write_bytes(b"\x00" * 7)  # torn
     reply = site.train_round("densenet3d", 0, flat, 3, 4)
-    assert np.all(np.isfinite(reply.weights)) and torch.load(path, weights_only=True)["round"] == 3
+    assert np.all(np.isfinite(reply.weights)) and _saved(path)["round"] == 3
 
 
 def test_a_fold_leaves_no_optimiser_state_once_its_model_is_chosen(cohort: dict[str, Path], tmp_path: Path) -> None:
     site, flat = _site_and_initial_3d(cohort, tmp_path)
-    path = site.run_dir / "state" / "densenet3d_fold0_optimizer.pt"
-    other = site.run_dir / "state" / "densenet3d_fold1_optimizer.pt"
+    path = site.run_dir / "state" / "densenet3d_fold0_optimizer.tensors"
+    other = site.run_dir / "state" / "densenet3d_fold1_optimizer.tensors"
     site.train_round("densenet3d", 1, flat, 1, 2)  # another fold, still training
 
     site.train_round("densenet3d", 0, flat, 1, 2)
     site.train_round("densenet3d", 0, flat, 2, 2)  # the last round: nothing reads a state after it
-    assert torch.load(path, weights_only=True)["round"] == 1
+    assert _saved(path)["round"] == 1
     assert OptimizerStore(path).load(2) is not None  # a repeated last round still resumes from round 1
     site.predict_fold("densenet3d", 0, flat, 2, "train")  # the server chose fold 0's model
     assert not path.exists() and other.exists()
