@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 MANIFEST = "manifest.csv"
@@ -166,6 +165,8 @@ def read_reader_study(site_dir: Path) -> list[ReaderScore]:
 
 def load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read a NIfTI file in RAS+ orientation: (data as float32, affine)."""
+    import nibabel as nib  # here, not at the top: a restart whose files are all remembered reads none
+
     try:
         img = nib.as_closest_canonical(nib.load(str(path)))
         data = np.asarray(img.dataobj, dtype=np.float32)
