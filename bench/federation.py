@@ -87,8 +87,7 @@ def prepare_caches(config_path: Path, cache_root: Path) -> dict[str, Any]:
     The file check is ``flower-client run``'s own (``common.validation``), remembered in the memo
     it reads beside the cache: a hospital whose cases were preprocessed has had them checked.
     """
-    from client.node import VALIDATION_MEMO
-    from common.checkmemo import FileCheckMemo
+    from common.checkmemo import VALIDATION_MEMO, FileCheckMemo
     from common.configfile import load_config
     from common.dataset import preprocess_site
     from common.validation import validate_site
@@ -106,21 +105,20 @@ def prepare_caches(config_path: Path, cache_root: Path) -> dict[str, Any]:
         )  # a warm load, as each message does
         t2 = time.perf_counter()
         # resolved, as flower-client run resolves it: the memo's keys hold the path
-        report = validate_site(Path(s.data_dir).resolve(), memo=FileCheckMemo(cache / VALIDATION_MEMO))
+        validate_site(Path(s.data_dir).resolve(), memo=FileCheckMemo(cache / VALIDATION_MEMO))
         out["sites"][s.name] = {
             "patients": len(arrays),
             "cold": cold,
             "seconds": t1 - t0,
             "warm_load_s": t2 - t1,
             "check_s": time.perf_counter() - t2,
-            "checked": report.n_patients,
         }
     return out
 
 
 def link_caches(cache_root: Path, sites: Sequence[str], site_out: Path) -> None:
     """Hard-link each site's warm cache into ``site_out/<site>/cache`` (where a site run looks), with a copy of its file-check memo."""
-    from client.node import VALIDATION_MEMO
+    from common.checkmemo import VALIDATION_MEMO
 
     for name in sites:
         src, dest = cache_root / name / "cache", site_out / name / "cache"

@@ -23,14 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-from common.checkmemo import FileCheckMemo
+from common.checkmemo import VALIDATION_MEMO, FileCheckMemo
 from common.hosts import host_of, is_loopback
 from common.processes import exit_on_sigterm, flower_env, free_port, terminate_group
 from common.validation import SiteReport, validate_site
 
 log = logging.getLogger(__name__)
 RETRY_S = 10.0
-VALIDATION_MEMO = "validation-memo.json"  # in the site's output cache folder; never sent
 REPO = Path(__file__).resolve().parents[1]
 
 

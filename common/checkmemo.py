@@ -29,6 +29,7 @@ from .problems import Problem
 
 log = logging.getLogger(__name__)
 
+VALIDATION_MEMO = "validation-memo.json"  # its file name, in a site's output cache folder; never sent
 MEMO_VERSION = 1  # bump whenever a file check in common.filecheck changes what it reports
 TRANSIENT_CODES = frozenset({"missing_file", "check_failed"})
 

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from common.checkmemo import VALIDATION_MEMO, FileCheckMemo
 from common.config import ConfigError, ExperimentConfig, SiteConfig, with_sites
 from common.configfile import load_config
 from common.processes import exit_on_sigterm
@@ -156,10 +157,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     root = Path.cwd()
-    for s in cfg.sites:  # the NIfTI reads in threads (zlib and numpy release the GIL), one per allowed CPU
-        report = validate_site(Path(s.data_dir), workers=max(1, args.cpus))
-        print(f"  validate {report.summary()}")
     run_dir = Path(args.out).resolve() if args.out else new_run_dir(root / "runs", cfg.name).resolve()
+    for s in cfg.sites:  # the NIfTI reads in threads (zlib and numpy release the GIL), one per allowed CPU
+        # the memo a site keeps beside its cache (client.node): a resumed run re-reads no unchanged file
+        memo = FileCheckMemo(run_dir / "sites" / s.name / "cache" / VALIDATION_MEMO)
+        report = validate_site(Path(s.data_dir), workers=max(1, args.cpus), memo=memo)
+        print(f"  validate {report.summary()}")
     write_config(run_dir, cfg)
     sim_sites = [
         {"name": s.name, "data_dir": str(Path(s.data_dir).resolve()), "out_dir": str(run_dir / "sites" / s.name), "threads": cfg.train.threads}

@@ -443,7 +443,7 @@ def test_the_experiment_config_loads_at_any_round_count(tmp_path: Path, rounds: 
 
 def test_site_folders_start_with_the_cache_and_a_copy_of_the_file_check_memo(tmp_path: Path) -> None:
     from bench.federation import link_caches
-    from client.node import VALIDATION_MEMO
+    from common.checkmemo import VALIDATION_MEMO
 
     src = tmp_path / "cache" / "site01" / "cache"
     src.mkdir(parents=True)
