@@ -181,8 +181,9 @@ def overhead_table(r: Mapping[str, Any]) -> Table:
             " ones: s/2 of its compute for a two-thread speedup s (0.85x at s = 1.7) before any Flower cost.",
             f"Preprocessing (excluded above: all runs start from the warm per-site cache): {fmt(r['preprocess_s_per_patient'], '.3f')} s/patient"
             f" {'cold' if r.get('preprocess_cold') else '(cache was already warm)'}; loading a warm site cache {fmt(r['cache_load_s'], '.2f')} s."
-            " The file check `flower-client run` makes before it joins (excluded too: the deployments' hospitals"
-            " start with its memo beside that cache, as at any start after their first, and re-read no file):"
+            " The file check `flower-client run` and `flower-simulation run` make before they start (excluded too:"
+            " every federated run's sites start with its memo beside that cache, as at any start after their first,"
+            " and re-read no file):"
             f" {fmt(r.get('check_s_per_patient'), '.3f')} s/patient.",
             "Peak memory: proportional set size summed over the run's whole process tree, sampled every second"
             f" or less often where a sample costs more than {MAX_SAMPLER_SHARE:.0%} of a core (sampling CPU s: "
