@@ -87,7 +87,7 @@ def prepare_caches(config_path: Path, cache_root: Path) -> dict[str, Any]:
     The file check is ``flower-client run``'s own (``common.validation``), remembered in the memo
     it reads beside the cache: a hospital whose cases were preprocessed has had them checked.
     """
-    from common.checkmemo import VALIDATION_MEMO, FileCheckMemo
+    from common.checkmemo import site_memo
     from common.configfile import load_config
     from common.dataset import preprocess_site
     from common.validation import validate_site
@@ -105,7 +105,7 @@ def prepare_caches(config_path: Path, cache_root: Path) -> dict[str, Any]:
         )  # a warm load, as each message does
         t2 = time.perf_counter()
         # resolved, as flower-client run resolves it: the memo's keys hold the path
-        validate_site(Path(s.data_dir).resolve(), memo=FileCheckMemo(cache / VALIDATION_MEMO))
+        validate_site(Path(s.data_dir).resolve(), memo=site_memo(cache_root / s.name))
         out["sites"][s.name] = {
             "patients": len(arrays),
             "cold": cold,

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.checkmemo import VALIDATION_MEMO, FileCheckMemo
+from common.checkmemo import site_memo
 from common.hosts import host_of, is_loopback
 from common.processes import exit_on_sigterm, flower_env, free_port, terminate_group
 from common.validation import SiteReport, validate_site
@@ -148,7 +148,7 @@ def run_cli(args: argparse.Namespace) -> int:
         return 2
     # Flags first: a mistyped flag is refused before the images are read.  A restart reads only
     # the cases whose files changed since the last start (memo beside the preprocessing cache).
-    report = validate_site(site_dir, memo=FileCheckMemo(out_dir / "cache" / VALIDATION_MEMO))
+    report = validate_site(site_dir, memo=site_memo(out_dir))
     for problem in report.problems:
         print(problem)
     print(report.summary())

@@ -37,7 +37,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from common.heap import imports_frozen
+from common.heap import imports_frozen, preload
 
 log = logging.getLogger("flower-client.warm")
 
@@ -55,14 +55,6 @@ PRELOAD = (
     "flwr.supernode.runtime.run_clientapp",
 )
 CLIENT_APP = "client.app"  # this installation's ClientApp: 0.3 s per message otherwise, on these cores
-
-
-def preload(modules: Sequence[str] = PRELOAD) -> float:
-    """Import ``modules`` into this process; seconds taken."""
-    t0 = time.perf_counter()
-    for name in modules:
-        importlib.import_module(name)
-    return time.perf_counter() - t0
 
 
 def preload_client_app(module: str = CLIENT_APP) -> bool:
@@ -200,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     t0 = time.perf_counter()
     with imports_frozen():  # each forked child's collections then skip (and leave unshared) the imported heap
-        preload()
+        preload(PRELOAD)
         app = "this installation's ClientApp" if preload_client_app() else "not the ClientApp (see the error above)"
     log.info("preloaded %d libraries and %s in %.1f s", len(PRELOAD), app, time.perf_counter() - t0)
     log.info("approved app digest %s: other runs are refused", args.approved_app)

@@ -42,6 +42,11 @@ def _stat(path: Path) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
+def site_memo(out_dir: Path) -> FileCheckMemo:
+    """The memo a site keeps in its output folder, beside its preprocessing cache (``out_dir/cache``)."""
+    return FileCheckMemo(Path(out_dir) / "cache" / VALIDATION_MEMO)
+
+
 class FileCheckMemo:
     """Per-case file-check results, loaded from and saved to one JSON file."""
 

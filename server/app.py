@@ -12,7 +12,6 @@ listed there join as training sites unless the plan says otherwise.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from pathlib import Path
 from typing import cast
@@ -21,7 +20,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.configfile import load_config
-from common.heap import imports_frozen
+from common.heap import imports_frozen, preload
 from common.objectpull import SERVERAPP_MODULE, prompt_object_pulls
 
 from .exitflush import prompt_exit_flush
@@ -58,8 +57,7 @@ def _progress_logging() -> None:
 def main(grid: Grid, context: Context) -> None:
     """Run the configured plan; any failure propagates so the run is marked failed."""
     with imports_frozen():
-        for name in RUN_IMPORTS:
-            importlib.import_module(name)
+        preload(RUN_IMPORTS)
     rc = context.run_config
     cfg = load_config(str(rc.get("config-path") or "quick"))
     run_dir = Path(str(rc.get("run-dir") or "runs/server"))

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from common.checkmemo import VALIDATION_MEMO, FileCheckMemo
+from common.checkmemo import site_memo
 from common.config import ConfigError, ExperimentConfig, SiteConfig, with_sites
 from common.configfile import load_config
 from common.processes import exit_on_sigterm
@@ -158,14 +158,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     root = Path.cwd()
     run_dir = Path(args.out).resolve() if args.out else new_run_dir(root / "runs", cfg.name).resolve()
+    site_out = {s.name: run_dir / "sites" / s.name for s in cfg.sites}
     for s in cfg.sites:  # the NIfTI reads in threads (zlib and numpy release the GIL), one per allowed CPU
-        # the memo a site keeps beside its cache (client.node): a resumed run re-reads no unchanged file
-        memo = FileCheckMemo(run_dir / "sites" / s.name / "cache" / VALIDATION_MEMO)
-        report = validate_site(Path(s.data_dir), workers=max(1, args.cpus), memo=memo)
+        # with the memo the site keeps beside its cache: a resumed run re-reads no unchanged file
+        report = validate_site(Path(s.data_dir), workers=max(1, args.cpus), memo=site_memo(site_out[s.name]))
         print(f"  validate {report.summary()}")
     write_config(run_dir, cfg)
     sim_sites = [
-        {"name": s.name, "data_dir": str(Path(s.data_dir).resolve()), "out_dir": str(run_dir / "sites" / s.name), "threads": cfg.train.threads}
+        {"name": s.name, "data_dir": str(Path(s.data_dir).resolve()), "out_dir": str(site_out[s.name]), "threads": cfg.train.threads}
         for s in cfg.sites
     ]
     (run_dir / "simulation-sites.json").write_text(json.dumps(sim_sites, indent=2))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import common.filecheck as filecheck
-from common.checkmemo import FileCheckMemo
+from common.checkmemo import VALIDATION_MEMO, FileCheckMemo
 from common.problems import Problem
 from common.sitedata import MANIFEST
 from common.validation import validate_site
@@ -151,7 +151,7 @@ def test_flower_client_run_remembers_the_checks_in_its_output_folder(
     assert refused == 2 and not (tmp_path / "out").exists()
     assert client_main(argv) == 0
     first = capsys.readouterr().out
-    assert (tmp_path / "out" / "cache" / node.VALIDATION_MEMO).is_file()
+    assert (tmp_path / "out" / "cache" / VALIDATION_MEMO).is_file()
     read = _refuse_reads(monkeypatch)
     assert client_main(argv) == 0
     assert read == ["c03"]  # only the case whose image was missing is read again
