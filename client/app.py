@@ -178,20 +178,23 @@ def train(msg: Message, context: Context) -> Message:
 @_on(EVALUATE)
 @_safe
 def evaluate(msg: Message, context: Context) -> Message:
-    """Validation-split grid statistics of the global model (no per-patient value)."""
+    """Validation-split grid statistics of the global model (no per-patient value).
+
+    With ``stage`` the site keeps this model's validation and test probabilities
+    here, for a prediction request that names the model instead of sending it.
+    """
     runner, req = _runner(msg, context, EVALUATE)
-    h = runner.validate_round(cast(ModelKind, req.model), req.fold, req.weights, req.global_round)
+    h = runner.validate_round(cast(ModelKind, req.model), req.fold, req.weights, req.global_round, stage=req.stage)
     return _ok(msg, runner, EvaluateReply(histogram=h, num_examples=h.n))
 
 
 @_on(PREDICT)
 @_safe
 def predict_fold(msg: Message, context: Context) -> Message:
-    """Predict with a selected fold model; per-patient rows are written at the site only."""
+    """Predict with a selected fold model (or the kept predictions of the one named); rows stay at the site."""
     runner, req = _runner(msg, context, PREDICT)
-    return _ok(
-        msg, runner, runner.predict_fold(req.model, req.fold, req.weights, req.round, req.role, platt=req.platt)
-    )
+    out = runner.predict_fold(req.model, req.fold, req.weights, req.round, req.role, platt=req.platt, staged=req.staged)
+    return _ok(msg, runner, out)
 
 
 @_on(ENSEMBLE)

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from common.config import ExperimentConfig
-from common.protocol import ROLES, CrossSiteRequest, PredictRequest, RoundRequest
+from common.protocol import ROLE_TRAIN, ROLES, CrossSiteRequest, PredictRequest, RoundRequest
 
 RADIOMICS_MODEL = "radiomics"  # the one non-network model a prediction request may name (server.radiomicsfit)
 
@@ -50,14 +50,26 @@ def request_problems(body: Any, cfg: ExperimentConfig) -> Iterator[str]:
         yield f"role {role!r} is not one of {list(ROLES)}"
     if isinstance(body, RoundRequest):
         yield from _round_problems(body, cfg)
-    if isinstance(body, PredictRequest) and body.model != RADIOMICS_MODEL:
-        rounds = cfg.for_model(body.model).train.rounds
-        if not 1 <= body.round <= rounds:
-            yield f"round {body.round} is outside this network's rounds 1-{rounds}"
+    if isinstance(body, PredictRequest):
+        yield from _predict_problems(body, cfg)
     if isinstance(body, CrossSiteRequest):
         folds = list(body.folds)
         if not folds or body.fold not in folds or any(k not in cfg.active_folds for k in folds):
             yield f"folds {folds} must hold fold {body.fold} and only this run's folds {list(cfg.active_folds)}"
+
+
+def _predict_problems(req: PredictRequest, cfg: ExperimentConfig) -> Iterator[str]:
+    if (req.weights is None) == (req.staged is None):
+        yield "a prediction carries either the model's weights or the digest of a kept model (`staged`), not both or neither"
+    if req.model == RADIOMICS_MODEL:
+        if req.staged is not None:
+            yield "the radiomics model is never kept at a site: its prediction carries its parameters"
+        return
+    rounds = cfg.for_model(req.model).train.rounds
+    if not 1 <= req.round <= rounds:
+        yield f"round {req.round} is outside this network's rounds 1-{rounds}"
+    if req.staged is not None and req.role != ROLE_TRAIN:
+        yield "only a training site keeps a fold model's predictions (from its validation)"
 
 
 def _round_problems(req: RoundRequest, cfg: ExperimentConfig) -> Iterator[str]:

@@ -31,8 +31,9 @@ from common.foldcalibration import apply_platt, check_platt
 from common.gridstats import ClassHistogram, ScoreGrid
 from common.models import ModelKind
 from common.privacy import PrivacyLedger
-from common.protocol import FeatstatsReply, PredictReply, SiteInfoReply, TrainReply
+from common.protocol import ROLE_EXTERNAL, ROLE_TRAIN, FeatstatsReply, PredictReply, SiteInfoReply, TrainReply
 from common.radiomics import FederatedLogit
+from common.records import model_digest
 from common.rounds import local_round
 from common.selection import diagnose
 from common.sitearrays import SiteArrays
@@ -40,6 +41,7 @@ from common.splits import Fold, fivefold, save_splits
 
 from .optimstore import OptimizerStore
 from .sitemodels import SiteModels
+from .stagedrows import StagedPredictions
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +182,40 @@ class SiteRunner:
         """Where this fold's optimiser state waits between rounds (``train.keep_optimizer_state``)."""
         return OptimizerStore(self.run_dir / "state" / f"{kind}_fold{fold}_optimizer.tensors")
 
-    def validate_round(self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int) -> ClassHistogram:
-        """Validation-split statistics of the global model (for model selection across sites)."""
-        return self._validate(self.models.load(kind, fold, flat, rnd), kind, fold, rnd)
+    def validate_round(
+        self, kind: ModelKind, fold: int, flat: np.ndarray, rnd: int, *, stage: bool = False
+    ) -> ClassHistogram:
+        """Validation-split statistics of the global model (for model selection across sites).
 
-    def _validate(self, model: torch.nn.Module, kind: ModelKind, fold: int, rnd: int) -> ClassHistogram:
+        ``stage``: also score the fold's test patients and keep both splits' probabilities
+        for a prediction request naming this model (``client.stagedrows``).
+        """
+        model = self.models.load(kind, fold, flat, rnd)
+        if not stage:
+            return self._validate(model, kind, fold, rnd)
+        probs = {split: self._score(model, kind, ids) for split, ids in self._splits(fold, ROLE_TRAIN).items()}
+        digest = model_digest(flat, self.cfg.federation.transport_dtype)
+        self._staged(kind, fold).save(digest, rnd, probs)
+        return self._validate(model, kind, fold, rnd, probs["val"])
+
+    def _score(self, model: torch.nn.Module, kind: ModelKind, ids: Sequence[str]) -> np.ndarray:
+        return predict(model, self.arrays, self.index(tuple(ids)), kind, self.cfg)
+
+    def _staged(self, kind: str, fold: int) -> StagedPredictions:
+        return StagedPredictions(self.run_dir / "state" / f"{kind}_fold{fold}_staged.npz")
+
+    def _splits(self, fold: int, role: str) -> dict[str, tuple[str, ...]]:
+        """The patients a prediction covers: all at an external site, the fold's validation and test ones at a training site."""
+        if role == ROLE_EXTERNAL:
+            return {"external": tuple(self.arrays.patient_ids)}
+        return {"val": self.folds[fold].val, "test": self.folds[fold].test}
+
+    def _validate(
+        self, model: torch.nn.Module, kind: ModelKind, fold: int, rnd: int, probs: np.ndarray | None = None
+    ) -> ClassHistogram:
         idx = self.index(self.folds[fold].val)
-        probs = predict(model, self.arrays, idx, kind, self.cfg)
+        if probs is None:
+            probs = predict(model, self.arrays, idx, kind, self.cfg)
         labels = self.arrays.labels[idx]
         for problem in diagnose(probs, labels):
             log.warning("%s %s fold %d round %d validation: %s", self.ctx.name, kind, fold, rnd, problem)
@@ -212,39 +241,48 @@ class SiteRunner:
         return self.release(ClassHistogram.from_scores(labels, probs, ScoreGrid(self.cfg.evaluation.grid_bins)))
 
     def predict_fold(
-        self, kind: str, fold: int, flat: np.ndarray, rnd: int, role: str, platt: Sequence[float] | None = None
+        self,
+        kind: str,
+        fold: int,
+        flat: np.ndarray | None,
+        rnd: int,
+        role: str,
+        platt: Sequence[float] | None = None,
+        *,
+        staged: str | None = None,
     ) -> PredictReply:
         """Predict with the selected fold model; per-patient rows are written here, locally.
 
         A training site predicts its fold-``fold`` validation and test
         patients (internal test); an external site predicts all patients.
         ``kind="radiomics"``: ``flat`` is the federated logistic regression.
+        ``flat=None``: the model is the one of digest ``staged`` whose probabilities the
+        closing validation kept (``validate_round(stage=True)``); without them the reply
+        asks for the weights (``resend``) and nothing is written.
         ``platt``: the fold's calibration ``(a, b)`` from the server (``common.foldcalibration``).
         """
         params = check_platt(platt)
+        parts = self._splits(fold, role)
+        if flat is None:
+            if staged is None:
+                raise ValueError("a prediction needs the model's weights or the digest of a kept model")
+            raw = self._staged(kind, fold).take(staged, rnd, {split: len(ids) for split, ids in parts.items()})
+            if raw is None:
+                return PredictReply(predicted=0, resend=True)
+            probs = {split: apply_platt(p, params) for split, p in raw.items()}
+        else:
+            self._staged(kind, fold).discard()
+            probs = self._predict(kind, fold, flat, rnd, parts, params)
         # The server predicts with a fold's model once it chose it: the fold trains no more (a server
         # restarted later skips a finished fold), so its optimiser state is deleted, not left on disk.
         self._optimizer_store(kind, fold).discard()
-        if role == "external":
-            parts = {"external": tuple(self.arrays.patient_ids)}
-        else:
-            parts = {"val": self.folds[fold].val, "test": self.folds[fold].test}
-        if kind == "radiomics":
-            lr = FederatedLogit.unpack(flat)
-
-            def score(idx: list[int]) -> np.ndarray:
-                return lr.predict(self.arrays.features[idx])
-        else:
-            model = self.models.load(cast(ModelKind, kind), fold, flat, rnd)
-
-            def score(idx: list[int]) -> np.ndarray:
-                return apply_platt(predict(model, self.arrays, idx, cast(ModelKind, kind), self.cfg), params)
-
         rows = []
         for split, ids in parts.items():
             idx = self.index(ids)
-            probs = score(idx)
-            rows += [(pid, split, int(self.arrays.labels[i]), float(p)) for pid, i, p in zip(ids, idx, probs, strict=True)]
+            rows += [
+                (pid, split, int(self.arrays.labels[i]), float(p))
+                for pid, i, p in zip(ids, idx, probs[split], strict=True)
+            ]
         path = self.run_dir / "predictions" / f"{kind}_fold{fold}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as fh:
@@ -252,6 +290,23 @@ class SiteRunner:
             w.writerow(["patient_id", "split", "label", "probability"])
             w.writerows(rows)
         return PredictReply(predicted=len(rows))
+
+    def _predict(
+        self,
+        kind: str,
+        fold: int,
+        flat: np.ndarray,
+        rnd: int,
+        parts: dict[str, tuple[str, ...]],
+        params: tuple[float, float],
+    ) -> dict[str, np.ndarray]:
+        """Each split's probabilities under the model ``flat`` (a network, or the radiomics regression)."""
+        if kind == "radiomics":
+            lr = FederatedLogit.unpack(flat)
+            return {split: lr.predict(self.arrays.features[self.index(ids)]) for split, ids in parts.items()}
+        net = cast(ModelKind, kind)
+        model = self.models.load(net, fold, flat, rnd)
+        return {split: apply_platt(self._score(model, net, ids), params) for split, ids in parts.items()}
 
     # -- the radiomics baseline, federated -----------------------------------------------------
     def feature_moments(self, fold: int) -> FeatstatsReply:

@@ -116,6 +116,13 @@ def _whole(value: Any) -> int:
     return int(x)
 
 
+def _flag(value: Any) -> bool:
+    """A yes/no metric from another party: exactly 0 or 1 (a metric record has no booleans)."""
+    if _whole(value) not in (0, 1):
+        raise ValueError(f"{value} is not 0 or 1")
+    return bool(value)
+
+
 def wire(
     key: str,
     place: Place,
@@ -277,6 +284,26 @@ class TrainRequest(RoundRequest):
 
 
 @dataclass(frozen=True)
+class EvaluateRequest(RoundRequest):
+    """The fold's closing validation; with ``stage``, the site also keeps this model's predictions.
+
+    The model validated last is usually the one selected, and predicting with
+    it would send it down a third time: the site scores its fold's validation
+    and test patients now and keeps the raw probabilities beside its other
+    per-patient files, for a :class:`PredictRequest` naming this model by its
+    digest (``client.stagedrows``).
+    """
+
+    stage: bool = wire(
+        "stage",
+        Place.CONFIG,
+        "1 bool: keep this model's validation and test probabilities at the site for the prediction",
+        convert=bool,
+        default=False,
+    )
+
+
+@dataclass(frozen=True)
 class TrainReply:
     weights: np.ndarray = wire(WEIGHTS_KEY, Place.WEIGHTS, _MODEL)
     num_examples: int = wire(
@@ -303,13 +330,34 @@ class EvaluateReply:
     num_examples: int = wire(NUM_EXAMPLES, Place.METRIC, "1 int: validation patients", convert=_whole)
 
 
+def _digest(value: Any) -> str:
+    """A model digest from the server: 64 lowercase hex digits (SHA-256), nothing else."""
+    text = str(value)
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise ValueError(f"model digest {text[:80]!r} is not 64 hex digits")
+    return text
+
+
 @dataclass(frozen=True)
 class PredictRequest:
-    weights: np.ndarray = wire(WEIGHTS_KEY, Place.WEIGHTS, _MODEL + "; radiomics: 3F+1 floats")
+    """Predict with a selected fold model: its ``weights``, or at a training site ``staged``, the
+    digest (``common.records.model_digest``) of the model the site validated last and kept
+    the predictions of (:class:`EvaluateRequest`); exactly one of the two."""
+
     model: str = wire("model", Place.CONFIG, "name", convert=str)
     fold: int = wire("fold", Place.CONFIG, "1 int", convert=int)
     round: int = wire("round", Place.CONFIG, "1 int: the selected round", convert=int)
     role: str = wire("role", Place.CONFIG, "train | external", convert=str)
+    weights: np.ndarray | None = wire(
+        WEIGHTS_KEY, Place.WEIGHTS, _MODEL + "; radiomics: 3F+1 floats; absent with `staged`", default=None
+    )
+    staged: str | None = wire(
+        "staged",
+        Place.CONFIG,
+        "64 hex digits: SHA-256 of the model as the closing validation sent it; absent with `weights`",
+        convert=_digest,
+        default=None,
+    )
     platt: tuple[float, float] | None = wire(
         "platt",
         Place.JSON,
@@ -322,6 +370,13 @@ class PredictRequest:
 @dataclass(frozen=True)
 class PredictReply:
     predicted: int = wire("predicted", Place.METRIC, "1 int", convert=int)
+    resend: bool = wire(
+        "resend",
+        Place.METRIC,
+        "1 bool: no kept predictions of the `staged` model here (predicted 0): send the weights",
+        convert=_flag,
+        default=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -530,6 +585,10 @@ def decode(content: RecordDict, cls: type[B]) -> B:
                 raw = json.loads(str(rec[w.key])) if w.place is Place.JSON else rec[w.key]
                 values[name] = w.convert(raw) if w.convert else raw
             elif w.place in (Place.WEIGHTS, Place.ARRAY):
+                if has_default and (
+                    w.record not in content.array_records or w.key not in arrays(w.record)
+                ):  # an optional vector left out
+                    continue
                 arrs = arrays(w.record)
                 if w.key not in arrs:
                     raise ProtocolError(f"{w.record} has no {w.key!r} array (keys: {sorted(arrs)[:8]})")
@@ -626,13 +685,14 @@ TRAIN = MessageSpec(
 EVALUATE = MessageSpec(
     MessageType.EVALUATE,
     "",
-    RoundRequest,
+    EvaluateRequest,
     EvaluateReply,
     _SERVER,
     _TRAINING,
     "the last round's global model on the validation split (model selection): once per fold, after the "
-    "final round (earlier rounds are validated by the next round's train message)",
-    _RELEASE,
+    "final round (earlier rounds are validated by the next round's train message); with `stage` the site "
+    "keeps that model's validation and test probabilities for the prediction",
+    _RELEASE + "; kept probabilities stay at the site",
 )
 PREDICT = MessageSpec(
     MessageType.EVALUATE,
@@ -641,8 +701,10 @@ PREDICT = MessageSpec(
     PredictReply,
     _SERVER,
     _ROLE,
-    "predict with a selected fold model (or the radiomics model)",
-    "per-patient rows written at the site only; the reply is a count",
+    "predict with a selected fold model (or the radiomics model); when the fold's last round is selected, "
+    "training sites get its digest instead of its weights and use the probabilities kept at its validation "
+    "(`resend`: the weights follow)",
+    "per-patient rows written at the site only; the reply is a count and a flag",
 )
 ENSEMBLE = MessageSpec(
     MessageType.EVALUATE,

@@ -16,6 +16,7 @@ transport choice made here; the server always aggregates in float64.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zlib
 from collections.abc import Iterable, Mapping
@@ -97,6 +98,16 @@ def to_transport(flat: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float16" and flat.size and float(np.max(np.abs(flat))) > FLOAT16_MAX:
         raise RecordError("model values exceed the float16 range; use transport_dtype float32")
     return np.ascontiguousarray(flat, dtype=TRANSPORT_DTYPES[dtype])
+
+
+def model_digest(flat: np.ndarray, dtype: str) -> str:
+    """SHA-256 of a model vector as it travels in ``dtype``: the same on both sides of the wire.
+
+    The server hashes its float32 checkpoint cast for the wire, the site the float32
+    view of what it received cast back (exact: float16 -> float32 -> float16 is the
+    identity), so a site can tell that a request names the very model it already holds.
+    """
+    return hashlib.sha256(to_transport(np.asarray(flat).ravel(), dtype).tobytes()).hexdigest()
 
 
 def weights_record(flat: np.ndarray, dtype: str = "float32") -> ArrayRecord:

@@ -36,7 +36,7 @@ from common.protocol import (
     ROLE_TRAIN,
     TRAIN,
     CrossSiteRequest,
-    RoundRequest,
+    EvaluateRequest,
     TrainRequest,
 )
 from common.replycheck import check_params
@@ -132,7 +132,7 @@ class CrossSiteEvaluation:
             pending = (rnd, vec)
         if pending is not None:  # the last model trained: validated on its own
             rnd, last = pending
-            last_req = RoundRequest(
+            last_req = EvaluateRequest(
                 weights=last, model=kind, fold=fold, server_round=rnd, global_round=rnd, total_rounds=total
             )
             answers = messenger.send([node], EVALUATE, last_req, dtype=dtype)

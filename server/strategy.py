@@ -11,7 +11,8 @@ and the statistics come back with the update; they are pooled and put down
 to round r.  Only the last round's aggregate needs an evaluate exchange of
 its own: ``configure_evaluate`` sends nothing in earlier rounds (Flower's
 ``start()`` then exchanges no message and ``aggregate_evaluate`` gets no
-reply).  R rounds cost R+1 model downloads per site instead of 2R.
+reply).  R rounds cost R+1 model downloads per site instead of 2R; the sites keep the
+last model's predictions, so when it is selected the prediction costs none.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from common.protocol import (
     NUM_EXAMPLES,
     PROXIMAL_MU,
     TRAIN,
+    EvaluateRequest,
     MessageSpec,
     RoundRequest,
     TrainRequest,
@@ -132,11 +134,17 @@ class GuardedFedAvg(FedAvg):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Only after the last round: earlier aggregates are validated by the next train message."""
+        """Only after the last round: earlier aggregates are validated by the next train message.
+
+        The sites keep this model's predictions (``stage``): when it is the one selected,
+        the fold's prediction names it by digest instead of sending it again.
+        """
         if not self._last(server_round):
             return []
         nodes = self._live_train_nodes(grid)
-        return self._messages(EVALUATE, self._request(server_round, arrays, config), nodes)
+        base = self._request(server_round, arrays, config)
+        request = EvaluateRequest(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, stage=True)
+        return self._messages(EVALUATE, request, nodes)
 
     # -- aggregation ------------------------------------------------------------
     def aggregate_train(

@@ -34,9 +34,11 @@ from common.protocol import (
     PREDICT,
     ROLE_TRAIN,
     ROLES,
+    PredictReply,
     PredictRequest,
+    ProtocolError,
 )
-from common.records import ModelCodec, weights_from_record, weights_record
+from common.records import ModelCodec, model_digest, weights_from_record, weights_record
 
 from .checkpoints import CheckpointStore
 from .foldguard import GUARD_KEY, selection_problem
@@ -247,18 +249,55 @@ class FoldTrainer:
     def predict_fold(
         self, kind: ModelKind, fold: int, best: dict[str, Any], roles: Sequence[str] = ROLES
     ) -> None:
-        """The sites of ``roles`` predict with the selected fold model (rows stay at the sites)."""
-        vec = self.ckpt.load(kind, fold, int(best["round"]))
+        """The sites of ``roles`` predict with the selected fold model (rows stay at the sites).
+
+        When the fold's last round is selected, the training sites already scored that
+        model at its closing validation and kept the probabilities
+        (``EvaluateRequest.stage``): they are sent its digest, and the weights only
+        if they ask again (``resend``).
+        """
+        rnd = int(best["round"])
+        vec = self.ckpt.load(kind, fold, rnd)
         platt = best.get(PLATT_KEY)
+        dtype = self.cfg.federation.transport_dtype
         for role in roles:
             nodes = list(self.registry.nodes(role))
+            req = PredictRequest(
+                model=kind,
+                fold=fold,
+                round=rnd,
+                role=role,
+                platt=None if not platt else (float(platt[0]), float(platt[1])),
+            )
+            if nodes and role == ROLE_TRAIN and rnd == self.cfg.for_model(kind).train.rounds:
+                nodes = self._predict_kept(nodes, dataclasses.replace(req, staged=model_digest(vec, dtype)))
             if nodes:
-                req = PredictRequest(
-                    weights=vec,
-                    model=kind,
-                    fold=fold,
-                    round=int(best["round"]),
-                    role=role,
-                    platt=None if not platt else (float(platt[0]), float(platt[1])),
+                self.messenger.send(
+                    nodes, PREDICT, dataclasses.replace(req, weights=vec), dtype=dtype, validate=_predicted
                 )
-                self.messenger.send(nodes, PREDICT, req, dtype=self.cfg.federation.transport_dtype)
+
+    def _predict_kept(self, nodes: list[int], req: PredictRequest) -> list[int]:
+        """Predict from the kept probabilities of the model ``req.staged``; the nodes that asked for its weights."""
+        answers = self.messenger.send(nodes, PREDICT, req, validate=_resend_or_predicted)
+        resend = [a.node for a in answers if a.body.resend]
+        log.info(
+            "%s fold %d: %d of %d training site(s) predicted with the probabilities kept at validation%s",
+            req.model,
+            req.fold,
+            len(answers) - len(resend),
+            len(nodes),
+            f"; sending the model to {', '.join(a.site for a in answers if a.body.resend)}" if resend else "",
+        )
+        return resend
+
+
+def _predicted(body: PredictReply) -> None:
+    """A reply to a prediction that carried the model: it cannot ask for the model."""
+    if body.resend:
+        raise ProtocolError("asked for the model's weights in reply to a request that carried them")
+
+
+def _resend_or_predicted(body: PredictReply) -> None:
+    """A reply to a prediction by digest: either rows written or a request for the weights, not both."""
+    if body.resend and body.predicted:
+        raise ProtocolError(f"asked for the model's weights but also reports {body.predicted} rows predicted")

@@ -385,3 +385,33 @@ def test_unrequested_validation_statistics_cannot_make_a_round_compete(
     assert not runner.ckpt.meta("densenet3d", 0, 1)["validated"]
     assert second["trained"] == ["centre1", "centre2"]  # well-formed, so the update itself counts
     assert best["round"] == 2 and second["evaluated"] == ["centre1", "centre2"]  # by the honest evaluate exchange
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize(
+    ("reply", "reason"),
+    [
+        ({"resend": 1, "predicted": 0}, "in reply to a request that carried them"),  # asks again, and again
+        ({"resend": 1, "predicted": 7}, "also reports 7 rows"),
+    ],
+    ids=["resend-forever", "resend-and-rows"],
+)
+def test_a_site_cannot_loop_or_contradict_itself_on_a_prediction_by_digest(
+    reply: dict[str, object], reason: str, cohort: dict[str, Path], sites_out: Path, tmp_path: Path
+) -> None:
+    """The fold's one round is selected, so the sites are sent its digest; a site asking for the weights
+    gets them once, and a reply that makes no sense is rejected with why, never re-sent."""
+    from common.protocol import PREDICT
+
+    cfg = load_config("tiny", {"run_folds": [0], "train": {"rounds": 1}, "models": {"densenet2d": {"enabled": False}}})
+    cfg = with_sites(cfg, tuple(SiteConfig(name=s) for s in SITES))
+    tamper: Tamper = lambda r: _metrics_only(r, **reply)  # noqa: E731
+    grid = HostileGrid(cohort, sites_out, bad_site="centre2", tamper={PREDICT.type: tamper})
+    runner = PlanRunner(grid, cfg, tmp_path / "run", f"hostile-predict-{reply['predicted']}")
+    runner.discover(expected=2, wait_s=1)
+    best = runner.trainer.train_fold("densenet3d", 0)
+    runner.trainer.predict_fold("densenet3d", 0, best)
+    (why,) = runner.rejected["centre2"]
+    assert why.startswith("predict:") and reason in why
+    assert grid.calls[("centre2", PREDICT.type)] == 1 + (reply["predicted"] == 0)  # weights sent once at most
+    assert grid.calls[("centre1", PREDICT.type)] == 1  # the honest site predicted from its kept probabilities

@@ -23,7 +23,7 @@ from common.configfile import load_config
 from common.foldcalibration import fit_platt
 from common.gridstats import ClassHistogram, ScoreGrid, pooled_metrics
 from common.models import build_model
-from common.protocol import TRAIN
+from common.protocol import PREDICT, TRAIN
 from common.records import ModelCodec, to_transport
 from server.checkpoints import CheckpointStore
 from server.runfiles import PROGRESS_NAME
@@ -290,3 +290,59 @@ def test_each_network_trains_its_own_rounds_and_selection_window(
     lines = (tmp_path / "run" / PROGRESS_NAME).read_text().splitlines()
     assert any("densenet3d fold 0 round 3/3" in line and "(3/5 rounds)" in line for line in lines), lines
     assert any("densenet2d fold 0 round 2/2" in line and "(5/5 rounds)" in line for line in lines), lines
+
+
+def test_the_selected_last_round_predicts_from_what_the_sites_kept_at_its_validation(
+    cohort: dict[str, Path], sites_out: Path, tmp_path: Path
+) -> None:
+    """Only the last round competes, so it is selected: its closing validation kept each site's
+    probabilities, and the prediction sends its digest, not its weights.  The rows are those the
+    weights give; a site that lost its kept file asks, and gets the weights."""
+    cfg = _cfg(select_from_round=ROUNDS)
+    run_id, run_dir = "x9", tmp_path / "run"
+    grid = InProcessGrid(cohort, sites_out)
+    send = grid.send_and_receive
+    lost = sites_out / "centre2" / run_id / "state" / "densenet3d_fold0_staged.npz"
+
+    def lose_centre2s_file(messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        if any(m.metadata.message_type == PREDICT.type and PREDICT.read_request(m)[1].staged for m in messages):
+            assert lost.is_file()  # kept by the closing evaluate
+            lost.unlink()
+        return send(messages, timeout=timeout)
+
+    grid.send_and_receive = lose_centre2s_file  # type: ignore[method-assign]
+    runner = PlanRunner(grid, cfg, run_dir, run_id)
+    summary = runner.run(expected_sites=3, wait_s=1)
+    assert summary["selection"]["densenet3d"]["0"]["round"] == ROUNDS
+    assert {s: grid.calls[(s, PREDICT.type)] for s in SITES} == {"centre1": 1, "centre2": 2, "centre3": 1}
+
+    model = build_model("densenet3d", cfg.models.densenet3d, mask_channel=cfg.preprocess.mask_channel)
+    model_bytes = ModelCodec.for_state_dict(model.state_dict()).size * 2  # float16 transport
+    received = {
+        s: summary["communication"][s]["by_message_type"][PREDICT.type]["bytes_received"] for s in SITES
+    }
+    assert received["centre1"] < 16384 and received["centre3"] < 16384  # the request, no model
+    assert received["centre2"] > model_bytes  # the digest, then the weights
+
+    store = CheckpointStore(run_dir / "checkpoints", cfg.digest())
+    weights = to_transport(store.load("densenet3d", 0, ROUNDS), cfg.federation.transport_dtype).astype(np.float32)
+    platt = store.meta("densenet3d", 0, ROUNDS)["platt"]
+    for s in SITES:
+        site = SiteRunner(SiteContext(s, cohort[s], sites_out / s), cfg, run_id)
+        with (site.run_dir / "predictions" / "densenet3d_fold0.csv").open() as fh:
+            kept_rows = fh.read()
+        direct = SiteRunner(SiteContext(s, cohort[s], tmp_path / "direct" / s), cfg, run_id)
+        direct.predict_fold("densenet3d", 0, weights, ROUNDS, "train", platt=platt)
+        assert kept_rows == (direct.run_dir / "predictions" / "densenet3d_fold0.csv").read_text(), s
+        assert not (site.run_dir / "state" / "densenet3d_fold0_staged.npz").exists()
+
+    # an earlier round selected (as when it validates better): its weights are sent, as before
+    runner.trainer.predict_fold("densenet3d", 0, {"round": 1})
+    assert {s: grid.calls[(s, PREDICT.type)] for s in SITES} == {"centre1": 2, "centre2": 3, "centre3": 2}
+    for s in SITES:
+        direct = SiteRunner(SiteContext(s, cohort[s], tmp_path / "direct1" / s), cfg, run_id)
+        received1 = to_transport(store.load("densenet3d", 0, 1), cfg.federation.transport_dtype).astype(np.float32)
+        direct.predict_fold("densenet3d", 0, received1, 1, "train")
+        site_csv = sites_out / s / run_id / "predictions" / "densenet3d_fold0.csv"
+        assert site_csv.read_text() == (direct.run_dir / "predictions" / "densenet3d_fold0.csv").read_text(), s
