@@ -8,7 +8,9 @@ local epochs from the global weights in turn, the weighted mean becomes the
 new global model, and every site's validation patients are scored with it
 (rounds that compete for selection, ``common.config.validated_round``);
 after the last round the best round (pooled validation AUC) predicts each
-site's test patients.  Run as ``python -m bench.plain SPEC_JSON`` so its
+site's test patients; the last round's validation scores them too, as the
+sites' closing validation does (``client.stagedrows``), and when that round is
+selected its scores are the prediction.  Run as ``python -m bench.plain SPEC_JSON`` so its
 wall time includes its own interpreter start and imports, as a user's
 script would; it prints one JSON object.
 """
@@ -66,6 +68,7 @@ def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> d
             model = build_model(kind, getattr(cfg.models, kind), mask_channel=cfg.preprocess.mask_channel)
             codec = ModelCodec.for_state_dict(model.state_dict())
             history: list[dict[str, Any]] = []
+            kept_test: list[np.ndarray] | None = None  # the last round's test probabilities (client.stagedrows)
             opt_states: dict[int, Any] = {}  # each site's optimiser between rounds (client.optimstore)
             for rnd in range(1, total + 1):
                 t_round = time.perf_counter()
@@ -88,6 +91,8 @@ def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> d
                         y.append(arrays.labels[idx])
                         p.append(predict(model, arrays, idx, kind, cfg))
                     auc = binary_metrics(np.concatenate(y), np.concatenate(p)).auc
+                    if rnd == total:  # the closing validation scores the test patients too, as the sites' does
+                        kept_test = _test_probs(model, sites, fold, kind, cfg)
                 history.append(
                     {
                         "round": rnd,
@@ -97,13 +102,12 @@ def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> d
                     }
                 )
             best = max(history, key=lambda h: -1.0 if np.isnan(h["val_auc"]) else h["val_auc"])
-            model.load_state_dict({**model.state_dict(), **codec.unpack(best["vector"])})
             t_test = time.perf_counter()
-            y, p = [], []
-            for arrays, folds, pos in sites:
-                idx = [pos[q] for q in folds[fold].test]
-                y.append(arrays.labels[idx])
-                p.append(predict(model, arrays, idx, kind, cfg))
+            if best["round"] != total or kept_test is None:  # an earlier round: its model scores them now
+                model.load_state_dict({**model.state_dict(), **codec.unpack(best["vector"])})
+                kept_test = _test_probs(model, sites, fold, kind, cfg)
+            p = kept_test
+            y = [arrays.labels[[pos[q] for q in folds[fold].test]] for arrays, folds, pos in sites]
             out["models"][f"{kind}/fold{fold}"] = {
                 "round_seconds": [h["seconds"] for h in history],
                 "val_auc": [None if np.isnan(h["val_auc"]) else h["val_auc"] for h in history],
@@ -114,6 +118,11 @@ def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> d
             }
     out["inner_s"] = time.time() - started
     return out
+
+
+def _test_probs(model: Any, sites: list[Any], fold: int, kind: Any, cfg: Any) -> list[np.ndarray]:
+    """Every site's test patients of ``fold``, scored by ``model``."""
+    return [predict(model, a, [pos[q] for q in f[fold].test], kind, cfg) for a, f, pos in sites]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,7 +144,9 @@ def overhead_table(r: Mapping[str, Any]) -> Table:
             " (the configuration default).",
             "Whole run: process start to exit (imports, start-up, the plan's evaluation tail: prediction, ensemble,"
             " final statistics, reader study, DeLong, report). Steady round: mean of rounds 2.. (round 1 warms up);"
-            " federated rounds from the server's round log (send, train, aggregate, validate).",
+            " federated rounds from the server's round log (send, train, aggregate, validate).  The last round's"
+            " validation scores the test patients too, in the plain loop as at the sites (which keep them for the"
+            " prediction when that round is selected).",
             "Loopback deployment: flower-server run and the three hospitals' flower-client run all start with the"
             " clock (three interpreters importing torch and MONAI at once on these 2 cores).  Hospitals running:"
             " each flower-client run was started before, as a hospital keeps it between runs, and had imported"
