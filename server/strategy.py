@@ -12,15 +12,15 @@ to round r.  Only the last round's aggregate needs an evaluate exchange of
 its own: ``configure_evaluate`` sends nothing in earlier rounds (Flower's
 ``start()`` then exchanges no message and ``aggregate_evaluate`` gets no
 reply).  R rounds cost R+1 model downloads per site instead of 2R; the sites keep the
-last model's predictions, so when it is selected the prediction costs none.
+last model's predictions, so when it is selected the prediction sends no model.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Iterable
+from typing import Any, TypeVar
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -45,6 +45,7 @@ from .replies import ReplyReader
 from .session import FoldSession, RoundLog
 
 log = logging.getLogger(__name__)
+R = TypeVar("R", bound=RoundRequest)
 
 
 class FederationError(RuntimeError):
@@ -82,10 +83,13 @@ class GuardedFedAvg(FedAvg):
         self._replies = ReplyReader(s, sent)  # Flower sets the messages' ids when it pushes them
         return sent
 
-    def _request(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord) -> RoundRequest:
+    def _request(
+        self, cls: type[R], server_round: int, arrays: ArrayRecord, config: ConfigRecord, **extra: Any
+    ) -> R:
+        """A round's request of type ``cls`` (train or evaluate) with its own ``extra`` fields."""
         s = self.session
         mu = config.get(PROXIMAL_MU, 0.0)  # FedProx's configure_train puts its mu here
-        return RoundRequest(
+        return cls(
             weights=weights_from_record(arrays),
             model=s.model,
             fold=s.fold,
@@ -93,6 +97,7 @@ class GuardedFedAvg(FedAvg):
             global_round=server_round + s.round_offset,
             total_rounds=s.total_rounds,
             proximal_mu=float(mu),  # type: ignore[arg-type]
+            **extra,
         )
 
     def _validates(self, server_round: int) -> bool:
@@ -114,11 +119,7 @@ class GuardedFedAvg(FedAvg):
             if node not in nodes:
                 rlog.dropped[site] = "not connected when the round started"
                 log.warning("[round %d] %s not connected: left out of this round", rlog.round, site)
-        base = self._request(server_round, arrays, config)
-        request = TrainRequest(
-            **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)},
-            validate=self._validates(server_round),
-        )
+        request = self._request(TrainRequest, server_round, arrays, config, validate=self._validates(server_round))
         self._global = request.weights
         log.info(
             "[%s fold %d round %d/%d] training at %s%s",
@@ -142,9 +143,7 @@ class GuardedFedAvg(FedAvg):
         if not self._last(server_round):
             return []
         nodes = self._live_train_nodes(grid)
-        base = self._request(server_round, arrays, config)
-        request = EvaluateRequest(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, stage=True)
-        return self._messages(EVALUATE, request, nodes)
+        return self._messages(EVALUATE, self._request(EvaluateRequest, server_round, arrays, config, stage=True), nodes)
 
     # -- aggregation ------------------------------------------------------------
     def aggregate_train(
