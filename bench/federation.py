@@ -118,7 +118,7 @@ def prepare_caches(config_path: Path, cache_root: Path) -> dict[str, Any]:
 
 def link_caches(cache_root: Path, sites: Sequence[str], site_out: Path) -> None:
     """Hard-link each site's warm cache into ``site_out/<site>/cache`` (where a site run looks), with a copy of its file-check memo."""
-    from common.checkmemo import VALIDATION_MEMO
+    from common.checkmemo import memo_path
 
     for name in sites:
         src, dest = cache_root / name / "cache", site_out / name / "cache"
@@ -126,8 +126,9 @@ def link_caches(cache_root: Path, sites: Sequence[str], site_out: Path) -> None:
         for f in src.glob("*.npz"):
             if not (dest / f.name).exists():
                 os.link(f, dest / f.name)
-        if (src / VALIDATION_MEMO).is_file():  # a copy: the run rewrites its own
-            shutil.copyfile(src / VALIDATION_MEMO, dest / VALIDATION_MEMO)
+        memo = memo_path(cache_root / name)
+        if memo.is_file():  # a copy: the run rewrites its own
+            shutil.copyfile(memo, memo_path(site_out / name))
 
 
 def fresh(folder: Path) -> None:

@@ -26,18 +26,22 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from common.config import validated_round
+from common.config import ExperimentConfig, validated_round
 from common.configfile import load_config
 from common.dataset import preprocess_site
 from common.engine import predict, set_threads
 from common.metrics import binary_metrics
-from common.models import build_model
+from common.models import ModelKind, build_model
 from common.records import ModelCodec
 from common.rounds import local_round
-from common.splits import fivefold
+from common.sitearrays import SiteArrays
+from common.splits import Fold, fivefold
 from server.aggregation import weighted_mean
 from server.training import initial_vector
+
+Site = tuple[SiteArrays, tuple[Fold, ...], dict[str, int]]  # a site's cases, folds and row of each patient
 
 
 def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> dict[str, Any]:
@@ -46,7 +50,7 @@ def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> d
     set_threads(threads)
     cfg = load_config(config_path)
     t0 = time.perf_counter()
-    sites = []
+    sites: list[Site] = []
     for s in cfg.sites:
         arrays = preprocess_site(Path(s.data_dir), cfg.preprocess, cache_root / s.name / "cache", site=s.name)
         folds = fivefold(
@@ -120,7 +124,9 @@ def run(config_path: Path, cache_root: Path, threads: int, launched: float) -> d
     return out
 
 
-def _test_probs(model: Any, sites: list[Any], fold: int, kind: Any, cfg: Any) -> list[np.ndarray]:
+def _test_probs(
+    model: torch.nn.Module, sites: list[Site], fold: int, kind: ModelKind, cfg: ExperimentConfig
+) -> list[np.ndarray]:
     """Every site's test patients of ``fold``, scored by ``model``."""
     return [predict(model, a, [pos[q] for q in f[fold].test], kind, cfg) for a, f, pos in sites]
 

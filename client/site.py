@@ -198,8 +198,9 @@ class SiteRunner:
         self._staged(kind, fold).save(digest, rnd, probs)
         return self._validate(model, kind, fold, rnd, probs["val"])
 
-    def _score(self, model: torch.nn.Module, kind: ModelKind, ids: Sequence[str]) -> np.ndarray:
-        return predict(model, self.arrays, self.index(tuple(ids)), kind, self.cfg)
+    def _score(self, model: torch.nn.Module, kind: ModelKind, ids: tuple[str, ...]) -> np.ndarray:
+        """Probabilities of these patients under ``model`` (in their order)."""
+        return predict(model, self.arrays, self.index(ids), kind, self.cfg)
 
     def _staged(self, kind: str, fold: int) -> StagedPredictions:
         return StagedPredictions(self.run_dir / "state" / f"{kind}_fold{fold}_staged.npz")
@@ -213,10 +214,10 @@ class SiteRunner:
     def _validate(
         self, model: torch.nn.Module, kind: ModelKind, fold: int, rnd: int, probs: np.ndarray | None = None
     ) -> ClassHistogram:
-        idx = self.index(self.folds[fold].val)
+        ids = self.folds[fold].val
         if probs is None:
-            probs = predict(model, self.arrays, idx, kind, self.cfg)
-        labels = self.arrays.labels[idx]
+            probs = self._score(model, kind, ids)
+        labels = self.arrays.labels[self.index(ids)]
         for problem in diagnose(probs, labels):
             log.warning("%s %s fold %d round %d validation: %s", self.ctx.name, kind, fold, rnd, problem)
         return self.released(labels, probs)

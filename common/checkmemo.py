@@ -42,9 +42,14 @@ def _stat(path: Path) -> list[int] | None:
     return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
+def memo_path(out_dir: Path) -> Path:
+    """Where a site keeps its memo: in its output folder, beside its preprocessing cache (``out_dir/cache``)."""
+    return Path(out_dir) / "cache" / VALIDATION_MEMO
+
+
 def site_memo(out_dir: Path) -> FileCheckMemo:
-    """The memo a site keeps in its output folder, beside its preprocessing cache (``out_dir/cache``)."""
-    return FileCheckMemo(Path(out_dir) / "cache" / VALIDATION_MEMO)
+    """The memo a site keeps in its output folder (:func:`memo_path`), loaded."""
+    return FileCheckMemo(memo_path(out_dir))
 
 
 class FileCheckMemo:
