@@ -146,7 +146,7 @@ class SiteRunner:
         travel back with the update.
         """
         model = self.models.load(kind, fold, flat, rnd - 1)
-        validation = self._validate(model, kind, fold, rnd - 1) if validate else None
+        validation = self._validate(kind, fold, rnd - 1, self._score(model, kind, self.folds[fold].val)) if validate else None
         idx = self.index(self.folds[fold].train)
         store = self._optimizer_store(kind, fold)
         state = store.load(rnd) if self.cfg.train.keep_optimizer_state else None
@@ -191,12 +191,11 @@ class SiteRunner:
         for a prediction request naming this model (``client.stagedrows``).
         """
         model = self.models.load(kind, fold, flat, rnd)
-        if not stage:
-            return self._validate(model, kind, fold, rnd)
-        probs = {split: self._score(model, kind, ids) for split, ids in self._splits(fold, ROLE_TRAIN).items()}
-        digest = model_digest(flat, self.cfg.federation.transport_dtype)
-        self._staged(kind, fold).save(digest, rnd, probs)
-        return self._validate(model, kind, fold, rnd, probs["val"])
+        parts = self._splits(fold, ROLE_TRAIN) if stage else {"val": self.folds[fold].val}
+        probs = {split: self._score(model, kind, ids) for split, ids in parts.items()}
+        if stage:
+            self._staged(kind, fold).save(model_digest(flat, self.cfg.federation.transport_dtype), rnd, probs)
+        return self._validate(kind, fold, rnd, probs["val"])
 
     def _score(self, model: torch.nn.Module, kind: ModelKind, ids: tuple[str, ...]) -> np.ndarray:
         """Probabilities of these patients under ``model`` (in their order)."""
@@ -211,13 +210,9 @@ class SiteRunner:
             return {"external": tuple(self.arrays.patient_ids)}
         return {"val": self.folds[fold].val, "test": self.folds[fold].test}
 
-    def _validate(
-        self, model: torch.nn.Module, kind: ModelKind, fold: int, rnd: int, probs: np.ndarray | None = None
-    ) -> ClassHistogram:
-        ids = self.folds[fold].val
-        if probs is None:
-            probs = self._score(model, kind, ids)
-        labels = self.arrays.labels[self.index(ids)]
+    def _validate(self, kind: ModelKind, fold: int, rnd: int, probs: np.ndarray) -> ClassHistogram:
+        """The released histogram of the fold's validation patients' ``probs`` (in split order), problems logged."""
+        labels = self.arrays.labels[self.index(self.folds[fold].val)]
         for problem in diagnose(probs, labels):
             log.warning("%s %s fold %d round %d validation: %s", self.ctx.name, kind, fold, rnd, problem)
         return self.released(labels, probs)

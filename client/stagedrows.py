@@ -44,7 +44,7 @@ class StagedPredictions:
         if _DIGEST in probs or _ROUND in probs:
             raise ValueError(f"a split may not be named {_DIGEST!r} or {_ROUND!r}")
         buf = io.BytesIO()
-        arrays: dict[str, Any] = {k: np.asarray(v) for k, v in probs.items()}  # as scored: calibrated alike
+        arrays: dict[str, Any] = {k: np.asarray(v) for k, v in probs.items()}  # raw: the fold's calibration comes with the prediction
         arrays.update({_DIGEST: np.asarray(digest), _ROUND: np.asarray(rnd, np.int64)})
         np.savez(buf, allow_pickle=False, **arrays)
         with atomic_write(self.path, mode_bits=0o600) as fh:
